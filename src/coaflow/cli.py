@@ -1,0 +1,268 @@
+"""``coaflow``: run the pipeline or one stage, inspect runs, convert and check data.
+
+    coaflow run                                  # every stage on the tiny profile
+    coaflow run --profile qwen3-0.6b-1gpu --set sft.epochs=2
+    coaflow run --run-id 20261128-101500-ab12 --from sft   # reuse earlier stages of a run
+    coaflow runs list | coaflow runs show RUN
+    coaflow data convert --from sharegpt --to coaflow in.jsonl out.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from coaflow import __version__
+
+PROFILE_HELP = "profile name (see src/coaflow/configs) or path to a YAML file"
+
+
+class UserError(click.ClickException):
+    """Shown as one line, without a traceback."""
+
+    exit_code = 2
+
+
+def _user_errors(fn):
+    """Turn the errors a user can cause into one clear message."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        from coaflow.config import ConfigError
+        from coaflow.pipeline import PipelineError
+        from coaflow.schema.io import DataError
+
+        try:
+            return fn(*a, **kw)
+        except (ConfigError, PipelineError, DataError, FileNotFoundError) as e:
+            raise UserError(str(e)) from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="coaflow")
+def main():
+    """coaflow: train agent foundation models with the Chain-of-Agents recipe.
+
+    A teacher team solves verifiable tasks with real tools; its runs become chain-of-agents
+    trajectories; gates keep the good ones; SFT and RL train a student; evaluation, the MLflow
+    registry and a serving deployment take it to production. Every stage is also a subcommand.
+    """
+
+
+def pipeline_options(fn):
+    fn = click.option("--run-id", help="reuse (resume, cache) this run instead of starting one")(fn)
+    fn = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                      help="override a config value; repeatable, e.g. --set sft.epochs=2")(fn)
+    fn = click.option("--workdir", help="folder for runs and the MLflow store [run.workdir]")(fn)
+    fn = click.option("--profile", default="tiny", show_default=True, help=PROFILE_HELP)(fn)
+    return fn
+
+
+def _load(profile, workdir, overrides):
+    from coaflow.config import load_config
+
+    overrides = list(overrides) + ([f"run.workdir={workdir}"] if workdir else [])
+    return load_config(profile, overrides)
+
+
+def _report(results) -> None:
+    for name, r in results.items():
+        shown = {k: v for k, v in r.metrics.items() if k != "wall_seconds"}
+        click.echo(f"  {name:<11} {'cached' if r.cached else 'done':<7} "
+                   + " ".join(f"{k}={v:g}" for k, v in list(shown.items())[:6]))
+
+
+@main.command("run")
+@pipeline_options
+@click.option("--from", "start_from", metavar="STAGE", help="start at STAGE; earlier stages' "
+              "results come from --run-id")
+@click.option("--only", multiple=True, metavar="STAGE", help="run only STAGE (repeatable)")
+@_user_errors
+def run_cmd(profile, workdir, overrides, run_id, start_from, only):
+    """Run the pipeline: every stage in order, each cached and tracked in MLflow.
+
+    Stages already complete in --run-id with the same config and inputs are skipped; a stage
+    that was killed half way starts clean or resumes. Results land in
+    <workdir>/runs/<run_id>/<stage>/result.json and in MLflow (one parent run, one nested run per
+    stage).
+    """
+    from coaflow.pipeline import run_pipeline
+
+    cfg = _load(profile, workdir, overrides)
+    results = run_pipeline(cfg, run_id=run_id, only=list(only) or None, start_from=start_from)
+    click.echo("finished:")
+    _report(results)
+
+
+def _stage_command(name: str):
+    from coaflow.pipeline import load_stage
+
+    module = load_stage(name)
+    doc = (module.__doc__ or name).strip()
+
+    @pipeline_options
+    @_user_errors
+    def cmd(profile, workdir, overrides, run_id, **extra):
+        from coaflow.pipeline import run_pipeline
+
+        standalone = getattr(module, "standalone", None)
+        if standalone is not None and any(v not in (None, (), False) for v in extra.values()):
+            standalone(_load(profile, workdir, overrides), **extra)
+            return
+        cfg = _load(profile, workdir, overrides)
+        _report(run_pipeline(cfg, run_id=run_id, only=[name]))
+
+    for opt in reversed(getattr(module, "CLI_OPTIONS", [])):
+        cmd = opt(cmd)
+    return click.command(name, help=doc, short_help=doc.splitlines()[0])(cmd)
+
+
+def _register_stages() -> None:
+    from coaflow.pipeline import STAGES
+
+    for name in STAGES:
+        main.add_command(_stage_command(name))
+
+
+# --- runs ---------------------------------------------------------------------------------------
+
+@main.group("runs")
+def runs_group():
+    """List and inspect pipeline runs under the workdir."""
+
+
+@runs_group.command("list")
+@click.option("--workdir", default="work", show_default=True)
+def runs_list(workdir):
+    """One line per run: id and the status of each stage."""
+    from coaflow.pipeline import list_runs
+
+    rows = list_runs(workdir)
+    if not rows:
+        click.echo(f"no runs under {Path(workdir) / 'runs'}")
+    for row in rows:
+        click.echo(f"{row['run_id']}  " + " ".join(f"{k}:{v}" for k, v in row["stages"].items()))
+
+
+@runs_group.command("show")
+@click.argument("run_id")
+@click.option("--workdir", default="work", show_default=True)
+@_user_errors
+def runs_show(run_id, workdir):
+    """Status, metrics and outputs of every stage of RUN_ID, as JSON."""
+    from coaflow.pipeline import show_run
+
+    click.echo(json.dumps(show_run(workdir, run_id), indent=2))
+
+
+# --- config -------------------------------------------------------------------------------------
+
+@main.command("config")
+@click.option("--profile", default="tiny", show_default=True, help=PROFILE_HELP)
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
+@_user_errors
+def config_cmd(profile, overrides):
+    """Print the resolved config of a profile (after --set overrides) as YAML."""
+    from coaflow.config import dump_config, load_config
+
+    click.echo(dump_config(load_config(profile, overrides)), nl=False)
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+@main.group("data")
+def data_group():
+    """Convert, validate and summarize trajectory files (JSONL, plain or .gz)."""
+
+
+@data_group.command("convert")
+@click.option("--from", "src_fmt", required=True,
+              type=click.Choice(["adp", "openai", "sharegpt", "coaflow"]),
+              help="input format: ADP JSON lines, OpenAI chat messages, ShareGPT, or coaflow")
+@click.option("--to", "dst_fmt", required=True, type=click.Choice(["coaflow", "adp", "messages"]),
+              help="output: coaflow trajectories, ADP, or rendered chat messages for training")
+@click.option("--suite", default="import", show_default=True,
+              help="suite name recorded on imported tasks (openai/sharegpt)")
+@click.option("--skip-bad", is_flag=True, help="skip bad lines (reported on stderr) instead of "
+              "stopping at the first")
+@click.argument("input_path", metavar="IN", type=click.Path(exists=True))
+@click.argument("output_path", metavar="OUT", type=click.Path())
+@_user_errors
+def data_convert(src_fmt, dst_fmt, suite, skip_bad, input_path, output_path):
+    """Convert trajectories from IN (a file or folder of shards) to OUT (.jsonl or .jsonl.gz).
+
+    \b
+    coaflow data convert --from sharegpt --to coaflow chats.jsonl trajs.jsonl
+    coaflow data convert --from coaflow --to messages trajs.jsonl sft.jsonl.gz
+    """
+    import functools
+
+    from coaflow.schema import convert, io, render
+
+    parse = convert.FROM[src_fmt]
+    if src_fmt in ("openai", "sharegpt"):
+        parse = functools.partial(parse, suite=suite)
+    out = {"coaflow": lambda t: t, "adp": convert.to_adp,
+           "messages": lambda t: {"id": t.id, "messages": render.to_messages(t)}}[dst_fmt]
+    bad = []
+    records = (out(t) for _, _, t in io.iter_records(
+        input_path, parse, errors="skip" if skip_bad else "raise", on_error=bad.append))
+    n = io.write_jsonl(output_path, records)
+    for b in bad:
+        click.echo(f"skipped {b.path}:{b.line}: {b.field + ': ' if b.field else ''}{b.reason}",
+                   err=True)
+    click.echo(f"wrote {n} records to {output_path}" + (f" ({len(bad)} skipped)" if bad else ""))
+
+
+@data_group.command("validate")
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--max-errors", default=20, show_default=True, help="errors to print")
+def data_validate(path, max_errors):
+    """Check every line of PATH against the coaflow schema; exit 1 if any line is bad."""
+    from coaflow.schema import io
+
+    bad: list = []
+    n = sum(1 for _ in io.iter_records(path, errors="skip", on_error=bad.append))
+    for b in bad[:max_errors]:
+        click.echo(f"{b.path}:{b.line}: {b.field + ': ' if b.field else ''}{b.reason}", err=True)
+    click.echo(f"{n} valid, {len(bad)} invalid")
+    sys.exit(1 if bad or n == 0 else 0)
+
+
+@data_group.command("stats")
+@click.argument("path", type=click.Path(exists=True))
+def data_stats(path):
+    """Counts per suite, difficulty, teacher and outcome, plus steps and tool calls per trajectory."""
+    from coaflow.schema import io
+
+    n, steps, calls = 0, 0, 0
+    by = {"suite": Counter(), "difficulty": Counter(), "teacher": Counter(), "correct": Counter(),
+          "tools": Counter(), "agents": Counter()}
+    for t in io.read_trajectories(path):
+        n += 1
+        steps += len(t.content)
+        tc = t.tool_calls()
+        calls += len(tc)
+        by["suite"][t.task.suite] += 1
+        by["difficulty"][str(t.task.difficulty)] += 1
+        by["teacher"][t.provenance.teacher] += 1
+        by["correct"][str(t.outcome.correct)] += 1
+        by["tools"].update(getattr(c, "function", "python") for c in tc)
+        by["agents"].update(s.agent for s in t.content if hasattr(s, "agent"))
+    stats = {"trajectories": n, "steps_per_trajectory": round(steps / max(n, 1), 2),
+             "tool_calls_per_trajectory": round(calls / max(n, 1), 2),
+             **{k: dict(v.most_common()) for k, v in by.items()}}
+    click.echo(json.dumps(stats, indent=2))
+
+
+_register_stages()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Profiles: one YAML file per use, one section per stage, every key checked.
+
+``load_config("tiny")`` reads ``src/coaflow/configs/tiny.yaml``; any other argument is a path to a
+YAML file. A profile may start with ``base: <profile>`` to inherit one and change a few keys.
+``--set section.key=value`` overrides apply last; values are parsed as YAML (``2`` is an int,
+``[a, b]`` a list, ``null`` None).
+
+A misspelled key is an error that names the key and the file (or the ``--set`` it came from):
+
+    tiny.yaml: sft.epochz: unknown key (known: epochs, lr, ...)
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PROFILE_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A user error in a profile or an override; the message is meant to be shown as is."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    name: str = Field("coaflow", description="pipeline name: MLflow experiment and model prefix")
+    seed: int = Field(0, description="seed for data generation, sampling and training")
+    workdir: str = Field("work", description="where runs, caches and the MLflow store live")
+
+
+class TrackingSection(Section):
+    enabled: bool = Field(True, description="log to MLflow; off only for unit tests")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else "
+        "sqlite:///<workdir>/mlflow.db")
+    experiment: str | None = Field(None, description="experiment name; default run.name")
+
+
+def _stage_sections() -> dict[str, type[Section]]:
+    """Config class of every registered stage, by stage name (imports light modules only)."""
+    from coaflow.pipeline import STAGES, load_stage
+
+    return {name: load_stage(name).Config for name in STAGES}
+
+
+@functools.cache
+def config_model() -> type[BaseModel]:
+    """The top-level model: run + tracking + one section per stage."""
+    from pydantic import create_model
+
+    fields: dict[str, Any] = {
+        "run": (RunSection, Field(default_factory=RunSection)),
+        "tracking": (TrackingSection, Field(default_factory=TrackingSection)),
+        "profile": (str, Field("custom", description="profile the config came from")),
+    }
+    for name, cls in _stage_sections().items():
+        fields[name] = (cls, Field(default_factory=cls))
+    return create_model("Config", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+def profile_path(profile: str | Path) -> Path:
+    p = Path(profile)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"{p}: no such config file")
+        return p
+    candidate = PROFILE_DIR / f"{profile}.yaml"
+    if not candidate.exists():
+        known = ", ".join(sorted(x.stem for x in PROFILE_DIR.glob("*.yaml")))
+        raise ConfigError(f"unknown profile {profile!r} (known: {known}; or pass a .yaml path)")
+    return candidate
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back on itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a profile is a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base:
+        parent = _read_yaml(profile_path(base), seen + (path.resolve(),))
+        data = deep_merge(parent, data)
+    return data
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply ``a.b.c=value`` to a nested dict in place."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {override!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {override!r}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _explain(err: ValidationError, source: str, model: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            known = _known_keys(model, e["loc"][:-1])
+            lines.append(f"{source}: {loc}: unknown key" + (f" (known: {known})" if known else ""))
+        else:
+            lines.append(f"{source}: {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> str:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            return ""
+        model = field.annotation
+    return ", ".join(model.model_fields) if hasattr(model, "model_fields") else ""
+
+
+def load_config(profile: str | Path = "tiny", overrides: list[str] | tuple[str, ...] = ()):
+    """Read a profile, apply overrides, validate. Raises ConfigError with a readable message."""
+    path = profile_path(profile)
+    data = _read_yaml(path)
+    data.setdefault("profile", path.stem)
+    model = config_model()
+    try:
+        model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_explain(e, str(path), model)) from None
+    for ov in overrides:
+        apply_override(data, ov)
+        try:
+            model.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(_explain(e, f"--set {ov}", model)) from None
+    return model.model_validate(data)
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

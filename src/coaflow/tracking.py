@@ -1,0 +1,183 @@
+"""MLflow tracking: one parent run per pipeline run, one nested run per stage.
+
+The store defaults to ``sqlite:///<workdir>/mlflow.db`` with artifacts in ``<workdir>/mlartifacts``;
+``MLFLOW_TRACKING_URI`` (or ``tracking.uri`` in the profile) points it anywhere else. The fluent
+API is used on purpose: TRL's MLflow callback logs into the active run, which is the stage's.
+
+Nothing secret is ever logged: every param, tag and dict artifact passes through ``redact``, which
+drops values under secret-looking keys, values equal to a secret environment variable, and strings
+shaped like API tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+SECRET_KEY_RE = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|auth)", re.I)
+TOKEN_SHAPES = re.compile(r"\b(sk-[A-Za-z0-9_\-]{16,}|hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}"
+                          r"|AKIA[0-9A-Z]{16}|xox[baprs]-[A-Za-z0-9\-]{10,})\b")
+REDACTED = "***"
+# Names of config fields that *name* an environment variable (api_key_env: OPENAI_API_KEY) are
+# safe to log: they hold no secret.
+SAFE_SUFFIXES = ("_env", "_env_var")
+
+
+def _secret_env_values() -> list[str]:
+    return [v for k, v in os.environ.items() if SECRET_KEY_RE.search(k) and len(v) >= 6]
+
+
+def redact(obj: Any, _secrets: list[str] | None = None) -> Any:
+    """A copy of ``obj`` with secrets replaced by ``***``.
+
+    >>> redact({"api_key": "abc", "lr": 0.1, "api_key_env": "OPENAI_API_KEY"})
+    {'api_key': '***', 'lr': 0.1, 'api_key_env': 'OPENAI_API_KEY'}
+    >>> redact("Bearer sk-abcdefghijklmnop1234")
+    'Bearer ***'
+    """
+    secrets = _secret_env_values() if _secrets is None else _secrets
+    if isinstance(obj, Mapping):
+        out = {}
+        for k, v in obj.items():
+            secret_key = SECRET_KEY_RE.search(str(k)) and not str(k).endswith(SAFE_SUFFIXES)
+            out[k] = REDACTED if secret_key and v not in (None, "", False) else redact(v, secrets)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact(v, secrets) for v in obj)
+    if isinstance(obj, str):
+        for s in secrets:
+            if s in obj:
+                obj = obj.replace(s, REDACTED)
+        return TOKEN_SHAPES.sub(REDACTED, obj)
+    return obj
+
+
+def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}``; lists become JSON strings."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = json.dumps(v, default=str)[:500]
+        else:
+            out[key] = v
+    return out
+
+
+def default_uri(workdir: str | Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or \
+        f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+class Tracker:
+    """Thin wrapper over the MLflow fluent API; ``enabled=False`` makes every call a no-op."""
+
+    def __init__(self, workdir: str | Path, uri: str | None = None, experiment: str = "coaflow",
+                 enabled: bool = True):
+        self.enabled = enabled
+        self.workdir = Path(workdir)
+        self.uri = uri or default_uri(workdir)
+        self.experiment = redact(experiment)
+        self._mlflow = None
+
+    @property
+    def mlflow(self):
+        if self._mlflow is None:
+            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+            import mlflow
+
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            mlflow.set_tracking_uri(self.uri)
+            if mlflow.get_experiment_by_name(self.experiment) is None:
+                location = None
+                if self.uri.startswith("sqlite:"):
+                    location = (self.workdir / "mlartifacts").resolve().as_uri()
+                mlflow.create_experiment(self.experiment, artifact_location=location)
+            mlflow.set_experiment(self.experiment)
+            self._mlflow = mlflow
+        return self._mlflow
+
+    @contextlib.contextmanager
+    def pipeline_run(self, run_id: str, config: Mapping | None = None) -> Iterator[str | None]:
+        """The parent run for pipeline run ``run_id``; reused when the run is resumed."""
+        if not self.enabled:
+            yield None
+            return
+        mlflow = self.mlflow
+        found = mlflow.search_runs(filter_string=f"tags.`coaflow.run_id` = '{run_id}' and "
+                                   "tags.`coaflow.kind` = 'pipeline'", output_format="list")
+        kw = {"run_id": found[0].info.run_id} if found else {"run_name": run_id}
+        with mlflow.start_run(**kw) as run:
+            mlflow.set_tags({"coaflow.run_id": run_id, "coaflow.kind": "pipeline"})
+            if config is not None and not found:
+                self.log_params(config)
+                self.log_dict(config, "config.json")
+            yield run.info.run_id
+
+    @contextlib.contextmanager
+    def stage_run(self, stage: str, run_id: str, params: Mapping | None = None):
+        if not self.enabled:
+            yield None
+            return
+        mlflow = self.mlflow
+        with mlflow.start_run(run_name=stage, nested=mlflow.active_run() is not None) as run:
+            mlflow.set_tags({"coaflow.run_id": run_id, "coaflow.kind": "stage",
+                             "coaflow.stage": stage})
+            if params:
+                self.log_params(params)
+            yield run.info.run_id
+
+    def log_params(self, params: Mapping) -> None:
+        if self.enabled:
+            flat = flatten(redact(dict(params)))
+            self.mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if self.enabled:
+            clean = {k: float(v) for k, v in metrics.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if clean:
+                self.mlflow.log_metrics(clean, step=step)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if self.enabled:
+            self.mlflow.set_tags({k: str(v) for k, v in redact(dict(tags)).items()})
+
+    def log_dict(self, data: Mapping, name: str) -> None:
+        if self.enabled:
+            self.mlflow.log_dict(redact(dict(data)), name)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled and Path(path).exists():
+            if Path(path).is_dir():
+                self.mlflow.log_artifacts(str(path), artifact_path)
+            else:
+                self.mlflow.log_artifact(str(path), artifact_path)
+
+    def log_dataset(self, records: list[Mapping], name: str, source: str, context: str) -> None:
+        """Log a dataset input (lineage): a small pandas frame of the records' summary columns,
+        named and sourced so that the same data gets the same digest across runs."""
+        if not self.enabled or not records:
+            return
+        import pandas as pd
+
+        mlflow = self.mlflow
+        frame = pd.DataFrame([{k: (json.dumps(v, default=str) if isinstance(v, (dict, list))
+                                   else v) for k, v in r.items()} for r in records])
+        dataset = mlflow.data.from_pandas(frame, source=source, name=name)
+        mlflow.log_input(dataset, context=context)
+
+    def log_text(self, text: str, name: str) -> None:
+        if self.enabled:
+            with tempfile.TemporaryDirectory() as d:
+                p = Path(d) / name
+                p.write_text(redact(text))
+                self.mlflow.log_artifact(str(p))

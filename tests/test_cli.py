@@ -1,0 +1,77 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from coaflow.cli import main
+from coaflow.schema import convert, write_jsonl
+from tests.conftest import make_trajectory
+
+
+@pytest.fixture
+def cli():
+    runner = CliRunner()
+    return lambda *args: runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("args", [[], ["run"], ["data"], ["data", "convert"], ["data", "validate"],
+                                  ["data", "stats"], ["runs"], ["runs", "list"], ["config"]])
+def test_help_at_every_level(cli, args):
+    res = cli(*args, "--help")
+    assert res.exit_code == 0 and "Usage:" in res.output
+    assert len(res.output.splitlines()) > 4
+
+
+def test_run_help_explains_options(cli):
+    out = cli("run", "--help").output
+    for word in ("--profile", "--workdir", "--set", "--from", "--only", "--run-id"):
+        assert word in out
+
+
+def test_convert_validate_stats(cli, tmp_path):
+    trajs = [make_trajectory(i, correct=i % 2 == 0) for i in range(4)]
+    adp = tmp_path / "adp.jsonl"
+    write_jsonl(adp, [convert.to_adp(t) for t in trajs])
+    res = cli("data", "convert", "--from", "adp", "--to", "coaflow", adp, tmp_path / "c.jsonl.gz")
+    assert res.exit_code == 0 and "wrote 4 records" in res.output
+    assert cli("data", "validate", tmp_path / "c.jsonl.gz").output.strip() == "4 valid, 0 invalid"
+    stats = json.loads(cli("data", "stats", tmp_path / "c.jsonl.gz").output)
+    assert stats["trajectories"] == 4 and stats["correct"] == {"True": 2, "False": 2}
+    assert stats["tools"] == {"search": 4, "open_page": 4}
+    res = cli("data", "convert", "--from", "coaflow", "--to", "messages", tmp_path / "c.jsonl.gz",
+              tmp_path / "m.jsonl")
+    first = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[0])
+    assert first["messages"][0]["role"] == "system"
+
+
+def test_validate_reports_bad_lines_and_fails(cli, tmp_path):
+    p = tmp_path / "t.jsonl"
+    good = make_trajectory().model_dump_json()
+    p.write_text(good + "\n{\n")
+    res = CliRunner().invoke(main, ["data", "validate", str(p)])
+    assert res.exit_code == 1 and f"{p}:2: invalid JSON" in res.output
+
+
+def test_convert_error_is_one_line_without_traceback(tmp_path):
+    p = tmp_path / "s.jsonl"
+    p.write_text(json.dumps({"conversations": [{"value": "hi"}]}) + "\n")
+    res = CliRunner().invoke(main, ["data", "convert", "--from", "sharegpt", "--to", "coaflow",
+                                    str(p), str(tmp_path / "o.jsonl")])
+    assert res.exit_code == 2
+    assert f"Error: {p}:1: conversations.0.from: missing" in res.output
+    assert "Traceback" not in res.output
+    res = CliRunner().invoke(main, ["data", "convert", "--from", "sharegpt", "--to", "coaflow",
+                                    "--skip-bad", str(p), str(tmp_path / "o.jsonl")])
+    assert res.exit_code == 0 and "1 skipped" in res.output
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    res = CliRunner().invoke(main, ["config", "--set", "run.sedd=1"])
+    assert res.exit_code == 2 and "run.sedd: unknown key" in res.output
+
+
+def test_runs_list_and_show_unknown(tmp_path):
+    res = CliRunner().invoke(main, ["runs", "list", "--workdir", str(tmp_path)])
+    assert "no runs" in res.output
+    res = CliRunner().invoke(main, ["runs", "show", "nope", "--workdir", str(tmp_path)])
+    assert res.exit_code == 2 and "no run 'nope'" in res.output
