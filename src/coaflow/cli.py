@@ -263,6 +263,8 @@ def data_stats(path):
 
 
 _register_stages()
+from coaflow.envs.cli import env_group  # noqa: E402, I001
+main.add_command(env_group)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,129 @@
+"""Sandbox init: runs as pid 1 of fresh namespaces, builds a tiny root, drops privileges, execs.
+
+Started by ``sandbox.run_python`` as ``unshare --net --pid --mount --ipc --uts --fork
+--kill-child <base python> -I -S _sandbox_init.py CONFIG_JSON`` with the user's code on stdin.
+Standard library only (it runs with ``-I -S``, before and outside the project). Steps:
+
+1. a tmpfs becomes the new root (the host folder it sits on is invisible from outside: the mount
+   namespace is private); only the interpreter, its shared libraries (``/usr``) and the
+   dependency ``site-packages`` are bind-mounted in, read-only, nosuid. No /etc, /proc, /home,
+   /root, /work, no project source.
+2. ``/work`` is a second, size-capped tmpfs owned by the sandbox uid (mode 0700): the fresh empty
+   working folder. ``/dev`` holds only null, zero, random, urandom.
+3. the root tmpfs is remounted read-only, ``chroot``, rlimits set (address space, processes,
+   file size, CPU seconds, open files, no core dumps), groups cleared, setgid/setuid to an
+   unprivileged uid (so RLIMIT_NPROC applies; it is ignored for root), no_new_privs,
+4. exec ``python -u -S main.py`` (no site: 3x faster start; PYTHONPATH has the deps) with a scrubbed environment and stdin from /dev/null.
+"""
+
+import ctypes
+import json
+import os
+import resource
+import sys
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+PR_SET_NO_NEW_PRIVS, PR_SET_SECUREBITS, PR_CAPBSET_DROP = 38, 28, 24
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def die(msg):
+    sys.stderr.write(f"sandbox setup failed: {msg}\n")
+    os._exit(125)
+
+
+def mount(src, dst, fstype, flags, data=None):
+    enc = (lambda s: s.encode() if s is not None else None)
+    if libc.mount(enc(src), enc(dst), enc(fstype), ctypes.c_ulong(flags), enc(data)) != 0:
+        err = ctypes.get_errno()
+        die(f"mount {src} -> {dst}: {os.strerror(err)}")
+
+
+def bind_ro(src, root, at=None, nodev=True):
+    dst = root + (at or src)
+    if os.path.isdir(src):
+        os.makedirs(dst, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        open(dst, "a").close()
+    mount(src, dst, None, MS_BIND | MS_REC)
+    mount(None, dst, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | (MS_NODEV if nodev else 0))
+
+
+def drop_capabilities():
+    """User-namespace mode (caller not root): we stay uid 0 *inside* the namespace, so take every
+    capability away for good (securebits: root gets none back on exec), else the snippet could
+    chroot out of the tmpfs root."""
+    if libc.prctl(PR_SET_SECUREBITS, 0x2F, 0, 0, 0) != 0:  # NOROOT, NO_SETUID_FIXUP, locked
+        die("prctl(securebits)")
+    for cap in range(64):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != 22:
+            die(f"prctl(capbset_drop {cap})")
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable x 2 words: all zero
+    if libc.capset(header, data) != 0:
+        die("capset")
+
+
+def main():
+    cfg = json.loads(sys.argv[1])
+    code = sys.stdin.buffer.read()
+    root, uid = cfg["root"], cfg["uid"]
+    mount(None, "/", None, MS_REC | MS_PRIVATE)  # belt and braces: nothing leaks to the host
+    mount("tmpfs", root, "tmpfs", MS_NOSUID, "size=1m,mode=0755")
+    for top in ("/bin", "/lib", "/lib64", "/sbin"):  # usrmerge symlinks, or real folders
+        if os.path.islink(top):
+            os.symlink(os.readlink(top), root + top)
+        elif os.path.isdir(top):
+            bind_ro(top, root)
+    for src, at in [("/usr", "/usr"), *cfg["ro_paths"]]:
+        if os.path.exists(src):
+            bind_ro(src, root, at)
+    os.makedirs(root + "/dev")
+    for dev in ("null", "zero", "random", "urandom"):
+        bind_ro("/dev/" + dev, root, nodev=False)  # only these four device nodes exist
+    os.makedirs(root + "/work")
+    mount("tmpfs", root + "/work", "tmpfs", MS_NOSUID | MS_NODEV,
+          f"size={cfg['disk_mb']}m,mode=0700" + (f",uid={uid},gid={uid}" if cfg["drop_uid"] else ""))
+    with open(root + "/work/main.py", "wb") as f:
+        f.write(code)
+    if cfg["drop_uid"]:
+        os.chown(root + "/work/main.py", uid, uid)
+    mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    os.chroot(root)
+    os.chdir("/work")
+
+    limits = {resource.RLIMIT_AS: cfg["memory_mb"] << 20, resource.RLIMIT_NPROC: cfg["max_procs"],
+              resource.RLIMIT_FSIZE: cfg["file_mb"] << 20, resource.RLIMIT_CPU: cfg["cpu_s"],
+              resource.RLIMIT_NOFILE: 256, resource.RLIMIT_CORE: 0}
+    for which, value in limits.items():
+        resource.setrlimit(which, (value, value))
+    if cfg["drop_uid"]:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+        if os.getuid() == 0 or os.geteuid() == 0:
+            die("could not drop root")
+    else:
+        drop_capabilities()
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        die("prctl(no_new_privs)")
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/work", "TMPDIR": "/work",
+           "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0",
+           "PYTHONPATH": cfg["pythonpath"], "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    try:
+        os.execve(cfg["python"], [cfg["python"], "-u", "-S", "main.py"], env)
+    except OSError as e:
+        die(f"exec {cfg['python']}: {e}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as e:  # any setup error: a clear exit code, never a half-built sandbox
+        die(f"{type(e).__name__}: {e}")
