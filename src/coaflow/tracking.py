@@ -16,11 +16,15 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-SECRET_KEY_RE = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|auth)", re.I)
+# "token" and "auth" only as a whole segment of a key: hf_token, auth, access_token are secret;
+# max_tokens, tokens_per_second, tokenizer, author are not.
+SECRET_KEY_RE = re.compile(r"(api[_-]?key|secret|password|passwd|credential"
+                           r"|(?:^|[_.\-])(?:token|auth)(?:$|[_.\-]))", re.I)
 TOKEN_SHAPES = re.compile(r"\b(sk-[A-Za-z0-9_\-]{16,}|hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}"
                           r"|AKIA[0-9A-Z]{16}|xox[baprs]-[A-Za-z0-9\-]{10,})\b")
 REDACTED = "***"
@@ -38,6 +42,8 @@ def redact(obj: Any, _secrets: list[str] | None = None) -> Any:
 
     >>> redact({"api_key": "abc", "lr": 0.1, "api_key_env": "OPENAI_API_KEY"})
     {'api_key': '***', 'lr': 0.1, 'api_key_env': 'OPENAI_API_KEY'}
+    >>> redact({"hf_token": "x", "max_tokens": 512, "tokenizer": "gpt2"})
+    {'hf_token': '***', 'max_tokens': 512, 'tokenizer': 'gpt2'}
     >>> redact("Bearer sk-abcdefghijklmnop1234")
     'Bearer ***'
     """
@@ -172,8 +178,10 @@ class Tracker:
         mlflow = self.mlflow
         frame = pd.DataFrame([{k: (json.dumps(v, default=str) if isinstance(v, (dict, list))
                                    else v) for k, v in r.items()} for r in records])
-        dataset = mlflow.data.from_pandas(frame, source=source, name=name)
-        mlflow.log_input(dataset, context=context)
+        with warnings.catch_warnings():  # source-type guessing and int-column hints: noise here
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(frame, source=source, name=name)
+            mlflow.log_input(dataset, context=context)
 
     def log_text(self, text: str, name: str) -> None:
         if self.enabled:

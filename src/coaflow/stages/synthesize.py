@@ -1,0 +1,255 @@
+"""synthesize: a teacher team solves tasks with real tools; its runs become chain-of-agents trajectories.
+
+    coaflow synthesize                                   # pipeline stage, tiny profile
+    coaflow synthesize --teacher scripted --suite calc -n 20 --output /tmp/calc
+    coaflow synthesize --teacher llm --set synthesize.llm.base_url=http://host:8000/v1 \\
+        --set synthesize.llm.model=Qwen/Qwen3-32B -n 100 --output data/
+
+Writes ``trajectories/`` (JSONL shards of coaflow trajectories: distilled, one model acting as the
+whole team), ``raw/`` (the multi-agent log of each, for provenance) and ``failed/`` (tasks whose
+attempt failed, with the reason). Resumable: a rerun after a crash skips tasks already written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+import click
+from pydantic import Field
+
+from coaflow.config import Section
+from coaflow.pipeline import Context, PipelineError, Result
+from coaflow.teachers.llm import LlmTeacherConfig
+
+NAME = "synthesize"
+NEEDS: tuple[str, ...] = ()
+RESUMABLE = True
+
+
+class Config(Section):
+    teacher: Literal["scripted", "llm"] = Field("scripted", description="scripted: offline team; "
+                                                "llm: the same roles on an OpenAI-compatible API")
+    suites: dict[str, int] = Field({"kbqa": 240, "calc": 160},
+                                   description="tasks per built-in suite")
+    split: str = Field("train", description="task split to solve (train | rl | test)")
+    task_files: list[str] = Field([], description="extra task files (JSONL question/answer or AFM "
+                                  "RL parquet); solved with the llm teacher")
+    mistake_rate: float = Field(0.3, ge=0, le=1, description="scripted: share of tasks with one "
+                                "realistic mistake (caught by the critic/verifier)")
+    unrecovered_rate: float = Field(0.08, ge=0, le=1, description="scripted: share of tasks whose "
+                                    "mistake slips through (wrong answer)")
+    shard_size: int = Field(100, ge=1, description="trajectories per shard (resume granularity)")
+    llm: LlmTeacherConfig = Field(default_factory=LlmTeacherConfig)
+
+
+def load_tasks(cfg: Config, seed: int):
+    from coaflow.envs import make_tasks
+    from coaflow.envs.external import load_tasks as load_file
+
+    tasks = [t for suite, n in cfg.suites.items() if n > 0
+             for t in make_tasks(suite, cfg.split, n, seed=seed)]
+    for path in cfg.task_files:
+        tasks += load_file(path)
+    return tasks
+
+
+def _done_ids(folder: Path) -> set[str]:
+    from coaflow.schema import iter_records
+
+    if not folder.exists():
+        return set()
+    for tmp in folder.glob("*.tmp"):
+        tmp.unlink()  # an unfinished shard: its tasks are solved again
+    return {rec["task_id"] if "task_id" in rec else rec["task"]["task_id"]
+            for _, _, rec in iter_records(folder, None)}
+
+
+def _approx_tokens(text: str) -> int:
+    return len(re.findall(r"\w+|[^\w\s]", text))
+
+
+def synthesize(cfg: Config, out: Path, seed: int, cache_dir: Path | None = None, tracker=None,
+               progress: bool = True) -> Result:
+    """Solve every task not yet written under ``out``; the core of both the stage and the CLI."""
+    from tqdm import tqdm
+
+    from coaflow.envs import make_env, task_to_row, tool_schemas
+    from coaflow.envs.rewards import score
+    from coaflow.schema import Outcome, Provenance, ShardWriter
+    from coaflow.schema.trajectory import utcnow
+    from coaflow.teachers import llm, scripted
+    from coaflow.teachers.log import TeamLog, distill
+
+    if cfg.unrecovered_rate > cfg.mistake_rate:
+        raise PipelineError("synthesize.unrecovered_rate must not exceed synthesize.mistake_rate")
+    tasks = load_tasks(cfg, seed)
+    if not tasks:
+        raise PipelineError("synthesize: no tasks (synthesize.suites and task_files are empty)")
+    traj_dir, raw_dir, fail_dir = out / "trajectories", out / "raw", out / "failed"
+    done = _done_ids(traj_dir) | _done_ids(fail_dir)
+    _done_ids(raw_dir)
+    todo = [t for t in tasks if t.task_id not in done]
+    def env_for(task):
+        """A fresh environment per task (cheap: worlds and indexes are cached), so concurrent
+        LLM conversations never share tool state; reset() picks the task's kbqa world."""
+        env = make_env(task.suite, seed=seed)
+        env.reset(**task_to_row(task))
+        return env
+
+    client = None
+    if cfg.teacher == "llm" and todo:
+        client = llm.ChatClient(cfg.llm, cache_dir if cfg.llm.cache else None)
+        client.check_endpoint()  # before any work
+    provenance = Provenance(teacher=cfg.teacher, seed=seed, model=cfg.llm.model
+                            if cfg.teacher == "llm" else "coaflow-scripted-team",
+                            tool_versions={"coaflow": __import__("coaflow").__version__})
+    mistakes = scripted.Mistakes(cfg.mistake_rate, cfg.unrecovered_rate)
+
+    def start(task) -> TeamLog:
+        return TeamLog(task=task, env=env_for(task), suite=task.suite)
+
+    def finish(task, log: TeamLog, answer, error: str | None, started):
+        if error is not None:
+            fails.write({"task_id": task.task_id, "suite": task.suite, "reason": error,
+                         "log": log.to_json()})
+            return
+        reward = score(task.suite, answer, task.answer)
+        recovered = any(ev["type"] == "note" and ev.get("caught") for ev in log.events)
+        outcome = Outcome(final_answer=answer, reward=reward, correct=reward == 1.0,
+                          recovered=recovered and reward == 1.0)
+        traj = distill(log, f"{task.task_id}-{cfg.teacher}", answer,
+                       provenance.model_copy(update={"started_at": started}), outcome)
+        if client is not None:
+            traj.details["teacher_usage"] = dict(client.usage)
+        trajs.write(traj)
+        raws.write(log.to_json())
+
+    start_index = lambda d: len(list(d.glob("*.jsonl")))  # noqa: E731
+    trajs = ShardWriter(traj_dir, "part", cfg.shard_size, start_index=start_index(traj_dir))
+    raws = ShardWriter(raw_dir, "raw", cfg.shard_size, start_index=start_index(raw_dir))
+    fails = ShardWriter(fail_dir, "failed", cfg.shard_size, start_index=start_index(fail_dir))
+    bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=f"synthesize "
+               f"({cfg.teacher})", unit="task", disable=not progress, mininterval=1.0)
+    t0 = time.perf_counter()
+    try:
+        if cfg.teacher == "scripted":
+            for task in todo:
+                log, started = start(task), utcnow()
+                rng = random.Random(f"{seed}-{task.task_id}")
+                try:
+                    answer, error = scripted.solve(task, log, rng, mistakes), None
+                except ValueError as e:
+                    answer, error = None, str(e)
+                finish(task, log, answer, error, started)
+                bar.update()
+        else:
+            asyncio.run(_run_llm(cfg, todo, client, tool_schemas, start, finish, bar))
+    finally:
+        bar.close()
+        for w in (trajs, raws, fails):
+            w.close()
+    elapsed = time.perf_counter() - t0
+    return summarize(traj_dir, fail_dir, len(todo), elapsed, client, tracker)
+
+
+async def _run_llm(cfg, todo, client, tool_schemas, start, finish, bar):
+    from coaflow.schema.trajectory import utcnow
+    from coaflow.teachers import llm
+
+    sem = asyncio.Semaphore(cfg.llm.concurrency)
+
+    async def one(task):
+        async with sem:
+            log, started = start(task), utcnow()
+            try:
+                answer = await llm.solve(task, log, client, tool_schemas(task.suite),
+                                         cfg.llm.max_turns)
+                return task, log, answer, None, started
+            except llm.MalformedResponse as e:
+                return task, log, None, f"malformed teacher response: {e}", started
+
+    async with client:
+        for fut in asyncio.as_completed([one(t) for t in todo]):
+            finish(*(await fut))  # one writer: results are written as they complete
+            bar.update()
+
+
+def summarize(traj_dir: Path, fail_dir: Path, solved_now: int, elapsed: float, client,
+              tracker) -> Result:
+    from coaflow.schema import iter_records, read_trajectories, to_text
+
+    trajs = list(read_trajectories(traj_dir)) if traj_dir.exists() else []
+    failed = Counter(r["reason"].split(":")[0] for _, _, r in iter_records(fail_dir, None)) \
+        if fail_dir.exists() else Counter()
+    n = len(trajs)
+    if n == 0:
+        raise PipelineError(f"synthesize wrote no trajectories ({sum(failed.values())} failed "
+                            f"attempts, see {fail_dir})")
+    correct = sum(bool(t.outcome.correct) for t in trajs)
+    calls = sum(len(t.tool_calls()) for t in trajs)
+    tokens = sum(_approx_tokens(to_text(t)) for t in trajs)
+    by_suite = Counter(t.task.suite for t in trajs)
+    by_difficulty = Counter(f"{t.task.suite}/{t.task.difficulty}" for t in trajs)
+    metrics = {"trajectories": n, "failed_attempts": sum(failed.values()),
+               "teacher_success_rate": round(correct / (n + sum(failed.values())), 4),
+               "recovered": sum(t.outcome.recovered for t in trajs),
+               "tool_calls_per_trajectory": round(calls / n, 2),
+               "approx_tokens_per_trajectory": round(tokens / n, 1),
+               "solved_now": solved_now,
+               "trajectories_per_second": round(solved_now / elapsed, 2) if elapsed else 0.0,
+               **{f"suite.{k}": v for k, v in by_suite.items()}}
+    if client is not None:
+        metrics.update({f"teacher_{k}": v for k, v in client.usage.items()})
+    if tracker is not None:
+        tracker.log_dataset([{"id": t.id, "suite": t.task.suite, "task_id": t.task.task_id,
+                              "difficulty": t.task.difficulty, "correct": t.outcome.correct,
+                              "tool_calls": len(t.tool_calls())} for t in trajs],
+                            name="synthesize/trajectories", source=str(traj_dir),
+                            context="synthesized")
+        for t in trajs[:1]:
+            tracker.log_text(to_text(t), "sample_trajectory.txt")
+    return Result(outputs={"trajectories": str(traj_dir), "raw": str(traj_dir.parent / "raw"),
+                           "failed": str(fail_dir)},
+                  metrics=metrics,
+                  summary={"by_suite": dict(by_suite), "by_difficulty": dict(by_difficulty),
+                           "failed_by_reason": dict(failed)})
+
+
+def run(cfg: Config, ctx: Context) -> Result:
+    cache = Path(ctx.config.run.workdir) / "cache" / "llm"
+    return synthesize(cfg, ctx.out, ctx.config.run.seed, cache, ctx.tracker)
+
+
+CLI_OPTIONS = [
+    click.option("--teacher", type=click.Choice(["scripted", "llm"]), help="which teacher team"),
+    click.option("--suite", multiple=True, help="suite to solve (repeatable); default: the "
+                 "profile's synthesize.suites"),
+    click.option("-n", "n", type=int, help="tasks per suite"),
+    click.option("--output", type=click.Path(file_okay=False), help="standalone: write here, "
+                 "outside any pipeline run"),
+]
+
+
+def standalone(cfg, teacher=None, suite=(), n=None, output=None) -> None:
+    """``coaflow synthesize --output DIR``: the same code, outside a pipeline run."""
+    section = cfg.synthesize
+    updates = {}
+    if teacher:
+        updates["teacher"] = teacher
+    if suite or n is not None:
+        names = list(suite) or list(section.suites)
+        updates["suites"] = {s: n if n is not None else section.suites.get(s, 10) for s in names}
+    section = section.model_copy(update=updates)
+    if not output:
+        raise click.UsageError("standalone synthesize needs --output DIR")
+    res = synthesize(Config.model_validate(section.model_dump()), Path(output), cfg.run.seed,
+                     Path(cfg.run.workdir) / "cache" / "llm")
+    click.echo(f"wrote {res.metrics['trajectories']} trajectories to {res.outputs['trajectories']}"
+               f" (success rate {res.metrics['teacher_success_rate']:.0%}, "
+               f"{res.metrics['failed_attempts']} failed attempts)")

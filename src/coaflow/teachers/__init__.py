@@ -1,0 +1,1 @@
+"""Multi-agent teachers: scripted (offline) and LLM (OpenAI-compatible), and distillation."""
