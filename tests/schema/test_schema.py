@@ -178,3 +178,13 @@ def test_tool_calls_and_observation_helpers(traj):
     assert [c.function for c in traj.tool_calls()] == ["search", "open_page"]
     assert isinstance(traj.content[3], TextObservation)
     assert isinstance(traj.content[2], ApiAction)
+
+
+def test_corrupt_gzip_stream_is_reported_not_raised(tmp_path):
+    g = tmp_path / "c.jsonl.gz"
+    blob = bytearray(gzip.compress(("x" * 5000 + "\n").encode() * 50))
+    blob[10:13] = b"\xff\xff\xff"  # damage the deflate stream itself: zlib.error
+    g.write_bytes(bytes(blob))
+    problems = []
+    list(iter_records(g, None, errors="skip", on_error=problems.append))
+    assert problems and "unreadable" in problems[0].reason

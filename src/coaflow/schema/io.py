@@ -14,6 +14,7 @@ import gzip
 import io
 import json
 import os
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,7 @@ def iter_records(
             while True:
                 try:
                     raw = handle.readline()
-                except (OSError, EOFError) as e:  # truncated gzip
+                except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt gzip
                     bad = BadRecord(str(file), lineno + 1, f"unreadable: {e}")
                     if errors == "raise":
                         raise DataError(file, lineno + 1, None, bad.reason) from None

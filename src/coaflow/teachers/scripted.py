@@ -47,7 +47,7 @@ SEARCH_HIT = re.compile(r"^\s*\d+\.\s+(.+?):\s", re.M)
 
 
 def _titles(observation: str) -> list[str]:
-    """Titles listed in a ``search`` observation, one ``N. Title: snippet`` line per hit.
+    r"""Titles listed in a ``search`` observation, one ``N. Title: snippet`` line per hit.
 
     >>> _titles("1. Varn Labs: Varn Labs was founded...\n2. Port Sel: The city...")
     ['Varn Labs', 'Port Sel']
