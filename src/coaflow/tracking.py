@@ -21,10 +21,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-# "token" and "auth" only as a whole segment of a key: hf_token, auth, access_token are secret;
-# max_tokens, tokens_per_second, tokenizer, author are not.
-SECRET_KEY_RE = re.compile(r"(api[_-]?key|secret|password|passwd|credential"
-                           r"|(?:^|[_.\-])(?:token|auth)(?:$|[_.\-]))", re.I)
+# "token" and "auth" only as the last segment of a key: hf_token, auth, access_token are secret;
+# max_tokens, mean_token_accuracy, tokenizer, author are not.
+SECRET_KEY_RE = re.compile(r"(api[_-]?key|secret|password|passwd|credential|authorization|bearer"
+                           r"|(?:^|[_.\-])(?:token|auth)$)", re.I)
 TOKEN_SHAPES = re.compile(r"\b(sk-[A-Za-z0-9_\-]{16,}|hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}"
                           r"|AKIA[0-9A-Z]{16}|xox[baprs]-[A-Za-z0-9\-]{10,})\b")
 REDACTED = "***"
@@ -42,8 +42,8 @@ def redact(obj: Any, _secrets: list[str] | None = None) -> Any:
 
     >>> redact({"api_key": "abc", "lr": 0.1, "api_key_env": "OPENAI_API_KEY"})
     {'api_key': '***', 'lr': 0.1, 'api_key_env': 'OPENAI_API_KEY'}
-    >>> redact({"hf_token": "x", "max_tokens": 512, "tokenizer": "gpt2"})
-    {'hf_token': '***', 'max_tokens': 512, 'tokenizer': 'gpt2'}
+    >>> redact({"hf_token": "x", "max_tokens": 512, "mean_token_accuracy": 0.8, "tokenizer": "t"})
+    {'hf_token': '***', 'max_tokens': 512, 'mean_token_accuracy': 0.8, 'tokenizer': 't'}
     >>> redact("Bearer sk-abcdefghijklmnop1234")
     'Bearer ***'
     """

@@ -1,0 +1,111 @@
+"""Build the ``tiny`` student: a Qwen3-architecture model from a config, with a byte-level BPE
+tokenizer trained on the run's own corpus, saved as a normal HF folder.
+
+No hub download is possible on the machines this runs on, and a model that learns in minutes on
+two CPU cores has to be small; its tokenizer is trained on the very trajectories it will imitate,
+so tags, tool names and JSON punctuation become single tokens and sequences stay short.
+
+    build_tiny("work/base", corpus_texts, TinyModel())
+    AutoModelForCausalLM.from_pretrained("work/base"); AutoTokenizer.from_pretrained("work/base")
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from pydantic import Field
+
+from coaflow.config import Section
+from coaflow.models.template import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
+
+# Qwen3 treats im_start/im_end/endoftext as special (dropped by skip_special_tokens) and the
+# tool/think tags as plain added tokens (kept in decoded text, so tool calls stay parseable).
+CONTROL_TOKENS = SPECIAL_TOKENS[:3]
+TAG_TOKENS = SPECIAL_TOKENS[3:]
+BUILD_INFO = "coaflow_tiny.json"
+
+
+class TinyModel(Section):
+    """Sizes of the tiny Qwen3 student (used when ``sft.model`` is ``tiny``)."""
+
+    vocab_size: int = Field(2048, ge=300, description="BPE vocabulary trained on the corpus "
+                            "(special tokens come on top)")
+    hidden_size: int = Field(128, ge=16, description="model width")
+    intermediate_size: int = Field(384, ge=16, description="MLP width")
+    num_hidden_layers: int = Field(2, ge=1, description="transformer blocks")
+    num_attention_heads: int = Field(4, ge=1, description="query heads")
+    num_key_value_heads: int = Field(2, ge=1, description="key/value heads (GQA)")
+    head_dim: int = Field(32, ge=8, description="width of one attention head")
+    max_position_embeddings: int = Field(4096, ge=128, description="longest sequence the RoPE "
+                                         "tables cover")
+    tie_word_embeddings: bool = Field(True, description="share input and output embeddings "
+                                      "(most of a tiny model's weights are the embeddings)")
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``corpus`` with Qwen3's special
+    tokens and coaflow's chat template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2,
+                                  special_tokens=list(CONTROL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+                                 bos_token=None, unk_token=None, model_max_length=1 << 20,
+                                 clean_up_tokenization_spaces=False)
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def tiny_config(cfg: TinyModel, tokenizer):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings, rope_theta=10000.0,
+        eos_token_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN),
+        pad_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN), bos_token_id=None,
+    )
+
+
+def build_tiny(out_dir: str | Path, corpus: Iterable[str], cfg: TinyModel, seed: int = 0) -> Path:
+    """Train the tokenizer on ``corpus``, initialise a Qwen3 model of ``cfg``'s sizes, save both
+    to ``out_dir`` (written to a temporary folder and renamed, so a killed build leaves nothing
+    that looks whole). Returns ``out_dir``."""
+    import shutil
+
+    import torch
+    from transformers import GenerationConfig, Qwen3ForCausalLM
+
+    out = Path(out_dir)
+    texts = [t for t in corpus if t]
+    if not texts:
+        raise ValueError("build_tiny: the corpus is empty; the tokenizer needs text to learn from")
+    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    config = tiny_config(cfg, tokenizer)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    eos = [tokenizer.convert_tokens_to_ids(EOS_TOKEN), tokenizer.convert_tokens_to_ids(PAD_TOKEN)]
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos[1],
+                                               do_sample=False)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / BUILD_INFO).write_text(json.dumps({
+        "built_by": "coaflow.models.build_tiny", "seed": seed, "corpus_texts": len(texts),
+        "parameters": sum(p.numel() for p in model.parameters()), **cfg.model_dump()}, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,59 @@
+"""Read tool calls back out of generated text (Qwen3 layout) and judge whether they are usable.
+
+A well-formed call is ``<tool_call>{"name": <known tool>, "arguments": {...}}</tool_call>``: the body
+parses as JSON, the name is a tool the agent has, the arguments are an object. This is the check the
+SFT stage reports on held-out prompts; the agent loop needs exactly this to act.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+
+TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
+
+
+def parse_tool_calls(text: str) -> list[dict]:
+    """Every ``<tool_call>`` block in ``text`` as ``{"name", "arguments"}``, or ``{"error": why}``
+    for a block that does not parse. An opened block never closed counts as an error.
+
+    >>> parse_tool_calls('<tool_call>\\n{"name": "search", "arguments": {"query": "x"}}\\n</tool_call>')
+    [{'name': 'search', 'arguments': {'query': 'x'}}]
+    >>> parse_tool_calls('<tool_call>{"name": "search", "arguments": {"q"</tool_call>')
+    [{'error': "not JSON: Expecting ':' delimiter"}]
+    >>> parse_tool_calls('<tool_call>{"name": "search"')
+    [{'error': 'unclosed <tool_call>'}]
+    >>> parse_tool_calls('<answer>42</answer>')
+    []
+    """
+    calls: list[dict] = []
+    for body in TOOL_CALL_RE.findall(text):
+        try:
+            obj = json.loads(body)
+        except json.JSONDecodeError as e:
+            calls.append({"error": f"not JSON: {e.msg}"})
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            calls.append({"error": "no string 'name'"})
+        elif not isinstance(obj.get("arguments", {}), dict):
+            calls.append({"error": "'arguments' is not an object"})
+        else:
+            calls.append({"name": obj["name"], "arguments": obj.get("arguments", {})})
+    if text.count("<tool_call>") > text.count("</tool_call>"):
+        calls.append({"error": "unclosed <tool_call>"})
+    return calls
+
+
+def well_formed_tool_call(text: str, tools: Iterable[str]) -> bool:
+    """True when ``text`` holds at least one tool call and every call parses with a known name.
+
+    >>> well_formed_tool_call('<tool_call>{"name": "python", "arguments": {"code": "1+1"}}</tool_call>',
+    ...                       ["python"])
+    True
+    >>> well_formed_tool_call('<tool_call>{"name": "pyhton", "arguments": {}}</tool_call>', ["python"])
+    False
+    """
+    known = set(tools)
+    calls = parse_tool_calls(text)
+    return bool(calls) and all("error" not in c and c["name"] in known for c in calls)

@@ -1,0 +1,317 @@
+"""sft: agentic SFT. The student learns to act as the whole agent team in one model.
+
+\b
+    coaflow sft --profile tiny --run-id RUN        # after synthesize and gate, in the same run
+    coaflow run --profile tiny --set sft.epochs=2   # the whole pipeline
+
+Reads the gate's accepted trajectories, renders each as one chat (planner, tool agents, critic and
+answerer all speak as the assistant; tool results come back as ``tool`` messages) and trains with
+TRL's ``SFTTrainer`` with ``assistant_only_loss``: only the tokens inside the chat template's
+``{% generation %}`` spans (every assistant turn, its ``<|im_end|>`` included) carry a label; the
+system prompt, the question and every tool observation get -100. The model must learn to call tools
+and to stop, never to imitate a search engine.
+
+``sft.model: tiny`` builds a Qwen3-architecture model from ``sft.tiny`` with a BPE tokenizer trained
+on these very trajectories; a hub id or a local folder loads a real model. ``sft.deepspeed`` picks a
+ZeRO config from ``configs/deepspeed/``; ``sft.lora`` trains PEFT adapters (merged on save);
+``sft.packing`` packs examples into ``max_length`` rows. Checkpoints go to ``checkpoints/`` every
+``save_steps``; a killed run resumes from the last one. The final model is a plain HF folder in
+``model/``. After training, greedy decoding on held-out questions checks that the model emits
+well-formed tool calls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from coaflow.config import Section
+from coaflow.models.tiny import TinyModel
+from coaflow.pipeline import Context, PipelineError, Result
+
+NAME = "sft"
+NEEDS = ("gate",)
+RESUMABLE = True
+
+DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+
+
+class Config(Section):
+    model: str = Field("tiny", description="base model: 'tiny' (built from sft.tiny), a hub id "
+                       "or a local HF folder")
+    tiny: TinyModel = Field(default_factory=TinyModel, description="sizes of the tiny model")
+    chat_template: Literal["model", "coaflow"] = Field(
+        "model", description="'model': the tokenizer's own template (TRL swaps in its training "
+        "variant if it lacks {% generation %} markers); 'coaflow': coaflow's Qwen3-style template")
+    max_length: int = Field(1024, ge=16, description="tokens per example (or per packed row); "
+                            "longer examples are cut at the end")
+    epochs: float = Field(3.0, gt=0, description="passes over the data (ignored if max_steps>0)")
+    max_steps: int = Field(-1, description="optimizer steps; -1: use epochs")
+    lr: float = Field(3e-3, gt=0, description="peak learning rate (AdamW)")
+    lr_scheduler: str = Field("cosine", description="transformers scheduler name")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="share of steps spent warming up")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    batch_size: int = Field(8, ge=1, description="examples (or packed rows) per device per step")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    packing: bool = Field(False, description="pack examples into max_length rows (BFD, "
+                          "padding-free); fewer pad tokens, more tokens per step")
+    lora: bool = Field(False, description="train LoRA adapters (PEFT) instead of all weights; "
+                       "merged into the saved model")
+    lora_r: int = Field(16, ge=1, description="LoRA rank")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scale numerator")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA path")
+    lora_target_modules: str | list[str] = Field("all-linear", description="modules to adapt")
+    deepspeed: Literal["zero2", "zero3_offload"] | None = Field(
+        None, description="DeepSpeed ZeRO config from configs/deepspeed/ (null: plain DDP/CPU)")
+    bf16: bool = Field(False, description="bfloat16 mixed precision (GPU)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations to save memory")
+    logging_steps: int = Field(5, ge=1, description="log loss and token accuracy every N steps")
+    save_steps: int = Field(50, ge=1, description="checkpoint every N steps (resume point)")
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept")
+    holdout: int = Field(16, ge=0, description="trajectories kept out of training for the "
+                         "tool-call check (at most a fifth of the data)")
+    sample_max_new_tokens: int = Field(160, ge=8, description="tokens generated per held-out "
+                                       "prompt in the tool-call check")
+    log_model_artifact: bool = Field(True, description="log the final model folder to MLflow "
+                                     "(off for large models: register logs it)")
+
+
+def run(cfg: Config, ctx: Context) -> Result:
+    return train(cfg, ctx)
+
+
+def train(cfg: Config, ctx: Context, callbacks: tuple = ()) -> Result:
+    """The stage; ``callbacks`` are extra ``TrainerCallback``s (tests use one to interrupt)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from coaflow.schema.render import DEFAULT_SYSTEM_PROMPT
+    from coaflow.stages import sft_data as D
+
+    seed = ctx.config.run.seed if ctx.config is not None else 0
+    source = ctx.input("gate").outputs.get("accepted")
+    if not source:
+        raise PipelineError("sft: the gate result has no 'accepted' output")
+    trajs = D.load_trajectories(source)
+    train_trajs, held = D.split_holdout(trajs, cfg.holdout, seed)
+    examples = [D.to_example(t, DEFAULT_SYSTEM_PROMPT) for t in train_trajs]
+
+    model, tokenizer, base = _load_base(cfg, ctx, examples, seed)
+    template = _training_template(cfg, tokenizer, base)
+    stats = D.check_examples(tokenizer, examples, template, cfg.max_length, str(source))
+    if stats.no_assistant:
+        drop = set(stats.no_assistant)
+        train_trajs = [t for i, t in enumerate(train_trajs) if i not in drop]
+        examples = [e for i, e in enumerate(examples) if i not in drop]
+
+    ckpt_dir = ctx.out / "checkpoints"
+    last = get_last_checkpoint(str(ckpt_dir)) if ctx.resume and ckpt_dir.is_dir() else None
+    resumed_from = int(Path(last).name.rsplit("-", 1)[-1]) if last else 0
+    trainer, history = build_trainer(cfg, model, tokenizer, examples, ckpt_dir, seed,
+                                     tracker=ctx.tracker, callbacks=callbacks)
+    ctx.tracker.log_dataset(
+        [{"id": t.id, "suite": t.task.suite, "task_id": t.task.task_id, "steps": len(t.content),
+          "tool_calls": len(t.tool_calls())} for t in train_trajs],
+        name="sft-train", source=str(source), context="training")
+    ctx.tracker.log_params({"data.examples": len(examples), "data.tokens": stats.tokens,
+                            "data.trained_tokens": stats.trained_tokens, "base_model": base,
+                            "data.truncated": stats.truncated})
+
+    start = time.time()
+    out = trainer.train(resume_from_checkpoint=last)
+    train_seconds = time.time() - start
+
+    final = save_final(trainer, cfg, ctx.out / "model")
+    samples = sample_tool_calls(final, held, D.tool_names(trajs), cfg.sample_max_new_tokens)
+    (ctx.out / "samples.jsonl").write_text(
+        "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples["rows"]))
+    ctx.tracker.log_artifact(ctx.out / "samples.jsonl")
+    if cfg.log_model_artifact:
+        ctx.tracker.log_artifact(final, "model")
+
+    losses = [h["loss"] for h in history if "loss" in h]
+    accs = [h["mean_token_accuracy"] for h in history if "mean_token_accuracy" in h]
+    num_tokens = max((h.get("num_tokens", 0) for h in history), default=0)
+    metrics = {
+        "train_loss_initial": losses[0] if losses else float("nan"),
+        "train_loss_final": losses[-1] if losses else float("nan"),
+        "train_loss_mean": float(out.training_loss),
+        "mean_token_accuracy": accs[-1] if accs else float("nan"),
+        "tokens_per_second": (num_tokens / train_seconds) if train_seconds > 0 else 0.0,
+        "train_tokens": float(num_tokens),
+        "train_seconds": round(train_seconds, 2),
+        "global_step": float(trainer.state.global_step),
+        "resumed_from_step": float(resumed_from),
+        "examples": float(len(examples)),
+        "examples_truncated": float(stats.truncated),
+        "examples_dropped_no_assistant": float(len(stats.no_assistant)),
+        "heldout_prompts": float(samples["n"]),
+        "well_formed_tool_call_share": samples["share"],
+        "stop_share": samples["stop_share"],
+    }
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the final model is in model/; checkpoints were
+    # only the resume points of this attempt
+    return Result(outputs={"model": str(final)}, metrics=metrics,
+                  summary={"base_model": base, "deepspeed": cfg.deepspeed, "lora": cfg.lora,
+                           "zero_stage": _zero_stage(trainer),
+                           "packing": cfg.packing, "tools": sorted(D.tool_names(trajs)),
+                           "samples": samples["rows"][:3]})
+
+
+def _zero_stage(trainer) -> int | None:
+    """The ZeRO stage the trainer really ran with (None: no DeepSpeed engine)."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return plugin.zero_stage if trainer.is_deepspeed_enabled and plugin else None
+
+
+def _load_base(cfg: Config, ctx: Context, examples: list[dict], seed: int):
+    from coaflow.models import CHAT_TEMPLATE, load_model_and_tokenizer
+    from coaflow.stages.sft_data import render
+
+    corpus = (render(e, CHAT_TEMPLATE) for e in examples) if cfg.model == "tiny" else None
+    return load_model_and_tokenizer(cfg.model, corpus=corpus, out_dir=ctx.out / "base",
+                                    tiny=cfg.tiny, seed=seed, field="sft.model")
+
+
+def _training_template(cfg: Config, tokenizer, base: str) -> str | None:
+    """The template TRL will train with (None: the tokenizer's own); set on the tokenizer when
+    coaflow's is chosen, so the saved model carries it."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    from coaflow.models import CHAT_TEMPLATE
+
+    if cfg.chat_template == "coaflow":
+        tokenizer.chat_template = CHAT_TEMPLATE
+    if has_generation_markers(tokenizer.chat_template):
+        return None
+    try:
+        return get_training_chat_template(tokenizer)
+    except ValueError:
+        raise PipelineError(
+            f"sft.chat_template: the chat template of {base!r} has no {{% generation %}} markers "
+            "and TRL has no training variant of it, so assistant tokens cannot be told from tool "
+            "observations; set sft.chat_template=coaflow (Qwen3 layout)") from None
+
+
+def deepspeed_config(name: str | None) -> str | None:
+    """Path of the ZeRO JSON for ``sft.deepspeed`` (None: no DeepSpeed)."""
+    if name is None:
+        return None
+    path = DEEPSPEED_DIR / f"{name}.json"
+    if not path.exists():
+        raise PipelineError(f"sft.deepspeed={name!r}: no config at {path}")
+    if "WORLD_SIZE" not in os.environ:  # one process, not started by a launcher: DeepSpeed still
+        # wants a process group; these are the values a launcher would set for rank 0 of 1
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"),
+                          RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    return str(path)
+
+
+def build_trainer(cfg: Config, model, tokenizer, examples: list[dict], output_dir: Path,
+                  seed: int = 0, tracker=None, callbacks: tuple = ()):
+    """``(SFTTrainer, history)``: the trainer with its whole data path (tokenizing, masks, labels,
+    packing, collator) set up; ``history`` fills with the logged dicts as training goes."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    history: list[dict] = []
+
+    class LogToTracker(TrainerCallback):
+        """Loss, token accuracy, lr, tokens: into ``history`` and the stage's MLflow run."""
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and state.is_world_process_zero:
+                history.append({**logs, "step": state.global_step})
+                if tracker is not None:
+                    tracker.log_metrics({f"train/{k}": v for k, v in logs.items()},
+                                        step=state.global_step)
+
+    use_gpu = torch.cuda.is_available()
+    args = SFTConfig(
+        output_dir=str(output_dir), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, max_length=cfg.max_length,
+        packing=cfg.packing, assistant_only_loss=True, logging_steps=cfg.logging_steps,
+        logging_first_step=True, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit, report_to="none", seed=seed, data_seed=seed,
+        bf16=cfg.bf16 and use_gpu, activation_checkpointing=cfg.gradient_checkpointing,
+        deepspeed=deepspeed_config(cfg.deepspeed), disable_tqdm=True,
+        dataloader_pin_memory=use_gpu, use_cpu=not use_gpu and cfg.deepspeed is None,
+    )
+    peft_config = None
+    if cfg.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                 lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+                                 target_modules=cfg.lora_target_modules)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
+                         processing_class=tokenizer, peft_config=peft_config,
+                         callbacks=[LogToTracker(), *callbacks])
+    return trainer, history
+
+
+def save_final(trainer, cfg: Config, final: Path) -> Path:
+    """The trained model as a plain HF folder (LoRA merged), written beside and renamed in."""
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.lora:
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(tmp)
+        trainer.processing_class.save_pretrained(tmp)
+    else:
+        trainer.save_model(str(tmp))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def sample_tool_calls(model_dir: Path, held: list, tools: set[str], max_new_tokens: int,
+                      batch_size: int = 8) -> dict:
+    """Greedy-decode the first assistant turn for each held-out question (system + user, with the
+    generation prompt) from the saved folder, and judge its tool calls."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from coaflow.models import parse_tool_calls, well_formed_tool_call
+    from coaflow.schema.render import DEFAULT_SYSTEM_PROMPT
+    from coaflow.stages.sft_data import prompt_messages, to_example
+
+    if not held:
+        return {"n": 0, "share": float("nan"), "stop_share": float("nan"), "rows": []}
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # training is over: a plain load, not ZeRO-3 partitioned params
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    end_id = tok.convert_tokens_to_ids("<|im_end|>")
+    rows = []
+    for i in range(0, len(held), batch_size):
+        chunk = held[i:i + batch_size]
+        prompts = [tok.apply_chat_template(prompt_messages(to_example(t, DEFAULT_SYSTEM_PROMPT)),
+                                           tokenize=False, add_generation_prompt=True)
+                   for t in chunk]
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=end_id, pad_token_id=tok.pad_token_id)
+        for t, ids in zip(chunk, gen[:, enc["input_ids"].shape[1]:], strict=True):
+            ids = ids.tolist()
+            stopped = end_id in ids
+            text = tok.decode(ids[:ids.index(end_id)] if stopped else ids,
+                              skip_special_tokens=False).replace(tok.pad_token or "\0", "")
+            rows.append({"id": t.id, "question": t.task.question, "output": text,
+                         "stopped": stopped, "calls": parse_tool_calls(text),
+                         "well_formed": well_formed_tool_call(text, tools)})
+    n = len(rows)
+    return {"n": n, "share": sum(r["well_formed"] for r in rows) / n,
+            "stop_share": sum(r["stopped"] for r in rows) / n, "rows": rows}

@@ -1,0 +1,141 @@
+"""Trajectories -> SFT examples, and the checks that fail a bad dataset before training starts.
+
+An example is ``{"messages": [...]}`` in the chat layout ``coaflow.schema.render.to_messages``
+gives (system, user, assistant turns with ``tool_calls``, ``tool`` observations). TRL's
+``SFTTrainer`` renders it with the chat template and ``assistant_only_loss``: the template's
+``{% generation %}`` spans are the only trained tokens, so tool observations, the system prompt
+and the question get label -100.
+
+Tool-call arguments travel as JSON strings: an Arrow table unifies the argument objects of all
+calls into one struct, which would render every call with every other tool's keys set to null.
+The chat template prints a string argument as is, and ``json.dumps`` gives the same text as the
+template's ``tojson``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coaflow.pipeline import PipelineError
+from coaflow.schema import DataError, read_trajectories
+from coaflow.schema.render import DEFAULT_SYSTEM_PROMPT, to_messages
+from coaflow.schema.trajectory import Trajectory
+
+
+def load_trajectories(path: str | Path) -> list[Trajectory]:
+    """Every trajectory under ``path``; an empty or unreadable dataset is a PipelineError."""
+    try:
+        trajs = list(read_trajectories(path))
+    except DataError as e:
+        raise PipelineError(f"sft: cannot read the accepted trajectories: {e}") from None
+    if not trajs:
+        raise PipelineError(f"sft: no trajectories under {path} (the gate accepted none, or the "
+                            "folder holds no .jsonl shards): nothing to train on")
+    return trajs
+
+
+def holdout_key(traj_id: str, seed: int) -> str:
+    """Stable order for the held-out split: a hash of the id, so adding data keeps old picks.
+
+    >>> holdout_key("a", 0) == holdout_key("a", 0) != holdout_key("a", 1)
+    True
+    """
+    return hashlib.sha256(f"{seed}:{traj_id}".encode()).hexdigest()
+
+
+def split_holdout(trajs: list[Trajectory], n: int, seed: int
+                  ) -> tuple[list[Trajectory], list[Trajectory]]:
+    """``(train, held_out)``: ``n`` trajectories (at most a fifth) kept out for the tool-call
+    check after training."""
+    n = min(n, len(trajs) // 5)
+    held = set(sorted((t.id for t in trajs), key=lambda i: holdout_key(i, seed))[:n])
+    return [t for t in trajs if t.id not in held], [t for t in trajs if t.id in held]
+
+
+def to_example(traj: Trajectory, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> dict:
+    """One training example: chat messages with tool-call arguments as JSON strings."""
+    messages = []
+    for m in to_messages(traj, system_prompt=system_prompt):
+        m = dict(m)
+        if m.get("tool_calls"):
+            m["tool_calls"] = [
+                {**c, "function": {"name": c["function"]["name"], "arguments": json.dumps(
+                    c["function"]["arguments"], ensure_ascii=False)}} for c in m["tool_calls"]]
+        messages.append(m)
+    return {"messages": messages}
+
+
+def prompt_messages(example: dict) -> list[dict]:
+    """The messages before the first assistant turn: what the model sees at inference."""
+    out = []
+    for m in example["messages"]:
+        if m["role"] == "assistant":
+            break
+        out.append(m)
+    return out
+
+
+def tool_names(trajs: Iterable[Trajectory]) -> set[str]:
+    return {("python" if c.class_ == "code_action" else c.function)
+            for t in trajs for c in t.tool_calls()}
+
+
+def render(example: dict, chat_template: str) -> str:
+    """The text the chat template makes of one example (the tiny tokenizer's corpus)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template(conversations=[example["messages"]],
+                                        chat_template=chat_template)
+    return rendered[0]
+
+
+@dataclass
+class DataStats:
+    examples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    min_len: int = 0
+    max_len: int = 0
+    truncated: int = 0
+    no_assistant: list[int] = field(default_factory=list)
+
+
+def check_examples(tokenizer, examples: list[dict], chat_template: str | None, max_length: int,
+                   source: str) -> DataStats:
+    """Tokenize every example as TRL will (same template, assistant masks) and refuse, before any
+    training, a dataset with nothing to learn: no examples, no assistant tokens anywhere, or a
+    ``max_length`` below the shortest example. Examples without assistant tokens are listed in
+    ``no_assistant`` (TRL would stop on them; the stage drops them)."""
+    if not examples:
+        raise PipelineError(f"sft: no training examples from {source}")
+    st = DataStats(examples=len(examples))
+    lengths = []
+    for i, ex in enumerate(examples):
+        out = tokenizer.apply_chat_template(ex["messages"], tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True,
+                                            chat_template=chat_template)
+        ids, mask = out["input_ids"], out["assistant_masks"]
+        lengths.append(len(ids))
+        trained = sum(mask[:max_length])
+        st.tokens += len(ids)
+        st.trained_tokens += trained
+        if sum(mask) == 0:
+            st.no_assistant.append(i)
+    st.min_len, st.max_len = min(lengths), max(lengths)
+    st.truncated = sum(n > max_length for n in lengths)
+    if max_length < st.min_len:
+        raise PipelineError(f"sft.max_length={max_length} is shorter than the shortest example "
+                            f"({st.min_len} tokens; longest {st.max_len}) from {source}: raise it")
+    if len(st.no_assistant) == len(examples):
+        raise PipelineError(
+            f"sft: every example from {source} is fully masked (no assistant tokens): the chat "
+            "template's {% generation %} markers cover nothing, or the trajectories hold no "
+            "agent steps")
+    if st.trained_tokens == 0:
+        raise PipelineError(f"sft: no assistant token falls within sft.max_length={max_length} "
+                            f"in any example from {source}: raise it")
+    return st
