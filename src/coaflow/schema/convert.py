@@ -129,6 +129,30 @@ def to_adp(traj: Trajectory) -> dict:
 
 # --- OpenAI chat messages -------------------------------------------------------------------------
 
+def parse_tool_call(call: Any) -> tuple[str, dict]:
+    """``{"function": {"name", "arguments"}}`` -> (name, arguments dict); arguments may be a JSON
+    string (the OpenAI wire format) or an object. ValueError names the field at fault.
+
+    >>> parse_tool_call({"function": {"name": "search", "arguments": '{"query": "x"}'}})
+    ('search', {'query': 'x'})
+    >>> parse_tool_call({"function": {"name": "search", "arguments": "{oops"}})
+    Traceback (most recent call last):
+    ValueError: function.arguments: not valid JSON (Expecting property name enclosed in double quotes)
+    """
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not fn.get("name"):
+        raise ValueError("function.name: missing")
+    args = fn.get("arguments") or {}
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"function.arguments: not valid JSON ({e.msg})") from None
+    if not isinstance(args, dict):
+        raise ValueError("function.arguments: not a JSON object")
+    return fn["name"], args
+
+
 def from_messages(record: dict | list, suite: str = "import") -> Trajectory:
     """One chat (``{"messages": [...]}`` or a bare list of messages) -> Trajectory."""
     messages = record.get("messages") if isinstance(record, dict) else record
@@ -150,17 +174,11 @@ def from_messages(record: dict | list, suite: str = "import") -> Trajectory:
             if text:
                 content.append(MessageAction(agent=RAW_AGENT, content=text))
             for j, call in enumerate(m.get("tool_calls") or []):
-                fn = call.get("function") if isinstance(call, dict) else None
-                if not isinstance(fn, dict) or "name" not in fn:
-                    raise ValueError(f"messages.{i}.tool_calls.{j}.function.name: missing")
-                args = fn.get("arguments") or {}
-                if isinstance(args, str):
-                    try:
-                        args = json.loads(args) if args.strip() else {}
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"messages.{i}.tool_calls.{j}.function.arguments: "
-                                         f"not valid JSON ({e.msg})") from None
-                content.append(ApiAction(agent="tool_agent", function=fn["name"], kwargs=args,
+                try:
+                    name, args = parse_tool_call(call)
+                except ValueError as e:
+                    raise ValueError(f"messages.{i}.tool_calls.{j}.{e}") from None
+                content.append(ApiAction(agent="tool_agent", function=name, kwargs=args,
                                          tool_call_id=call.get("id") or f"call_{i}_{j}"))
         elif role == "tool":
             tid = m.get("tool_call_id")

@@ -28,6 +28,7 @@ from pydantic import Field
 from coaflow.config import Section
 from coaflow.pipeline import PipelineError
 from coaflow.schema import Task
+from coaflow.schema.convert import parse_tool_call
 from coaflow.teachers.log import TeamLog
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -181,20 +182,13 @@ class ChatClient:
 
 
 def _tool_call(call: dict, known: set[str]) -> tuple[str, dict]:
-    fn = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(fn, dict) or not fn.get("name"):
-        raise MalformedResponse("tool call without function.name")
-    if fn["name"] not in known:
-        raise MalformedResponse(f"tool {fn['name']!r} is not one of {sorted(known)}")
-    args = fn.get("arguments") or {}
-    if isinstance(args, str):
-        try:
-            args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError as e:
-            raise MalformedResponse(f"arguments of {fn['name']} are not JSON ({e.msg})") from None
-    if not isinstance(args, dict):
-        raise MalformedResponse(f"arguments of {fn['name']} are not an object")
-    return fn["name"], args
+    try:
+        name, args = parse_tool_call(call)
+    except ValueError as e:
+        raise MalformedResponse(f"tool call {e}") from None
+    if name not in known:
+        raise MalformedResponse(f"tool {name!r} is not one of {sorted(known)}")
+    return name, args
 
 
 async def solve(task: Task, log: TeamLog, client: ChatClient, tools: list[dict],
