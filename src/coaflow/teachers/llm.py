@@ -233,7 +233,9 @@ async def solve(task: Task, log: TeamLog, client: ChatClient, tools: list[dict],
                         "tool_calls": calls})
         for call in calls:
             name, args = _tool_call(call, known)
-            obs = log.call(actor, name, args, thought=thought)
+            # In a thread: a sandboxed python call takes ~0.1 s and must not stall the other
+            # conversations waiting on the event loop.
+            obs = await asyncio.to_thread(log.call, actor, name, args, thought)
             thought = None  # the thought belongs to the first call of a turn
             evidence.append(f"{name}({json.dumps(args)}) -> {obs[:600]}")
             history.append({"role": "tool", "tool_call_id": call.get("id", ""), "content": obs})
