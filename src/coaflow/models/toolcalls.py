@@ -57,3 +57,26 @@ def well_formed_tool_call(text: str, tools: Iterable[str]) -> bool:
     known = set(tools)
     calls = parse_tool_calls(text)
     return bool(calls) and all("error" not in c and c["name"] in known for c in calls)
+
+
+_SALIENT = re.compile(r"\b[A-Z][\w'-]{2,}\b|\d+(?:\.\d+)?")
+
+
+def grounded_tool_call(question: str, calls: list[dict]) -> bool:
+    """True when the first well-formed call uses something from the question: a capitalized name
+    or a number (thousands separators ignored). A model that learned the format but not the task
+    calls the same tool with the same arguments whatever it is asked; this check tells them apart.
+
+    >>> grounded_tool_call("Who founded Varn Labs?", [{"name": "search", "arguments": {"query": "Varn Labs"}}])
+    True
+    >>> grounded_tool_call("Who founded Varn Labs?", [{"name": "search", "arguments": {"query": "New Orodri"}}])
+    False
+    >>> grounded_tool_call("Pay 1,250 for 3 books", [{"name": "python", "arguments": {"code": "print(1250 / 3)"}}])
+    True
+    """
+    first = next((c for c in calls if "error" not in c), None)
+    if first is None:
+        return False
+    asked = set(_SALIENT.findall(re.sub(r"(?<=\d),(?=\d{3})", "", question)))
+    used = set(_SALIENT.findall(json.dumps(first.get("arguments", {}))))
+    return bool(asked & used)

@@ -152,6 +152,7 @@ def train(cfg: Config, ctx: Context, callbacks: tuple = ()) -> Result:
         "examples_dropped_no_assistant": float(len(stats.no_assistant)),
         "heldout_prompts": float(samples["n"]),
         "well_formed_tool_call_share": samples["share"],
+        "grounded_tool_call_share": samples["grounded_share"],
         "stop_share": samples["stop_share"],
     }
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the final model is in model/; checkpoints were
@@ -281,12 +282,13 @@ def sample_tool_calls(model_dir: Path, held: list, tools: set[str], max_new_toke
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from coaflow.models import parse_tool_calls, well_formed_tool_call
+    from coaflow.models import grounded_tool_call, parse_tool_calls, well_formed_tool_call
     from coaflow.schema.render import DEFAULT_SYSTEM_PROMPT
     from coaflow.stages.sft_data import prompt_messages, to_example
 
     if not held:
-        return {"n": 0, "share": float("nan"), "stop_share": float("nan"), "rows": []}
+        return {"n": 0, "share": float("nan"), "stop_share": float("nan"),
+                "grounded_share": float("nan"), "rows": []}
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()  # training is over: a plain load, not ZeRO-3 partitioned params
@@ -309,9 +311,12 @@ def sample_tool_calls(model_dir: Path, held: list, tools: set[str], max_new_toke
             stopped = end_id in ids
             text = tok.decode(ids[:ids.index(end_id)] if stopped else ids,
                               skip_special_tokens=False).replace(tok.pad_token or "\0", "")
+            calls = parse_tool_calls(text)
             rows.append({"id": t.id, "question": t.task.question, "output": text,
-                         "stopped": stopped, "calls": parse_tool_calls(text),
-                         "well_formed": well_formed_tool_call(text, tools)})
+                         "stopped": stopped, "calls": calls,
+                         "well_formed": well_formed_tool_call(text, tools),
+                         "grounded": grounded_tool_call(t.task.question, calls)})
     n = len(rows)
     return {"n": n, "share": sum(r["well_formed"] for r in rows) / n,
+            "grounded_share": sum(r["grounded"] for r in rows) / n,
             "stop_share": sum(r["stopped"] for r in rows) / n, "rows": rows}
