@@ -60,15 +60,18 @@ def load_tasks(cfg: Config, seed: int):
     return tasks
 
 
-def _done_ids(folder: Path) -> set[str]:
+def _resume_point(folder: Path) -> tuple[set[str], int]:
+    """Task ids in the finished shards of ``folder`` and the index of the next shard. A shard
+    still named ``.tmp`` was cut off by a crash: it is deleted and its tasks are solved again."""
     from coaflow.schema import iter_records
 
     if not folder.exists():
-        return set()
+        return set(), 0
     for tmp in folder.glob("*.tmp"):
-        tmp.unlink()  # an unfinished shard: its tasks are solved again
-    return {rec["task_id"] if "task_id" in rec else rec["task"]["task_id"]
+        tmp.unlink()
+    done = {rec["task_id"] if "task_id" in rec else rec["task"]["task_id"]
             for _, _, rec in iter_records(folder, None)}
+    return done, len(list(folder.glob("*.jsonl")))
 
 
 def _approx_tokens(text: str) -> int:
@@ -93,8 +96,9 @@ def synthesize(cfg: Config, out: Path, seed: int, cache_dir: Path | None = None,
     if not tasks:
         raise PipelineError("synthesize: no tasks (synthesize.suites and task_files are empty)")
     traj_dir, raw_dir, fail_dir = out / "trajectories", out / "raw", out / "failed"
-    done = _done_ids(traj_dir) | _done_ids(fail_dir)
-    _done_ids(raw_dir)
+    (written, traj_next), (failed, fail_next) = _resume_point(traj_dir), _resume_point(fail_dir)
+    _, raw_next = _resume_point(raw_dir)
+    done = written | failed
     todo = [t for t in tasks if t.task_id not in done]
     def env_for(task):
         """A fresh environment per task (cheap: worlds and indexes are cached), so concurrent
@@ -131,10 +135,9 @@ def synthesize(cfg: Config, out: Path, seed: int, cache_dir: Path | None = None,
         trajs.write(traj)
         raws.write(log.to_json())
 
-    start_index = lambda d: len(list(d.glob("*.jsonl")))  # noqa: E731
-    trajs = ShardWriter(traj_dir, "part", cfg.shard_size, start_index=start_index(traj_dir))
-    raws = ShardWriter(raw_dir, "raw", cfg.shard_size, start_index=start_index(raw_dir))
-    fails = ShardWriter(fail_dir, "failed", cfg.shard_size, start_index=start_index(fail_dir))
+    trajs = ShardWriter(traj_dir, "part", cfg.shard_size, start_index=traj_next)
+    raws = ShardWriter(raw_dir, "raw", cfg.shard_size, start_index=raw_next)
+    fails = ShardWriter(fail_dir, "failed", cfg.shard_size, start_index=fail_next)
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=f"synthesize "
                f"({cfg.teacher})", unit="task", disable=not progress, mininterval=1.0)
     t0 = time.perf_counter()
