@@ -63,15 +63,18 @@ _SALIENT = re.compile(r"\b[A-Z][\w'-]{2,}\b|\d+(?:\.\d+)?")
 
 
 def grounded_tool_call(question: str, calls: list[dict]) -> bool:
-    """True when the first well-formed call uses something from the question: a capitalized name
-    or a number (thousands separators ignored). A model that learned the format but not the task
-    calls the same tool with the same arguments whatever it is asked; this check tells them apart.
+    """True when the first well-formed call is built from the question: it shares a name or a
+    number with it (thousands separators ignored) and names nobody the question does not. A model
+    that learned the format but not the task calls the same tool with the same, or half-copied,
+    arguments whatever it is asked; this check tells them apart.
 
-    >>> grounded_tool_call("Who founded Varn Labs?", [{"name": "search", "arguments": {"query": "Varn Labs"}}])
+    >>> q = "Who founded Varn Labs?"
+    >>> grounded_tool_call(q, [{"name": "search", "arguments": {"query": "Varn Labs"}}])
     True
-    >>> grounded_tool_call("Who founded Varn Labs?", [{"name": "search", "arguments": {"query": "New Orodri"}}])
+    >>> grounded_tool_call(q, [{"name": "search", "arguments": {"query": "Ulad Labs"}}])
     False
-    >>> grounded_tool_call("Pay 1,250 for 3 books", [{"name": "python", "arguments": {"code": "print(1250 / 3)"}}])
+    >>> grounded_tool_call("Pay 1,250 for 3 books", [{"name": "python",
+    ...                     "arguments": {"code": "print(round(1250 / 3, 2))"}}])
     True
     """
     first = next((c for c in calls if "error" not in c), None)
@@ -79,4 +82,5 @@ def grounded_tool_call(question: str, calls: list[dict]) -> bool:
         return False
     asked = set(_SALIENT.findall(re.sub(r"(?<=\d),(?=\d{3})", "", question)))
     used = set(_SALIENT.findall(json.dumps(first.get("arguments", {}))))
-    return bool(asked & used)
+    names = {u for u in used if not u[0].isdigit()}
+    return bool(asked & used) and names <= asked

@@ -53,7 +53,7 @@ class Config(Section):
                             "longer examples are cut at the end")
     epochs: float = Field(3.0, gt=0, description="passes over the data (ignored if max_steps>0)")
     max_steps: int = Field(-1, description="optimizer steps; -1: use epochs")
-    lr: float = Field(3e-3, gt=0, description="peak learning rate (AdamW)")
+    lr: float = Field(5e-3, gt=0, description="peak learning rate (AdamW)")
     lr_scheduler: str = Field("cosine", description="transformers scheduler name")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="share of steps spent warming up")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")

@@ -36,7 +36,7 @@ RESUMABLE = True
 class Config(Section):
     teacher: Literal["scripted", "llm"] = Field("scripted", description="scripted: offline team; "
                                                 "llm: the same roles on an OpenAI-compatible API")
-    suites: dict[str, int] = Field({"kbqa": 240, "calc": 160},
+    suites: dict[str, int] = Field({"kbqa": 1000, "calc": 200},
                                    description="tasks per built-in suite")
     split: str = Field("train", description="task split to solve (train | rl | test)")
     task_files: list[str] = Field([], description="extra task files (JSONL question/answer or AFM "
