@@ -114,6 +114,20 @@ def solve_kbqa(task: Task, log: TeamLog, rng: random.Random, mistakes: Mistakes)
     mistake, slips = mistakes.pick(rng, ["vague_query", "wrong_page"])
     bad_step = rng.randrange(len(hops)) if mistake else -1
 
+    def read_fact(i: int, entity: str, relation: str) -> tuple[str | None, str, str]:
+        """Hand-off to the searcher, find the page, parse the fact; the critic reports."""
+        log.say("planner", f"Find the {relation} of {entity}.", to="searcher")
+        page, opened = _find_entity(log, entity, rng, mistake if i == bad_step else None,
+                                    not slips)
+        value = kbqa.read_relation(page, relation)
+        log.note("searcher", entity=entity, page=opened, relation=relation, value=value)
+        if value is None:
+            log.say("critic", f"The page of {opened} does not state the {relation}; we cannot "
+                    "go on from here.")
+        else:
+            log.say("critic", f"The page of {opened} gives the {relation}: {value}.")
+        return value, page, opened
+
     if meta.get("type") == "comparison":
         a, b = meta["entities"]
         attr, pick = meta["attribute"], meta["pick"]
@@ -121,16 +135,9 @@ def solve_kbqa(task: Task, log: TeamLog, rng: random.Random, mistakes: Mistakes)
                 f"3. Compare them and pick the {pick}.")
         values = {}
         for i, name in enumerate((a, b)):
-            log.say("planner", f"Find the {attr} of {name}.", to="searcher")
-            page, opened = _find_entity(log, name, rng, mistake if i == bad_step else None,
-                                        not slips)
-            value = kbqa.read_relation(page, attr)
-            log.note("searcher", entity=name, page=opened, attribute=attr, value=value)
-            if value is None:
-                log.say("critic", f"The page of {opened} does not state its {attr}.")
+            values[name] = read_fact(i, name, attr)[0]
+            if values[name] is None:
                 return None
-            log.say("critic", f"The page of {opened} says its {attr} is {value}.")
-            values[name] = value
         answer = _compare(values, pick)
         log.say("verifier", f"{a}: {values[a]}; {b}: {values[b]}. The {pick} is {answer}; both "
                 "values were read from their own pages.")
@@ -144,16 +151,9 @@ def solve_kbqa(task: Task, log: TeamLog, rng: random.Random, mistakes: Mistakes)
     log.say("planner", plan)
     entity, page, opened = hops[0]["subject"], "", ""
     for i, relation in enumerate(relations):
-        log.say("planner", f"Find the {relation} of {entity}.", to="searcher")
-        page, opened = _find_entity(log, entity, rng, mistake if i == bad_step else None,
-                                    not slips)
-        value = kbqa.read_relation(page, relation)
-        log.note("searcher", entity=entity, page=opened, relation=relation, value=value)
+        value, page, opened = read_fact(i, entity, relation)
         if value is None:
-            log.say("critic", f"The page of {opened} does not state the {relation}; we cannot "
-                    "go on from here.")
             return None
-        log.say("critic", f"The page of {opened} gives the {relation}: {value}.")
         entity = value
     if entity in page:
         log.say("verifier", f"Checked: the page of {opened} states {entity} as the "
