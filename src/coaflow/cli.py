@@ -21,38 +21,58 @@ from coaflow import __version__
 PROFILE_HELP = "profile name (see src/coaflow/configs) or path to a YAML file"
 
 
+EXIT_CODES_HELP = """\b
+Exit codes (what an orchestrator acts on):
+  0   done (cached stages count as done)
+  1   a bug: read the traceback, do not retry
+  2   bad config, file or argument: fix the input
+  3   a data quality gate refused the batch (see the gate's quarantine)
+  4   promotion refused: the candidate did not beat the champion; nothing moved
+  75  an endpoint or tracking server was unreachable or timed out: retry
+"""
+
+
 class UserError(click.ClickException):
-    """Shown as one line, without a traceback."""
+    """Shown as one line, without a traceback; ``exit_code`` from ``coaflow.errors``."""
 
     exit_code = 2
 
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
 
 def _user_errors(fn):
-    """Turn the errors a user can cause into one clear message."""
+    """Turn the errors a user or the outside world can cause into one line and an exit code."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
-        from coaflow.config import ConfigError
-        from coaflow.pipeline import PipelineError
-        from coaflow.schema.io import DataError
+        from coaflow.errors import CoaflowError, PromotionRefused
 
         try:
             return fn(*a, **kw)
-        except (ConfigError, PipelineError, DataError, FileNotFoundError) as e:
+        except PromotionRefused as e:
+            click.echo(f"promotion refused: {e}", err=True)
+            sys.exit(e.exit_code)
+        except CoaflowError as e:
+            raise UserError(str(e), e.exit_code) from None
+        except FileNotFoundError as e:
             raise UserError(str(e)) from None
 
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, prog_name="coaflow")
 def main():
     """coaflow: train agent foundation models with the Chain-of-Agents recipe.
 
     A teacher team solves verifiable tasks with real tools; its runs become chain-of-agents
-    trajectories; gates keep the good ones; SFT and RL train a student; evaluation, the MLflow
-    registry and a serving deployment take it to production. Every stage is also a subcommand.
+    trajectories; gates keep the good ones; SFT trains one student to act as the whole team;
+    MLflow tracks every stage. Each stage is also a subcommand, and `coaflow stage` is the
+    entry point containers, Airflow and Kubeflow call.
     """
 
 
@@ -79,26 +99,73 @@ def _report(results) -> None:
                    + " ".join(f"{k}={v:g}" for k, v in list(shown.items())[:6]))
 
 
-@main.command("run")
+@main.command("run", epilog=EXIT_CODES_HELP)
 @pipeline_options
 @click.option("--from", "start_from", metavar="STAGE", help="start at STAGE; earlier stages' "
               "results come from --run-id")
 @click.option("--only", multiple=True, metavar="STAGE", help="run only STAGE (repeatable)")
+@click.option("--no-cache", is_flag=True, help="redo every selected stage, even when a stage "
+              "with the same inputs and config completed before")
 @_user_errors
-def run_cmd(profile, workdir, overrides, run_id, start_from, only):
+def run_cmd(profile, workdir, overrides, run_id, start_from, only, no_cache):
     """Run the pipeline: every stage in order, each cached and tracked in MLflow.
 
-    Stages already complete in --run-id with the same config and inputs are skipped; a stage
-    that was killed half way starts clean or resumes. Results land in
-    <workdir>/runs/<run_id>/<stage>/result.json and in MLflow (one parent run, one nested run per
-    stage).
+    A stage whose config and inputs match one completed before (in this run or any earlier run
+    under the workdir) is reused instead of redone; a stage that was killed half way starts clean
+    or resumes. Results land in <workdir>/runs/<run_id>/<stage>/result.json and in MLflow (one
+    parent run, one nested run per stage).
     """
+    from coaflow.errors import PromotionRefused
     from coaflow.pipeline import run_pipeline
 
     cfg = _load(profile, workdir, overrides)
-    results = run_pipeline(cfg, run_id=run_id, only=list(only) or None, start_from=start_from)
+    results: dict = {}
+    try:
+        results = run_pipeline(cfg, run_id=run_id, only=list(only) or None,
+                               start_from=start_from, use_cache=not no_cache)
+    except PromotionRefused:
+        click.echo("finished (promotion refused):")
+        raise
     click.echo("finished:")
     _report(results)
+
+
+@main.command("stage", epilog=EXIT_CODES_HELP)
+@click.argument("name")
+@click.option("--config", "config", default="tiny", show_default=True, metavar="FILE|PROFILE",
+              help="resolved config YAML (as `coaflow config` prints it) or a profile name")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="the stage's folder: it ends with result.json and a .complete marker")
+@click.option("--input", "inputs", multiple=True, metavar="STAGE=DIR",
+              help="a completed input stage folder, e.g. --input gate=/data/r1/gate (repeatable)")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="override a config value; repeatable")
+@click.option("--run-id", help="pipeline run id recorded in MLflow [$COAFLOW_RUN_ID, else new]")
+@click.option("--no-cache", is_flag=True, help="run even if a completed stage has the same key")
+@_user_errors
+def stage_cmd(name, config, out, inputs, overrides, run_id, no_cache):
+    """Run one stage NAME in folder --out from its input folders: the entry point that every
+    engine calls (a container, an Airflow task, a Kubeflow component, `coaflow run` itself).
+
+    \b
+    coaflow stage gate --config run.yaml --out /data/r1/gate --input synthesize=/data/r1/synthesize
+    coaflow stage sft  --config tiny --out /tmp/sft --input gate=/tmp/gate --set sft.epochs=1
+
+    The folder holds result.json (paths inside it relative, so it can move) and ends with the
+    .complete marker; rerunning with the same config and inputs is a cache hit.
+    """
+    from coaflow.config import load_config
+    from coaflow.pipeline import execute
+
+    pairs = {}
+    for item in inputs:
+        stage, sep, folder = item.partition("=")
+        if not sep or not stage or not folder:
+            raise UserError(f"--input {item!r}: expected STAGE=DIR, e.g. gate=/data/r1/gate")
+        pairs[stage] = folder
+    cfg = load_config(config, overrides)
+    result = execute(name, cfg, out, pairs, run_id=run_id, use_cache=not no_cache)
+    _report({name: result})
 
 
 def _stage_command(name: str):

@@ -20,23 +20,29 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from coaflow.errors import UserError
+
 PROFILE_DIR = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user error in a profile or an override; the message is meant to be shown as is."""
 
 
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are checked on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan are never a sensible knob value (`--set sft.lr=.inf` is a typo, not a choice)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RunSection(Section):
-    name: str = Field("coaflow", description="pipeline name: MLflow experiment and model prefix")
+    name: str = Field("coaflow", min_length=1, max_length=100, pattern=r"^[^/:%\s][^/:%\n]*$",
+                      description="pipeline name: MLflow experiment and registered-model prefix "
+                      "(no '/', ':' or '%': the registry refuses them)")
     seed: int = Field(0, description="seed for data generation, sampling and training")
-    workdir: str = Field("work", description="where runs, caches and the MLflow store live")
+    workdir: str = Field("work", min_length=1, description="where runs, caches and the MLflow "
+                         "store live (resolved to an absolute path when a run starts)")
 
 
 class TrackingSection(Section):

@@ -1,19 +1,32 @@
-"""The pipeline runner: stages in order, each cached, resumable and tracked.
+"""The stage contract and the pipeline runner: stages in order, each cached, resumable and tracked.
 
-A stage is a module with
+A stage is a module ``coaflow/stages/<name>.py`` with
 
-    NAME = "gate"                       # = CLI subcommand = config section = Airflow task id
-    NEEDS = ("synthesize",)             # stages whose results it reads (ctx.inputs)
+    NAME = "evaluate"                   # = CLI subcommand = config section = Airflow task id
+    NEEDS = ("sft",)                    # stages whose results it must read (ctx.input)
+    OPTIONAL = ("rl",)                  # stages it reads when they ran (ctx.optional)
     RESUMABLE = False                   # True: a killed attempt's files are kept for run() to resume
+    CACHE = True                        # False: always runs (it acts on outside state: deploy)
+    def cache_extras(cfg, run) -> dict  # optional: outside state the stage reads (a champion)
     class Config(Section): ...          # its config section
     def run(cfg: Config, ctx: Context) -> Result: ...
 
-Each stage writes into ``<workdir>/runs/<run_id>/<stage>/``. When ``run`` returns, the runner writes
-``result.json`` and then, last, the completion marker ``.complete`` holding the stage's cache key
-(a hash of its config section, the results of the stages it needs and the coaflow version). A stage
-whose marker holds the same key is skipped and its result reused. A stage killed half way has no
-marker: its folder is wiped and the stage runs again, or, if ``RESUMABLE``, ``run`` is called with
-``ctx.resume = True`` and picks up where it stopped.
+Every engine calls one entry point, ``execute(name, cfg, out_dir, inputs)``: the ``coaflow run``
+runner below, ``coaflow stage NAME --out DIR --input STAGE=DIR`` in a container, an Airflow task
+and a KFP component. ``execute`` runs the stage in ``out_dir`` and ends by writing ``result.json``
+and then, last, the completion marker ``.complete`` holding the stage's **cache key**: a hash of
+its config section, the run values it reads (``run.name``, ``run.seed``), the cache keys of its
+inputs, ``cache_extras`` and the coaflow version. So a key names everything a stage reads, and two
+stage folders with the same key hold the same result.
+
+- Same key in ``out_dir`` already: a cache hit, nothing runs.
+- Same key completed anywhere under the workdir (another run): its folder is hard-linked into
+  ``out_dir`` (a cross-run hit, as KFP caches executions); ``use_cache=False`` forces work.
+- A killed attempt (no marker) of a ``RESUMABLE`` stage whose started key matches is resumed
+  (``ctx.resume``); any other leftover is wiped and the stage starts clean.
+
+Paths in ``result.json`` that lie inside the stage folder are stored relative to it (``./model``),
+so a stage folder copied to another machine or an object store still resolves.
 """
 
 from __future__ import annotations
@@ -27,14 +40,17 @@ import secrets
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from coaflow import __version__
+from coaflow.errors import PipelineError, PromotionRefused
 from coaflow.tracking import Tracker, redact
+
+__all__ = ["ORDER", "STAGES", "Context", "PipelineError", "Result", "execute", "run_pipeline"]
 
 # Pipeline order. A stage is listed (CLI, config, runner) once its module exists: nothing here
 # pretends to work before it does.
@@ -45,10 +61,8 @@ STAGES: dict[str, str] = {
 
 MARKER = ".complete"
 RESULT = "result.json"
-
-
-class PipelineError(RuntimeError):
-    """A user-facing failure of a stage or of the run's set-up; the message is shown as is."""
+STARTED = "key"  # the key of the attempt in progress: a resume must match it
+REL = "./"  # prefix of an output path stored relative to its stage folder
 
 
 @dataclass
@@ -59,33 +73,59 @@ class Result:
     metrics: dict[str, float] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     cached: bool = False
+    key: str | None = None  # the cache key of the stage folder it came from
 
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d.pop("cached")
-        return d
+    def path(self, name: str) -> Path:
+        if name not in self.outputs:
+            raise PipelineError(f"the stage result has no output {name!r} "
+                                f"(outputs: {', '.join(self.outputs) or 'none'})")
+        return Path(self.outputs[name])
+
+    def to_json(self, base: Path | None = None) -> dict:
+        """JSON for ``result.json``; outputs inside ``base`` become ``./relative`` paths."""
+        outputs = {k: _relative(v, base) for k, v in self.outputs.items()}
+        return {"outputs": outputs, "metrics": self.metrics, "summary": self.summary}
 
     @classmethod
-    def from_json(cls, d: Mapping) -> Result:
-        return cls(outputs=dict(d.get("outputs", {})), metrics=dict(d.get("metrics", {})),
+    def from_json(cls, d: Mapping, base: Path | None = None) -> Result:
+        outputs = {k: str(base / v[len(REL):]) if base is not None and isinstance(v, str)
+                   and v.startswith(REL) else v for k, v in dict(d.get("outputs", {})).items()}
+        return cls(outputs=outputs, metrics=dict(d.get("metrics", {})),
                    summary=dict(d.get("summary", {})))
+
+
+def _relative(value: Any, base: Path | None) -> Any:
+    """``/w/runs/r/sft/model`` -> ``./model`` when under ``base``; anything else unchanged."""
+    if base is None or not isinstance(value, str) or "://" in value or ":/" in value[:12]:
+        return value
+    p = Path(value)
+    if not p.is_absolute():
+        p = Path.cwd() / p
+    try:
+        rel = p.resolve().relative_to(base.resolve())
+    except ValueError:
+        return value
+    return REL + rel.as_posix() if str(rel) != "." else REL
 
 
 @dataclass
 class Context:
     run_id: str
-    run_dir: Path
     out: Path  # this stage's folder
     inputs: dict[str, Result]
-    config: Any  # the whole resolved config
+    run: Any  # the ``run`` config section (name, seed, workdir as an absolute path)
     tracker: Tracker
+    tracking_uri: str = ""
     resume: bool = False
 
     def input(self, stage: str) -> Result:
         if stage not in self.inputs:
-            raise PipelineError(f"this stage needs the output of {stage!r}, which is not in run "
-                                f"{self.run_id}: run it first (coaflow run --run-id {self.run_id})")
+            raise PipelineError(f"this stage needs the output of {stage!r}, which is not among "
+                                f"its inputs in run {self.run_id}: run {stage} first")
         return self.inputs[stage]
+
+    def optional(self, stage: str) -> Result | None:
+        return self.inputs.get(stage)
 
 
 def load_stage(name: str):
@@ -102,17 +142,29 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def cache_key(stage: str, section: Any, inputs: Mapping[str, Result]) -> str:
+def cache_key(stage: str, module, section: Any, run: Any, input_keys: Mapping[str, str]) -> str:
+    """Everything the stage reads: its section, ``run.name``/``run.seed``, its inputs' keys,
+    ``cache_extras`` (outside state, e.g. the champion's version) and the coaflow version."""
     conf = section.model_dump(mode="json") if hasattr(section, "model_dump") else section
+    extras = module.cache_extras(section, run) if hasattr(module, "cache_extras") else None
     return _digest({"stage": stage, "config": conf, "version": __version__,
-                    "inputs": {k: v.to_json() for k, v in sorted(inputs.items())}})
+                    "run": {"name": getattr(run, "name", None), "seed": getattr(run, "seed", None)},
+                    "inputs": dict(sorted(input_keys.items())), "extras": extras})
 
 
 def read_result(stage_dir: Path) -> Result | None:
-    """The result of a completed stage, or None if it never completed."""
-    if not (stage_dir / MARKER).exists() or not (stage_dir / RESULT).exists():
+    """The result of a completed stage folder, or None if it never completed."""
+    stage_dir = Path(stage_dir)
+    marker = stage_dir / MARKER
+    if not marker.exists() or not (stage_dir / RESULT).exists():
         return None
-    return Result.from_json(json.loads((stage_dir / RESULT).read_text()))
+    try:
+        data = json.loads((stage_dir / RESULT).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    result = Result.from_json(data, base=stage_dir.resolve())
+    result.key = marker.read_text().strip()
+    return result
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -121,52 +173,159 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def run_stage(name: str, module, section, ctx_base: dict, log=print) -> Result:
-    """Run one stage inside its folder, or return its cached result."""
-    stage_dir: Path = ctx_base["run_dir"] / name
-    inputs = {n: ctx_base["results"][n] for n in getattr(module, "NEEDS", ())
-              if n in ctx_base["results"]}
-    missing = [n for n in getattr(module, "NEEDS", ()) if n not in inputs]
+def _wipe(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+# --- the cross-run cache: <workdir>/cache/stages/<stage>-<key> holds the folder that has it ----
+
+def _index(workdir: Path, name: str, key: str) -> Path:
+    return workdir / "cache" / "stages" / f"{name}-{key}"
+
+
+def _remember(workdir: Path, name: str, key: str, folder: Path) -> None:
+    """Add ``folder`` to the completed folders of (name, key): a line each, newest last."""
+    entry = _index(workdir, name, key)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    known = entry.read_text().split("\n") if entry.exists() else []
+    known = [k for k in known if k and k != str(folder)] + [str(folder)]
+    _write_atomic(entry, "\n".join(known) + "\n")
+
+
+def _cached_folder(workdir: Path, name: str, key: str, out: Path) -> Path | None:
+    """The newest folder that still holds a completed (name, key), other than ``out``."""
+    entry = _index(workdir, name, key)
+    if not entry.exists():
+        return None
+    for line in reversed(entry.read_text().split("\n")):
+        src = Path(line.strip()) if line.strip() else None
+        if src is None or src.resolve() == out.resolve():
+            continue
+        done = read_result(src)
+        if done is not None and done.key == key:
+            return src
+    return None
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` as hard links (no data copied; a stage never rewrites a finished
+    file), falling back to a real copy across file systems; the marker goes last."""
+    tmp = dst.with_name(dst.name + ".linking")
+    _wipe(tmp)
+
+    def link(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, tmp, copy_function=link, ignore=shutil.ignore_patterns(MARKER))
+    _wipe(dst)
+    tmp.rename(dst)
+    shutil.copy2(src / MARKER, dst / MARKER)
+
+
+# --- the one entry point --------------------------------------------------------------------
+
+def stage_inputs(module, inputs: Mapping[str, Path | str]) -> dict[str, Result]:
+    """Read the completed input folders a stage needs; one clear error for each problem."""
+    results: dict[str, Result] = {}
+    for n, d in inputs.items():
+        r = read_result(Path(d))
+        if r is None:
+            raise PipelineError(f"input {n}={d}: not a completed stage folder (no {RESULT} and "
+                                f"{MARKER}): the {n} stage did not finish there")
+        results[n] = r
+    missing = [n for n in getattr(module, "NEEDS", ()) if n not in results]
     if missing:
-        raise PipelineError(f"stage {name!r} needs {', '.join(missing)}, which has not completed "
-                            f"in run {ctx_base['run_id']}")
-    key = cache_key(name, section, inputs)
-    marker = stage_dir / MARKER
-    if marker.exists() and marker.read_text().strip() == key:
-        result = read_result(stage_dir)
-        if result is not None:
-            log(f"[{name}] cached ({stage_dir})")
-            result.cached = True
-            return result
+        raise PipelineError(f"stage {module.NAME!r} needs the output of {', '.join(missing)} "
+                            f"(pass --input {missing[0]}=DIR)")
+    wanted = set(getattr(module, "NEEDS", ())) | set(getattr(module, "OPTIONAL", ()))
+    return {n: r for n, r in results.items() if n in wanted}
+
+
+def execute(name: str, cfg, out_dir: str | Path, inputs: Mapping[str, Path | str] | None = None,
+            *, tracker: Tracker | None = None, run_id: str | None = None, module=None,
+            use_cache: bool = True, log=print) -> Result:
+    """Run stage ``name`` of config ``cfg`` in ``out_dir`` with its inputs' completed folders,
+    or return the cached result (``result.cached``). ``PromotionRefused`` is raised after the
+    stage is recorded complete."""
+    module = module or load_stage(name)
+    run = cfg.run.model_copy(update={"workdir": str(Path(cfg.run.workdir).resolve())})
+    workdir = Path(run.workdir)
+    section = getattr(cfg, name, None)
+    results = stage_inputs(module, inputs or {})
+    key = cache_key(name, module, section, run, {n: r.key or "" for n, r in results.items()})
+    out = Path(out_dir).resolve()
+    cacheable = use_cache and getattr(module, "CACHE", True)
+    tracker = tracker or Tracker(workdir, uri=cfg.tracking.uri, enabled=cfg.tracking.enabled,
+                                 experiment=cfg.tracking.experiment or cfg.run.name)
+    run_id = run_id or os.environ.get("COAFLOW_RUN_ID") or new_run_id()
+
+    done = read_result(out) if cacheable else None
+    src = None
+    if cacheable and (done is None or done.key != key):
+        src = _cached_folder(workdir, name, key, out)
+        if src is not None:
+            _link_tree(src, out)
+            _write_atomic(out / "cached_from", str(src))
+            done = read_result(out)
+    if done is not None and done.key == key:
+        log(f"[{name}] cached ({src or out})")
+        _remember(workdir, name, key, out)
+        done.cached = True
+        tracker.cached_stage(name, run_id, str(src or out), done.metrics)
+        return done
+
     resume = False
-    if stage_dir.exists():
-        if marker.exists() or not getattr(module, "RESUMABLE", False):
-            shutil.rmtree(stage_dir)  # stale (other inputs/config) or a killed non-resumable try
-        else:
+    started = out / STARTED
+    if out.exists():
+        same = started.exists() and started.read_text().strip() == key
+        if getattr(module, "RESUMABLE", False) and same and not (out / MARKER).exists():
             resume = True
-            log(f"[{name}] resuming an interrupted attempt in {stage_dir}")
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(stage_dir / "key", key)
-    tracker: Tracker = ctx_base["tracker"]
-    ctx = Context(run_id=ctx_base["run_id"], run_dir=ctx_base["run_dir"], out=stage_dir,
-                  inputs=inputs, config=ctx_base["config"], tracker=tracker, resume=resume)
+            log(f"[{name}] resuming an interrupted attempt in {out}")
+        else:
+            _wipe(out)  # stale (other config or inputs) or a killed non-resumable attempt
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(started, key)
+    ctx = Context(run_id=run_id, out=out, inputs=results, run=run, tracker=tracker,
+                  tracking_uri=tracker.uri, resume=resume)
     params = section.model_dump(mode="json") if hasattr(section, "model_dump") else {}
-    log(f"[{name}] running -> {stage_dir}")
-    start = time.time()
-    with tracker.stage_run(name, ctx.run_id, params):
-        result = module.run(section, ctx)
+    log(f"[{name}] running -> {out}")
+    start, refused = time.time(), None
+    with tracker.stage_run(name, run_id, params):
+        try:
+            result = module.run(section, ctx)
+        except PromotionRefused as e:
+            if e.result is None:
+                raise
+            result, refused = e.result, e
         result.metrics.setdefault("wall_seconds", round(time.time() - start, 2))
         tracker.log_metrics(result.metrics)
-        _write_atomic(stage_dir / RESULT, json.dumps(redact(result.to_json()), indent=2))
-        tracker.log_artifact(stage_dir / RESULT)
-    _write_atomic(marker, key)  # last: the stage is complete only now
+        _write_atomic(out / RESULT, json.dumps(redact(result.to_json(base=out)), indent=2))
+        tracker.log_artifact(out / RESULT)
+    _write_atomic(out / MARKER, key)  # last: the stage is complete only now
+    result = read_result(out)
+    if cacheable:
+        _remember(workdir, name, key, out)
+    if refused is not None:
+        refused.result = result
+        raise refused
     return result
 
 
+# --- the runner: stages in order under <workdir>/runs/<run_id>/<stage>/ ----------------------
+
 def run_pipeline(cfg, run_id: str | None = None, only: list[str] | None = None,
                  start_from: str | None = None, stages: Mapping[str, Any] | None = None,
-                 log=print) -> dict[str, Result]:
-    """Run the stages of ``cfg`` in order. ``stages`` maps name -> module (default: STAGES)."""
+                 use_cache: bool = True, log=print) -> dict[str, Result]:
+    """Run the stages of ``cfg`` in order. ``stages`` maps name -> module (default: STAGES).
+
+    A refused promotion ends the run there (the stages after it need a promotion) and is
+    raised once the results are recorded: the CLI exits 4."""
     modules = dict(stages) if stages is not None else {n: load_stage(n) for n in STAGES}
     names = list(modules)
     for n in (only or []) + ([start_from] if start_from else []):
@@ -176,28 +335,47 @@ def run_pipeline(cfg, run_id: str | None = None, only: list[str] | None = None,
     if start_from:
         selected = [n for n in selected if names.index(n) >= names.index(start_from)]
 
-    workdir = Path(cfg.run.workdir)
+    workdir = Path(cfg.run.workdir).resolve()
     run_id = run_id or new_run_id()
     run_dir = workdir / "runs" / run_id
+    # Set-up is checked before anything is written: a run that cannot start leaves no trace.
+    earlier = {n: r for n in names if n not in selected and (r := read_result(run_dir / n))}
+    for n in selected:
+        need = [d for d in getattr(modules[n], "NEEDS", ()) if d not in selected
+                and d not in earlier]
+        if need:
+            raise PipelineError(f"stage {n!r} needs {', '.join(need)}, which has not completed "
+                                f"in run {run_id} (under {run_dir}): run it first, or start "
+                                f"earlier with --from")
     run_dir.mkdir(parents=True, exist_ok=True)
     config_json = cfg.model_dump(mode="json")
     _write_atomic(run_dir / "config.yaml", yaml.safe_dump(redact(config_json), sort_keys=False))
     tracker = Tracker(workdir, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment or
                       cfg.run.name, enabled=cfg.tracking.enabled)
-    results = {n: r for n in names if n not in selected and (r := read_result(run_dir / n))}
-    ctx_base = {"run_id": run_id, "run_dir": run_dir, "config": cfg, "tracker": tracker,
-                "results": results}
+    results = dict(earlier)
     log(f"run {run_id}: {' -> '.join(selected)}  ({run_dir})")
     with tracker.pipeline_run(run_id, config_json):
         for name in selected:
-            results[name] = run_stage(name, modules[name], getattr(cfg, name, None), ctx_base, log)
-            tracker.log_metrics({f"{name}.{k}": v for k, v in results[name].metrics.items()})
+            mod = modules[name]
+            wanted = set(getattr(mod, "NEEDS", ())) | set(getattr(mod, "OPTIONAL", ()))
+            inputs = {n: run_dir / n for n in wanted if n in results}
+            try:
+                results[name] = execute(name, cfg, run_dir / name, inputs, tracker=tracker,
+                                        run_id=run_id, module=mod, use_cache=use_cache, log=log)
+            except PromotionRefused as e:
+                results[name] = e.result
+                log(f"[{name}] {e}; the stages after it are skipped")
+                raise
+            finally:
+                if name in results:
+                    tracker.log_metrics({f"{name}.{k}": v
+                                         for k, v in results[name].metrics.items()})
     return results
 
 
 def _stage_dirs(run_dir: Path) -> list[Path]:
-    order = list(STAGES)
-    dirs = [p for p in run_dir.iterdir() if p.is_dir()]
+    order = list(ORDER)
+    dirs = [p for p in run_dir.iterdir() if p.is_dir() and not p.name.endswith(".linking")]
     return sorted(dirs, key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
 
 
@@ -219,6 +397,11 @@ def show_run(workdir: str | Path, run_id: str) -> dict:
     out: dict[str, Any] = {"run_id": run_id, "path": str(run_dir), "stages": {}}
     for p in _stage_dirs(run_dir):
         r = read_result(p)
-        out["stages"][p.name] = {"status": "done" if r else "incomplete",
-                                 **({"metrics": r.metrics, "outputs": r.outputs} if r else {})}
+        status = "incomplete"
+        if r is not None:
+            status = "cached" if (p / "cached_from").exists() else "done"
+        out["stages"][p.name] = {"status": status,
+                                 **({"key": r.key, "metrics": r.metrics, "outputs": r.outputs}
+                                    if r else {})}
     return out
+

@@ -78,6 +78,12 @@ def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _looks_unreachable(e: Exception) -> bool:
+    text = f"{type(e).__name__} {e}".lower()
+    return any(w in text for w in ("connection", "timed out", "timeout", "max retries",
+                                   "unreachable", "refused", "name or service"))
+
+
 def default_uri(workdir: str | Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or \
         f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
@@ -93,23 +99,52 @@ class Tracker:
         self.uri = uri or default_uri(workdir)
         self.experiment = redact(experiment)
         self._mlflow = None
+        self._experiment_id: str | None = None
 
     @property
     def mlflow(self):
-        if self._mlflow is None:
-            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-            import mlflow
+        """The mlflow module pointed at this tracker's store. The URI is set again on every use:
+        MLflow keeps it process-wide, and several trackers (stages run by Airflow's local mode or
+        KFP's local runner in one process) must not write into each other's stores. Runs are
+        started with an explicit experiment id, never the process-wide "active experiment"."""
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        import mlflow
 
+        user_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(self.uri)
+        # set_tracking_uri also writes $MLFLOW_TRACKING_URI, which the next stage's tracker
+        # would take for the user's choice: put back what the user had
+        if user_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = user_uri
+        if self._mlflow is None:
             self.workdir.mkdir(parents=True, exist_ok=True)
-            mlflow.set_tracking_uri(self.uri)
-            if mlflow.get_experiment_by_name(self.experiment) is None:
-                location = None
-                if self.uri.startswith("sqlite:"):
-                    location = (self.workdir / "mlartifacts").resolve().as_uri()
-                mlflow.create_experiment(self.experiment, artifact_location=location)
-            mlflow.set_experiment(self.experiment)
+            try:
+                exp = mlflow.get_experiment_by_name(self.experiment)
+                if exp is None:
+                    location = None
+                    if self.uri.startswith("sqlite:"):
+                        location = (self.workdir / "mlartifacts").resolve().as_uri()
+                    self._experiment_id = mlflow.create_experiment(
+                        self.experiment, artifact_location=location)
+                else:
+                    self._experiment_id = exp.experiment_id
+            except Exception as e:  # an unreachable server: worth a retry, not a traceback
+                from coaflow.errors import ServiceUnavailable
+
+                if "sqlite" in self.uri or not _looks_unreachable(e):
+                    raise
+                raise ServiceUnavailable(f"MLflow tracking server {self.uri} did not answer: "
+                                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                                         ) from None
             self._mlflow = mlflow
         return self._mlflow
+
+    @property
+    def experiment_id(self) -> str:
+        self.mlflow  # noqa: B018 (creates the experiment on first use)
+        return self._experiment_id
 
     @contextlib.contextmanager
     def pipeline_run(self, run_id: str, config: Mapping | None = None) -> Iterator[str | None]:
@@ -118,9 +153,10 @@ class Tracker:
             yield None
             return
         mlflow = self.mlflow
-        found = mlflow.search_runs(filter_string=f"tags.`coaflow.run_id` = '{run_id}' and "
+        found = mlflow.search_runs(experiment_ids=[self.experiment_id], filter_string=f"tags.`coaflow.run_id` = '{run_id}' and "
                                    "tags.`coaflow.kind` = 'pipeline'", output_format="list")
         kw = {"run_id": found[0].info.run_id} if found else {"run_name": run_id}
+        kw["experiment_id"] = self.experiment_id
         with mlflow.start_run(**kw) as run:
             mlflow.set_tags({"coaflow.run_id": run_id, "coaflow.kind": "pipeline"})
             if config is not None and not found:
@@ -134,12 +170,22 @@ class Tracker:
             yield None
             return
         mlflow = self.mlflow
-        with mlflow.start_run(run_name=stage, nested=mlflow.active_run() is not None) as run:
+        with mlflow.start_run(run_name=stage, nested=mlflow.active_run() is not None,
+                              experiment_id=self.experiment_id) as run:
             mlflow.set_tags({"coaflow.run_id": run_id, "coaflow.kind": "stage",
                              "coaflow.stage": stage})
             if params:
                 self.log_params(params)
             yield run.info.run_id
+
+    def cached_stage(self, stage: str, run_id: str, source: str, metrics: Mapping) -> None:
+        """Record a cache hit: a stage run tagged ``coaflow.cached`` with the folder it came from
+        and the cached metrics, so the run's page in MLflow lists every stage."""
+        if not self.enabled:
+            return
+        with self.stage_run(stage, run_id):
+            self.mlflow.set_tags({"coaflow.cached": "true", "coaflow.cached_from": source})
+            self.log_metrics(metrics)
 
     def log_params(self, params: Mapping) -> None:
         if self.enabled:

@@ -43,7 +43,7 @@ def make_ctx(root, accepted, overrides=(), resume=False, tracking=False):
                                *overrides])
     out = root / "sft"
     out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(run_id="test", run_dir=root, out=out, config=cfg, resume=resume,
+    ctx = Context(run_id="test", out=out, run=cfg.run, resume=resume,
                   inputs={"gate": Result(outputs={"accepted": str(accepted)})},
                   tracker=Tracker(root, enabled=tracking))
     return cfg, ctx

@@ -58,7 +58,9 @@ def test_tiny_is_reused_not_rebuilt(tmp_path, trajectories):
     _, _, path = load_model_and_tokenizer("tiny", corpus=corpus, out_dir=tmp_path / "b",
                                           tiny=TinyModel(**TINY_TEST_SIZES))
     stamp = (tmp_path / "b" / "model.safetensors").stat().st_mtime_ns
-    load_model_and_tokenizer("tiny", corpus=[], out_dir=tmp_path / "b", tiny=TinyModel())
+    # same sizes: reused (other sizes rebuild: tests/test_contract.py)
+    load_model_and_tokenizer("tiny", corpus=[], out_dir=tmp_path / "b",
+                             tiny=TinyModel(**TINY_TEST_SIZES))
     assert (tmp_path / "b" / "model.safetensors").stat().st_mtime_ns == stamp
 
 

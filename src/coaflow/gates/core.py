@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from coaflow.errors import GateRefused, PipelineError
 from coaflow.gates import filters, validators
 from coaflow.schema.io import SHARD_SUFFIXES, BadRecord, iter_records, shard_files, validation_field
 from coaflow.schema.trajectory import (
@@ -33,8 +34,12 @@ from coaflow.schema.trajectory import (
 )
 
 
-class GateError(RuntimeError):
-    """The batch failed the gate (or there was nothing to gate); the message says why."""
+class GateError(PipelineError):
+    """Nothing to gate, or a bad gate setting (tokenizer, test file); the message says why."""
+
+
+class GateRefusedError(GateRefused, GateError):
+    """The batch failed the gate's expectations (exit code 3); quarantine and Data Docs exist."""
 
 
 def _read_reason(message: str) -> str:
@@ -275,6 +280,15 @@ class _LineShards:
 
 
 def gate(input_path: str | Path, out_dir: str | Path, cfg, seed: int = 0, log=print) -> dict:
+    """``_gate`` with the per-process state dropped afterwards: several stages (Airflow's local
+    mode, KFP's local runner) may run in one process, and none may see another's gate config."""
+    try:
+        return _gate(input_path, out_dir, cfg, seed, log)
+    finally:
+        _STATE.clear()
+
+
+def _gate(input_path: str | Path, out_dir: str | Path, cfg, seed: int = 0, log=print) -> dict:
     """Gate every trajectory under ``input_path`` into ``out_dir``; returns the report.
 
     Raises ``GateError`` when the input holds no records or an expectation fails (the report,
@@ -370,7 +384,7 @@ def gate(input_path: str | Path, out_dir: str | Path, cfg, seed: int = 0, log=pr
         from coaflow.gates.expectations import describe_failure
 
         lines = "\n  ".join(describe_failure(r) for r in gx_result["failed"])
-        raise GateError(f"gate: {len(gx_result['failed'])} expectation(s) failed on "
+        raise GateRefusedError(f"gate: {len(gx_result['failed'])} expectation(s) failed on "
                         f"{input_path} ({n_acc}/{n_in} accepted; quarantine {quarantine}; "
                         f"Data Docs {gx_result['docs']}):\n  {lines}")
     os.replace(partial, final)

@@ -7,6 +7,7 @@ model, a hub id that cannot be fetched, a tokenizer without a chat template) bec
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -40,6 +41,16 @@ def load_tokenizer(name_or_path: str, field: str = "sft.model"):
     return tok
 
 
+def _same_build(info: Path, sizes: dict, seed: int) -> bool:
+    """True when ``info`` (a finished tiny build's record) has these sizes and seed: a build with
+    other sizes is never reused."""
+    try:
+        built = json.loads(info.read_text())
+    except (OSError, ValueError):
+        return False
+    return built.get("seed") == seed and all(built.get(k) == v for k, v in sizes.items())
+
+
 def load_model_and_tokenizer(name_or_path: str, *, corpus: Iterable[str] | None = None,
                              out_dir: str | Path | None = None, tiny=None, seed: int = 0,
                              dtype: str | None = None, field: str = "sft.model"):
@@ -56,7 +67,7 @@ def load_model_and_tokenizer(name_or_path: str, *, corpus: Iterable[str] | None 
         if out_dir is None or tiny is None or corpus is None:
             raise ValueError("load_model_and_tokenizer('tiny') needs corpus, out_dir and tiny")
         out = Path(out_dir)
-        if not (out / BUILD_INFO).exists():
+        if not _same_build(out / BUILD_INFO, tiny.model_dump(), seed):
             build_tiny(out, corpus, tiny, seed=seed)
         path = str(out)
     else:

@@ -22,12 +22,13 @@ from typing import IO, Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
+from coaflow.errors import UserError
 from coaflow.schema.trajectory import Trajectory
 
 SHARD_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A record that cannot be read; ``str()`` is ``file:line: field: what is wrong``."""
 
     def __init__(self, path: str | Path, line: int | None, field: str | None, message: str):

@@ -100,19 +100,14 @@ CLI_OPTIONS = [
 
 
 def gate_folder(cfg: Config, input_path, out_dir, seed: int = 0, log=print) -> dict:
-    """The one core both entry points share: ``gates.core.gate`` with user errors as
-    ``PipelineError``."""
+    """The one core both entry points share."""
     import os
 
-    from coaflow.gates.core import GateError, gate
-    from coaflow.pipeline import PipelineError
-    from coaflow.schema.io import DataError
+    from coaflow.gates.core import gate
 
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    try:
-        return gate(input_path, out_dir, cfg, seed=seed, log=log)
-    except (GateError, DataError) as e:
-        raise PipelineError(str(e)) from None
+    return gate(input_path, out_dir, cfg, seed=seed, log=log)  # GateError / DataError: exit 2,
+    # GateRefusedError (a failed expectation): exit 3
 
 
 def _result(report: dict, out) -> Result:
@@ -135,7 +130,7 @@ def _result(report: dict, out) -> Result:
 def run(cfg: Config, ctx: Context) -> Result:
     source = ctx.input("synthesize").outputs["trajectories"]
     try:
-        report = gate_folder(cfg, source, ctx.out, seed=ctx.config.run.seed)
+        report = gate_folder(cfg, source, ctx.out, seed=ctx.run.seed)
     finally:  # a failed batch's quarantine and Data Docs are what the user needs to look at
         for name in ("quarantine.jsonl", "gate_report.json", "data_docs"):
             ctx.tracker.log_artifact(ctx.out / name, None if name != "data_docs" else "data_docs")

@@ -22,6 +22,7 @@ well-formed tool calls.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from coaflow.config import Section
 from coaflow.models.tiny import TinyModel
@@ -53,6 +54,13 @@ class Config(Section):
                             "longer examples are cut at the end")
     epochs: float = Field(3.0, gt=0, description="passes over the data (ignored if max_steps>0)")
     max_steps: int = Field(-1, description="optimizer steps; -1: use epochs")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        if v != -1 and v < 1:
+            raise ValueError(f"-1 (use epochs) or a positive number of steps, got {v}")
+        return v
     lr: float = Field(5e-3, gt=0, description="peak learning rate (AdamW)")
     lr_scheduler: str = Field("cosine", description="transformers scheduler name")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="share of steps spent warming up")
@@ -88,12 +96,17 @@ def run(cfg: Config, ctx: Context) -> Result:
 
 def train(cfg: Config, ctx: Context, callbacks: tuple = ()) -> Result:
     """The stage; ``callbacks`` are extra ``TrainerCallback``s (tests use one to interrupt)."""
+    with process_group_env(cfg.deepspeed is not None):
+        return _train(cfg, ctx, callbacks)
+
+
+def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
     from transformers.trainer_utils import get_last_checkpoint
 
     from coaflow.schema.render import DEFAULT_SYSTEM_PROMPT
     from coaflow.stages import sft_data as D
 
-    seed = ctx.config.run.seed if ctx.config is not None else 0
+    seed = ctx.run.seed
     source = ctx.input("gate").outputs.get("accepted")
     if not source:
         raise PipelineError("sft: the gate result has no 'accepted' output")
@@ -206,11 +219,35 @@ def deepspeed_config(name: str | None) -> str | None:
     path = DEEPSPEED_DIR / f"{name}.json"
     if not path.exists():
         raise PipelineError(f"sft.deepspeed={name!r}: no config at {path}")
-    if "WORLD_SIZE" not in os.environ:  # one process, not started by a launcher: DeepSpeed still
-        # wants a process group; these are the values a launcher would set for rank 0 of 1
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"),
-                          RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     return str(path)
+
+
+@contextlib.contextmanager
+def process_group_env(enabled: bool):
+    """DeepSpeed wants a process group even in one process not started by a launcher: set the
+    values a launcher sets for rank 0 of 1, on a free port, for this training only, and take the
+    group down afterwards, so that the next stage in the same process (Airflow's local mode,
+    KFP's local runner) starts from a clean slate."""
+    if not enabled or "WORLD_SIZE" in os.environ:
+        yield
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    values = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
+                  WORLD_SIZE="1")
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k in values:
+            os.environ.pop(k, None)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def build_trainer(cfg: Config, model, tokenizer, examples: list[dict], output_dir: Path,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 import click
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 
 from coaflow.config import Section
 from coaflow.pipeline import Context, PipelineError, Result
@@ -38,7 +38,8 @@ class Config(Section):
                                                 "llm: the same roles on an OpenAI-compatible API")
     suites: dict[str, int] = Field({"kbqa": 1000, "calc": 200},
                                    description="tasks per built-in suite")
-    split: str = Field("train", description="task split to solve (train | rl | test)")
+    split: Literal["train", "rl"] = Field("train", description="task split to solve: train "
+                                          "(SFT data) or rl; never test, which only evaluate reads")
     task_files: list[str] = Field([], description="extra task files (JSONL question/answer or AFM "
                                   "RL parquet); solved with the llm teacher")
     mistake_rate: float = Field(0.3, ge=0, le=1, description="scripted: share of tasks with one "
@@ -47,6 +48,18 @@ class Config(Section):
                                     "mistake slips through (wrong answer)")
     shard_size: int = Field(100, ge=1, description="trajectories per shard (resume granularity)")
     llm: LlmTeacherConfig = Field(default_factory=LlmTeacherConfig)
+
+    @field_validator("suites")
+    @classmethod
+    def _known_suites(cls, v: dict[str, int]) -> dict[str, int]:
+        from coaflow.envs import SUITES
+
+        for name, n in v.items():
+            if name not in SUITES:
+                raise ValueError(f"unknown suite {name!r} (suites: {', '.join(SUITES)})")
+            if n < 0:
+                raise ValueError(f"{name}: a task count is 0 or more, got {n}")
+        return v
 
 
 def load_tasks(cfg: Config, seed: int):
@@ -226,8 +239,8 @@ def summarize(traj_dir: Path, fail_dir: Path, solved_now: int, elapsed: float, c
 
 
 def run(cfg: Config, ctx: Context) -> Result:
-    cache = Path(ctx.config.run.workdir) / "cache" / "llm"
-    return synthesize(cfg, ctx.out, ctx.config.run.seed, cache, ctx.tracker)
+    cache = Path(ctx.run.workdir) / "cache" / "llm"
+    return synthesize(cfg, ctx.out, ctx.run.seed, cache, ctx.tracker)
 
 
 CLI_OPTIONS = [
@@ -252,7 +265,14 @@ def standalone(cfg, teacher=None, suite=(), n=None, output=None) -> None:
     section = section.model_copy(update=updates)
     if not output:
         raise click.UsageError("standalone synthesize needs --output DIR")
-    res = synthesize(Config.model_validate(section.model_dump()), Path(output), cfg.run.seed,
+    try:
+        section = Config.model_validate(section.model_dump())
+    except ValidationError as e:
+        from coaflow.config import ConfigError
+
+        raise ConfigError(f"synthesize: {e.errors()[0]['msg'].removeprefix('Value error, ')}"
+                          ) from None
+    res = synthesize(section, Path(output), cfg.run.seed,
                      Path(cfg.run.workdir) / "cache" / "llm")
     click.echo(f"wrote {res.metrics['trajectories']} trajectories to {res.outputs['trajectories']}"
                f" (success rate {res.metrics['teacher_success_rate']:.0%}, "
