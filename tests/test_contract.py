@@ -200,3 +200,15 @@ def test_exit_codes_of_the_error_kinds():
     assert [exit_code(e("x")) for e in (PipelineError, GateRefused, ServiceUnavailable)] == \
         [2, 3, 75]
     assert PromotionRefused("x").exit_code == 4
+
+
+def test_an_unreachable_teacher_exits_75(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = cli("synthesize", "--teacher", "llm", "--suite", "kbqa", "-n", "1", "--output",
+            str(tmp_path / "o"), "--set", f"synthesize.llm.base_url=http://127.0.0.1:{port}/v1",
+            "--set", "synthesize.llm.timeout_s=2", cwd=tmp_path)
+    assert p.returncode == 75 and "cannot reach the teacher endpoint" in p.stderr, p.stderr

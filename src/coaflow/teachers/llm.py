@@ -26,7 +26,7 @@ import httpx
 from pydantic import Field
 
 from coaflow.config import Section
-from coaflow.pipeline import PipelineError
+from coaflow.errors import PipelineError, ServiceUnavailable
 from coaflow.schema import Task
 from coaflow.schema.convert import parse_tool_call
 from coaflow.teachers.log import TeamLog
@@ -68,6 +68,10 @@ class TeacherError(PipelineError):
     """The endpoint cannot be used at all (unreachable, key rejected, model not served)."""
 
 
+class TeacherUnreachable(ServiceUnavailable, TeacherError):
+    """The endpoint did not answer or answered 5xx: retryable (exit code 75)."""
+
+
 class MalformedResponse(ValueError):
     """One response could not be used; the task is recorded as a failed attempt."""
 
@@ -87,13 +91,16 @@ class ChatClient:
         try:
             r = httpx.get(f"{self.url}/models", headers=self.headers, timeout=self.cfg.timeout_s)
         except httpx.HTTPError as e:
-            raise TeacherError(f"cannot reach the teacher endpoint {self.url}: "
+            raise TeacherUnreachable(f"cannot reach the teacher endpoint {self.url}: "
                                f"{type(e).__name__}: {e}") from None
         if r.status_code in (401, 403):
             raise TeacherError(f"{self.url} rejected the API key (HTTP {r.status_code}); set "
                                f"${self.cfg.api_key_env}")
         if r.status_code == 404:
             return  # some servers have no /models; a wrong model then fails on the first call
+        if r.status_code >= 500:
+            raise TeacherUnreachable(f"{self.url}/models answered HTTP {r.status_code}: "
+                                     f"{r.text[:200]}")
         if r.status_code != 200:
             raise TeacherError(f"{self.url}/models answered HTTP {r.status_code}: {r.text[:200]}")
         try:
