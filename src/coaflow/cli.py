@@ -115,19 +115,25 @@ def run_cmd(profile, workdir, overrides, run_id, start_from, only, no_cache):
     or resumes. Results land in <workdir>/runs/<run_id>/<stage>/result.json and in MLflow (one
     parent run, one nested run per stage).
     """
-    from coaflow.errors import PromotionRefused
-    from coaflow.pipeline import run_pipeline
+    from coaflow.pipeline import new_run_id, run_pipeline
 
     cfg = _load(profile, workdir, overrides)
-    results: dict = {}
+    run_id = run_id or new_run_id()
     try:
-        results = run_pipeline(cfg, run_id=run_id, only=list(only) or None,
-                               start_from=start_from, use_cache=not no_cache)
-    except PromotionRefused:
-        click.echo("finished (promotion refused):")
-        raise
-    click.echo("finished:")
-    _report(results)
+        run_pipeline(cfg, run_id=run_id, only=list(only) or None, start_from=start_from,
+                     use_cache=not no_cache)
+    finally:
+        _summary(Path(cfg.run.workdir).resolve() / "runs" / run_id)
+
+
+def _summary(run_dir: Path) -> None:
+    """The report card in the terminal, once the run has ended (however it ended)."""
+    from coaflow.report import collect, render_text
+
+    if run_dir.is_dir():
+        click.echo("\n" + render_text(collect(run_dir)))
+        if (run_dir / "report.html").exists():
+            click.echo(f"report: {run_dir / 'report.html'}")
 
 
 @main.command("stage", epilog=EXIT_CODES_HELP)
@@ -221,12 +227,35 @@ def runs_list(workdir):
 @runs_group.command("show")
 @click.argument("run_id")
 @click.option("--workdir", default="work", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="status, metrics and outputs as JSON")
 @_user_errors
-def runs_show(run_id, workdir):
-    """Status, metrics and outputs of every stage of RUN_ID, as JSON."""
+def runs_show(run_id, workdir, as_json):
+    """The report card of RUN_ID: stage timings, data funnel, eval table, registry decision."""
     from coaflow.pipeline import show_run
+    from coaflow.report import collect, render_text
 
-    click.echo(json.dumps(show_run(workdir, run_id), indent=2))
+    info = show_run(workdir, run_id)  # one clear error for an unknown run
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(render_text(collect(Path(info["path"]))))
+    report = Path(info["path"]) / "report.html"
+    if report.exists():
+        click.echo(f"report: {report}")
+
+
+@runs_group.command("report")
+@click.argument("run_id")
+@click.option("--workdir", default="work", show_default=True)
+@_user_errors
+def runs_report(run_id, workdir):
+    """(Re)write RUN_ID's self-contained HTML report card and print its path."""
+    from coaflow.pipeline import show_run
+    from coaflow.report import write
+    from coaflow.tracking import default_uri
+
+    info = show_run(workdir, run_id)
+    click.echo(write(Path(info["path"]), default_uri(workdir)))
 
 
 # --- config -------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ so a stage folder copied to another machine or an object store still resolves.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -354,7 +355,7 @@ def run_pipeline(cfg, run_id: str | None = None, only: list[str] | None = None,
                       cfg.run.name, enabled=cfg.tracking.enabled)
     results = dict(earlier)
     log(f"run {run_id}: {' -> '.join(selected)}  ({run_dir})")
-    with tracker.pipeline_run(run_id, config_json):
+    with tracker.pipeline_run(run_id, config_json), _report_card(run_dir, tracker):
         for name in selected:
             mod = modules[name]
             wanted = set(getattr(mod, "NEEDS", ())) | set(getattr(mod, "OPTIONAL", ()))
@@ -371,6 +372,22 @@ def run_pipeline(cfg, run_id: str | None = None, only: list[str] | None = None,
                     tracker.log_metrics({f"{name}.{k}": v
                                          for k, v in results[name].metrics.items()})
     return results
+
+
+@contextlib.contextmanager
+def _report_card(run_dir: Path, tracker: Tracker):
+    """Write the run's report card when the run ends, however it ends (a refused promotion
+    and a failed stage are exactly when people read it)."""
+    try:
+        yield
+    finally:
+        from coaflow import report
+
+        try:
+            report.write(run_dir, tracker.uri if tracker.enabled else None,
+                         tracker if tracker.enabled else None)
+        except Exception as e:  # a report must never hide the run's own outcome
+            print(f"(report card not written: {type(e).__name__}: {e})")
 
 
 def _stage_dirs(run_dir: Path) -> list[Path]:

@@ -1,0 +1,259 @@
+"""The report card of a pipeline run: one self-contained HTML file, and the same in the terminal.
+
+    coaflow runs show RUN              # the summary in the terminal
+    coaflow runs report RUN            # (re)write <workdir>/runs/RUN/report.html
+
+It reads only what the stages left behind: each stage folder's ``result.json`` (timings, the data
+funnel, the eval table, the registry decision) and the stage runs' metric histories in MLflow
+(training curves). A stage that did not run is shown as such; nothing is invented. Plots are inline
+SVG, so the file opens anywhere, offline, with no JavaScript.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from coaflow.pipeline import MARKER, STAGES, read_result
+
+CURVE_PREFIXES = ("train/", "rl/", "reward", "success")
+
+
+def collect(run_dir: Path) -> dict[str, Any]:
+    """Per stage: status (done / cached / incomplete / not run), metrics, summary, outputs."""
+    run_dir = Path(run_dir)
+    stages: dict[str, Any] = {}
+    names = list(STAGES) + sorted(p.name for p in run_dir.iterdir() if p.is_dir()
+                                  and p.name not in STAGES and (p / MARKER).exists())
+    for name in names:
+        folder = run_dir / name
+        r = read_result(folder) if folder.is_dir() else None
+        if r is None:
+            stages[name] = {"status": "incomplete" if folder.is_dir() else "not run"}
+            continue
+        cached_from = folder / "cached_from"
+        stages[name] = {"status": "cached" if cached_from.exists() else "done",
+                        "cached_from": cached_from.read_text() if cached_from.exists() else None,
+                        "metrics": r.metrics, "summary": r.summary, "outputs": r.outputs}
+    return {"run_id": run_dir.name, "path": str(run_dir), "stages": stages,
+            "written_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def curves(tracking_uri: str | None, run_id: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Metric histories (step, value) of each stage run of pipeline run ``run_id`` in MLflow:
+    the curves logged with a step (loss, token accuracy, reward, success on checkpoints)."""
+    if not tracking_uri:
+        return {}
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        exps = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(exps, filter_string=f"tags.`coaflow.run_id` = '{run_id}' and "
+                                  "tags.`coaflow.kind` = 'stage'")
+    except Exception:  # the report never fails a run: no MLflow, no curves
+        return {}
+    out: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for run in runs:
+        stage = run.data.tags.get("coaflow.stage", run.info.run_name)
+        for key in run.data.metrics:
+            if not key.startswith(CURVE_PREFIXES):
+                continue
+            hist = client.get_metric_history(run.info.run_id, key)
+            if len(hist) >= 2:
+                out.setdefault(stage, {})[key] = sorted((m.step, m.value) for m in hist)
+    return out
+
+
+# --- text -----------------------------------------------------------------------------------
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def funnel(stages: dict) -> list[tuple[str, Any]]:
+    """Tasks -> trajectories -> accepted, and the rejections by reason."""
+    syn = stages.get("synthesize", {}).get("metrics", {})
+    gate = stages.get("gate", {}).get("metrics", {})
+    rows: list[tuple[str, Any]] = []
+    if syn:
+        rows += [("tasks attempted", int(syn.get("trajectories", 0) + syn.get("failed_attempts", 0))),
+                 ("trajectories written", int(syn.get("trajectories", 0))),
+                 ("teacher success rate", syn.get("teacher_success_rate"))]
+    if gate:
+        rows += [("accepted by the gate", int(gate.get("accepted", 0)))]
+        rows += [(f"rejected: {k.removeprefix('rejected_')}", int(v)) for k, v in gate.items()
+                 if k.startswith("rejected_")]
+    return rows
+
+
+def eval_rows(stages: dict) -> list[dict]:
+    """The evaluate stage's table rows (its summary ``table``), or built from metrics named
+    ``<model>/<suite>/success`` (+ ``_lo``/``_hi`` interval bounds)."""
+    ev = stages.get("evaluate", {})
+    if ev.get("summary", {}).get("table"):
+        return list(ev["summary"]["table"])
+    rows = []
+    for key, value in ev.get("metrics", {}).items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[2] == "success":
+            lo = ev["metrics"].get(f"{key}_lo")
+            hi = ev["metrics"].get(f"{key}_hi")
+            rows.append({"model": parts[0], "suite": parts[1], "success": value,
+                         "ci95": f"[{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None
+                         else ""})
+    return rows
+
+
+def decision(stages: dict) -> str:
+    reg = stages.get("register", {})
+    if reg.get("status") in (None, "not run", "incomplete"):
+        return "not registered (the register stage did not run)"
+    s = reg.get("summary", {})
+    verdict = "promoted to champion" if s.get("promoted") else "promotion refused"
+    why = s.get("reason") or "; ".join(str(r) for r in s.get("failed_rules", []))
+    version = s.get("version")
+    return f"{verdict}" + (f" (version {version})" if version else "") + (f": {why}" if why else "")
+
+
+def render_text(card: dict) -> str:
+    st = card["stages"]
+    lines = [f"run {card['run_id']}  ({card['path']})", "", "stage        status      seconds"]
+    for name, s in st.items():
+        secs = s.get("metrics", {}).get("wall_seconds", "")
+        lines.append(f"  {name:<11}{s['status']:<12}{_fmt(secs)}")
+    if fun := funnel(st):
+        lines += ["", "data funnel"] + [f"  {k:<28}{_fmt(v)}" for k, v in fun]
+    if rows := eval_rows(st):
+        cols = list(rows[0])
+        lines += ["", "evaluation (test split)", "  " + "  ".join(f"{c:<12}" for c in cols)]
+        lines += ["  " + "  ".join(f"{_fmt(r.get(c, '')):<12}" for c in cols) for r in rows]
+    lines += ["", f"registry: {decision(st)}"]
+    dep = st.get("deploy", {})
+    if dep.get("outputs", {}).get("endpoint"):
+        lines.append(f"served at: {dep['outputs']['endpoint']}")
+    return "\n".join(lines)
+
+
+# --- HTML -----------------------------------------------------------------------------------
+
+def svg_chart(series: dict[str, list[tuple[float, float]]], title: str, w: int = 420,
+              h: int = 220) -> str:
+    """A line chart as inline SVG: one polyline per series, axes with min/max labels.
+
+    >>> "<polyline" in svg_chart({"loss": [(0, 2.0), (10, 1.0)]}, "loss")
+    True
+    """
+    pts = [p for s in series.values() for p in s]
+    if not pts:
+        return ""
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    pad = 36
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"]
+
+    def xy(x, y):
+        return (pad + (x - x0) / (x1 - x0) * (w - 2 * pad),
+                h - pad - (y - y0) / (y1 - y0) * (h - 2 * pad))
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+             f'role="img" aria-label="{html.escape(title)}">',
+             f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}'
+             '</text>',
+             f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#888"/>',
+             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#888"/>',
+             f'<text x="{pad - 4}" y="{h - pad}" text-anchor="end" font-size="10">{y0:.3g}</text>',
+             f'<text x="{pad - 4}" y="{pad + 4}" text-anchor="end" font-size="10">{y1:.3g}</text>',
+             f'<text x="{pad}" y="{h - pad + 14}" font-size="10">{x0:g}</text>',
+             f'<text x="{w - pad}" y="{h - pad + 14}" text-anchor="end" font-size="10">{x1:g}'
+             '</text>']
+    for i, (name, s) in enumerate(series.items()):
+        c = colors[i % len(colors)]
+        path = " ".join(f"{a:.1f},{b:.1f}" for a, b in (xy(x, y) for x, y in s))
+        parts.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.8" points="{path}"/>')
+        parts.append(f'<text x="{w - pad}" y="{pad + 12 * i}" text-anchor="end" font-size="10" '
+                     f'fill="{c}">{html.escape(name)}</text>')
+    return "".join(parts) + "</svg>"
+
+
+def _table(rows: list[dict] | list[tuple], header: list[str] | None = None) -> str:
+    if not rows:
+        return "<p><em>none</em></p>"
+    if isinstance(rows[0], dict):
+        header = header or list(rows[0])
+        body = [[r.get(c, "") for c in header] for r in rows]
+    else:
+        body = [list(r) for r in rows]
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in header or [])
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r) + "</tr>"
+                  for r in body)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+STYLE = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1000px;color:#222}
+h1{font-size:22px}h2{font-size:17px;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;
+text-align:left}th{background:#f4f4f4}.ok{color:#176a2c}.bad{color:#a11}.charts svg{margin:4px;
+border:1px solid #eee}pre{background:#f7f7f7;padding:8px;overflow:auto;font-size:12px}"""
+
+
+def render_html(card: dict, plots: dict | None = None) -> str:
+    st = card["stages"]
+    timing = [(n, s["status"], _fmt(s.get("metrics", {}).get("wall_seconds", "")))
+              for n, s in st.items()]
+    dec = decision(st)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>coaflow run "
+             f"{html.escape(card['run_id'])}</title><style>{STYLE}</style></head><body>",
+             f"<h1>coaflow run {html.escape(card['run_id'])}</h1>",
+             f"<p>{html.escape(card['path'])} &middot; written {card['written_at']}</p>",
+             "<h2>Registry decision</h2>",
+             f"<p class='{'ok' if 'promoted to' in dec else 'bad'}'>{html.escape(dec)}</p>",
+             "<h2>Stages</h2>", _table(timing, ["stage", "status", "seconds"]),
+             "<h2>Data funnel</h2>", _table(funnel(st), ["", "count"])]
+    rows = eval_rows(st)
+    parts += ["<h2>Evaluation on the held-out test split</h2>", _table(rows)]
+    ev = st.get("evaluate", {}).get("summary", {})
+    for key in ("paired", "comparison", "failures"):
+        if ev.get(key):
+            parts += [f"<h3>{key}</h3><pre>{html.escape(json.dumps(ev[key], indent=2))}</pre>"]
+    plots = plots or {}
+    if plots:
+        parts.append("<h2>Training curves</h2><div class='charts'>")
+        for stage, metrics in plots.items():
+            for key, series in metrics.items():
+                parts.append(svg_chart({key: series}, f"{stage}: {key}"))
+        parts.append("</div>")
+    links = []
+    gate_docs = st.get("gate", {}).get("outputs", {}).get("data_docs")
+    if gate_docs:
+        index = Path(gate_docs) / "index.html"
+        links.append(f"<li><a href='{index.as_uri() if index.is_absolute() else index}'>Great "
+                     "Expectations Data Docs</a></li>")
+    dep = st.get("deploy", {}).get("outputs", {})
+    if dep.get("endpoint"):
+        links.append(f"<li>served at <code>{html.escape(dep['endpoint'])}</code></li>")
+    if links:
+        parts += ["<h2>Links</h2><ul>", *links, "</ul>"]
+    parts += ["<h2>Stage metrics</h2>"]
+    for name, s in st.items():
+        if s.get("metrics"):
+            parts += [f"<h3>{name}</h3>", _table(sorted(s["metrics"].items()), ["metric", "value"])]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write(run_dir: Path, tracking_uri: str | None = None, tracker=None) -> Path:
+    """Write ``report.html`` into the run folder (and log it to the run's MLflow parent run
+    when ``tracker`` is active). Returns its path."""
+    card = collect(run_dir)
+    path = Path(run_dir) / "report.html"
+    path.write_text(render_html(card, curves(tracking_uri, card["run_id"])), encoding="utf-8")
+    if tracker is not None:
+        tracker.log_artifact(path)
+    return path
