@@ -27,7 +27,8 @@ def test_tiny_pipeline_learns_and_reruns_from_cache(tmp_path):
     assert sft["well_formed_tool_call_share"] >= 0.6  # held-out prompts -> tool calls
     assert sft["grounded_tool_call_share"] >= 0.5  # ... that use the question's entity/numbers
     model_dir = result["sft"]["outputs"]["model"]
-    assert (tmp_path / model_dir).exists() or os.path.exists(model_dir)
+    assert model_dir.startswith("./"), model_dir  # stored relative to the stage folder
+    assert (run_dir / "sft" / model_dir / "config.json").exists()
 
     con = sqlite3.connect(tmp_path / "mlflow.db")
     names = sorted(n for (n,) in con.execute("select name from runs"))
