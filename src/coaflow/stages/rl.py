@@ -1,0 +1,285 @@
+"""rl: multi-turn agentic RL with real tools (GRPO / DAPO on TRL), from the SFT checkpoint.
+
+\b
+    coaflow run --profile tiny                        # sft -> rl -> evaluate
+    coaflow run --from rl --run-id RUN --set rl.max_steps=40
+
+Each step draws ``tasks_per_step`` tasks of the ``rl`` split (disjoint from train and test) and
+runs ``num_generations`` whole episodes per task through coaflow's one agent loop
+(``coaflow.agent.run_episodes``) with the live policy and the suites' real tools. An episode is
+tokenized with the model's chat template; only the tokens the model sampled carry loss (tool
+observations and template scaffolding are masked through TRL's ``env_mask``). The reward is the
+suite's verifier on the final ``<answer>`` plus an optional shaped format term
+(``rl_rollout.REWARD_DOC``). TRL's ``GRPOTrainer`` computes group-relative advantages and the
+clipped policy loss: ``loss_type=dapo`` (token-level), clip-higher (``epsilon_high``), no KL
+(``beta=0``) by default; groups whose rewards have zero variance are dropped (DAPO dynamic
+sampling, see ``rl_rollout.AgentGRPOTrainer``).
+
+Rollouts: transformers generation in process (CPU or GPU). ``rl.engine: vllm`` turns on TRL's
+vLLM colocate engine on a GPU (the qwen3-0.6b-1gpu profile); the agent loop then generates with
+it. That path needs a GPU and the ``[gpu]`` extra, so it is not exercised by the CPU tests.
+
+Checkpoints go to ``checkpoints/`` every ``save_steps``; a killed run resumes from the last one.
+The final policy is a plain HF folder in ``model/``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from coaflow.config import Section
+from coaflow.pipeline import Context, PipelineError, Result
+
+NAME = "rl"
+NEEDS = ("sft",)
+OPTIONAL = ("gate",)
+RESUMABLE = True
+
+
+class Config(Section):
+    suites: dict[str, int] = Field({"kbqa": 64, "calc": 32}, description="rl-split tasks per "
+                                   "suite (the pool steps draw from)")
+    max_steps: int = Field(20, ge=1, description="optimizer steps (one batch of episodes each)")
+    tasks_per_step: int = Field(4, ge=1, description="tasks per step; each gets "
+                                "num_generations episodes")
+    num_generations: int = Field(8, ge=2, description="episodes per task (the GRPO group)")
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo"] = Field(
+        "dapo", description="TRL loss aggregation: dapo = token-level over the batch")
+    epsilon: float = Field(0.2, gt=0, description="lower clip of the importance ratio")
+    epsilon_high: float = Field(0.28, gt=0, description="upper clip (DAPO clip-higher)")
+    beta: float = Field(0.0, ge=0, description="KL coefficient to the SFT model (0: no "
+                        "reference model is kept)")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="divide advantages by the group's std, the batch's, or not at all")
+    dynamic_sampling: bool = Field(True, description="drop groups whose rewards are all equal "
+                                   "(zero advantage) from the loss")
+    mask_truncated_completions: bool = Field(True, description="no loss on episodes cut at "
+                                             "max_completion_length")
+    format_weight: float = Field(0.0, ge=0, description="weight of the shaped format reward "
+                                 "(0: success only)")
+    max_turns: int = Field(6, ge=1, description="assistant turns per episode")
+    max_new_tokens: int = Field(128, ge=8, description="tokens per assistant turn")
+    max_completion_length: int = Field(1024, ge=16, description="tokens per episode after the "
+                                       "prompt (model and tool tokens); longer ones are cut")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of the rollouts")
+    lr: float = Field(5e-4, gt=0, description="learning rate (AdamW, constant after warmup)")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup steps")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
+    batch_size: int = Field(16, ge=1, description="episodes per forward/backward pass "
+                            "(gradient accumulation covers the rest of the step)")
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="rollout generation: transformers in process, or TRL's vLLM "
+        "engine in colocate mode (GPU, the [gpu] extra)")
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, lt=1, description="GPU share vLLM "
+                                               "may take in colocate mode")
+    bf16: bool = Field(False, description="bfloat16 mixed precision (GPU)")
+    save_steps: int = Field(5, ge=1, description="checkpoint every N steps (resume point)")
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept")
+    sample_rollouts: int = Field(16, ge=0, description="episodes logged as an MLflow table")
+
+
+def run(cfg: Config, ctx: Context) -> Result:
+    return train(cfg, ctx)
+
+
+def load_policy(model_dir: Path):
+    """``(model, tokenizer, template)`` of the SFT checkpoint; ``template`` is the chat template
+    with ``{% generation %}`` markers used to mask the loss (None: the tokenizer's own)."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    from coaflow.models import load_model_and_tokenizer
+
+    model, tok, _ = load_model_and_tokenizer(str(model_dir), field="rl: the sft model")
+    if not tok.chat_template:
+        raise PipelineError(f"rl: the sft model at {model_dir} has no chat template; the agent "
+                            "loop and the loss mask need one")
+    if "tool_call" not in tok.chat_template and "tools" not in tok.chat_template:
+        raise PipelineError(f"rl: the chat template of {model_dir} has no tool-call support "
+                            "(no 'tools' / '<tool_call>' in it); agentic RL needs tool calls")
+    if has_generation_markers(tok.chat_template):
+        return model, tok, None
+    try:
+        return model, tok, get_training_chat_template(tok)
+    except ValueError:
+        raise PipelineError(f"rl: the chat template of {model_dir} has no {{% generation %}} "
+                            "markers and TRL has no training variant of it, so model tokens "
+                            "cannot be told from tool observations") from None
+
+
+def rl_tasks(cfg: Config, seed: int) -> list:
+    """The rl-split task pool, suites interleaved in a seeded order."""
+    from coaflow import envs
+
+    tasks = []
+    for suite, n in cfg.suites.items():
+        try:
+            tasks += envs.make_tasks(suite, "rl", n, seed=seed)
+        except ValueError as e:
+            raise PipelineError(f"rl.suites.{suite}: {e}") from None
+    if len(tasks) < cfg.tasks_per_step:
+        raise PipelineError(f"rl.suites: {len(tasks)} rl tasks in all, fewer than one step's "
+                            f"rl.tasks_per_step={cfg.tasks_per_step}; ask for more tasks")
+    random.Random(seed).shuffle(tasks)
+    return tasks
+
+
+def agent_episodes(cfg: Config, tokenizer):
+    """``episodes(trainer, tasks)`` for the rollout: coaflow's agent loop, live policy."""
+    from coaflow import agent
+
+    def episodes(trainer, tasks):
+        backend = agent.TransformersBackend.from_model(
+            trainer.model, tokenizer, batch_size=len(tasks), temperature=cfg.temperature,
+            top_p=cfg.top_p)
+        was_training = trainer.model.training
+        trainer.model.eval()
+        try:
+            trajs = agent.run_episodes(backend, tasks, max_turns=cfg.max_turns,
+                                       max_new_tokens=cfg.max_new_tokens)
+        finally:
+            trainer.model.train(was_training)
+        return [agent.episode_messages(t) for t in trajs]
+
+    return episodes
+
+
+def build_trainer(cfg: Config, model, tokenizer, template: str | None, tasks: list,
+                  output_dir: Path, seed: int, episodes, tracker=None, callbacks: tuple = ()):
+    """``(trainer, history, stats)``: the GRPO trainer over ``tasks`` with the agent rollout."""
+    import os
+
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig
+
+    from coaflow.stages import rl_rollout as R
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental
+    history: list[dict] = []
+    stats: dict[str, list] = defaultdict(list)
+    settings = R.RolloutSettings(cfg.max_turns, cfg.max_new_tokens, cfg.max_completion_length,
+                                 cfg.temperature, cfg.top_p, cfg.format_weight)
+    rollout = R.make_rollout_func(tasks, tokenizer, template, settings, episodes, stats)
+    per_step = cfg.tasks_per_step * cfg.num_generations
+    micro = max(g for g in range(1, min(per_step, cfg.batch_size) + 1) if per_step % g == 0)
+    use_gpu = torch.cuda.is_available()
+    args = GRPOConfig(
+        output_dir=str(output_dir), max_steps=cfg.max_steps, learning_rate=cfg.lr,
+        lr_scheduler_type="constant_with_warmup", warmup_steps=cfg.warmup_steps,
+        max_grad_norm=cfg.max_grad_norm, per_device_train_batch_size=micro,
+        gradient_accumulation_steps=per_step // micro, steps_per_generation=per_step // micro,
+        num_generations=cfg.num_generations, loss_type=cfg.loss_type, epsilon=cfg.epsilon,
+        epsilon_high=cfg.epsilon_high, beta=cfg.beta, scale_rewards=cfg.scale_rewards,
+        mask_truncated_completions=cfg.mask_truncated_completions,
+        max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
+        top_p=cfg.top_p, use_vllm=cfg.engine == "vllm", vllm_mode="colocate",
+        vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        reward_weights=[1.0, cfg.format_weight] if cfg.format_weight else None,
+        logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit, report_to="none", seed=seed, data_seed=seed,
+        bf16=cfg.bf16 and use_gpu, use_cpu=not use_gpu, disable_tqdm=False,
+        dataloader_pin_memory=use_gpu, log_completions=False,
+    )
+
+    class LogToTracker(TrainerCallback):
+        """TRL's logs plus the rollout's own numbers, as ``rl/*`` metrics per step."""
+
+        def on_step_begin(self, args, state, control, **kw):
+            stats["step_start"] = [time.perf_counter()]
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not logs or not state.is_world_process_zero or "reward" not in logs:
+                return
+            step_s = time.perf_counter() - stats["step_start"][0]
+            gen_s = stats["generate_s"][-1] if stats["generate_s"] else 0.0
+            row = {**logs, "step": state.global_step, "step_seconds": step_s,
+                   "generate_seconds": gen_s, "generate_share": gen_s / step_s if step_s else 0.0}
+            for k in ("success", "tool_calls", "tool_errors", "turns", "model_tokens"):
+                if stats[k]:
+                    row[k] = stats[k][-1]
+            history.append(row)
+            if tracker is not None:
+                tracker.log_metrics({f"rl/{_metric(k)}": float(v) for k, v in row.items()
+                                     if isinstance(v, (int, float)) and k != "step"},
+                                    step=state.global_step)
+
+    reward_funcs = [R.success_reward] + ([R.format_reward] if cfg.format_weight else [])
+    dataset = Dataset.from_list([{"prompt": t.question, "task_id": t.task_id} for t in tasks])
+    trainer = R.make_trainer_class()(
+        model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
+        processing_class=tokenizer, rollout_func=rollout, dynamic_sampling=cfg.dynamic_sampling,
+        callbacks=[LogToTracker(), *callbacks])
+    return trainer, history, stats
+
+
+def _metric(key: str) -> str:
+    return key.replace("rewards/", "reward_").replace("/", "_")
+
+
+def train(cfg: Config, ctx: Context, callbacks: tuple = (), episodes=None) -> Result:
+    """The stage; ``callbacks`` are extra ``TrainerCallback``s (tests use one to interrupt)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from coaflow.stages import rl_rollout as R
+    from coaflow.stages.sft import save_final
+
+    if cfg.epsilon_high < cfg.epsilon:
+        raise PipelineError(f"rl.epsilon_high={cfg.epsilon_high} is below rl.epsilon="
+                            f"{cfg.epsilon}: clip-higher needs epsilon_high >= epsilon")
+    sft_model = ctx.input("sft").path("model")
+    model, tokenizer, template = load_policy(sft_model)
+    tasks = rl_tasks(cfg, ctx.run.seed)
+    ckpt_dir = ctx.out / "checkpoints"
+    last = get_last_checkpoint(str(ckpt_dir)) if ctx.resume and ckpt_dir.is_dir() else None
+    resumed_from = int(Path(last).name.rsplit("-", 1)[-1]) if last else 0
+    trainer, history, stats = build_trainer(
+        cfg, model, tokenizer, template, tasks, ckpt_dir, ctx.run.seed,
+        episodes or agent_episodes(cfg, tokenizer), tracker=ctx.tracker, callbacks=callbacks)
+    ctx.tracker.log_params({"rl.tasks": len(tasks), "rl.reward": R.REWARD_DOC,
+                            "rl.sft_model": str(sft_model)})
+
+    start = time.time()
+    trainer.train(resume_from_checkpoint=last)
+    seconds = time.time() - start
+    final = save_final(trainer, _NoLora(), ctx.out / "model")
+    (ctx.out / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    ctx.tracker.log_artifact(ctx.out / "history.jsonl")
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    def mean(key: str) -> float:
+        vals = [h[key] for h in history if key in h]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    def edge(key: str, i: int) -> float:
+        vals = [h[key] for h in history if key in h]
+        return vals[i] if vals else float("nan")
+
+    gen = sum(h.get("generate_seconds", 0.0) for h in history)
+    total = sum(h.get("step_seconds", 0.0) for h in history)
+    metrics = {
+        "reward_mean": mean("reward"), "success_first": edge("success", 0),
+        "success_last": edge("success", -1), "success_mean": mean("success"),
+        "groups_dropped_mean": mean("groups_dropped"), "tool_calls_mean": mean("tool_calls"),
+        "seconds_per_step": total / len(history) if history else float("nan"),
+        "generate_share": gen / total if total else float("nan"),
+        "train_seconds": round(seconds, 2), "global_step": float(trainer.state.global_step),
+        "resumed_from_step": float(resumed_from), "tasks": float(len(tasks)),
+    }
+    return Result(outputs={"model": str(final)}, metrics=metrics,
+                  summary={"sft_model": str(sft_model), "reward": R.REWARD_DOC,
+                           "loss_type": cfg.loss_type, "beta": cfg.beta,
+                           "dynamic_sampling": cfg.dynamic_sampling})
+
+
+class _NoLora:
+    lora = False

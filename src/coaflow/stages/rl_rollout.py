@@ -1,0 +1,231 @@
+"""The pieces of agentic RL that sit between coaflow's agent loop and TRL's ``GRPOTrainer``.
+
+- ``encode_episode``: one finished episode (chat messages, tool results included) -> the token
+  ids TRL trains on, with ``env_mask`` = 1 on the tokens the model sampled (inside the chat
+  template's ``{% generation %}`` spans: its text, tool calls and ``<|im_end|>``) and 0 on
+  everything else (tool observations, the ``<|im_start|>assistant`` headers the loop inserts).
+  TRL multiplies its loss mask by ``env_mask``, so a tool's output never carries loss.
+- ``episode_rewards``: the verifiable reward of an episode (the suite's verifier from
+  ``envs.rewards`` on the final ``<answer>``; an optional format term from
+  ``rewards.format_reward``), documented in ``REWARD_DOC``.
+- ``AgentGRPOTrainer``: ``GRPOTrainer`` plus DAPO's dynamic sampling: a group whose episodes all
+  got the same reward has zero advantage and teaches nothing; its tokens are masked out of the
+  batch (so they do not dilute the token-level normalizer either) and counted in
+  ``rl/groups_dropped``. DAPO refills the batch by sampling more groups; TRL 1.16 has no hook for
+  that, so here a step trains on the groups that kept signal (its loss is 0 if none did).
+- ``make_rollout_func``: TRL's ``rollout_func``: whole multi-turn episodes per task, ``G`` per
+  task (TRL's sampler repeats each prompt ``num_generations`` times), run by coaflow's one agent
+  loop (``coaflow.agent.run_episodes``) against the live policy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from coaflow.envs import rewards
+from coaflow.errors import PipelineError, UserError
+
+REWARD_DOC = (
+    "reward = success + format_weight * format, where success is the suite's verifier "
+    "(envs.rewards.score: kbqa exact match, calc numeric match) on the episode's last <answer> "
+    "against the gold answer (0 without an <answer>), and format is 1 when every assistant turn is "
+    "well formed (balanced tags, tool calls are JSON objects with a name) and the episode ends "
+    "with exactly one <answer>. Nothing in the reward looks at tool outputs or the question, so a "
+    "policy can raise it only by answering correctly (or, for the format term, tidily).")
+
+
+@dataclass
+class Encoded:
+    """One episode as TRL sees it."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    env_mask: list[int]  # 1: sampled by the model (carries loss); 0: tool output / template
+    truncated: bool  # cut at max_completion_length (no final <|im_end|>)
+
+
+def encode_episode(tokenizer, messages: list[dict], chat_template: str | None,
+                   max_completion_length: int) -> Encoded:
+    """Tokenize a finished episode with the template the model was trained with.
+
+    The prompt is everything before the first assistant turn, rendered with the generation
+    prompt, exactly as the agent loop renders it; the completion is the rest of the rendered
+    conversation, cut after the last token the model produced (the final ``<|im_end|>``). An
+    episode longer than ``max_completion_length`` is cut there and marked ``truncated``.
+    """
+    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
+    if first is None:
+        raise PipelineError("rl: an episode has no assistant turn (the agent loop produced "
+                            "nothing to train on)")
+    prompt = tokenizer.apply_chat_template(messages[:first], tokenize=True, return_dict=True,
+                                           add_generation_prompt=True,
+                                           chat_template=chat_template)["input_ids"]
+    full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                         return_assistant_tokens_mask=True,
+                                         chat_template=chat_template)
+    ids, mask = list(full["input_ids"]), list(full["assistant_masks"])
+    if ids[:len(prompt)] != list(prompt):
+        raise PipelineError("rl: the chat template renders the prompt differently inside the "
+                            "conversation, so sampled tokens cannot be lined up with it")
+    ids, mask = ids[len(prompt):], mask[len(prompt):]
+    marked = [i for i, m in enumerate(mask) if m]
+    if not marked:
+        raise PipelineError("rl: the chat template marks no assistant token of an episode "
+                            "({% generation %} markers missing)")
+    # End at the model's last end-of-turn token: what the template adds after it (a newline)
+    # was never sampled, and TRL tells a finished episode from a cut one by its last token.
+    last = next((i for i in reversed(marked) if ids[i] == tokenizer.eos_token_id), marked[-1])
+    ids, mask = ids[:last + 1], mask[:last + 1]
+    truncated = len(ids) > max_completion_length
+    if truncated:
+        ids, mask = ids[:max_completion_length], mask[:max_completion_length]
+    return Encoded(list(prompt), ids, mask, truncated)
+
+
+def assistant_text(messages: list[dict]) -> str:
+    """Every assistant turn's text (tool calls rendered as ``<tool_call>`` JSON), in order."""
+    import json
+
+    parts = []
+    for m in messages:
+        if m["role"] != "assistant":
+            continue
+        parts.append(m.get("content") or "")
+        for c in m.get("tool_calls") or []:
+            fn = c.get("function", c)
+            args = fn.get("arguments", {})
+            args = json.loads(args) if isinstance(args, str) and args.strip().startswith("{") else args
+            parts.append("<tool_call>" + json.dumps({"name": fn.get("name"), "arguments": args})
+                         + "</tool_call>")
+    return "\n".join(p for p in parts if p)
+
+
+def episode_rewards(suite: str, final_answer: str | None, reference, messages: list[dict]
+                    ) -> dict[str, float]:
+    """``{"success": 0/1 from the suite's verifier, "format": 0/1}`` (see ``REWARD_DOC``)."""
+    return {"success": rewards.score(suite, final_answer, reference),
+            "format": rewards.format_reward(assistant_text(messages))}
+
+
+def success_reward(completions, success=None, **_) -> list[float]:
+    """TRL reward function: the verifier's score, computed by the rollout (``success`` field)."""
+    if success is None:
+        raise PipelineError("rl: the rollout returned no 'success' field for the reward")
+    return [float(s) for s in success]
+
+
+def format_reward(completions, format=None, **_) -> list[float]:  # noqa: A002 (TRL field name)
+    """TRL reward function: the shaped format term, computed by the rollout (``format`` field)."""
+    if format is None:
+        raise PipelineError("rl: the rollout returned no 'format' field for the reward")
+    return [float(f) for f in format]
+
+
+def zero_variance_groups(advantages, num_generations: int):
+    """Boolean per group: every episode of the group got the same reward (all advantages 0)."""
+    return advantages.view(-1, num_generations).abs().amax(dim=1) == 0
+
+
+def make_trainer_class():
+    """``AgentGRPOTrainer`` (built lazily: importing TRL costs seconds)."""
+    from trl import GRPOTrainer
+
+    class AgentGRPOTrainer(GRPOTrainer):
+        """``GRPOTrainer`` with DAPO dynamic sampling (``dynamic_sampling=True``)."""
+
+        def __init__(self, *a, dynamic_sampling: bool = True, **kw):
+            super().__init__(*a, **kw)
+            self.dynamic_sampling = dynamic_sampling
+
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            mode = "train" if self.model.training else "eval"
+            g = self.num_generations if mode == "train" else self.num_generations_eval
+            if g < 2 or out["advantages"].numel() % g:
+                return out
+            flat = zero_variance_groups(out["advantages"], g)
+            self._metrics[mode]["groups_dropped"].append(flat.float().mean().item())
+            if not self.dynamic_sampling or not flat.any():
+                return out
+            keep = (~flat).repeat_interleave(g).to(out["completion_mask"].dtype).unsqueeze(1)
+            mask = out.get("tool_mask")
+            if mask is None:
+                out["completion_mask"] = out["completion_mask"] * keep
+                mask = out["completion_mask"]
+            else:
+                out["tool_mask"] = mask * keep
+                mask = out["completion_mask"] * out["tool_mask"]
+            out["num_items_in_batch"] = self.accelerator.gather(mask.sum()).sum()
+            return out
+
+    return AgentGRPOTrainer
+
+
+# --- the rollout ------------------------------------------------------------------------------
+
+
+@dataclass
+class RolloutSettings:
+    max_turns: int
+    max_new_tokens: int
+    max_completion_length: int
+    temperature: float
+    top_p: float
+    format_weight: float
+
+
+def make_rollout_func(tasks: Sequence, tokenizer, chat_template: str | None,
+                      settings: RolloutSettings, episodes: Callable[[Any, list], list],
+                      stats: dict[str, list]):
+    """TRL ``rollout_func(prompts, trainer)`` over coaflow tasks.
+
+    ``prompts`` are task questions (the dataset's ``prompt`` column; TRL has already repeated
+    each one ``num_generations`` times, in groups). ``episodes(trainer, tasks)`` runs one episode
+    per task with the live policy and returns ``(messages, final_answer, info)`` per task, where
+    ``info`` holds ``tool_calls`` and ``tool_errors``. Timing and tool counts go to ``stats``.
+    """
+    by_question: dict[str, Any] = {}
+    for t in tasks:
+        if t.question in by_question:
+            raise UserError(f"rl: two rl tasks share the question {t.question!r}; the rollout "
+                            "finds a task by its question")
+        by_question[t.question] = t
+
+    def rollout(prompts: list, trainer) -> dict[str, list]:
+        batch = []
+        for p in prompts:
+            q = p if isinstance(p, str) else p[-1]["content"]
+            if q not in by_question:
+                raise PipelineError(f"rl: the trainer asked for an unknown prompt {q[:80]!r}")
+            batch.append(by_question[q])
+        start = time.perf_counter()
+        results = episodes(trainer, batch)
+        stats["generate_s"].append(time.perf_counter() - start)
+        out: dict[str, list] = {k: [] for k in ("prompt_ids", "completion_ids", "env_mask",
+                                                "success", "format", "task_id", "suite",
+                                                "tool_calls", "tool_errors", "turns")}
+        for task, (messages, answer, info) in zip(batch, results, strict=True):
+            enc = encode_episode(tokenizer, messages, chat_template,
+                                 settings.max_completion_length)
+            r = episode_rewards(task.suite, answer, task.answer, messages)
+            out["prompt_ids"].append(enc.prompt_ids)
+            out["completion_ids"].append(enc.completion_ids)
+            out["env_mask"].append(enc.env_mask)
+            out["success"].append(r["success"])
+            out["format"].append(r["format"])
+            out["task_id"].append(task.task_id)
+            out["suite"].append(task.suite)
+            for k in ("tool_calls", "tool_errors", "turns"):
+                out[k].append(info.get(k, 0))
+        n = max(len(batch), 1)
+        stats["success"].append(sum(out["success"]) / n)
+        stats["tool_calls"].append(sum(out["tool_calls"]) / n)
+        stats["tool_errors"].append(sum(out["tool_errors"]) / n)
+        stats["turns"].append(sum(out["turns"]) / n)
+        stats["model_tokens"].append(sum(sum(m) for m in out["env_mask"]) / n)
+        return {**out, "logprobs": None}
+
+    return rollout

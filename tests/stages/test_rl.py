@@ -1,0 +1,198 @@
+"""rl stage: the loss mask on real multi-turn episodes, the reward, dynamic sampling, real GRPO
+steps that move the weights, resume, and clear errors.
+
+The trainer tests feed the stage scripted episodes (real tool calls and observations, answers
+right or wrong by a fixed rule) through the same ``episodes`` hook the agent loop fills, so they
+check the RL machinery (tokenizing, masks, advantages, loss, checkpoints) without depending on
+what a tiny random model happens to sample."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
+import sft_fixtures as fx  # noqa: E402
+
+from coaflow import envs  # noqa: E402
+from coaflow.errors import PipelineError  # noqa: E402
+from coaflow.schema.render import DEFAULT_SYSTEM_PROMPT  # noqa: E402
+from coaflow.stages import rl  # noqa: E402
+from coaflow.stages import rl_rollout as R  # noqa: E402
+
+tiny_dir, trajectories = fx.tiny_dir, fx.trajectories  # shared fixtures
+
+
+def episode(task, answer: str) -> list[dict]:
+    """A real two-turn kbqa episode: a search call, the tool's real output, an answer."""
+    query = " ".join(task.question.split()[-4:])
+    obs = envs.call_tool("kbqa", "search", {"query": query})
+    return [
+        {"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+        {"role": "user", "content": task.question},
+        {"role": "assistant", "content": "<think>Search first.</think>", "tool_calls": [
+            {"id": "c1", "type": "function",
+             "function": {"name": "search", "arguments": f'{{"query": "{query}"}}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "name": "search", "content": obs},
+        {"role": "assistant", "content": f"<answer>{answer}</answer>"},
+    ]
+
+
+def scripted(trainer, tasks):
+    """Episodes for a batch: in every other group one episode answers right, the rest wrong
+    (so half the groups have reward variance and half have none)."""
+    out = []
+    for i, t in enumerate(tasks):
+        right = (i // trainer.num_generations) % 2 == 0 and i % trainer.num_generations == 0
+        gold = t.answer if isinstance(t.answer, str) else t.answer[0]
+        msgs = episode(t, gold if right else "nobody")
+        out.append((msgs, gold if right else "nobody",
+                    {"tool_calls": 1, "tool_errors": 0, "turns": 2}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return envs.make_tasks("kbqa", "rl", 4, seed=0)
+
+
+def test_tool_tokens_carry_no_loss(tiny_dir, tasks):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    msgs = episode(tasks[0], "x")
+    enc = R.encode_episode(tok, msgs, None, max_completion_length=4096)
+    assert not enc.truncated and len(enc.completion_ids) == len(enc.env_mask)
+    text = tok.decode(enc.prompt_ids)
+    assert text.endswith("<|im_start|>assistant\n") and tasks[0].question in text
+    # Rebuild the completion token by token and split it into model / not-model text.
+    model_text = "".join(tok.decode([i]) for i, m in zip(enc.completion_ids, enc.env_mask,
+                                                         strict=True) if m)
+    other_text = "".join(tok.decode([i]) for i, m in zip(enc.completion_ids, enc.env_mask,
+                                                         strict=True) if not m)
+    assert msgs[3]["content"] in other_text  # the whole tool observation is masked
+    assert "<tool_response>" in other_text and "<tool_response>" not in model_text
+    assert "<answer>x</answer>" in model_text and '"name": "search"' in model_text
+    assert model_text.count("<|im_end|>") == 2  # the model learns to stop its turns
+    assert enc.completion_ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+    assert enc.env_mask[-1] == 1
+    cut = R.encode_episode(tok, msgs, None, max_completion_length=20)
+    assert cut.truncated and len(cut.completion_ids) == 20
+
+
+def test_reward_is_the_verifier_not_a_proxy(tasks):
+    t = tasks[0]
+    gold = t.answer if isinstance(t.answer, str) else t.answer[0]
+    right = episode(t, gold)
+    assert R.episode_rewards("kbqa", gold, t.answer, right) == {"success": 1.0, "format": 1.0}
+    # the gold answer in a tool observation or in the thoughts earns nothing
+    leaked = episode(t, "nobody")
+    leaked[3]["content"] += f"\n{gold}"
+    leaked[2]["content"] = f"<think>maybe {gold}</think>"
+    assert R.episode_rewards("kbqa", "nobody", t.answer, leaked)["success"] == 0.0
+    # hedging (several candidates in one answer) fails exact match; no answer scores 0
+    assert R.episode_rewards("kbqa", f"{gold} or nobody", t.answer, right)["success"] == 0.0
+    assert R.episode_rewards("kbqa", None, t.answer, right[:4])["success"] == 0.0
+    # two answers are badly formatted even if one is right
+    two = right[:4] + [{"role": "assistant", "content": f"<answer>a</answer><answer>{gold}"
+                                                        "</answer>"}]
+    assert R.episode_rewards("kbqa", gold, t.answer, two)["format"] == 0.0
+
+
+def test_zero_variance_groups():
+    import torch
+
+    adv = torch.tensor([0.0, 0.0, 0.7, -0.7, 0.0, 0.0, 0.0, 0.0])
+    assert R.zero_variance_groups(adv, 2).tolist() == [True, False, True, True]
+
+
+def make_ctx(root: Path, model_dir, overrides=(), resume=False):
+    from coaflow.config import load_config
+    from coaflow.pipeline import Context, Result
+    from coaflow.tracking import Tracker
+
+    cfg = load_config("tiny", ["tracking.enabled=false", f"run.workdir={root}",
+                               "rl.suites={kbqa: 8}", "rl.tasks_per_step=2",
+                               "rl.num_generations=2", "rl.batch_size=4", "rl.save_steps=1",
+                               "rl.lr=0.01", *overrides])
+    out = root / "rl"
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = Context(run_id="test", out=out, run=cfg.run, resume=resume,
+                  inputs={"sft": Result(outputs={"model": str(model_dir)})},
+                  tracker=Tracker(root, enabled=False))
+    return cfg.rl, ctx
+
+
+def test_groups_without_signal_are_dropped_from_the_batch(tmp_path, tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, ctx = make_ctx(tmp_path, tiny_dir, ["rl.tasks_per_step=4"])
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    trainer, _, stats = rl.build_trainer(
+        cfg, AutoModelForCausalLM.from_pretrained(tiny_dir), tok, None,
+        rl.rl_tasks(cfg, 0), tmp_path / "ckpt", 0, scripted)
+    trainer.model.train()
+    inputs = next(iter(trainer.get_train_dataloader()))
+    batch = trainer._generate_and_score_completions(inputs)
+    mask = (batch["completion_mask"] * batch["tool_mask"]).tolist()
+    keep = [(i // 2) % 2 == 0 for i in range(8)]  # groups 0 and 2 have a right and a wrong answer
+    for row, ids, k in zip(mask, batch["completion_ids"].tolist(), keep, strict=True):
+        assert (sum(row) > 0) == k
+        if k:  # the tool observation's tokens are masked, the model's are not
+            text = tok.decode([i for i, m in zip(ids, row, strict=True) if not m])
+            assert "<tool_response>" in text
+    assert batch["num_items_in_batch"].item() == sum(map(sum, mask))
+    assert trainer._metrics["train"]["groups_dropped"] == [0.5]
+    assert stats["success"] == [2 / 8]
+
+
+def test_steps_change_the_weights_and_resume(tmp_path, tiny_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    class Stop(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    cfg, ctx = make_ctx(tmp_path, tiny_dir, ["rl.max_steps=3"])
+    with pytest.raises(KeyboardInterrupt):
+        rl.train(cfg, ctx, callbacks=(Stop(),), episodes=scripted)
+    assert (ctx.out / "checkpoints" / "checkpoint-2").is_dir()
+    cfg, ctx = make_ctx(tmp_path, tiny_dir, ["rl.max_steps=3"], resume=True)
+    res = rl.train(cfg, ctx, episodes=scripted)
+    assert res.metrics["resumed_from_step"] == 2 and res.metrics["global_step"] == 3
+    assert 0 < res.metrics["groups_dropped_mean"] < 1
+    before = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(res.path("model")).state_dict()
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(moved) > len(before) // 2
+    assert (ctx.out / "history.jsonl").read_text().count("\n") == 1  # the resumed attempt's step
+    assert not (ctx.out / "checkpoints").exists()
+
+
+def test_clear_errors(tmp_path, tiny_dir):
+    import shutil
+
+    cfg, _ = make_ctx(tmp_path, tiny_dir, ["rl.suites={kbqa: 1}"])
+    with pytest.raises(PipelineError, match="fewer than one step"):
+        rl.rl_tasks(cfg, 0)
+    cfg, _ = make_ctx(tmp_path, tiny_dir, ["rl.suites={nosuch: 4}"])
+    with pytest.raises(PipelineError, match="rl.suites.nosuch: unknown suite"):
+        rl.rl_tasks(cfg, 0)
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_dir, bare)
+    cfgfile = bare / "tokenizer_config.json"
+    import json
+
+    tc = json.loads(cfgfile.read_text())
+    tc.pop("chat_template", None)
+    cfgfile.write_text(json.dumps(tc))
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(PipelineError, match="no chat template"):
+        rl.load_policy(bare)
+    (bare / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    with pytest.raises(PipelineError, match="no tool-call support"):
+        rl.load_policy(bare)
