@@ -8,6 +8,7 @@ what a tiny random model happens to sample."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -196,3 +197,15 @@ def test_clear_errors(tmp_path, tiny_dir):
     (bare / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
     with pytest.raises(PipelineError, match="no tool-call support"):
         rl.load_policy(bare)
+
+
+def test_one_step_with_the_agent_loop(tmp_path, tiny_dir):
+    """The real rollout: coaflow's agent loop samples whole episodes with the live policy and
+    the real kbqa tools; TRL trains on them."""
+    cfg, ctx = make_ctx(tmp_path, tiny_dir, ["rl.max_steps=1", "rl.max_turns=2",
+                                             "rl.max_new_tokens=24", "rl.temperature=1.5"])
+    res = rl.train(cfg, ctx)
+    assert res.metrics["global_step"] == 1
+    rows = [json.loads(x) for x in (ctx.out / "history.jsonl").read_text().splitlines()]
+    assert rows[0]["model_tokens"] > 0 and rows[0]["generate_seconds"] > 0
+    assert 0 < rows[0]["generate_share"] < 1

@@ -70,7 +70,6 @@ class Config(Section):
     max_completion_length: int = Field(1024, ge=16, description="tokens per episode after the "
                                        "prompt (model and tool tokens); longer ones are cut")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of the rollouts")
     lr: float = Field(5e-4, gt=0, description="learning rate (AdamW, constant after warmup)")
     warmup_steps: int = Field(0, ge=0, description="linear warmup steps")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
@@ -132,22 +131,32 @@ def rl_tasks(cfg: Config, seed: int) -> list:
     return tasks
 
 
-def agent_episodes(cfg: Config, tokenizer):
-    """``episodes(trainer, tasks)`` for the rollout: coaflow's agent loop, live policy."""
+def agent_episodes(cfg: Config, model_dir: Path, seed: int):
+    """``episodes(trainer, tasks)`` for the rollout: coaflow's agent loop with the live policy
+    (the trainer's model itself, or TRL's vLLM engine holding its synced weights)."""
     from coaflow import agent
+    from coaflow.stages import rl_rollout as R
+
+    backend = None
 
     def episodes(trainer, tasks):
-        backend = agent.TransformersBackend.from_model(
-            trainer.model, tokenizer, batch_size=len(tasks), temperature=cfg.temperature,
-            top_p=cfg.top_p)
+        nonlocal backend
+        if backend is None:
+            backend = (R.VLLMColocateBackend(trainer.vllm_generation.llm, trainer.processing_class)
+                       if cfg.engine == "vllm" else
+                       agent.TransformersBackend(str(model_dir), batch_size=len(tasks),
+                                                 field="rl: the sft model"))
+        if cfg.engine == "transformers":
+            backend.model = trainer.model  # generate with the policy being trained, not a copy
         was_training = trainer.model.training
         trainer.model.eval()
         try:
-            trajs = agent.run_episodes(backend, tasks, max_turns=cfg.max_turns,
-                                       max_new_tokens=cfg.max_new_tokens)
+            trajs = agent.run_episodes(
+                backend, tasks, max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature, seed=seed * 100_003 + trainer.state.global_step)
         finally:
             trainer.model.train(was_training)
-        return [agent.episode_messages(t) for t in trajs]
+        return [R.from_trajectory(t) for t in trajs]
 
     return episodes
 
@@ -168,7 +177,7 @@ def build_trainer(cfg: Config, model, tokenizer, template: str | None, tasks: li
     history: list[dict] = []
     stats: dict[str, list] = defaultdict(list)
     settings = R.RolloutSettings(cfg.max_turns, cfg.max_new_tokens, cfg.max_completion_length,
-                                 cfg.temperature, cfg.top_p, cfg.format_weight)
+                                 cfg.temperature, cfg.format_weight)
     rollout = R.make_rollout_func(tasks, tokenizer, template, settings, episodes, stats)
     per_step = cfg.tasks_per_step * cfg.num_generations
     micro = max(g for g in range(1, min(per_step, cfg.batch_size) + 1) if per_step % g == 0)
@@ -182,7 +191,7 @@ def build_trainer(cfg: Config, model, tokenizer, template: str | None, tasks: li
         epsilon_high=cfg.epsilon_high, beta=cfg.beta, scale_rewards=cfg.scale_rewards,
         mask_truncated_completions=cfg.mask_truncated_completions,
         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
-        top_p=cfg.top_p, use_vllm=cfg.engine == "vllm", vllm_mode="colocate",
+        use_vllm=cfg.engine == "vllm", vllm_mode="colocate",
         vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
         reward_weights=[1.0, cfg.format_weight] if cfg.format_weight else None,
         logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps,
@@ -244,7 +253,7 @@ def train(cfg: Config, ctx: Context, callbacks: tuple = (), episodes=None) -> Re
     resumed_from = int(Path(last).name.rsplit("-", 1)[-1]) if last else 0
     trainer, history, stats = build_trainer(
         cfg, model, tokenizer, template, tasks, ckpt_dir, ctx.run.seed,
-        episodes or agent_episodes(cfg, tokenizer), tracker=ctx.tracker, callbacks=callbacks)
+        episodes or agent_episodes(cfg, sft_model, ctx.run.seed), tracker=ctx.tracker, callbacks=callbacks)
     ctx.tracker.log_params({"rl.tasks": len(tasks), "rl.reward": R.REWARD_DOC,
                             "rl.sft_model": str(sft_model)})
 

@@ -164,6 +164,51 @@ def make_trainer_class():
     return AgentGRPOTrainer
 
 
+def from_trajectory(traj) -> tuple[list[dict], str | None, dict]:
+    """An agent-loop trajectory as ``(messages, final_answer, info)``: the chat rendered exactly
+    as the loop rendered it for the model (``sft_data.to_example``), and its counts."""
+    from coaflow.schema.render import DEFAULT_SYSTEM_PROMPT
+    from coaflow.stages.sft_data import to_example
+
+    messages = to_example(traj, DEFAULT_SYSTEM_PROMPT)["messages"]
+    d = traj.details
+    errors = sum(m["role"] == "tool" and str(m.get("content", "")).startswith("Error")
+                 for m in messages)
+    return messages, traj.outcome.final_answer, {
+        "tool_calls": d.get("tool_calls", 0), "tool_errors": errors, "turns": d.get("turns", 0),
+        "stop": d.get("stop")}
+
+
+class VLLMColocateBackend:
+    """The agent loop's backend protocol over TRL's colocated ``vllm.LLM`` (its weights are the
+    policy's: TRL syncs them before every rollout). GPU only; not exercised by the CPU tests."""
+
+    asynchronous = False
+    name = "policy-vllm"
+
+    def __init__(self, llm, tokenizer):
+        self.llm, self.tok = llm, tokenizer
+        self.stop_ids = [i for i in {tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                                     tokenizer.eos_token_id} if isinstance(i, int)]
+
+    def generate(self, prompts: list[list[dict]], tools=None, *, max_new_tokens: int,
+                 temperature: float = 0.0, seed: int = 0) -> list:
+        from vllm import SamplingParams
+
+        from coaflow.agent import Completion
+
+        texts = [self.tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+                 for m in prompts]
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                stop_token_ids=self.stop_ids, skip_special_tokens=False)
+        out = []
+        for r in self.llm.generate(texts, params, use_tqdm=False):
+            c = r.outputs[0]
+            stopped = c.finish_reason == "stop"
+            out.append(Completion(c.text, len(c.token_ids), "stop" if stopped else "length"))
+        return out
+
+
 # --- the rollout ------------------------------------------------------------------------------
 
 
@@ -173,7 +218,6 @@ class RolloutSettings:
     max_new_tokens: int
     max_completion_length: int
     temperature: float
-    top_p: float
     format_weight: float
 
 
@@ -210,6 +254,10 @@ def make_rollout_func(tasks: Sequence, tokenizer, chat_template: str | None,
         for task, (messages, answer, info) in zip(batch, results, strict=True):
             enc = encode_episode(tokenizer, messages, chat_template,
                                  settings.max_completion_length)
+            if info.get("stop") == "turn_tokens" and not enc.truncated:
+                # the last turn hit its token budget: the <|im_end|> the template closes it with
+                # was never sampled; drop it, so TRL counts the episode as cut
+                enc.completion_ids, enc.env_mask = enc.completion_ids[:-1], enc.env_mask[:-1]
             r = episode_rewards(task.suite, answer, task.answer, messages)
             out["prompt_ids"].append(enc.prompt_ids)
             out["completion_ids"].append(enc.completion_ids)
