@@ -199,13 +199,36 @@ def test_clear_errors(tmp_path, tiny_dir):
         rl.load_policy(bare)
 
 
-def test_one_step_with_the_agent_loop(tmp_path, tiny_dir):
-    """The real rollout: coaflow's agent loop samples whole episodes with the live policy and
-    the real kbqa tools; TRL trains on them."""
-    cfg, ctx = make_ctx(tmp_path, tiny_dir, ["rl.max_steps=1", "rl.max_turns=2",
-                                             "rl.max_new_tokens=24", "rl.temperature=1.5"])
-    res = rl.train(cfg, ctx)
+def test_one_step_with_the_agent_loop_tracked(tmp_path, tiny_dir):
+    """The real rollout through the runner with MLflow on: coaflow's agent loop samples whole
+    episodes with the live policy and the real kbqa tools, TRL trains on them, and the step's
+    rl/* metrics and the rollout table land in the stage's MLflow run."""
+    import types
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from coaflow.config import load_config
+    from coaflow.pipeline import Result, run_pipeline
+
+    sft = types.SimpleNamespace(NAME="sft", NEEDS=(), RESUMABLE=False, Config=None,
+                                run=lambda cfg, ctx: Result(outputs={"model": str(tiny_dir)}))
+    cfg = load_config("tiny", [f"run.workdir={tmp_path}", "rl.suites={kbqa: 8}",
+                               "rl.tasks_per_step=2", "rl.num_generations=2", "rl.max_steps=1",
+                               "rl.max_turns=2", "rl.max_new_tokens=24", "rl.temperature=1.5",
+                               "rl.sample_rollouts=3"])
+    res = run_pipeline(cfg, stages={"sft": sft, "rl": rl}, run_id="r1", log=lambda m: None)["rl"]
     assert res.metrics["global_step"] == 1
-    rows = [json.loads(x) for x in (ctx.out / "history.jsonl").read_text().splitlines()]
-    assert rows[0]["model_tokens"] > 0 and rows[0]["generate_seconds"] > 0
-    assert 0 < rows[0]["generate_share"] < 1
+    out = Path(res.outputs["model"]).parent
+    rows = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    assert rows[0]["model_tokens"] > 0 and 0 < rows[0]["generate_share"] < 1
+    samples = [json.loads(x) for x in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 and all(s["transcript"].startswith("[user]") for s in samples)
+    run = mlflow.search_runs(filter_string="tags.`coaflow.stage` = 'rl'", output_format="list",
+                             search_all_experiments=True)[0]
+    client = MlflowClient(mlflow.get_tracking_uri())
+    for key in ("rl/reward", "rl/success", "rl/entropy", "rl/groups_dropped",
+                "rl/generate_share", "rl/tool_calls", "rl/model_tokens"):
+        assert client.get_metric_history(run.info.run_id, key), key
+    arts = [a.path for a in client.list_artifacts(run.info.run_id, "rl")]
+    assert "rl/rollouts.json" in arts

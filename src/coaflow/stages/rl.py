@@ -47,6 +47,9 @@ RESUMABLE = True
 class Config(Section):
     suites: dict[str, int] = Field({"kbqa": 64, "calc": 32}, description="rl-split tasks per "
                                    "suite (the pool steps draw from)")
+    difficulty_mix: dict[int, float] | None = Field(
+        None, description="weights of difficulty levels 1/2/3 in the task pool (null: the "
+        "suites' default mix); {1: 1.0} trains on one-hop tasks only")
     max_steps: int = Field(20, ge=1, description="optimizer steps (one batch of episodes each)")
     tasks_per_step: int = Field(4, ge=1, description="tasks per step; each gets "
                                 "num_generations episodes")
@@ -121,7 +124,7 @@ def rl_tasks(cfg: Config, seed: int) -> list:
     tasks = []
     for suite, n in cfg.suites.items():
         try:
-            tasks += envs.make_tasks(suite, "rl", n, seed=seed)
+            tasks += envs.make_tasks(suite, "rl", n, seed=seed, difficulty_mix=cfg.difficulty_mix)
         except ValueError as e:
             raise PipelineError(f"rl.suites.{suite}: {e}") from None
     if len(tasks) < cfg.tasks_per_step:
@@ -178,7 +181,8 @@ def build_trainer(cfg: Config, model, tokenizer, template: str | None, tasks: li
     stats: dict[str, list] = defaultdict(list)
     settings = R.RolloutSettings(cfg.max_turns, cfg.max_new_tokens, cfg.max_completion_length,
                                  cfg.temperature, cfg.format_weight)
-    rollout = R.make_rollout_func(tasks, tokenizer, template, settings, episodes, stats)
+    rollout = R.make_rollout_func(tasks, tokenizer, template, settings, episodes, stats,
+                                  samples=cfg.sample_rollouts)
     per_step = cfg.tasks_per_step * cfg.num_generations
     micro = max(g for g in range(1, min(per_step, cfg.batch_size) + 1) if per_step % g == 0)
     use_gpu = torch.cuda.is_available()
@@ -263,6 +267,7 @@ def train(cfg: Config, ctx: Context, callbacks: tuple = (), episodes=None) -> Re
     final = save_final(trainer, _NoLora(), ctx.out / "model")
     (ctx.out / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     ctx.tracker.log_artifact(ctx.out / "history.jsonl")
+    log_rollouts(ctx, stats["samples"])
     shutil.rmtree(ckpt_dir, ignore_errors=True)
 
     def mean(key: str) -> float:
@@ -288,6 +293,15 @@ def train(cfg: Config, ctx: Context, callbacks: tuple = (), episodes=None) -> Re
                   summary={"sft_model": str(sft_model), "reward": R.REWARD_DOC,
                            "loss_type": cfg.loss_type, "beta": cfg.beta,
                            "dynamic_sampling": cfg.dynamic_sampling})
+
+
+def log_rollouts(ctx: Context, rows: list[dict]) -> None:
+    """Sample episodes of every step: ``rollouts.jsonl`` and an MLflow table."""
+    path = ctx.out / "rollouts.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    if ctx.tracker.enabled and rows:
+        ctx.tracker.mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]},
+                                     artifact_file="rl/rollouts.json")
 
 
 class _NoLora:

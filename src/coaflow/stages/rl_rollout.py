@@ -110,6 +110,15 @@ def episode_rewards(suite: str, final_answer: str | None, reference, messages: l
             "format": rewards.format_reward(assistant_text(messages))}
 
 
+def transcript(messages: list[dict], width: int = 400) -> str:
+    """A readable episode for the rollout table (system prompt left out, long turns cut)."""
+    lines = []
+    for m in messages[1:] if messages and messages[0]["role"] == "system" else messages:
+        text = assistant_text([m]) if m["role"] == "assistant" else str(m.get("content", ""))
+        lines.append(f"[{m['role']}] {text if len(text) <= width else text[:width] + ' ...'}")
+    return "\n".join(lines)
+
+
 def success_reward(completions, success=None, **_) -> list[float]:
     """TRL reward function: the verifier's score, computed by the rollout (``success`` field)."""
     if success is None:
@@ -223,13 +232,14 @@ class RolloutSettings:
 
 def make_rollout_func(tasks: Sequence, tokenizer, chat_template: str | None,
                       settings: RolloutSettings, episodes: Callable[[Any, list], list],
-                      stats: dict[str, list]):
+                      stats: dict[str, list], samples: int = 0):
     """TRL ``rollout_func(prompts, trainer)`` over coaflow tasks.
 
     ``prompts`` are task questions (the dataset's ``prompt`` column; TRL has already repeated
     each one ``num_generations`` times, in groups). ``episodes(trainer, tasks)`` runs one episode
     per task with the live policy and returns ``(messages, final_answer, info)`` per task, where
-    ``info`` holds ``tool_calls`` and ``tool_errors``. Timing and tool counts go to ``stats``.
+    ``info`` holds ``tool_calls`` and ``tool_errors``. Timing and tool counts go to ``stats``,
+    the first ``samples`` episodes of every step to ``stats["samples"]``.
     """
     by_question: dict[str, Any] = {}
     for t in tasks:
@@ -258,7 +268,11 @@ def make_rollout_func(tasks: Sequence, tokenizer, chat_template: str | None,
                 # the last turn hit its token budget: the <|im_end|> the template closes it with
                 # was never sampled; drop it, so TRL counts the episode as cut
                 enc.completion_ids, enc.env_mask = enc.completion_ids[:-1], enc.env_mask[:-1]
-            r = episode_rewards(task.suite, answer, task.answer, messages)
+            try:
+                r = episode_rewards(task.suite, answer, task.answer, messages)
+            except Exception as e:
+                raise PipelineError(f"rl: the reward of task {task.task_id} ({task.suite}) "
+                                    f"raised {type(e).__name__}: {e}") from None
             out["prompt_ids"].append(enc.prompt_ids)
             out["completion_ids"].append(enc.completion_ids)
             out["env_mask"].append(enc.env_mask)
@@ -268,6 +282,12 @@ def make_rollout_func(tasks: Sequence, tokenizer, chat_template: str | None,
             out["suite"].append(task.suite)
             for k in ("tool_calls", "tool_errors", "turns"):
                 out[k].append(info.get(k, 0))
+            if len(out["success"]) <= samples:
+                stats["samples"].append({
+                    "step": trainer.state.global_step, "task_id": task.task_id,
+                    "suite": task.suite, "success": r["success"], "format": r["format"],
+                    "answer": answer, "tool_calls": info.get("tool_calls", 0),
+                    "transcript": transcript(messages)})
         n = max(len(batch), 1)
         stats["success"].append(sum(out["success"]) / n)
         stats["tool_calls"].append(sum(out["tool_calls"]) / n)
