@@ -38,12 +38,16 @@ def paired(before: list[float], after: list[float]) -> dict:
             "lo": mean - half, "hi": mean + half}
 
 
-def success(model_dir: Path, tasks: list, cfg) -> list[float]:
+def success(model_dir: Path, tasks: list, cfg) -> dict[str, list[float]]:
+    """Greedy episodes: per task, success and evidence (a tool result held the answer)."""
     from coaflow.agent import TransformersBackend, run_episodes
+    from coaflow.stages.rl_rollout import evidence, from_trajectory
 
     trajs = run_episodes(TransformersBackend(str(model_dir), batch_size=32), tasks,
                          max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens)
-    return [float(bool(t.outcome.correct)) for t in trajs]
+    return {"success": [float(bool(t.outcome.correct)) for t in trajs],
+            "evidence": [evidence(t.task.suite, t.task.answer, from_trajectory(t)[0])
+                         for t in trajs]}
 
 
 def main() -> None:
@@ -70,7 +74,7 @@ def main() -> None:
         test = [t for s in cfg.rl.suites for t in
                 envs.make_tasks(s, "test", a.measure, seed=cfg.run.seed, difficulty_mix=mix)] \
             if a.measure else []
-        before = success(a.model, test, cfg.rl) if test else []
+        before = success(a.model, test, cfg.rl) if test else {}
         out = root / "rl"
         out.mkdir()
         ctx = Context(run_id="bench", out=out, run=cfg.run, tracker=Tracker(root, enabled=False),
@@ -96,10 +100,13 @@ def main() -> None:
         }
         if test:
             after = success(res.path("model"), test, cfg.rl)
-            report["heldout"] = {"all": paired(before, after)}
-            for s in cfg.rl.suites:
-                idx = [i for i, t in enumerate(test) if t.suite == s]
-                report["heldout"][s] = paired([before[i] for i in idx], [after[i] for i in idx])
+            report["heldout"] = {}
+            for key in ("success", "evidence"):
+                b, f = before[key], after[key]
+                report["heldout"][key] = {"all": paired(b, f)}
+                for s in cfg.rl.suites:
+                    idx = [i for i, t in enumerate(test) if t.suite == s]
+                    report["heldout"][key][s] = paired([b[i] for i in idx], [f[i] for i in idx])
         if a.keep:
             import shutil
 

@@ -19,7 +19,7 @@ def test_tiny_pipeline_learns_and_reruns_from_cache(tmp_path):
 
     run_dir = tmp_path / "runs" / "e2e"
     result = {s: json.loads((run_dir / s / "result.json").read_text())
-              for s in ("synthesize", "gate", "sft")}
+              for s in ("synthesize", "gate", "sft", "rl")}
     assert result["synthesize"]["metrics"]["trajectories"] == 1200
     assert result["gate"]["metrics"]["accepted"] >= 1000
     sft = result["sft"]["metrics"]
@@ -29,14 +29,17 @@ def test_tiny_pipeline_learns_and_reruns_from_cache(tmp_path):
     model_dir = result["sft"]["outputs"]["model"]
     assert model_dir.startswith("./"), model_dir  # stored relative to the stage folder
     assert (run_dir / "sft" / model_dir / "config.json").exists()
+    rl = result["rl"]["metrics"]  # RL ran from the sft model, every step, and kept a model
+    assert rl["global_step"] == 8 and rl["tool_calls_mean"] > 0
+    assert (run_dir / "rl" / result["rl"]["outputs"]["model"] / "config.json").exists()
 
     con = sqlite3.connect(tmp_path / "mlflow.db")
     names = sorted(n for (n,) in con.execute("select name from runs"))
-    assert names == ["e2e", "gate", "sft", "synthesize"]
+    assert names == ["e2e", "gate", "rl", "sft", "synthesize"]
     inputs = con.execute("select count(*) from inputs").fetchone()[0]
     assert inputs >= 2  # synthesize and sft datasets logged for lineage
 
     # a second plain run (a new run id) reuses every stage of the first: cross-run cache
     again = subprocess.run(cmd[:-2], env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("] cached (") == 3, again.stdout
+    assert again.stdout.count("] cached (") == 4, again.stdout

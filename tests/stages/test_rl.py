@@ -87,12 +87,21 @@ def test_reward_is_the_verifier_not_a_proxy(tasks):
     t = tasks[0]
     gold = t.answer if isinstance(t.answer, str) else t.answer[0]
     right = episode(t, gold)
-    assert R.episode_rewards("kbqa", gold, t.answer, right) == {"success": 1.0, "format": 1.0}
-    # the gold answer in a tool observation or in the thoughts earns nothing
+    r = R.episode_rewards("kbqa", gold, t.answer, right)
+    assert r["success"] == 1.0 and r["format"] == 1.0
+    # the gold answer in a tool observation or in the thoughts earns no success; in a real tool
+    # result it is the shaped evidence credit, in an error text or a thought it is nothing
     leaked = episode(t, "nobody")
-    leaked[3]["content"] += f"\n{gold}"
+    leaked[3]["content"] = "No results for 'x'."
     leaked[2]["content"] = f"<think>maybe {gold}</think>"
-    assert R.episode_rewards("kbqa", "nobody", t.answer, leaked)["success"] == 0.0
+    assert R.episode_rewards("kbqa", "nobody", t.answer, leaked)["evidence"] == 0.0
+    leaked[3]["content"] = f"Error: no page titled {gold!r}."
+    assert R.episode_rewards("kbqa", "nobody", t.answer, leaked)["evidence"] == 0.0
+    leaked[3]["content"] = f"1. {gold}: a page."
+    r = R.episode_rewards("kbqa", "nobody", t.answer, leaked)
+    assert r["success"] == 0.0 and r["evidence"] == 1.0
+    calc = [{"role": "tool", "content": "15698.81\n"}]
+    assert R.evidence("calc", "15698.81", calc) == 1.0 and R.evidence("calc", "15698.8", calc) == 0
     # hedging (several candidates in one answer) fails exact match; no answer scores 0
     assert R.episode_rewards("kbqa", f"{gold} or nobody", t.answer, right)["success"] == 0.0
     assert R.episode_rewards("kbqa", None, t.answer, right[:4])["success"] == 0.0

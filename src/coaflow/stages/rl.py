@@ -68,6 +68,8 @@ class Config(Section):
                                              "max_completion_length")
     format_weight: float = Field(0.0, ge=0, description="weight of the shaped format reward "
                                  "(0: success only)")
+    evidence_weight: float = Field(0.0, ge=0, description="weight of the shaped evidence "
+                                   "reward: a tool result holding the gold answer (0: off)")
     max_turns: int = Field(6, ge=1, description="assistant turns per episode")
     max_new_tokens: int = Field(128, ge=8, description="tokens per assistant turn")
     max_completion_length: int = Field(1024, ge=16, description="tokens per episode after the "
@@ -84,6 +86,8 @@ class Config(Section):
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, lt=1, description="GPU share vLLM "
                                                "may take in colocate mode")
     bf16: bool = Field(False, description="bfloat16 mixed precision (GPU)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations to save "
+                                         "memory (TRL's GRPO default is on; off is faster)")
     save_steps: int = Field(5, ge=1, description="checkpoint every N steps (resume point)")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept")
     sample_rollouts: int = Field(16, ge=0, description="episodes logged as an MLflow table")
@@ -180,7 +184,10 @@ def build_trainer(cfg: Config, model, tokenizer, template: str | None, tasks: li
     history: list[dict] = []
     stats: dict[str, list] = defaultdict(list)
     settings = R.RolloutSettings(cfg.max_turns, cfg.max_new_tokens, cfg.max_completion_length,
-                                 cfg.temperature, cfg.format_weight)
+                                 cfg.temperature)
+    shaped = [(R.success_reward, 1.0)] + [
+        (f, w) for f, w in ((R.format_reward, cfg.format_weight),
+                            (R.evidence_reward, cfg.evidence_weight)) if w]
     rollout = R.make_rollout_func(tasks, tokenizer, template, settings, episodes, stats,
                                   samples=cfg.sample_rollouts)
     per_step = cfg.tasks_per_step * cfg.num_generations
@@ -197,10 +204,11 @@ def build_trainer(cfg: Config, model, tokenizer, template: str | None, tasks: li
         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
         use_vllm=cfg.engine == "vllm", vllm_mode="colocate",
         vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-        reward_weights=[1.0, cfg.format_weight] if cfg.format_weight else None,
+        reward_weights=[w for _, w in shaped],
         logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, report_to="none", seed=seed, data_seed=seed,
-        bf16=cfg.bf16 and use_gpu, use_cpu=not use_gpu, disable_tqdm=False,
+        bf16=cfg.bf16 and use_gpu, gradient_checkpointing=cfg.gradient_checkpointing,
+        use_cpu=not use_gpu, disable_tqdm=False,
         dataloader_pin_memory=use_gpu, log_completions=False,
     )
 
@@ -217,7 +225,8 @@ def build_trainer(cfg: Config, model, tokenizer, template: str | None, tasks: li
             gen_s = stats["generate_s"][-1] if stats["generate_s"] else 0.0
             row = {**logs, "step": state.global_step, "step_seconds": step_s,
                    "generate_seconds": gen_s, "generate_share": gen_s / step_s if step_s else 0.0}
-            for k in ("success", "tool_calls", "tool_errors", "turns", "model_tokens"):
+            for k in ("success", "format", "evidence", "tool_calls", "tool_errors", "turns",
+                      "model_tokens"):
                 if stats[k]:
                     row[k] = stats[k][-1]
             history.append(row)
@@ -226,7 +235,7 @@ def build_trainer(cfg: Config, model, tokenizer, template: str | None, tasks: li
                                      if isinstance(v, (int, float)) and k != "step"},
                                     step=state.global_step)
 
-    reward_funcs = [R.success_reward] + ([R.format_reward] if cfg.format_weight else [])
+    reward_funcs = [f for f, _ in shaped]
     dataset = Dataset.from_list([{"prompt": t.question, "task_id": t.task_id} for t in tasks])
     trainer = R.make_trainer_class()(
         model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,

@@ -29,12 +29,16 @@ from coaflow.envs import rewards
 from coaflow.errors import PipelineError, UserError
 
 REWARD_DOC = (
-    "reward = success + format_weight * format, where success is the suite's verifier "
+    "reward = success + format_weight * format + evidence_weight * evidence, where success is "
+    "the suite's verifier "
     "(envs.rewards.score: kbqa exact match, calc numeric match) on the episode's last <answer> "
     "against the gold answer (0 without an <answer>), and format is 1 when every assistant turn is "
     "well formed (balanced tags, tool calls are JSON objects with a name) and the episode ends "
-    "with exactly one <answer>. Nothing in the reward looks at tool outputs or the question, so a "
-    "policy can raise it only by answering correctly (or, for the format term, tidily).")
+    "with exactly one <answer>, and evidence (partial credit for a correct intermediate tool "
+    "result) is 1 when a tool observation (not an error) holds the gold answer: the kbqa page or "
+    "search hit naming it, the calc program printing it. Tool outputs come from the real tools, "
+    "so evidence can be earned only by calling them well; success alone can only be earned by "
+    "answering correctly.")
 
 
 @dataclass
@@ -103,11 +107,34 @@ def assistant_text(messages: list[dict]) -> str:
     return "\n".join(p for p in parts if p)
 
 
+def evidence(suite: str, reference, messages: list[dict]) -> float:
+    """1.0 if a tool observation holds the gold answer (kbqa: its normalized words; calc: a
+    number in the output equal to the reference), else 0.0."""
+    import re
+
+    refs = reference if isinstance(reference, (list, tuple)) else [reference]
+    refs = [str(r) for r in refs if r is not None and str(r).strip()]
+    for m in messages:
+        text = str(m.get("content") or "")
+        if m["role"] != "tool" or text.startswith("Error"):
+            continue
+        if suite == "calc":
+            if any(rewards.score("calc", n, refs) == 1.0
+                   for n in re.findall(r"-?\d[\d,]*\.?\d*", text)):
+                return 1.0
+        else:
+            norm = f" {rewards.normalize_answer(text)} "
+            if any(f" {rewards.normalize_answer(r)} " in norm for r in refs):
+                return 1.0
+    return 0.0
+
+
 def episode_rewards(suite: str, final_answer: str | None, reference, messages: list[dict]
                     ) -> dict[str, float]:
-    """``{"success": 0/1 from the suite's verifier, "format": 0/1}`` (see ``REWARD_DOC``)."""
+    """``{"success", "format", "evidence"}``, each 0/1 (see ``REWARD_DOC``)."""
     return {"success": rewards.score(suite, final_answer, reference),
-            "format": rewards.format_reward(assistant_text(messages))}
+            "format": rewards.format_reward(assistant_text(messages)),
+            "evidence": evidence(suite, reference, messages)}
 
 
 def transcript(messages: list[dict], width: int = 400) -> str:
@@ -131,6 +158,13 @@ def format_reward(completions, format=None, **_) -> list[float]:  # noqa: A002 (
     if format is None:
         raise PipelineError("rl: the rollout returned no 'format' field for the reward")
     return [float(f) for f in format]
+
+
+def evidence_reward(completions, evidence=None, **_) -> list[float]:
+    """TRL reward function: partial credit for a tool result holding the answer (``evidence``)."""
+    if evidence is None:
+        raise PipelineError("rl: the rollout returned no 'evidence' field for the reward")
+    return [float(e) for e in evidence]
 
 
 def zero_variance_groups(advantages, num_generations: int):
@@ -227,7 +261,6 @@ class RolloutSettings:
     max_new_tokens: int
     max_completion_length: int
     temperature: float
-    format_weight: float
 
 
 def make_rollout_func(tasks: Sequence, tokenizer, chat_template: str | None,
@@ -259,7 +292,8 @@ def make_rollout_func(tasks: Sequence, tokenizer, chat_template: str | None,
         results = episodes(trainer, batch)
         stats["generate_s"].append(time.perf_counter() - start)
         out: dict[str, list] = {k: [] for k in ("prompt_ids", "completion_ids", "env_mask",
-                                                "success", "format", "task_id", "suite",
+                                                "success", "format", "evidence", "task_id",
+                                                "suite",
                                                 "tool_calls", "tool_errors", "turns")}
         for task, (messages, answer, info) in zip(batch, results, strict=True):
             enc = encode_episode(tokenizer, messages, chat_template,
@@ -278,6 +312,7 @@ def make_rollout_func(tasks: Sequence, tokenizer, chat_template: str | None,
             out["env_mask"].append(enc.env_mask)
             out["success"].append(r["success"])
             out["format"].append(r["format"])
+            out["evidence"].append(r["evidence"])
             out["task_id"].append(task.task_id)
             out["suite"].append(task.suite)
             for k in ("tool_calls", "tool_errors", "turns"):
@@ -285,11 +320,13 @@ def make_rollout_func(tasks: Sequence, tokenizer, chat_template: str | None,
             if len(out["success"]) <= samples:
                 stats["samples"].append({
                     "step": trainer.state.global_step, "task_id": task.task_id,
-                    "suite": task.suite, "success": r["success"], "format": r["format"],
+                    "suite": task.suite, **r,
                     "answer": answer, "tool_calls": info.get("tool_calls", 0),
                     "transcript": transcript(messages)})
         n = max(len(batch), 1)
         stats["success"].append(sum(out["success"]) / n)
+        stats["evidence"].append(sum(out["evidence"]) / n)
+        stats["format"].append(sum(out["format"]) / n)
         stats["tool_calls"].append(sum(out["tool_calls"]) / n)
         stats["tool_errors"].append(sum(out["tool_errors"]) / n)
         stats["turns"].append(sum(out["turns"]) / n)
