@@ -93,14 +93,21 @@ def funnel(stages: dict) -> list[tuple[str, Any]]:
 
 
 def eval_rows(stages: dict) -> list[dict]:
-    """The evaluate stage's table rows (its summary ``table``), or built from metrics named
-    ``<model>/<suite>/success`` (+ ``_lo``/``_hi`` interval bounds)."""
+    """The evaluate stage's table rows (its summary ``table``: rows, or ``{model: {suite:
+    {success, lo, hi, n}}}``), or built from metrics named ``[eval/]<model>/<suite>/success``
+    (+ ``_lo``/``_hi`` interval bounds)."""
     ev = stages.get("evaluate", {})
-    if ev.get("summary", {}).get("table"):
-        return list(ev["summary"]["table"])
+    table = ev.get("summary", {}).get("table")
+    if isinstance(table, list):
+        return list(table)
+    if isinstance(table, dict):  # {model: {suite: {success, lo, hi, n}}}
+        return [{"model": model, "suite": suite, "success": round(c["success"], 3),
+                 "ci95": f"[{c['lo']:.2f}, {c['hi']:.2f}]" if "lo" in c else "",
+                 "n": c.get("n", "")}
+                for model, suites in table.items() for suite, c in suites.items()]
     rows = []
     for key, value in ev.get("metrics", {}).items():
-        parts = key.split("/")
+        parts = key.removeprefix("eval/").split("/")
         if len(parts) == 3 and parts[2] == "success":
             lo = ev["metrics"].get(f"{key}_lo")
             hi = ev["metrics"].get(f"{key}_hi")
