@@ -1,0 +1,5 @@
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
+from sft_fixtures import tiny_dir, trajectories  # noqa: E402,F401
