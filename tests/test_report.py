@@ -28,9 +28,9 @@ def test_report_card_has_funnel_eval_decision_and_curves(workdir):
                                               "teacher_success_rate": 0.9}),
         "gate": stage("gate", ("synthesize",), {"accepted": 80, "rejected_incorrect": 10}),
         "sft": stage("sft", ("gate",), {"train_loss_final": 1.0}, curve=True),
-        "evaluate": stage("evaluate", ("sft",), {"candidate/kbqa/success": 0.5,
-                                                "candidate/kbqa/success_lo": 0.4,
-                                                "candidate/kbqa/success_hi": 0.6}),
+        "evaluate": stage("evaluate", ("sft",), {"eval/candidate/kbqa/success": 0.5},
+                          {"table": {"candidate": {"kbqa": {"success": 0.5, "lo": 0.4,
+                                                            "hi": 0.6, "n": 60}}}}),
         "register": stage("register", ("evaluate",), {},
                           {"promoted": True, "version": 2, "reason": "beats champion"}),
     }

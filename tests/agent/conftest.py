@@ -2,4 +2,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
-from sft_fixtures import tiny_dir, trajectories  # noqa: E402,F401
+import sft_fixtures as fx  # noqa: E402
+
+tiny_dir, trajectories = fx.tiny_dir, fx.trajectories  # shared fixtures
