@@ -35,9 +35,9 @@ def test_report_card_has_funnel_eval_decision_and_curves(workdir):
                                               "teacher_success_rate": 0.9}),
         "gate": stage("gate", ("synthesize",), {"accepted": 80, "rejected_incorrect": 10}),
         "sft": stage("sft", ("gate",), {"train_loss_final": 1.0}, curve=True),
-        "evaluate": stage("evaluate", ("sft",), {"candidate/kbqa/success": 0.5,
-                                                "candidate/kbqa/success_lo": 0.4,
-                                                "candidate/kbqa/success_hi": 0.6}),
+        "evaluate": stage("evaluate", ("sft",), {"eval/candidate/kbqa/success": 0.5},
+                          {"table": {"candidate": {"kbqa": {"success": 0.5, "lo": 0.4,
+                                                            "hi": 0.6, "n": 60}}}}),
         "register": stage("register", ("evaluate",), {},
                           {"promoted": True, "version": 2, "reason": "beats champion"}),
     }
@@ -80,5 +80,5 @@ def test_eval_rows_read_the_evaluate_table_and_metric_forms():
     flat = {"evaluate": {"metrics": {"eval/sft/calc/success": 0.8,
                                      "eval/sft/calc/success_lo": 0.7,
                                      "eval/sft/calc/success_hi": 0.9}}}
-    assert report.eval_rows(flat) == [{"model": "sft", "suite": "calc", "success": 0.8,
+    assert report.eval_rows(flat) == [{"model": "sft", "suite": "calc", "success": 0.8, "n": "",
                                        "ci95": "[0.70, 0.90]"}]
