@@ -3,6 +3,7 @@ only into matching work, cross-run reuse, portable result paths, a set-up that f
 one entry point (`execute` / `coaflow stage`), optional inputs, exit codes, no leaking state."""
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
