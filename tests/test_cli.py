@@ -49,7 +49,7 @@ def test_validate_reports_bad_lines_and_fails(cli, tmp_path):
     good = make_trajectory().model_dump_json()
     p.write_text(good + "\n{\n")
     res = CliRunner().invoke(main, ["data", "validate", str(p)])
-    assert res.exit_code == 1 and f"{p}:2: invalid JSON" in res.output
+    assert res.exit_code == 2 and f"{p}:2: invalid JSON" in res.output  # bad input: 2
 
 
 def test_convert_error_is_one_line_without_traceback(tmp_path):

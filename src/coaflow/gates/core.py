@@ -24,7 +24,14 @@ from pydantic import ValidationError
 
 from coaflow.errors import GateRefused, PipelineError
 from coaflow.gates import filters, validators
-from coaflow.schema.io import SHARD_SUFFIXES, BadRecord, iter_records, shard_files, validation_field
+from coaflow.schema.io import (
+    SHARD_SUFFIXES,
+    BadRecord,
+    iter_records,
+    shard_files,
+    trajectory_source,
+    validation_field,
+)
 from coaflow.schema.trajectory import (
     ApiAction,
     CodeAction,
@@ -165,7 +172,7 @@ def check(traj: Trajectory, cfg, suites: _Suites, count_tokens=None) -> tuple[li
 
 def input_files(path: str | Path) -> tuple[list[Path], list[str]]:
     """(shards to read, other files found and ignored) under a file or folder."""
-    path = Path(path)
+    path = trajectory_source(path)
     files = shard_files(path)
     skipped = []
     if path.is_dir():
@@ -339,8 +346,12 @@ def _gate(input_path: str | Path, out_dir: str | Path, cfg, seed: int = 0, log=p
                         shards.write(it["json"])
                         rows.append({**row, "accepted": 1, "duplicate": 0, "reasons": ""})
                 timings["merge_dedup_write"] += time.perf_counter() - t0
-    finally:
+    except BaseException:  # a crash half way leaves neither partial output nor a .tmp
         shards.close()
+        shutil.rmtree(partial, ignore_errors=True)
+        q_tmp.unlink(missing_ok=True)
+        raise
+    shards.close()
     os.replace(q_tmp, quarantine)
     timings["python_total"] = time.perf_counter() - t_start
 
