@@ -354,45 +354,55 @@ class ShardWriter:
             self._tmp.unlink(missing_ok=True)
 
 
-def write_jsonl(path: str | Path, records: Iterable[Any]) -> int:
-    """Write one file atomically; returns the number of records."""
+def _write_atomically(path: str | Path, write: Callable[[IO[str]], int]) -> int:
+    """Run ``write(handle)`` into ``<path>.tmp`` and rename it to ``path``; when it fails (a bad
+    record half way), remove the ``.tmp`` and any folder made for it: nothing half-written."""
     path = Path(path)
+    made = [p for p in reversed(path.parents) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    n = 0
     try:
         with _open_write(tmp, path.name.endswith(".gz")) as fh:
-            for record in records:
-                fh.write(_dump(record) + "\n")
-                n += 1
-    except BaseException:  # a bad record half way: no half-written file, no .tmp
+            n = write(fh)
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        for folder in reversed(made):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     os.replace(tmp, path)
     return n
+
+
+def write_jsonl(path: str | Path, records: Iterable[Any]) -> int:
+    """Write one file atomically; returns the number of records."""
+    def write(fh: IO[str]) -> int:
+        n = 0
+        for record in records:
+            fh.write(_dump(record) + "\n")
+            n += 1
+        return n
+
+    return _write_atomically(path, write)
 
 
 def write_json_array(path: str | Path, records: Iterable[Any]) -> int:
     """Write one pretty-printed JSON array (the shape ADP publishes, e.g. ``sample_std.json``)
     atomically, one record at a time; returns the number of records."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    n = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write("[")
-            for record in records:
-                obj = json.loads(_dump(record)) if isinstance(record, BaseModel) else record
-                fh.write(("," if n else "") + "\n" + json.dumps(obj, indent=2, ensure_ascii=False,
-                                                               default=str))
-                n += 1
-            fh.write("\n]\n" if n else "]\n")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-    return n
+    def write(fh: IO[str]) -> int:
+        n = 0
+        fh.write("[")
+        for record in records:
+            obj = json.loads(_dump(record)) if isinstance(record, BaseModel) else record
+            fh.write(("," if n else "") + "\n" + json.dumps(obj, indent=2, ensure_ascii=False,
+                                                           default=str))
+            n += 1
+        fh.write("\n]\n" if n else "]\n")
+        return n
+
+    return _write_atomically(path, write)
 
 
 def write_records(path: str | Path, records: Iterable[Any]) -> int:
