@@ -149,7 +149,8 @@ def check(traj: Trajectory, cfg, suites: _Suites, count_tokens=None) -> tuple[li
             tokens = count_tokens(traj)
         except Exception as e:  # noqa: BLE001 - a chat template that cannot render this run
             problems.append(("unrenderable", f"chat template: {type(e).__name__}: {e}"))
-    problems += (validators.check_tags(traj) + validators.check_answer(traj)
+    problems += (validators.check_links(traj) + validators.check_tags(traj)
+                + validators.check_answer(traj)
                 + validators.check_tools(traj, suites.tools[suite])
                 + validators.check_length(chars, tokens, cfg.max_chars, cfg.max_tokens)
                 + filters.check_tool_use(traj, cfg.max_identical_calls))

@@ -18,6 +18,7 @@ import gzip
 import io
 import json
 import os
+import textwrap
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -389,15 +390,16 @@ def write_jsonl(path: str | Path, records: Iterable[Any]) -> int:
 
 
 def write_json_array(path: str | Path, records: Iterable[Any]) -> int:
-    """Write one pretty-printed JSON array (the shape ADP publishes, e.g. ``sample_std.json``)
-    atomically, one record at a time; returns the number of records."""
+    """Write one pretty-printed JSON array (the shape ADP publishes, e.g. ``sample_std.json``,
+    byte for byte what ``json.dump(records, f, indent=2)`` writes) atomically, one record at a
+    time; returns the number of records."""
     def write(fh: IO[str]) -> int:
         n = 0
         fh.write("[")
         for record in records:
             obj = json.loads(_dump(record)) if isinstance(record, BaseModel) else record
-            fh.write(("," if n else "") + "\n" + json.dumps(obj, indent=2, ensure_ascii=False,
-                                                           default=str))
+            text = json.dumps(obj, indent=2, default=str)  # as json.dump(records, f, indent=2)
+            fh.write(("," if n else "") + "\n" + textwrap.indent(text, "  "))
             n += 1
         fh.write("\n]\n" if n else "]\n")
         return n
