@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from collections import Counter
@@ -198,10 +199,12 @@ def _stage_command(name: str):
 
 
 def _register_stages() -> None:
+    """One subcommand per stage module that exists; ``coaflow --help`` names them in order."""
     from coaflow.pipeline import STAGES
 
     for name in STAGES:
         main.add_command(_stage_command(name))
+    main.help = inspect.cleandoc(main.help or "") + f"\n\nStages, in order: {', '.join(STAGES)}."
 
 
 # --- runs ---------------------------------------------------------------------------------------
