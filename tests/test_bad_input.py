@@ -20,12 +20,18 @@ DEEP = "[" * 10_000 + "]" * 10_000
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
-    """bad.jsonl (not JSON), deep.jsonl (10,000 levels), good.jsonl (3 trajectories),
+    """bad.jsonl (not JSON), deep.jsonl (10,000 levels), deep300.jsonl (a trajectory with 300
+    levels in its details), good.jsonl (3 trajectories),
     bom.jsonl (the same behind a UTF-8 BOM), array.jsonl (the same, a pretty-printed array)."""
     d = tmp_path_factory.mktemp("inputs")
     (d / "bad.jsonl").write_text("garbage\n")
     (d / "deep.jsonl").write_text(DEEP + "\n")
     trajs = [make_trajectory(i) for i in range(3)]
+    nested: list = []
+    for _ in range(300):  # parses, but past what pydantic can serialize again
+        nested = [nested]
+    record = {**trajs[0].model_dump(mode="json"), "details": {"x": nested}}
+    write_jsonl(d / "deep300.jsonl", [record])
     write_jsonl(d / "good.jsonl", trajs)
     (d / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (d / "good.jsonl").read_bytes())
     (d / "array.jsonl").write_text(json.dumps([t.model_dump(mode="json") for t in trajs],
@@ -83,6 +89,8 @@ CASES = [
     (["data", "stats", "{d}/bad.jsonl"], EXIT_USER, ["bad.jsonl:1:", "invalid JSON"]),
     (["data", "stats", "{d}/deep.jsonl"], EXIT_USER, ["deep.jsonl:1:", "levels deep"]),
     (["data", "validate", "{d}/deep.jsonl"], EXIT_USER, ["deep.jsonl:1:", "levels deep"]),
+    (["data", "convert", "--from", "coaflow", "--to", "coaflow", "{d}/deep300.jsonl",
+      "{o}/out.jsonl"], EXIT_USER, ["deep300.jsonl:1:", "more than 200 levels deep"]),
     (["data", "convert", "--from", "adp", "--to", "coaflow", "{d}/deep.jsonl", "{o}/out.jsonl"],
      EXIT_USER, ["deep.jsonl:1:", "levels deep"]),
     (["data", "convert", "--from", "coaflow", "--to", "adp", "{d}/bad.jsonl", "{o}/out.json"],
@@ -106,9 +114,10 @@ def test_bad_input_is_one_line_with_its_exit_code(files, tmp_path, monkeypatch, 
     assert leftovers(files) == []
 
 
-def test_gate_quarantines_a_10000_deep_line_and_leaves_no_partial_output(files, tmp_path):
+@pytest.mark.parametrize("name", ["deep.jsonl", "deep300.jsonl"])
+def test_gate_quarantines_a_deeply_nested_line_and_leaves_no_partial_output(files, tmp_path, name):
     out = tmp_path / "gated"
-    res = invoke("gate", "--input", files / "deep.jsonl", "--output", out,
+    res = invoke("gate", "--input", files / name, "--output", out,
                  "--set", "gate.expectations=false")
     assert res.exit_code == EXIT_OK, res.output
     [q] = [json.loads(x) for x in (out / "quarantine.jsonl").read_text().splitlines()]

@@ -222,7 +222,7 @@ def _iter_document(file: Path, parse, errors: str, report) -> Iterator[tuple[str
             fail(line, TOO_DEEP)
             return
         try:
-            yield str(file), line, _parse_obj(file, line, obj, parse)
+            yield str(file), line, _parse_obj(file, line, obj, parse, text[pos:end])
         except DataError as e:
             if errors == "raise":
                 raise
@@ -251,7 +251,7 @@ def _parse_line(file: Path, lineno: int, raw: bytes, parse) -> Any:
         raise DataError(file, lineno, None, f"invalid JSON ({e.msg} at column {e.colno})") from None
     except RecursionError:
         raise DataError(file, lineno, None, TOO_DEEP) from None
-    return _parse_obj(file, lineno, obj, parse)
+    return _parse_obj(file, lineno, obj, parse, raw)
 
 
 def too_deep(obj: Any, limit: int = MAX_DEPTH) -> bool:
@@ -270,8 +270,12 @@ def too_deep(obj: Any, limit: int = MAX_DEPTH) -> bool:
     return False
 
 
-def _parse_obj(file: Path, lineno: int, obj: Any, parse) -> Any:
-    if isinstance(obj, (dict, list)) and too_deep(obj):
+def _parse_obj(file: Path, lineno: int, obj: Any, parse, source: bytes | str) -> Any:
+    """``parse(obj)`` with errors as ``DataError``; ``source`` is the record's JSON text: fewer
+    brackets in it than ``MAX_DEPTH`` (the usual case, counted at C speed) cannot nest deeper."""
+    opening = (b"[", b"{") if isinstance(source, bytes) else ("[", "{")
+    if (source.count(opening[0]) + source.count(opening[1]) > MAX_DEPTH
+            and isinstance(obj, (dict, list)) and too_deep(obj)):
         raise DataError(file, lineno, None, TOO_DEEP)
     if parse is None:
         return obj
