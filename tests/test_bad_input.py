@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from coaflow.cli import main
-from coaflow.errors import EXIT_OK, EXIT_USER
+from coaflow.errors import EXIT_OK, EXIT_RETRY, EXIT_USER
 from coaflow.schema import write_jsonl
 from tests.conftest import make_trajectory
 
@@ -65,6 +65,8 @@ def leftovers(folder: Path) -> list[str]:
 # output folder that must not be created.
 CASES = [
     (["synthesize", "--suite", "web", "-n", "2", "--output", "{o}"], EXIT_USER, ["'web'", "kbqa"]),
+    (["synthesize", "--teacher", "llm", "-n", "1", "--output", "{o}", "--set",
+      "synthesize.llm.base_url=http://127.0.0.1:9/v1"], EXIT_RETRY, ["127.0.0.1:9", "reach"]),
     (["synthesize", "--set", "synthesize.split=dev", "--workdir", "{o}"], EXIT_USER,
      ["synthesize.split", "dev"]),
     (["synthesize", "--set", "synthesize.suites.kbqa=-5", "--workdir", "{o}"], EXIT_USER,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -276,7 +277,6 @@ def test_code_too_large_is_said_so():
 
 def test_code_past_the_command_line_limit_goes_through_the_cli(tmp_path):
     """200 KB of code on stdin (--args -) and a 70 MB program from a file (--args @FILE)."""
-    import json
     import subprocess
     import sys
 
@@ -292,3 +292,29 @@ def test_code_past_the_command_line_limit_goes_through_the_cli(tmp_path):
     out = subprocess.run([*cmd, f"@{big}"], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "code too large (73400320 bytes, limit" in json.loads(out.stdout)["observation"]
+
+
+def test_sigterm_to_env_call_takes_the_sandbox_and_its_folder_down_at_once():
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    marker = f"coaflow-escape-cli-{os.getpid()}-{time.monotonic_ns()}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    cli = subprocess.Popen([sys.executable, "-m", "coaflow.cli", "env", "call", "calc", "python",
+                            "--args", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, env=env)
+    cli.stdin.write(json.dumps({"code": _marked(marker, "os.setsid()")}).encode())
+    cli.stdin.close()
+    try:
+        assert _wait_for(lambda: _alive(marker), 30), "the snippet never started"
+        folders = list(Path(tempfile.gettempdir()).glob(f"coaflow-sbx-{cli.pid}-*"))
+        assert folders
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(10) == 128 + signal.SIGTERM
+        assert _wait_for(lambda: not _alive(marker), 3), _alive(marker)
+        assert not any(f.exists() for f in folders)  # removed by the call's own cleanup
+    finally:
+        cli.kill()
+        cli.wait()

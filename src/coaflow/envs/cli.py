@@ -68,8 +68,14 @@ def sample_cmd(suite, split, n, seed, world_seed, n_entities):
 @click.option("--n-entities", type=int, help="kbqa only: size of the world [400]")
 def call_cmd(suite, tool, args_json, world_seed, n_entities):
     """Run one TOOL call of SUITE and print {"observation": ...} as JSON."""
+    import signal
+    import sys
+
     from coaflow import envs
 
+    # SIGTERM (a timeout, an orchestrator) ends the call through its cleanup: the sandbox dies
+    # with this process anyway (its lifeline), and its temp folder goes now, not on the next call
+    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
     where = "--args"
     if args_json == "-":
         where, args_json = "--args - (stdin)", click.get_text_stream("stdin").read()
