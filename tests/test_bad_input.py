@@ -160,3 +160,9 @@ def test_data_stats_on_a_synthesize_folder_reads_its_trajectories(tmp_path):
     stats = json.loads(invoke("data", "stats", out).output)
     assert stats["trajectories"] == 3 and stats["suite"] == {"kbqa": 3}
     assert "3 valid, 0 invalid" in invoke("data", "validate", out).output
+    gated = tmp_path / "gated"  # and a gate folder: its accepted shards, not the quarantine
+    invoke("gate", "--input", out, "--output", gated, "--set", "gate.expectations=false")
+    (gated / "quarantine.jsonl").write_text('{"not": "a trajectory"}\n')
+    accepted = json.loads(invoke("data", "stats", gated).output)["trajectories"]
+    report = json.loads((gated / "gate_report.json").read_text())
+    assert report["input"] == str(out) and accepted == report["accepted"] > 0

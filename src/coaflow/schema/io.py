@@ -80,8 +80,9 @@ def shard_files(path: str | Path) -> list[Path]:
 
 def trajectory_source(path: str | Path) -> Path:
     """Where the trajectories of ``path`` are: a stage folder (``result.json``) or a standalone
-    ``synthesize --output`` folder means its ``trajectories`` (or the gate's ``accepted``)
-    output, not the raw logs and failures next to it; anything else is ``path`` itself."""
+    ``synthesize --output`` / ``gate --output`` folder means its ``trajectories`` (or the gate's
+    ``accepted``) output, not the raw logs, failures or quarantine next to it; anything else is
+    ``path`` itself."""
     path = Path(path)
     if not path.is_dir():
         return path
@@ -95,8 +96,10 @@ def trajectory_source(path: str | Path) -> Path:
             where = path / where[2:] if where.startswith("./") else Path(where)
             if where.is_dir():
                 return where
-    if (path / "trajectories").is_dir() and (path / "raw").is_dir():
+    if (path / "trajectories").is_dir() and (path / "raw").is_dir():  # synthesize --output
         return path / "trajectories"
+    if (path / "accepted").is_dir() and (path / "gate_report.json").exists():  # gate --output
+        return path / "accepted"
     return path
 
 
