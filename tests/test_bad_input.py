@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from coaflow.cli import main
 from coaflow.errors import EXIT_OK, EXIT_RETRY, EXIT_USER
+from coaflow.pipeline import STAGES, load_stage
 from coaflow.schema import write_jsonl
 from tests.conftest import make_trajectory
 
@@ -79,13 +80,11 @@ CASES = [
     (["config", "--set", "sft.nokey=1"], EXIT_USER, ["sft.nokey"]),
     (["run", "--only", "nosuch", "--workdir", "{o}"], EXIT_USER, ["'nosuch'"]),
     (["run", "--from", "nosuch", "--workdir", "{o}"], EXIT_USER, ["'nosuch'"]),
-    (["sft", "--workdir", "{o}"], EXIT_USER, ["needs gate"]),
     (["gate", "--input", "{d}/missing", "--output", "{o}"], EXIT_USER, ["missing"]),
     (["stage", "nosuch", "--out", "{o}"], EXIT_USER, ["'nosuch'"]),
     (["stage", "gate", "--out", "{o}", "--input", "synthesize={d}/missing"], EXIT_USER,
      ["synthesize=", "missing"]),
     (["stage", "gate", "--out", "{o}", "--input", "bogus"], EXIT_USER, ["'bogus'", "STAGE=DIR"]),
-    (["stage", "sft", "--out", "{o}"], EXIT_USER, ["--input gate="]),
     (["runs", "show", "nope", "--workdir", "{o}"], EXIT_USER, ["'nope'"]),
     (["runs", "report", "nope", "--workdir", "{o}"], EXIT_USER, ["'nope'"]),
     (["data", "stats", "{d}/bad.jsonl"], EXIT_USER, ["bad.jsonl:1:", "invalid JSON"]),
@@ -102,6 +101,16 @@ CASES = [
     (["env", "call", "calc", "python", "--args", "{bad"], EXIT_USER, ["--args", "line 1 column 2"]),
     (["env", "call", "calc", "python", "--args", "@{d}/missing.py"], EXIT_USER, ["missing.py"]),
 ]
+
+
+# every stage that exists, run without the stages it needs: one line naming the missing input
+for _name in STAGES:
+    _needs = load_stage(_name).NEEDS
+    CASES.append(([_name, "--set", f"{_name}.nosuch=1", "--workdir", "{o}"], EXIT_USER,
+                  [f"{_name}.nosuch", "unknown key"]))
+    if _needs:
+        CASES.append(([_name, "--workdir", "{o}"], EXIT_USER, [f"needs {_needs[0]}"]))
+        CASES.append((["stage", _name, "--out", "{o}"], EXIT_USER, [f"--input {_needs[0]}="]))
 
 
 @pytest.mark.parametrize("args,code,words", CASES, ids=[" ".join(c[0][:3]) for c in CASES])

@@ -72,7 +72,7 @@ def main():
 
     A teacher team solves verifiable tasks with real tools; its runs become chain-of-agents
     trajectories; gates keep the good ones; SFT trains one student to act as the whole team;
-    MLflow tracks every stage. Each stage is also a subcommand, and `coaflow stage` is the
+    evaluation scores it on held-out tasks; MLflow tracks every stage. Each stage is also a subcommand, and `coaflow stage` is the
     entry point containers, Airflow and Kubeflow call.
     """
 
