@@ -241,3 +241,21 @@ def test_one_step_with_the_agent_loop_tracked(tmp_path, tiny_dir):
         assert client.get_metric_history(run.info.run_id, key), key
     arts = [a.path for a in client.list_artifacts(run.info.run_id, "rl")]
     assert "rl/rollouts.json" in arts
+
+
+def test_a_reward_that_raises_names_the_task(tiny_dir, tasks, monkeypatch):
+    import types
+    from collections import defaultdict
+
+    from transformers import AutoTokenizer
+
+    def broken(*a, **k):
+        raise ValueError("bad reference")
+
+    monkeypatch.setattr(R.rewards, "score", broken)
+    rollout = R.make_rollout_func(tasks, AutoTokenizer.from_pretrained(tiny_dir), None,
+                                  R.RolloutSettings(4, 32, 4096, 1.0), scripted,
+                                  defaultdict(list))
+    trainer = types.SimpleNamespace(num_generations=2, state=types.SimpleNamespace(global_step=0))
+    with pytest.raises(PipelineError, match=f"task {tasks[0].task_id} .*ValueError: bad ref"):
+        rollout([tasks[0].question] * 2, trainer)
