@@ -30,7 +30,7 @@ def test_tiny_pipeline_learns_and_reruns_from_cache(tmp_path):
     assert model_dir.startswith("./"), model_dir  # stored relative to the stage folder
     assert (run_dir / "sft" / model_dir / "config.json").exists()
     rl = result["rl"]["metrics"]  # RL ran from the sft model, every step, and kept a model
-    assert rl["global_step"] == 8 and rl["tool_calls_mean"] > 0
+    assert rl["global_step"] == 4 and rl["tool_calls_mean"] > 0
     assert (run_dir / "rl" / result["rl"]["outputs"]["model"] / "config.json").exists()
 
     con = sqlite3.connect(tmp_path / "mlflow.db")
