@@ -132,7 +132,7 @@ def coaflow_pipeline(profile: str = "tiny", overrides: list = [],  # noqa: B006 
             _configure(tasks[name], name)
             if name == PROMOTION:
                 after_promotion.enter_context(
-                    dsl.If(tasks[name].output != "refused", name="promoted"))
+                    dsl.If(tasks[name].outputs["Output"] != "refused", name="promoted"))
 
 
 def compile_pipeline(path: str | Path) -> Path:
