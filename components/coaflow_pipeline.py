@@ -48,8 +48,9 @@ RESOURCES = {
 DEFAULT_RESOURCES = ("1", "2Gi", 0)
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")  # set by the NVIDIA GPU operator
-CACHE_PVC, CACHE_MOUNT = "coaflow-cache", "/mnt/coaflow"
-SECRET = "coaflow-secrets"  # optional: a key that is missing leaves its variable unset
+CACHE_PVC, CACHE_MOUNT = "coaflow-cache", "/mnt/coaflow"  # helm/coaflow-pipeline creates it
+UID = 1000  # the images' user; the chart's init job makes the cache PVC group-writable for it
+SECRET = "coaflow-secrets"  # helm/coaflow-pipeline (or you) creates it; optional: a key that is missing leaves its variable unset
 SECRET_ENV = {
     "openai-api-key": "OPENAI_API_KEY",  # the LLM teacher / evaluation endpoints
     "hf-token": "HF_TOKEN",  # gated hub models
@@ -109,6 +110,7 @@ def _configure(task, name: str) -> None:
         task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
         kubernetes.add_node_selector(task, *GPU_NODE_LABEL)
         kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
+    kubernetes.set_security_context(task, run_as_user=UID, run_as_group=UID, run_as_non_root=True)
     kubernetes.mount_pvc(task, pvc_name=CACHE_PVC, mount_path=CACHE_MOUNT)
     kubernetes.use_secret_as_env(task, SECRET, SECRET_ENV, optional=True)
     kubernetes.use_field_path_as_env(task, "COAFLOW_RUN_ID", RUN_NAME_FIELD)

@@ -25,11 +25,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/mnt/coaflow/hf
 COPY --from=build /opt/python /opt/python
 COPY --from=build /opt/venv /opt/venv
-RUN useradd --create-home --uid 1001 coaflow \
+# uid 1000 as in the CPU image (Ubuntu's own "ubuntu" user gives way): both write one cache PVC.
+RUN if id ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
+    && useradd --create-home --uid 1000 coaflow \
     && mkdir -p /mnt/coaflow \
     && chown coaflow:coaflow /mnt/coaflow
 COPY --chown=coaflow:coaflow components/ /opt/coaflow/components/
-USER 1001
+USER 1000
 WORKDIR /home/coaflow
 ENTRYPOINT ["coaflow"]
 CMD ["--help"]
