@@ -1,6 +1,7 @@
 """The KFP component body: exit codes become retries, a refusal or a failed task."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -22,10 +23,10 @@ def fake_stage(tmp_path, monkeypatch):
 
     def call(argv, env):
         calls.append((argv, env))
-        out = argv[argv.index("--out") + 1]
-        (tmp_path / "out").mkdir(exist_ok=True)
-        (tmp_path / "out" / "result.json").write_text(json.dumps(
-            {"outputs": {}, "metrics": {"loss": 0.5, "steps": 3}, "summary": {"out": out}}))
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "result.json").write_text(json.dumps(
+            {"outputs": {}, "metrics": {"loss": 0.5, "steps": 3}, "summary": {}}))
         return codes.pop(0)
 
     monkeypatch.setattr(kfp_engine.subprocess, "call", call)
@@ -37,7 +38,7 @@ def run(tmp_path, retries=2, metrics=None, tracking_uri=""):
     up = type("A", (), {"path": str(tmp_path / "gate")})()
     return kfp_engine.run_component(
         "sft", profile="tiny", overrides=["sft.epochs=1"], seed=7, workdir="/w",
-        tracking_uri=tracking_uri, retries=retries, out=str(tmp_path / "out"),
+        tracking_uri=tracking_uri, retries=retries, out=str(tmp_path / "pipeline-run" / "sft" / "result"),
         inputs={"gate": up, "rl": None}, metrics=metrics, backoff_s=1.0)
 
 
@@ -70,6 +71,7 @@ def test_other_failures_are_not_retried(tmp_path, fake_stage, code):
     with pytest.raises(SystemExit) as e:
         run(tmp_path)
     assert e.value.code == code and len(calls) == 1
+    assert kfp_engine.failed_task(tmp_path) == ("sft", code)  # what run_local exits with
 
 
 def test_a_refused_promotion_is_a_successful_task_that_says_refused(tmp_path, fake_stage):

@@ -31,6 +31,7 @@ from typing import Any
 from coaflow.errors import EXIT_PROMOTION, EXIT_RETRY, CoaflowError, PipelineError
 
 DONE, REFUSED = "done", "refused"
+EXIT_FILE = "exit_code"  # left in a failed task's result folder
 BACKOFF_S = 10.0  # first wait before retrying an exit 75; doubles each time
 
 
@@ -71,6 +72,8 @@ def run_component(stage: str, *, profile: str, overrides: Sequence[str], seed: i
               f"in {wait:.0f} s", flush=True)
         time.sleep(wait)
     if code not in (0, EXIT_PROMOTION):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / EXIT_FILE).write_text(str(code))  # for run_local: the run's exit code
         sys.exit(code)
     result = json.loads((Path(out) / "result.json").read_text())
     if metrics is not None:
@@ -83,7 +86,12 @@ def run_component(stage: str, *, profile: str, overrides: Sequence[str], seed: i
 # --- coaflow run --engine kfp ------------------------------------------------------------------
 
 class KfpTaskFailed(CoaflowError):
-    """A task of a local KFP run failed; its own log (above) says why."""
+    """A task of a local KFP run failed; its log (above) says why. The exit code is the
+    stage's own (3 for a refused gate, 75 when retries ran out, ...)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def load_pipeline_module():
@@ -123,7 +131,9 @@ def run_local(profile: str, overrides: Sequence[str], seed: int, workdir: Path, 
         pipeline(profile=profile, overrides=list(overrides), seed=seed, workdir=str(workdir),
                  tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", ""))
     except RuntimeError as e:
-        raise KfpTaskFailed(f"the KFP pipeline failed: {e}") from None
+        stage, code = failed_task(root)
+        raise KfpTaskFailed(f"the KFP pipeline failed at {stage or 'a task'} (exit {code}): {e}",
+                            code) from None
     finally:
         os.environ.pop("COAFLOW_RUN_ID", None)
         folders = link_results(root, workdir / "runs" / run_id)
@@ -153,3 +163,11 @@ def link_results(root: Path, run_dir: Path) -> dict[str, Path]:
                 dst.symlink_to(src)
             folders[stage] = src
     return folders
+
+
+def failed_task(root: Path) -> tuple[str | None, int]:
+    """(stage, exit code) of the task that failed in the newest pipeline run under ``root``."""
+    markers = sorted(root.glob(f"*/*/result/{EXIT_FILE}"), key=lambda p: p.stat().st_mtime)
+    if not markers:
+        return None, 1
+    return markers[-1].parent.parent.name, int(markers[-1].read_text())
