@@ -51,3 +51,18 @@ def test_kfp_local_run_matches_the_cli_runner(tmp_path):
     tagged = con.execute("select r.name from runs r join tags t on t.run_uuid = r.run_uuid "
                          "where t.key = 'coaflow.run_id' and t.value = 'kfp'").fetchall()
     assert sorted(n for (n,) in tagged) == sorted(stages)  # the tasks' MLflow runs carry the run id
+
+
+@pytest.mark.slow
+def test_a_failed_task_ends_the_kfp_run_with_the_stages_exit_code(tmp_path):
+    # a teacher whose mistakes slip through, and a gate that wants 95 % of the runs: exit 3
+    cmd = [sys.executable, "-m", "coaflow.cli", "run", "--engine", "kfp", "--workdir",
+           str(tmp_path), "--run-id", "bad", "--set", "synthesize.suites={kbqa: 8, calc: 4}",
+           "--set", "synthesize.mistake_rate=1.0", "--set", "synthesize.unrecovered_rate=0.6",
+           "--set", "gate.min_accepted_fraction=0.95", "--set", "gate.data_docs=false",
+           "--set", "tracking.enabled=false"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "the KFP pipeline failed at gate (exit 3)" in done.stderr
+    assert not (tmp_path / "runs" / "bad" / "sft").exists()  # nothing ran after the gate
+    assert (tmp_path / "runs" / "bad" / "gate" / "quarantine.jsonl").exists()
