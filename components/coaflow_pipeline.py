@@ -13,13 +13,13 @@ A stage's upstream artifacts are its ``NEEDS`` (required) and ``OPTIONAL`` (wire
 stage is in the pipeline), so a stage that lands on main appears here after a recompile.
 
 On Kubernetes (``kfp-kubernetes``): GPU stages (sft, rl, evaluate) ask for ``nvidia.com/gpu``,
-select GPU nodes and tolerate their taint; every task mounts the ``coaflow-cache`` PVC (workdir,
+select GPU nodes and tolerate their taint; every task mounts the ``coaflow-work`` PVC (workdir,
 model and dataset caches), reads optional secrets as env (API keys, S3 credentials) and records
 the KFP run name as ``COAFLOW_RUN_ID`` for MLflow. Caching follows the stage's ``CACHE`` flag
 (deploy always runs); stages after ``register`` run only when it did not refuse the promotion.
 """
 
-
+# No ``from __future__ import annotations`` here: KFP reads the pipeline's annotations as types.
 import argparse
 import contextlib
 import linecache
@@ -48,7 +48,8 @@ RESOURCES = {
 DEFAULT_RESOURCES = ("1", "2Gi", 0)
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")  # set by the NVIDIA GPU operator
-CACHE_PVC, CACHE_MOUNT = "coaflow-cache", "/mnt/coaflow"  # helm/coaflow-pipeline creates it
+# The PVC and mount the Airflow DAG uses too (run.workdir); helm/coaflow-pipeline creates it.
+CACHE_PVC, CACHE_MOUNT = "coaflow-work", "/data/coaflow"
 UID = 1000  # the images' user; the chart's init job makes the cache PVC group-writable for it
 SECRET = "coaflow-secrets"  # helm/coaflow-pipeline (or you) creates it; optional: a key that is missing leaves its variable unset
 SECRET_ENV = {
@@ -118,7 +119,7 @@ def _configure(task, name: str) -> None:
 
 @dsl.pipeline(name="coaflow", description="Chain-of-Agents training: " + " -> ".join(STAGES))
 def coaflow_pipeline(profile: str = "tiny", overrides: list = [],  # noqa: B006 - a KFP default
-                     seed: int = 0, workdir: str = f"{CACHE_MOUNT}/work",
+                     seed: int = 0, workdir: str = CACHE_MOUNT,
                      tracking_uri: str = "http://coaflow-tracking.coaflow:5000",
                      retries: int = 3):
     """``profile``: a profile name or a config file in the image; ``overrides``: SECTION.KEY=VALUE

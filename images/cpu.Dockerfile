@@ -16,11 +16,11 @@ FROM python:3.11.14-slim-bookworm
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     GX_ANALYTICS_ENABLED=false \
-    HF_HOME=/mnt/coaflow/hf
+    HF_HOME=/data/coaflow/hf
 COPY --from=build /opt/venv /opt/venv
 RUN useradd --create-home --uid 1000 coaflow \
-    && mkdir -p /mnt/coaflow \
-    && chown coaflow:coaflow /mnt/coaflow
+    && mkdir -p /data/coaflow \
+    && chown coaflow:coaflow /data/coaflow
 COPY --chown=coaflow:coaflow components/ /opt/coaflow/components/
 USER 1000
 WORKDIR /home/coaflow

@@ -22,14 +22,14 @@ FROM ${CUDA_IMAGE}
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     GX_ANALYTICS_ENABLED=false \
-    HF_HOME=/mnt/coaflow/hf
+    HF_HOME=/data/coaflow/hf
 COPY --from=build /opt/python /opt/python
 COPY --from=build /opt/venv /opt/venv
 # uid 1000 as in the CPU image (Ubuntu's own "ubuntu" user gives way): both write one cache PVC.
 RUN if id ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
     && useradd --create-home --uid 1000 coaflow \
-    && mkdir -p /mnt/coaflow \
-    && chown coaflow:coaflow /mnt/coaflow
+    && mkdir -p /data/coaflow \
+    && chown coaflow:coaflow /data/coaflow
 COPY --chown=coaflow:coaflow components/ /opt/coaflow/components/
 USER 1000
 WORKDIR /home/coaflow
