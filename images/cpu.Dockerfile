@@ -21,7 +21,6 @@ COPY --from=build /opt/venv /opt/venv
 RUN useradd --create-home --uid 1000 coaflow \
     && mkdir -p /data/coaflow \
     && chown coaflow:coaflow /data/coaflow
-COPY --chown=coaflow:coaflow components/ /opt/coaflow/components/
 USER 1000
 WORKDIR /home/coaflow
 ENTRYPOINT ["coaflow"]

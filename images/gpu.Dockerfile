@@ -30,7 +30,6 @@ RUN if id ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
     && useradd --create-home --uid 1000 coaflow \
     && mkdir -p /data/coaflow \
     && chown coaflow:coaflow /data/coaflow
-COPY --chown=coaflow:coaflow components/ /opt/coaflow/components/
 USER 1000
 WORKDIR /home/coaflow
 ENTRYPOINT ["coaflow"]

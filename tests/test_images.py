@@ -48,7 +48,7 @@ def test_the_build_context_leaves_out_venvs_runs_and_git():
               if line and not line.startswith("#")]
     assert ignore[0] == "**"  # everything is out unless listed after it
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "src", "components", "dags"}
+    assert allowed == {"pyproject.toml", "README.md", "src", "dags"}
     for dockerfile in DOCKERFILES:
         for line in dockerfile.read_text().splitlines():
             if line.startswith("COPY ") and "--from=" not in line:
