@@ -452,5 +452,5 @@ def standalone(cfg, model=None, suite=(), n=None, output=None) -> None:
     tasks = load_test_tasks(section.suites, cfg.run.seed)
     _, summary = evaluate({"model": model}, tasks, section, out, seed=cfg.run.seed,
                           tracking_uri=default_uri(cfg.run.workdir))
-    click.echo(markdown(summary))
+    click.echo(f"model: {model}\n" + markdown(summary))
     click.echo(f"outcomes: {out / 'outcomes.jsonl'}")
