@@ -96,15 +96,19 @@ def funnel(stages: dict) -> list[tuple[str, Any]]:
 def eval_rows(stages: dict) -> list[dict]:
     """One row per model and suite from the evaluate stage's summary ``table``
     (``{model: {suite: {success, lo, hi, n}}}``), or from metrics named
-    ``eval/<model>/<suite>/success``."""
+    ``eval/<model>/<suite>/success`` (+ ``_lo``/``_hi`` interval bounds)."""
     ev = stages.get("evaluate", {})
     table = ev.get("summary", {}).get("table")
     if not table:
         table = defaultdict(dict)
-        for key, value in ev.get("metrics", {}).items():
+        metrics = ev.get("metrics", {})
+        for key, value in metrics.items():
             parts = key.split("/")
             if len(parts) == 4 and parts[0] == "eval" and parts[3] == "success":
-                table[parts[1]][parts[2]] = {"success": value}
+                row = {"success": value}
+                if f"{key}_lo" in metrics and f"{key}_hi" in metrics:
+                    row |= {"lo": metrics[f"{key}_lo"], "hi": metrics[f"{key}_hi"]}
+                table[parts[1]][parts[2]] = row
     return [{"model": model, "suite": suite, "success": r["success"],
              "ci95": f"[{r['lo']:.2f}, {r['hi']:.2f}]" if "lo" in r else "", "n": r.get("n", "")}
             for model, suites in table.items() for suite, r in suites.items()]

@@ -25,11 +25,12 @@ def resolve_model(spec: str, *, tracking_uri: str | None = None,
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
+    from coaflow.tracking import scoped_uri
+
     try:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=spec, dst_path=str(download_dir) if download_dir else None)
+        with scoped_uri(tracking_uri):
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=spec, dst_path=str(download_dir) if download_dir else None)
     except MlflowException as e:
         raise PipelineError(f"model {spec!r}: {str(e).splitlines()[0]}") from None
     folders = sorted((p.parent for p in Path(local).rglob("config.json")), key=lambda p: len(p.parts))
