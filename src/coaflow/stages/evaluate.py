@@ -164,7 +164,7 @@ def run_model(spec: str, tasks: list, cfg: Config, *, field: str, tracking_uri: 
                                tracking_uri=tracking_uri, download_dir=download, field=field)
         from tqdm import tqdm
 
-        with tqdm(total=len(tasks) * samples, desc=f"evaluate {field}", unit="episode",
+        with tqdm(total=len(tasks) * samples, desc=field, unit="episode",
                   mininterval=2.0) as bar:
             return run_episodes(backend, tasks, max_turns=cfg.max_turns,
                                 max_new_tokens=cfg.max_new_tokens, temperature=temperature,
