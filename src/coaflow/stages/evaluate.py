@@ -5,6 +5,7 @@
     coaflow evaluate --model runs/r/sft/model --suite calc -n 50
     coaflow evaluate --model models:/coaflow-agent@champion
     coaflow evaluate --model http://127.0.0.1:8000/v1      # any OpenAI-compatible endpoint
+    coaflow evaluate --model scripted                      # the scripted teacher (the ceiling)
 
 The same tasks for every model: ``evaluate.suites`` tasks of each suite's ``test`` split
 (``envs.make_tasks(suite, "test", n, run.seed)``; its questions are disjoint from the train and rl
