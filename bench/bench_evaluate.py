@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="batch size of the batched run")
     ap.add_argument("--turns", type=int, default=6, help="turn budget per episode")
     ap.add_argument("--tokens", type=int, default=160, help="token budget per turn")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads while generating")
     ap.add_argument("--endpoint", help="also time OpenAIBackend against this /v1 URL")
     args = ap.parse_args()
 
@@ -54,10 +55,11 @@ def main() -> None:
     tasks = make_tasks("kbqa", "test", half, seed=0) + make_tasks("calc", "test",
                                                                   args.tasks - half, seed=0)
     print(f"{args.tasks} episodes, <= {args.turns} turns x {args.tokens} tokens, "
-          f"torch threads {torch.get_num_threads()}")
-    batched_s, batched = timed(TransformersBackend(args.model, batch_size=args.batch), tasks, args)
+          f"torch threads {args.threads or torch.get_num_threads()}")
+    batched_s, batched = timed(TransformersBackend(args.model, batch_size=args.batch,
+                                                         threads=args.threads), tasks, args)
     print(line(f"transformers batch {args.batch}", batched_s, batched))
-    single_s, single = timed(TransformersBackend(args.model, batch_size=1), tasks, args)
+    single_s, single = timed(TransformersBackend(args.model, batch_size=1, threads=args.threads), tasks, args)
     print(line("transformers batch 1", single_s, single))
     same = sum(a.content == b.content for a, b in zip(batched, single, strict=True))
     print(f"batched / sequential: {single_s / batched_s:.2f}x episodes/s; "

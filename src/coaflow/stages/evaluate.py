@@ -60,6 +60,8 @@ class Config(Section):
     max_new_tokens: int = Field(160, ge=8, description="token budget of one assistant turn")
     batch_size: int = Field(16, ge=1, description="episodes generated together (transformers)")
     concurrency: int = Field(16, ge=1, description="episodes in flight (HTTP endpoints)")
+    threads: int = Field(1, ge=0, description="torch CPU threads while generating in process; "
+                         "0: torch's default (more helps big models, not tiny ones)")
     api_key_env: str | None = Field("OPENAI_API_KEY", description="env var with the key for "
                                     "endpoint models")
     pass_k: int = Field(0, ge=0, description="k of pass@k, from k sampled episodes per task; "
@@ -162,7 +164,8 @@ def run_model(spec: str, tasks: list, cfg: Config, *, field: str, tracking_uri: 
     with tempfile.TemporaryDirectory() as download:
         backend = make_backend(spec, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
                                api_key=os.environ.get(cfg.api_key_env or "") or None,
-                               tracking_uri=tracking_uri, download_dir=download, field=field)
+                               tracking_uri=tracking_uri, download_dir=download,
+                               threads=cfg.threads or None, field=field)
         from tqdm import tqdm
 
         with tqdm(total=len(tasks) * samples, desc=field, unit="episode",
