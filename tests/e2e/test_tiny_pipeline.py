@@ -19,7 +19,7 @@ def test_tiny_pipeline_learns_and_reruns_from_cache(tmp_path):
 
     run_dir = tmp_path / "runs" / "e2e"
     result = {s: json.loads((run_dir / s / "result.json").read_text())
-              for s in ("synthesize", "gate", "sft")}
+              for s in ("synthesize", "gate", "sft", "evaluate")}
     assert result["synthesize"]["metrics"]["trajectories"] == 1200
     assert result["gate"]["metrics"]["accepted"] >= 1000
     sft = result["sft"]["metrics"]
@@ -29,14 +29,20 @@ def test_tiny_pipeline_learns_and_reruns_from_cache(tmp_path):
     model_dir = result["sft"]["outputs"]["model"]
     assert model_dir.startswith("./"), model_dir  # stored relative to the stage folder
     assert (run_dir / "sft" / model_dir / "config.json").exists()
+    table = result["evaluate"]["summary"]["table"]
+    assert list(table) == ["base", "candidate", "teacher"]  # no champion registered yet
+    assert {s: r["n"] for s, r in table["candidate"].items()} == {"kbqa": 60, "calc": 60}
+    assert table["teacher"]["kbqa"]["success"] == table["teacher"]["calc"]["success"] == 1.0
+    assert table["base"]["kbqa"]["success"] == table["base"]["calc"]["success"] == 0.0
+    assert "evaluation (test split)" in first.stdout  # the table printed when the run ends
 
     con = sqlite3.connect(tmp_path / "mlflow.db")
     names = sorted(n for (n,) in con.execute("select name from runs"))
-    assert names == ["e2e", "gate", "sft", "synthesize"]
+    assert names == ["e2e", "evaluate", "gate", "sft", "synthesize"]
     inputs = con.execute("select count(*) from inputs").fetchone()[0]
     assert inputs >= 2  # synthesize and sft datasets logged for lineage
 
     # a second plain run (a new run id) reuses every stage of the first: cross-run cache
     again = subprocess.run(cmd[:-2], env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("] cached (") == 3, again.stdout
+    assert again.stdout.count("] cached (") == 4, again.stdout
