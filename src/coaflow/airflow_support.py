@@ -283,9 +283,25 @@ def xcom_value(stage: str, out_dir: str | Path, code: int = 0) -> dict[str, Any]
     """What a stage task returns: its folder, its ``result.json`` and whether it promoted."""
     out = Path(out_dir)
     result = json.loads((out / "result.json").read_text()) if (out / "result.json").exists() else {}
+    result = _finite(result)  # XCom is strict JSON: a NaN metric (no held-out data) is null
     return {"stage": stage, "dir": str(out), "exit_code": code, "result": result,
             "promoted": (code != EXIT_PROMOTION
                          and bool(result.get("summary", {}).get("promoted", True)))}
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as None.
+
+    >>> _finite({"a": [1.5, float("nan")], "b": float("inf")})
+    {'a': [1.5, None], 'b': None}
+    """
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def raise_for(stage: str, code: int, tail: str = "") -> None:

@@ -17,14 +17,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 DAGS = ROOT / "dags"
 
-# the trigger form's values for a tiny run: the knobs through params, the rest through overrides
+# the trigger form's values for a tiny run (it tests the wiring, not the stages): the knobs
+# through params, the rest through overrides
 SMALL_CONF = {
     "tasks_per_suite": {"kbqa": 16, "calc": 4},
     "seed": 3,
-    "overrides": ["sft.max_steps=2", "sft.holdout=2", "sft.sample_max_new_tokens=8",
+    "overrides": ["sft.max_steps=2", "sft.holdout=0", "sft.batch_size=4",
                   "sft.tiny.vocab_size=300", "sft.log_model_artifact=false",
-                  "gate.data_docs=false"],
+                  "gate.expectations=false", "gate.data_docs=false",
+                  "gate.decontam_test_tasks=0", "tracking.enabled=false"],
 }
+SMALL_TASKS = 20
 
 
 def airflow_env(home: Path, workdir: Path, **extra: str) -> dict[str, str]:
@@ -51,11 +54,14 @@ def airflow_env(home: Path, workdir: Path, **extra: str) -> dict[str, str]:
 
 
 def python(code: str, env: dict[str, str], timeout: float = 300) -> dict:
-    """Run ``code`` in a fresh interpreter; its last stdout line is JSON."""
+    """Run ``code`` in a fresh interpreter; its last stdout line is JSON (``_log``: the tail of
+    its output, for assertion messages)."""
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["_log"] = (proc.stdout + proc.stderr)[-6000:]
+    return out
 
 
 @pytest.fixture(scope="session")
