@@ -161,3 +161,55 @@ def test_rest_rejects_a_bad_param(airflow):
     assert r.status_code == 400 and "epochs" in r.text, r.text
     no_token = httpx.get(f"{airflow.url}/api/v2/dags/{DAG_ID}", timeout=30)
     assert no_token.status_code == 401
+
+
+def _ui_overrides() -> list[str]:
+    """SMALL_CONF as a person types it in the form: the suites as one more override line."""
+    suites = ", ".join(f"{k}: {v}" for k, v in SMALL_CONF["tasks_per_suite"].items())
+    return SMALL_CONF["overrides"] + [f"synthesize.suites={{{suites}}}"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_browser_triggers_from_the_form_and_shows_the_grid(airflow, artifacts):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(f"{airflow.url}/dags/{DAG_ID}", timeout=120_000)
+        page.fill("input[name=username]", "admin")  # the login page comes first
+        page.fill("input[name=password]", airflow.password)
+        page.keyboard.press("Enter")
+        page.wait_for_url(f"**/dags/{DAG_ID}", timeout=120_000)
+        before = {r["dag_run_id"] for r in airflow.api(
+            "GET", f"/api/v2/dags/{DAG_ID}/dagRuns").json()["dag_runs"]}
+
+        page.get_by_role("button", name="Trigger").first.click()
+        form = page.get_by_role("dialog")
+        form.locator("input[name=element_seed]").fill(str(SMALL_CONF["seed"]))
+        form.locator("textarea[name=element_overrides]").fill("\n".join(_ui_overrides()))
+        form.get_by_role("button", name="Trigger").last.click()
+
+        deadline = time.monotonic() + 60
+        new: set[str] = set()
+        while not new and time.monotonic() < deadline:
+            runs = airflow.api("GET", f"/api/v2/dags/{DAG_ID}/dagRuns").json()["dag_runs"]
+            new = {r["dag_run_id"] for r in runs} - before
+            time.sleep(1)
+        assert len(new) == 1, "the form did not start a run"
+        run_id = new.pop()
+        run = airflow.wait_for_run(run_id)
+        assert run["state"] == "success", (airflow.task_states(run_id), airflow.logs())
+        assert run["conf"]["seed"] == SMALL_CONF["seed"]
+        assert run["conf"]["overrides"] == _ui_overrides()
+        _assert_params_reached_the_stages(airflow.workdir, run_id)
+
+        page.goto(f"{airflow.url}/dags/{DAG_ID}/runs/{run_id}", timeout=120_000)
+        page.wait_for_load_state("networkidle")
+        page.get_by_text("sft").first.wait_for(timeout=60_000)
+        shot = artifacts / "airflow-grid.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    print(f"screenshot: {shot}")
+    assert shot.stat().st_size > 10_000

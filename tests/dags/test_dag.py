@@ -252,3 +252,28 @@ def test_the_pod_writes_the_xcom_and_a_refusal_exits_zero(tmp_path):
         xcom = json.loads((tmp_path / "xcom.json").read_text())
         assert xcom["exit_code"] == code and xcom["dir"] == str(out)
         assert xcom["promoted"] is False
+
+
+def test_failure_callback_tags_the_run_in_mlflow(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    settings = af.load_settings(env={"COAFLOW_AIRFLOW_WORKDIR": str(tmp_path)})
+    plan = af.plan({}, "manual__2026-11-30T21:00:00+00:00", settings, list(STAGES))
+
+    class TI:
+        task_id = "gate"
+
+        def xcom_pull(self, task_ids):
+            return plan if task_ids == "configure" else None
+
+    af.record_failure({"ti": TI(), "exception": RuntimeError("stage gate exited 3 (refused)"),
+                       "run_id": "manual__2026-11-30T21:00:00+00:00"})
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("coaflow").experiment_id])
+    assert len(runs) == 1
+    tags = runs[0].data.tags
+    assert tags["coaflow.failed_stage"] == "gate" and tags["coaflow.status"] == "failed"
+    assert tags["coaflow.run_id"] == plan["run_id"] and "exited 3" in tags["coaflow.error"]
+    af.record_failure({"ti": None})  # a broken context is reported, never raised
