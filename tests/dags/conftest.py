@@ -78,3 +78,14 @@ def artifacts(tmp_path_factory) -> Path:
     out = Path(path) if path else tmp_path_factory.mktemp("artifacts")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def assert_run_succeeded(states: dict[str, str]) -> None:
+    """Every stage task succeeded, except the branch's untaken side (skipped)."""
+    from coaflow.airflow_support import DECISION_STAGE
+    from coaflow.pipeline import STAGES
+
+    names = list(STAGES)
+    cut = names.index(DECISION_STAGE) + 1 if DECISION_STAGE in names else len(names)
+    assert all(states[n] == "success" for n in ["configure", *names[:cut]]), states
+    assert set(states.values()) <= {"success", "skipped"}, states

@@ -10,7 +10,14 @@ import pytest
 
 from coaflow.airflow_support import safe_run_id
 from coaflow.pipeline import STAGES
-from tests.dags.conftest import ROOT, SMALL_CONF, SMALL_TASKS, airflow_env, python
+from tests.dags.conftest import (
+    ROOT,
+    SMALL_CONF,
+    SMALL_TASKS,
+    airflow_env,
+    assert_run_succeeded,
+    python,
+)
 
 DAG_TEST = r"""
 import json, os, time
@@ -33,7 +40,8 @@ def test_dag_test_runs_every_stage_locally(tmp_path, shared_workdir):
     out = python(DAG_TEST, {**env, "RUN_CONF": json.dumps(SMALL_CONF)}, timeout=600)
     print(f"dag.test(): {out['seconds']} s")
     assert out["state"] == "success", out
-    assert out["tasks"] == {"configure": "success", **{n: "success" for n in STAGES}}
+    assert set(out["tasks"]) >= {"configure", *STAGES}
+    assert_run_succeeded(out["tasks"])
     run_dir = shared_workdir / "runs" / safe_run_id(out["run_id"])
     synth = json.loads((run_dir / "synthesize" / "result.json").read_text())
     assert synth["metrics"]["trajectories"] == SMALL_TASKS  # the trigger conf reached the stage
