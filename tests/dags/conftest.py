@@ -14,18 +14,26 @@ from pathlib import Path
 
 import pytest
 
+from coaflow.pipeline import STAGES
+
 ROOT = Path(__file__).resolve().parents[2]
 DAGS = ROOT / "dags"
 
 # the trigger form's values for a tiny run (it tests the wiring, not the stages): the knobs
-# through params, the rest through overrides
+# through params, the rest through overrides, for the stages that exist
+_SMALL = {
+    "sft": ["sft.max_steps=2", "sft.holdout=0", "sft.batch_size=4", "sft.tiny.vocab_size=300",
+            "sft.log_model_artifact=false"],
+    "gate": ["gate.expectations=false", "gate.data_docs=false", "gate.decontam_test_tasks=0"],
+    "evaluate": ["evaluate.suites={kbqa: 2, calc: 1}", "evaluate.models=[candidate]",
+                 "evaluate.max_turns=2", "evaluate.max_new_tokens=16", "evaluate.bootstrap=100",
+                 "evaluate.transcripts=0"],
+}
 SMALL_CONF = {
     "tasks_per_suite": {"kbqa": 16, "calc": 4},
     "seed": 3,
-    "overrides": ["sft.max_steps=2", "sft.holdout=0", "sft.batch_size=4",
-                  "sft.tiny.vocab_size=300", "sft.log_model_artifact=false",
-                  "gate.expectations=false", "gate.data_docs=false",
-                  "gate.decontam_test_tasks=0", "tracking.enabled=false"],
+    "overrides": [o for stage, items in _SMALL.items() if stage in STAGES for o in items]
+    + ["tracking.enabled=false"],
 }
 SMALL_TASKS = 20
 
@@ -83,7 +91,6 @@ def artifacts(tmp_path_factory) -> Path:
 def assert_run_succeeded(states: dict[str, str]) -> None:
     """Every stage task succeeded, except the branch's untaken side (skipped)."""
     from coaflow.airflow_support import DECISION_STAGE
-    from coaflow.pipeline import STAGES
 
     names = list(STAGES)
     cut = names.index(DECISION_STAGE) + 1 if DECISION_STAGE in names else len(names)

@@ -62,8 +62,9 @@ def load(**env):
 
 out = {"local": load()}
 # the stages the other engineers are building, as the DAG sees them once their modules land
-for name in ("rl", "evaluate", "register", "deploy"):
-    p.STAGES.setdefault(name, f"coaflow.stages.{name}")
+full = {n: f"coaflow.stages.{n}" for n in p.ORDER}
+p.STAGES.clear()
+p.STAGES.update(full)
 out["full"] = load(COAFLOW_AIRFLOW_MODE="kubernetes")
 print(json.dumps(out, default=str))
 """
