@@ -317,7 +317,7 @@ def raise_for(stage: str, code: int, tail: str = "") -> None:
 
 
 def run_local(stage: str, the_plan: Mapping[str, Any], inputs: Mapping[str, str],
-              python: str | None = None, timeout_s: float | None = None) -> dict[str, Any]:
+              python: str | None = None) -> dict[str, Any]:
     """Run the stage's argv in a subprocess on this worker (output streamed to the task log);
     return its XCom, or raise what Airflow retries / fails on."""
     argv = stage_argv(stage, the_plan, inputs)
@@ -330,7 +330,7 @@ def run_local(stage: str, the_plan: Mapping[str, Any], inputs: Mapping[str, str]
         for line in proc.stdout:
             print(line, end="", flush=True)
             tail = (tail + [line.rstrip()])[-5:]
-        code = proc.wait(timeout=timeout_s)
+        code = proc.wait()
     if outcome(code) in ("ok", "refused"):
         return xcom_value(stage, f"{the_plan['run_dir']}/{stage}", code)
     raise_for(stage, code, " | ".join(x for x in tail if x)[-500:])
@@ -420,7 +420,7 @@ def pod_manifest(pod) -> dict:
     return ApiClient().sanitize_for_serialization(pod)
 
 
-def pod_operator(stage: str, settings: Settings, **task_kwargs):
+def pod_operator(stage: str, settings: Settings):
     """A KubernetesPodOperator for ``stage``: its pod is built at run time from the run's plan
     and its inputs' XComs; a failed pod is retried only for the retryable exit codes."""
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
@@ -452,7 +452,7 @@ def pod_operator(stage: str, settings: Settings, **task_kwargs):
         task_id=stage, name=f"coaflow-{stage}", namespace=ks.namespace, image=ks.image,
         kubernetes_conn_id=ks.kubernetes_conn_id, in_cluster=ks.in_cluster,
         do_xcom_push=True, get_logs=True, on_finish_action="delete_succeeded_pod",
-        startup_timeout_seconds=ks.startup_timeout_s, **task_kwargs)
+        startup_timeout_seconds=ks.startup_timeout_s)
 
 
 def pull_inputs(ti, stage: str, task_ids) -> dict[str, str]:

@@ -58,6 +58,25 @@ def load(**env):
         op.full_pod_spec = af.pod_spec("sft", af.load_settings(),
                                        af.pod_command("sft", plan, {"gate": plan["run_dir"] + "/gate"}), "r1")
         info["pod"] = af.pod_manifest(op.build_pod_request_obj())
+        # a failed pod as the provider reports it, without a cluster: which codes are retried
+        from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+        from airflow.sdk.exceptions import AirflowException
+        from kubernetes.client import models as k8s
+
+        def provider_failure(self, pod, remote_pod):
+            raise AirflowException("Pod returned a failure.")
+
+        KubernetesPodOperator.cleanup = provider_failure
+        info["cleanup"] = {}
+        for code in (75, 3, 1, None):
+            state = k8s.V1ContainerState(terminated=k8s.V1ContainerStateTerminated(exit_code=code)
+                                         ) if code is not None else None
+            remote = k8s.V1Pod(status=k8s.V1PodStatus(container_statuses=[k8s.V1ContainerStatus(
+                name="base", image="i", image_id="", ready=False, restart_count=0, state=state)]))
+            try:
+                op.cleanup(None, remote)
+            except Exception as e:
+                info["cleanup"][str(code)] = type(e).__name__
     return info
 
 out = {"local": load()}
@@ -217,6 +236,11 @@ def test_the_operator_renders_a_valid_pod_with_the_xcom_sidecar(info):
     assert base["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert "--input gate=/data/coaflow/runs/r1/gate" in base["command"][2]
     assert pod["metadata"]["namespace"] == "coaflow"
+
+
+def test_a_failed_pod_is_retried_only_for_exit_75_or_a_lost_pod(info):
+    assert info["full"]["cleanup"] == {"75": "AirflowException", "3": "AirflowFailException",
+                                       "1": "AirflowFailException", "None": "AirflowException"}
 
 
 def test_a_broken_pod_spec_is_caught_by_the_schema():
