@@ -39,6 +39,7 @@ from coaflow.errors import (
     EXIT_GATE,
     EXIT_OK,
     EXIT_PROMOTION,
+    EXIT_RETRY,
     EXIT_USER,
     RETRYABLE_EXIT_CODES,
     UserError,
@@ -261,7 +262,8 @@ def stage_inputs(stage: str, done: Mapping[str, Mapping | None]) -> dict[str, st
 # --- exit codes -> what Airflow does -------------------------------------------------------
 
 MEANING = {EXIT_BUG: "a bug (read the log)", EXIT_USER: "bad config or input",
-           EXIT_GATE: "the data quality gate refused the batch", 75: "a service was unavailable"}
+           EXIT_GATE: "the data quality gate refused the batch",
+           EXIT_RETRY: "a service was unavailable"}
 
 
 def outcome(code: int) -> Literal["ok", "refused", "retry", "fail"]:

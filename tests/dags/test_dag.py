@@ -38,6 +38,9 @@ def load(**env):
                for t in dag.tasks},
         params={k: {"default": dag.params.get_param(k).value, "schema": dag.params.get_param(k).schema,
                     "description": dag.params.get_param(k).description} for k in dag.params})
+    from airflow.serialization.serialized_objects import DagSerialization  # as the scheduler
+    info["serialized"] = sorted(t.task_id for t in DagSerialization.from_dict(
+        DagSerialization.to_dict(dag)).tasks)
     bad = {}
     for name, value in [("deploy_target", "moon"), ("epochs", -1), ("tasks_per_suite", {"kbqa": "x"}),
                         ("seed", "abc")]:
@@ -99,6 +102,8 @@ def test_dagbag_loads_without_errors_and_fast(info):
     assert info["local"]["errors"] == {}
     assert info["full"]["errors"] == {}
     assert info["local"]["seconds"] < 1.0  # the DAG file only wires; parsed again and again
+    for mode in ("local", "full"):  # the scheduler and the UI read the serialized DAG
+        assert info[mode]["serialized"] == sorted(info[mode]["tasks"])
 
 
 def test_a_task_per_stage_in_pipeline_order(info):
