@@ -390,6 +390,23 @@ def models_fetch(uri, dst, workdir, registry_uri):
     click.echo(str(folder))
 
 
+@main.command("undeploy")
+@click.option("--name", help="registered model whose server to stop [<run.name>-agent of the "
+              "profile]")
+@pipeline_options
+@_user_errors
+def undeploy_cmd(name, profile, workdir, overrides, run_id):
+    """Stop the managed local server that `coaflow deploy` started (target: local)."""
+    from coaflow.registry import model_name
+    from coaflow.stages.deploy import undeploy
+
+    cfg = _load(profile, workdir, overrides)
+    name = name or model_name(cfg.run.name)
+    state = undeploy(Path(cfg.run.workdir).resolve(), name)
+    click.echo(f"stopped {name} version {state['version']} (pid {state['pid']}, port "
+               f"{state['port']})" if state else f"no managed server for {name}")
+
+
 # --- config -------------------------------------------------------------------------------------
 
 @main.command("config")

@@ -18,9 +18,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
-from sft_fixtures import tiny_dir, trajectories  # noqa: E402,F401
-
 ROOT = Path(__file__).parents[2]
 QUESTION = "Who founded Varn Labs?"
 CALL = '<tool_call>\n{"name": "search", "arguments": {"query": "Varn Labs"}}\n</tool_call>'
@@ -39,7 +36,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def teach_tool_call(src: Path, out: Path, steps: int = 120) -> Path:
+def teach_tool_call(src: Path, out: Path, steps: int = 200) -> Path:
     """Copy the model in ``src`` to ``out`` and train it to answer QUESTION with CALL."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -57,8 +54,12 @@ def teach_tool_call(src: Path, out: Path, steps: int = 120) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
     for _ in range(steps):
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
+        res = model(input_ids=ids, labels=labels)
+        # stop once teacher forcing predicts every completion token: greedy decoding then
+        # reproduces the call exactly
+        if (res.logits[0, len(p) - 1:-1].argmax(-1) == ids[0, len(p):]).all():
+            break
+        res.loss.backward()
         opt.step()
         opt.zero_grad()
     shutil.rmtree(out, ignore_errors=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import time
 import uuid
@@ -100,7 +101,7 @@ def create_app(engine, model_name: str, system_prompt: str | None = None,
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "model": model_name}
+        return {"status": "ok", "model": model_name, "pid": os.getpid()}
 
     @app.get("/v1/models")
     def models():
