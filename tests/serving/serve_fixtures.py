@@ -36,28 +36,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def smoke_questions(n: int = 2) -> list[str]:
+    """The kbqa test questions the deploy smoke test asks (deploy.smoke_tasks=2, seed 0)."""
+    from coaflow.envs import make_tasks
+
+    return [t.question for t in make_tasks("kbqa", "test", n, seed=0)]
+
+
 def teach_tool_call(src: Path, out: Path, steps: int = 200) -> Path:
-    """Copy the model in ``src`` to ``out`` and train it to answer QUESTION with CALL."""
+    """Copy the model in ``src`` to ``out`` and train it to answer QUESTION (and the smoke test's
+    questions) with CALL, until greedy decoding reproduces it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(src)
     model = AutoModelForCausalLM.from_pretrained(src)
-    prompt = tok.apply_chat_template([{"role": "system", "content": SYSTEM},
-                                      {"role": "user", "content": QUESTION}], tools=kbqa_tools(),
-                                     tokenize=False, add_generation_prompt=True)
-    p = tok(prompt, add_special_tokens=False)["input_ids"]
     c = tok(CALL + "<|im_end|>", add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([p + c])
-    labels = torch.tensor([[-100] * len(p) + c])
+    rows = []
+    for q in [QUESTION, *smoke_questions()]:
+        prompt = tok.apply_chat_template([{"role": "system", "content": SYSTEM},
+                                          {"role": "user", "content": q}], tools=kbqa_tools(),
+                                         tokenize=False, add_generation_prompt=True)
+        rows.append(tok(prompt, add_special_tokens=False)["input_ids"])
+    width = max(len(p) for p in rows) + len(c)
+    ids = torch.full((len(rows), width), tok.pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, p in enumerate(rows):  # right padding: positions start at 0 for every row
+        ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+        labels[i, len(p):len(p) + len(c)] = torch.tensor(c)
+        mask[i, :len(p) + len(c)] = 1
+    target = labels[:, 1:]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
     for _ in range(steps):
-        res = model(input_ids=ids, labels=labels)
+        res = model(input_ids=ids, attention_mask=mask, labels=labels)
         # stop once teacher forcing predicts every completion token: greedy decoding then
         # reproduces the call exactly
-        if (res.logits[0, len(p) - 1:-1].argmax(-1) == ids[0, len(p):]).all():
+        hit = res.logits[:, :-1].argmax(-1) == target
+        if hit[target != -100].all():
             break
         res.loss.backward()
         opt.step()

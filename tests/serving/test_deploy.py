@@ -67,7 +67,9 @@ def test_local_deploy_replaces_and_rolls_back(tmp_path, monkeypatch, tool_model,
         health = httpx.get(f"http://127.0.0.1:{port}/health").json()
         assert health["pid"] == state["pid"]
         smoke = json.loads((work / "runs" / "r" / "deploy" / "smoke.json").read_text())
-        assert smoke["passed"]
+        assert smoke["passed"]  # the restored version, tested again
+        failed = json.loads((work / "runs" / "r" / "deploy" / "smoke-v2-failed.json").read_text())
+        assert not failed["passed"] and failed["tool_call_share"] == 0
     finally:
         stopped = deploy.undeploy(work, MODEL)
     assert stopped is not None and not deploy._alive(stopped["pid"])

@@ -322,8 +322,14 @@ def run(cfg: Config, ctx: Context) -> Result:
                                 "to, so nothing is served")
         now, _ = registry.rollback(name, reason)
         endpoint, state = serve(now.version)
+        os.replace(ctx.out / "smoke.json", ctx.out / f"smoke-v{champ.version}-failed.json")
+        smoke = smoke_test(endpoint, name, cfg, ctx.run.seed)
+        (ctx.out / "smoke.json").write_text(json.dumps(smoke, indent=2))
         summary.update(rolled_back=True, reason=reason, version=now.version, endpoint=endpoint,
-                       state=state)
+                       state=state, smoke={k: v for k, v in smoke.items() if k != "rows"})
+        if not smoke["passed"]:
+            raise PipelineError(f"deploy: {reason}; rolled back to version {now.version}, whose "
+                                f"smoke test failed too: {smoke['detail']} (served at {endpoint})")
         ctx.tracker.set_tags({"coaflow.rolled_back": f"{champ.version}->{now.version}"})
     ctx.tracker.log_artifact(ctx.out / "smoke.json")
     return Result(outputs={"endpoint": endpoint, "smoke": str(ctx.out / "smoke.json")},
