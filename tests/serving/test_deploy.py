@@ -132,9 +132,8 @@ def test_kubernetes_rollout_patches_and_waits():
     assert (name, ns) == ("coaflow-serving", "coaflow")
     pod = body["spec"]["template"]
     assert pod["metadata"]["annotations"]["coaflow.io/model-version"] == "4"
-    assert pod["spec"]["containers"] == [{"name": "server", "image": "ghcr.io/x/coaflow-gpu:1.2",
-                                          "env": [{"name": "MODEL_URI",
-                                                   "value": "models:/m-agent/4"}]}]
+    assert pod["metadata"]["annotations"]["coaflow.io/model-uri"] == "models:/m-agent/4"
+    assert pod["spec"]["containers"] == [{"name": "server", "image": "ghcr.io/x/coaflow-gpu:1.2"}]
     with pytest.raises(UserError, match="refused the change: 403 Forbidden"):
         deploy.rollout_kubernetes(k, "models:/m-agent/4", 4, FakeApps(refuse=403))
     slow = deploy.KubernetesTarget(rollout_timeout_s=0.05)

@@ -252,13 +252,14 @@ def rollout_kubernetes(k: KubernetesTarget, model_uri: str, version: int, apps=N
     from kubernetes.client.exceptions import ApiException
 
     apps = apps or _apps_api(k)
+    # the chart's containers read MODEL_URI from this pod annotation (downward API): changing
+    # it rolls the pods, and the init container fetches the new version
     notes = {"coaflow.io/model-uri": model_uri, "coaflow.io/model-version": str(version)}
-    container: dict = {"name": k.container, "env": [{"name": "MODEL_URI", "value": model_uri}]}
+    template: dict = {"metadata": {"annotations": notes}}
     if k.image:
-        container["image"] = k.image
-    patch = {"metadata": {"annotations": notes},
-             "spec": {"template": {"metadata": {"annotations": notes},
-                                   "spec": {"containers": [container]}}}}
+        template["spec"] = {"containers": [{"name": k.container, "image": k.image}],
+                            "initContainers": [{"name": "fetch-model", "image": k.image}]}
+    patch = {"metadata": {"annotations": notes}, "spec": {"template": template}}
     where = f"deployment {k.namespace}/{k.deployment}"
     try:
         patched = apps.patch_namespaced_deployment(k.deployment, k.namespace, patch)
