@@ -270,7 +270,7 @@ def rollout_kubernetes(k: KubernetesTarget, model_uri: str, version: int, apps=N
             want, s = d.spec.replicas or 0, d.status
             if ((s.observed_generation or 0) >= generation and (s.updated_replicas or 0) == want
                     and (s.available_replicas or 0) == want and (s.replicas or 0) == want):
-                return {"deployment": where, "generation": generation, "replicas": want}
+                return {"deployment": f"{k.namespace}/{k.deployment}", "generation": generation, "replicas": want}
             if time.time() > deadline:
                 raise ServiceUnavailable(f"{where}: rollout of {model_uri} not done after "
                                          f"{k.rollout_timeout_s:.0f}s ({s.updated_replicas or 0}"
