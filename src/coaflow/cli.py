@@ -290,10 +290,12 @@ def registry_options(fn):
 @click.option("--reuse-port", is_flag=True, help="bind with SO_REUSEPORT (a replacement server "
               "starts beside the old one)")
 @click.option("--vllm-arg", "vllm_args", multiple=True, help="extra argument for vLLM's server")
+@click.option("--threads", default=0, show_default=True, help="torch CPU threads (0: torch's "
+              "default; 1 is fastest on a CPU shared with other work)")
 @registry_options
 @_user_errors
 def serve_cmd(model, host, port, engine, name, system_prompt, max_batch, batch_wait_ms,
-              max_tokens, reuse_port, vllm_args, workdir, registry_uri):
+              max_tokens, reuse_port, vllm_args, threads, workdir, registry_uri):
     """Serve MODEL behind an OpenAI-compatible API: models:/NAME@ALIAS, models:/NAME/N, a local
     HF folder or a hub id.
 
@@ -307,7 +309,7 @@ def serve_cmd(model, host, port, engine, name, system_prompt, max_batch, batch_w
           registry_uri=_registry_uri(workdir, registry_uri),
           cache_dir=Path(workdir).resolve() / "serving" / "models", max_batch=max_batch,
           batch_wait_ms=batch_wait_ms, max_tokens=max_tokens, reuse_port=reuse_port,
-          vllm_args=list(vllm_args), log=lambda m: click.echo(m, err=True))
+          vllm_args=list(vllm_args), threads=threads, log=lambda m: click.echo(m, err=True))
 
 
 @main.group("models")

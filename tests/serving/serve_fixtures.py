@@ -120,7 +120,7 @@ def server(tool_model, tmp_path_factory):
     work = tmp_path_factory.mktemp("serve-work")
     proc = subprocess.Popen([sys.executable, "-m", "coaflow.cli", "serve", str(tool_model),
                              "--port", str(port), "--engine", "transformers", "--name", "tiny",
-                             "--batch-wait-ms", "50", "--workdir", str(work)],
+                             "--batch-wait-ms", "50", "--workdir", str(work), "--threads", "1"],
                             env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -47,9 +47,12 @@ class TransformersEngine:
     """Load ``model_dir`` and serve it; ``stats`` counts batches for ``/metrics``."""
 
     def __init__(self, model_dir: str | Path, max_batch: int = 16, batch_wait_ms: float = 10.0,
-                 device: str | None = None, dtype: str | None = None):
+                 device: str | None = None, dtype: str | None = None, threads: int = 0):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads > 0:  # on a shared CPU one thread is often faster than contended ones
+            torch.set_num_threads(threads)
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), padding_side="left")

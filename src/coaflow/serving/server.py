@@ -112,6 +112,7 @@ def serve(spec: str, *, host: str = "127.0.0.1", port: int = 8000, engine: str =
           name: str | None = None, registry_uri: str, cache_dir: str | Path,
           system_prompt: str | None = None, max_batch: int = 16, batch_wait_ms: float = 10.0,
           max_tokens: int = 512, reuse_port: bool = False, vllm_args: list[str] = (),
+          threads: int = 0,
           log=print) -> None:
     model, served = resolve(spec, registry_uri, cache_dir)
     served = name or served
@@ -136,7 +137,8 @@ def serve(spec: str, *, host: str = "127.0.0.1", port: int = 8000, engine: str =
     from coaflow.serving.engine import TransformersEngine
 
     try:
-        eng = TransformersEngine(model, max_batch=max_batch, batch_wait_ms=batch_wait_ms)
+        eng = TransformersEngine(model, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
+                                threads=threads)
     except Exception as e:  # a missing or corrupt checkpoint: one line, not a traceback
         raise UserError(f"{spec}: cannot load the model from {model}: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}") from None

@@ -60,6 +60,8 @@ class Config(Section):
     port: int = Field(8000, ge=1, le=65535, description="local: port to serve on")
     engine: Literal["auto", "transformers", "vllm"] = Field(
         "auto", description="local: serving engine (auto: vLLM on a GPU, else transformers)")
+    threads: int = Field(0, ge=0, description="local: torch CPU threads of the transformers "
+                         "engine (0: torch's default)")
     startup_timeout_s: float = Field(300, gt=0, description="local: wait this long for health")
     smoke_suites: list[str] = Field(default_factory=lambda: ["kbqa", "calc"],
                                     description="suites whose test questions the smoke test asks")
@@ -192,7 +194,8 @@ def start_local(cfg: Config, workdir: Path, name: str, version: int, registry_ur
     log = folder / f"server-v{version}.log"
     argv = [sys.executable, "-m", "coaflow.cli", "serve", f"models:/{name}/{version}",
             "--host", cfg.host, "--port", str(cfg.port), "--engine", cfg.engine, "--name", name,
-            "--reuse-port", "--workdir", str(workdir), "--registry-uri", registry_uri]
+            "--reuse-port", "--workdir", str(workdir), "--registry-uri", registry_uri,
+            "--threads", str(cfg.threads)]
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)  # outlives this run, as a server does
