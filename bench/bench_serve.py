@@ -7,7 +7,8 @@
 Starts a real server (transformers engine, its request batching) on a free port, sends kbqa test
 questions with the suite's tools through the ``openai`` client (greedy, ``--max-tokens``): first
 ``--requests`` one after another from one client, then ``--requests`` from each of ``--clients``
-clients at once. Prints both side by side and the ratio of tokens/s (the batching figure).
+clients at once. Prints both side by side (``batch``: mean sequences per generate call) and
+the ratio of tokens/s (the batching figure).
 """
 
 from __future__ import annotations
@@ -70,6 +71,15 @@ async def phase(url: str, clients: int, questions, tools, max_tokens) -> dict:
             "p95_s": lat[min(len(lat) - 1, int(0.95 * len(lat)))]}
 
 
+def batches(url: str) -> tuple[float, float]:
+    """(generate calls, sequences generated) so far, from the server's /metrics."""
+    import httpx
+
+    values = dict(line.split() for line in httpx.get(f"{url}/metrics").text.splitlines()
+                  if line.startswith(("coaflow_batches_total ", "coaflow_batched_sequences_total ")))
+    return float(values["coaflow_batches_total"]), float(values["coaflow_batched_sequences_total"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models:/coaflow-agent@champion",
@@ -111,8 +121,12 @@ def main() -> None:
         questions = [t.question for t in make_tasks("kbqa", "test", args.requests)]
         tools = tool_schemas("kbqa")
         asyncio.run(phase(url, 1, questions[:1], tools, 8))  # warm-up
-        rows = [asyncio.run(phase(url, c, questions, tools, args.max_tokens))
-                for c in (1, args.clients)]
+        rows = []
+        for c in (1, args.clients):
+            before = batches(url)
+            rows.append(asyncio.run(phase(url, c, questions, tools, args.max_tokens)))
+            after = batches(url)
+            rows[-1]["batch"] = (after[1] - before[1]) / max(1, after[0] - before[0])
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -120,10 +134,10 @@ def main() -> None:
     print(f"\nmodel {args.model}, {args.requests} requests per client, max_tokens "
           f"{args.max_tokens}, greedy, kbqa test questions with tools")
     print(f"{'clients':>8} {'requests':>9} {'tokens':>8} {'wall s':>8} {'tokens/s':>9} "
-          f"{'p50 s':>7} {'p95 s':>7}")
+          f"{'p50 s':>7} {'p95 s':>7} {'batch':>6}")
     for r in rows:
         print(f"{r['clients']:>8} {r['requests']:>9} {r['tokens']:>8} {r['wall_s']:>8.2f} "
-              f"{r['tokens_per_s']:>9.1f} {r['p50_s']:>7.3f} {r['p95_s']:>7.3f}")
+              f"{r['tokens_per_s']:>9.1f} {r['p50_s']:>7.3f} {r['p95_s']:>7.3f} {r['batch']:>6.1f}")
     print(f"tokens/s ratio {args.clients}:1 = {rows[1]['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x")
 
 
