@@ -3,6 +3,7 @@ only into matching work, cross-run reuse, portable result paths, a set-up that f
 one entry point (`execute` / `coaflow stage`), optional inputs, exit codes, no leaking state."""
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -212,3 +213,15 @@ def test_an_unreachable_teacher_exits_75(tmp_path):
             str(tmp_path / "o"), "--set", f"synthesize.llm.base_url=http://127.0.0.1:{port}/v1",
             "--set", "synthesize.llm.timeout_s=2", cwd=tmp_path)
     assert p.returncode == 75 and "cannot reach the teacher endpoint" in p.stderr, p.stderr
+
+
+def test_scoped_uri_leaves_no_process_wide_tracking_uri(tmp_path, monkeypatch):
+    import mlflow
+
+    from coaflow.tracking import scoped_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = mlflow.get_tracking_uri()
+    with scoped_uri(f"sqlite:///{tmp_path / 'other.db'}"):
+        assert mlflow.get_registry_uri().endswith("other.db")
+    assert "MLFLOW_TRACKING_URI" not in os.environ and mlflow.get_tracking_uri() == before

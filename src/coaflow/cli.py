@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from collections import Counter
@@ -71,7 +72,7 @@ def main():
 
     A teacher team solves verifiable tasks with real tools; its runs become chain-of-agents
     trajectories; gates keep the good ones; SFT trains one student to act as the whole team;
-    MLflow tracks every stage. Each stage is also a subcommand, and `coaflow stage` is the
+    evaluation scores it on held-out tasks; MLflow tracks every stage. Each stage is also a subcommand, and `coaflow stage` is the
     entry point containers, Airflow and Kubeflow call.
     """
 
@@ -198,10 +199,12 @@ def _stage_command(name: str):
 
 
 def _register_stages() -> None:
+    """One subcommand per stage module that exists; ``coaflow --help`` names them in order."""
     from coaflow.pipeline import STAGES
 
     for name in STAGES:
         main.add_command(_stage_command(name))
+    main.help = inspect.cleandoc(main.help or "") + f"\n\nStages, in order: {', '.join(STAGES)}."
 
 
 # --- runs ---------------------------------------------------------------------------------------
@@ -443,7 +446,8 @@ def data_group():
 @click.argument("output_path", metavar="OUT", type=click.Path())
 @_user_errors
 def data_convert(src_fmt, dst_fmt, suite, skip_bad, input_path, output_path):
-    """Convert trajectories from IN (a file or folder of shards) to OUT (.jsonl or .jsonl.gz).
+    """Convert trajectories from IN (a JSONL or JSON-array file, a folder of shards, or a stage
+    folder) to OUT (.jsonl or .jsonl.gz; ADP written as a .json array keeps that shape).
 
     \b
     coaflow data convert --from sharegpt --to coaflow chats.jsonl trajs.jsonl
@@ -460,8 +464,9 @@ def data_convert(src_fmt, dst_fmt, suite, skip_bad, input_path, output_path):
            "messages": lambda t: {"id": t.id, "messages": render.to_messages(t)}}[dst_fmt]
     bad = []
     records = (out(t) for _, _, t in io.iter_records(
-        input_path, parse, errors="skip" if skip_bad else "raise", on_error=bad.append))
-    n = io.write_jsonl(output_path, records)
+        io.trajectory_source(input_path), parse, errors="skip" if skip_bad else "raise",
+        on_error=bad.append))
+    n = io.write_records(output_path, records)
     for b in bad:
         click.echo(f"skipped {b.path}:{b.line}: {b.field + ': ' if b.field else ''}{b.reason}",
                    err=True)
@@ -471,24 +476,30 @@ def data_convert(src_fmt, dst_fmt, suite, skip_bad, input_path, output_path):
 @data_group.command("validate")
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--max-errors", default=20, show_default=True, help="errors to print")
+@_user_errors
 def data_validate(path, max_errors):
-    """Check every line of PATH against the coaflow schema; exit 1 if any line is bad."""
+    """Check every record of PATH against the coaflow schema; exit 2 if any is bad (or none)."""
+    from coaflow.errors import EXIT_USER
     from coaflow.schema import io
 
     bad: list = []
-    n = sum(1 for _ in io.iter_records(path, errors="skip", on_error=bad.append))
+    n = sum(1 for _ in io.iter_records(io.trajectory_source(path), errors="skip",
+                                       on_error=bad.append))
     for b in bad[:max_errors]:
         click.echo(f"{b.path}:{b.line}: {b.field + ': ' if b.field else ''}{b.reason}", err=True)
     click.echo(f"{n} valid, {len(bad)} invalid")
-    sys.exit(1 if bad or n == 0 else 0)
+    sys.exit(EXIT_USER if bad or n == 0 else 0)
 
 
 @data_group.command("stats")
 @click.argument("path", type=click.Path(exists=True))
+@_user_errors
 def data_stats(path):
-    """Counts per suite, difficulty, teacher and outcome, plus steps and tool calls per trajectory."""
+    """Counts per suite, difficulty, teacher and outcome, plus steps and tool calls per trajectory.
+    PATH is a file, a folder of shards, or a stage folder (its trajectories are read)."""
     from coaflow.schema import io
 
+    path = io.trajectory_source(path)
     n, steps, calls = 0, 0, 0
     by = {"suite": Counter(), "difficulty": Counter(), "teacher": Counter(), "correct": Counter(),
           "tools": Counter(), "agents": Counter()}
