@@ -36,16 +36,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def smoke_questions(n: int = 2) -> list[str]:
-    """The kbqa test questions the deploy smoke test asks (deploy.smoke_tasks=2, seed 0)."""
+def first_turns(n: int = 2) -> list[tuple[list[dict], list[dict]]]:
+    """(messages, tools) of the first turn of the deploy smoke test's episodes (kbqa test tasks,
+    deploy.smoke_tasks=2, seed 0), as coaflow.agent renders them."""
+    from coaflow.agent.loop import Episode
     from coaflow.envs import make_tasks
 
-    return [t.question for t in make_tasks("kbqa", "test", n, seed=0)]
+    return [Episode(t, max_turns=1, model="m").prompt(send_tools=True)
+            for t in make_tasks("kbqa", "test", n, seed=0)]
 
 
 def teach_tool_call(src: Path, out: Path, steps: int = 200) -> Path:
-    """Copy the model in ``src`` to ``out`` and train it to answer QUESTION (and the smoke test's
-    questions) with CALL, until greedy decoding reproduces it."""
+    """Copy the model in ``src`` to ``out`` and train it to answer QUESTION (and the first turn of
+    the deploy smoke test's episodes) with CALL, until greedy decoding reproduces it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -54,10 +57,11 @@ def teach_tool_call(src: Path, out: Path, steps: int = 200) -> Path:
     model = AutoModelForCausalLM.from_pretrained(src)
     c = tok(CALL + "<|im_end|>", add_special_tokens=False)["input_ids"]
     rows = []
-    for q in [QUESTION, *smoke_questions()]:
-        prompt = tok.apply_chat_template([{"role": "system", "content": SYSTEM},
-                                          {"role": "user", "content": q}], tools=kbqa_tools(),
-                                         tokenize=False, add_generation_prompt=True)
+    chats = [([{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}],
+              kbqa_tools()), *first_turns()]
+    for messages, tools in chats:
+        prompt = tok.apply_chat_template(messages, tools=tools, tokenize=False,
+                                         add_generation_prompt=True)
         rows.append(tok(prompt, add_special_tokens=False)["input_ids"])
     width = max(len(p) for p in rows) + len(c)
     ids = torch.full((len(rows), width), tok.pad_token_id)

@@ -10,8 +10,8 @@ version binds the same port with SO_REUSEPORT while the old server still answers
 is stopped once the new one is healthy: the port is never dropped. The same version already
 running is kept. ``target: kubernetes`` patches the serving Deployment (``helm/coaflow-serving``)
 to the new model URI with the kubernetes client and waits for the rollout. Either way a smoke
-test sends test-split questions with the suite's tools through the OpenAI endpoint and checks
-the replies; a failed smoke test moves ``champion`` back to ``previous`` and serves that.
+test runs whole agent episodes on test-split tasks through the OpenAI endpoint (coaflow.agent's
+HTTP backend) and checks their tool calls; a failed smoke test moves ``champion`` back to ``previous`` and serves that.
 ``target: none`` only records what would be served.
 """
 
@@ -30,7 +30,7 @@ import httpx
 from pydantic import Field
 
 from coaflow.config import Section
-from coaflow.errors import ServiceUnavailable, UserError
+from coaflow.errors import CoaflowError, ServiceUnavailable, UserError
 from coaflow.pipeline import Context, PipelineError, Result
 
 NAME = "deploy"
@@ -67,9 +67,12 @@ class Config(Section):
                                     description="suites whose test questions the smoke test asks")
     smoke_tasks: int = Field(2, ge=0, description="test questions per suite (0: no smoke test)")
     smoke_min_tool_call_share: float = Field(
-        0.5, ge=0, le=1, description="least share of smoke replies with a well-formed call to "
-        "one of the suite's tools")
-    smoke_max_tokens: int = Field(128, ge=1, description="max_tokens per smoke request")
+        0.5, ge=0, le=1, description="least share of smoke episodes with well-formed calls to "
+        "the suite's tools")
+    smoke_max_tokens: int = Field(128, ge=1, description="max_tokens per assistant turn")
+    smoke_max_turns: int = Field(3, ge=1, description="assistant turns per smoke episode")
+    api_key_env: str = Field("OPENAI_API_KEY", description="env var holding the endpoint's key "
+                             "(kubernetes target; the local server needs none)")
     kubernetes: KubernetesTarget = Field(default_factory=KubernetesTarget,
                                          description="the kubernetes target")
 
@@ -77,47 +80,33 @@ class Config(Section):
 # --- the smoke test -------------------------------------------------------------------------
 
 def smoke_test(base_url: str, model: str, cfg: Config, seed: int = 0) -> dict:
-    """Ask test-split questions with the suite's tools through the OpenAI endpoint; every reply
-    must be a valid completion and enough of them must call a known tool with JSON arguments."""
-    from openai import OpenAI
+    """Whole agent episodes on test-split tasks through the endpoint (``coaflow.agent``'s HTTP
+    backend, the suite's tools sent, real tool results): every episode must run without an
+    endpoint error, and enough of them must make a well-formed call to one of the suite's
+    tools. Success is recorded, not required (a tiny student solves few whole tasks)."""
+    from coaflow.agent import OpenAIBackend, category, run_episodes
+    from coaflow.envs import make_tasks
 
-    from coaflow.envs import make_tasks, tool_schemas
-
-    client = OpenAI(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY", "unused"),
-                    max_retries=2, timeout=120)
-    rows = []
-    for suite in cfg.smoke_suites:
-        tools = tool_schemas(suite)
-        known = {t["function"]["name"] for t in tools}
-        for task in make_tasks(suite, "test", cfg.smoke_tasks, seed=seed):
-            try:
-                r = client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": task.question}],
-                    tools=tools, max_tokens=cfg.smoke_max_tokens, temperature=0)
-            except Exception as e:  # the endpoint failing is what a smoke test is for
-                rows.append({"suite": suite, "question": task.question, "ok": False,
-                             "error": f"{type(e).__name__}: {str(e)[:200]}"})
-                continue
-            calls = r.choices[0].message.tool_calls or []
-            good = bool(calls) and all(_good_call(c, known) for c in calls)
-            rows.append({"suite": suite, "question": task.question, "ok": True,
-                         "tool_call": good, "finish_reason": r.choices[0].finish_reason})
-    n = len(rows)
-    share = sum(r.get("tool_call", False) for r in rows) / n if n else 1.0
-    errors = [r for r in rows if not r["ok"]]
-    passed = not errors and share >= cfg.smoke_min_tool_call_share
-    why = (f"{len(errors)} of {n} requests failed ({errors[0]['error']})" if errors else
-           f"{share:.0%} of {n} replies made a well-formed tool call (need "
-           f"{cfg.smoke_min_tool_call_share:.0%})")
-    return {"passed": passed, "n": n, "tool_call_share": share, "detail": why, "rows": rows}
-
-
-def _good_call(call, known: set[str]) -> bool:
+    tasks = [t for s in cfg.smoke_suites for t in make_tasks(s, "test", cfg.smoke_tasks, seed=seed)]
     try:
-        return call.function.name in known and isinstance(json.loads(call.function.arguments),
-                                                          dict)
-    except (TypeError, ValueError):
-        return False
+        backend = OpenAIBackend(base_url, model, os.environ.get(cfg.api_key_env) or None,
+                                concurrency=8, timeout_s=120, max_retries=2, send_tools=True)
+        trajs = run_episodes(backend, tasks, max_turns=cfg.smoke_max_turns,
+                             max_new_tokens=cfg.smoke_max_tokens, seed=seed)
+    except (CoaflowError, httpx.HTTPError, OSError) as e:  # the endpoint failing: the finding
+        return {"passed": False, "n": len(tasks), "tool_call_share": 0.0, "success_share": 0.0,
+                "detail": f"the endpoint failed: {type(e).__name__}: {str(e)[:300]}", "rows": []}
+    rows = [{"suite": t.task.suite, "question": t.task.question, "category": category(t),
+             "tool_calls": len(t.tool_calls()), "correct": bool(t.outcome.correct)}
+            for t in trajs]
+    n = len(rows)
+    share = sum(r["tool_calls"] > 0 and r["category"] != "malformed_call" for r in rows) / n \
+        if n else 1.0
+    solved = sum(r["correct"] for r in rows) / n if n else 0.0
+    return {"passed": share >= cfg.smoke_min_tool_call_share, "n": n, "tool_call_share": share,
+            "success_share": solved,
+            "detail": f"{share:.0%} of {n} episodes made well-formed tool calls (need "
+                      f"{cfg.smoke_min_tool_call_share:.0%}); {solved:.0%} solved", "rows": rows}
 
 
 # --- the local target: a managed `coaflow serve` process --------------------------------------
