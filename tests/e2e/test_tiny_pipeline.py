@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -12,8 +13,19 @@ import pytest
 @pytest.mark.slow
 def test_tiny_pipeline_learns_and_reruns_from_cache(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    with socket.socket() as s:  # deploy serves the champion: on a free port, stopped at the end
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "coaflow.cli", "run", "--workdir", str(tmp_path),
-           "--run-id", "e2e"]
+           "--set", f"deploy.port={port}", "--run-id", "e2e"]
+    try:
+        _run_twice(cmd, env, tmp_path)
+    finally:
+        subprocess.run([sys.executable, "-m", "coaflow.cli", "undeploy", "--workdir",
+                        str(tmp_path)], env=env, capture_output=True, timeout=120)
+
+
+def _run_twice(cmd, env, tmp_path):
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
