@@ -134,6 +134,13 @@ def test_a_refused_promotion_is_recorded_complete_and_stops_the_run(workdir):
     assert (workdir / "runs/r/register" / MARKER).exists()
     assert not (workdir / "runs/r/deploy").exists() and calls == ["a"]
 
+    # a cacheable register: a second run hits the cached refusal and stops there again
+    stages["register"].CACHE = True
+    for run_id in ("r2", "r3"):
+        with pytest.raises(PromotionRefused, match="min_success"):
+            run_pipeline(config(workdir), run_id=run_id, stages=stages, **quiet)
+    assert not (workdir / "runs/r3/deploy").exists() and calls == ["a"]
+
 
 def test_two_trackers_in_one_process_keep_to_their_own_stores(tmp_path):
     from coaflow.tracking import Tracker

@@ -31,6 +31,21 @@ def test_context_limit_ends_the_episode_without_generating(tiny_dir):
     assert t.details["stop"] == "context" and t.details["tokens"] == 0
 
 
+def test_threads_apply_while_generating_only(tiny_dir, monkeypatch):
+    import torch
+
+    seen = []
+    backend = TransformersBackend(str(tiny_dir), threads=1)
+    monkeypatch.setattr(backend, "_generate", lambda *a: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        backend.generate([[{"role": "user", "content": "hi"}]], max_new_tokens=4)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_bad_models_are_one_clear_error(tmp_path):
     with pytest.raises(PipelineError, match="no such model folder"):
         TransformersBackend(str(tmp_path / "nope"))

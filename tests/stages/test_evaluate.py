@@ -105,3 +105,20 @@ def test_bad_models_fail_with_one_clear_error(tmp_path, tiny_dir):
                            tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", seed=0)
     with pytest.raises(Exception, match="unknown suite 'math'"):
         load_config("tiny", ["evaluate.suites={math: 3}"])
+
+
+def test_standalone_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from coaflow.cli import main
+
+    def cli(*args):
+        return CliRunner().invoke(main, ["evaluate", "--workdir", str(tmp_path), *args])
+
+    res = cli("--model", "scripted", "--suite", "calc", "-n", "3", "--output", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    assert "| model | 100.0% [" in res.output
+    assert len((tmp_path / "o" / "outcomes.jsonl").read_text().splitlines()) == 3
+    res = cli("--model", "http://127.0.0.1:9/v1", "-n", "1", "--output", tmp_path / "p")
+    assert res.exit_code == 75 and "cannot reach the model endpoint" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "p" / "outcomes.jsonl").exists()

@@ -43,7 +43,7 @@ def resolve_model(spec: str, *, tracking_uri: str | None = None,
 def make_backend(spec: str, *, batch_size: int = 16, concurrency: int = 16,
                  api_key: str | None = None, timeout_s: float = 120.0, max_retries: int = 5,
                  tracking_uri: str | None = None, download_dir: str | Path | None = None,
-                 send_tools: bool = False, field: str = "model"):
+                 send_tools: bool = False, threads: int | None = None, field: str = "model"):
     """``TransformersBackend`` for a folder / hub id / registry URI, ``OpenAIBackend`` for a URL."""
     if is_endpoint(spec):
         from coaflow.agent.openai import OpenAIBackend
@@ -55,4 +55,5 @@ def make_backend(spec: str, *, batch_size: int = 16, concurrency: int = 16,
 
     return TransformersBackend(resolve_model(spec, tracking_uri=tracking_uri,
                                              download_dir=download_dir),
-                               batch_size=batch_size, send_tools=send_tools, field=field)
+                               batch_size=batch_size, send_tools=send_tools, threads=threads,
+                               field=field)

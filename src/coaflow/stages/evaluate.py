@@ -5,6 +5,7 @@
     coaflow evaluate --model runs/r/sft/model --suite calc -n 50
     coaflow evaluate --model models:/coaflow-agent@champion
     coaflow evaluate --model http://127.0.0.1:8000/v1      # any OpenAI-compatible endpoint
+    coaflow evaluate --model scripted                      # the scripted teacher (the ceiling)
 
 The same tasks for every model: ``evaluate.suites`` tasks of each suite's ``test`` split
 (``envs.make_tasks(suite, "test", n, run.seed)``; its questions are disjoint from the train and rl
@@ -59,6 +60,8 @@ class Config(Section):
     max_new_tokens: int = Field(160, ge=8, description="token budget of one assistant turn")
     batch_size: int = Field(16, ge=1, description="episodes generated together (transformers)")
     concurrency: int = Field(16, ge=1, description="episodes in flight (HTTP endpoints)")
+    threads: int = Field(1, ge=0, description="torch CPU threads while generating in process; "
+                         "0: torch's default (more helps big models, not tiny ones)")
     api_key_env: str | None = Field("OPENAI_API_KEY", description="env var with the key for "
                                     "endpoint models")
     pass_k: int = Field(0, ge=0, description="k of pass@k, from k sampled episodes per task; "
@@ -161,10 +164,11 @@ def run_model(spec: str, tasks: list, cfg: Config, *, field: str, tracking_uri: 
     with tempfile.TemporaryDirectory() as download:
         backend = make_backend(spec, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
                                api_key=os.environ.get(cfg.api_key_env or "") or None,
-                               tracking_uri=tracking_uri, download_dir=download, field=field)
+                               tracking_uri=tracking_uri, download_dir=download,
+                               threads=cfg.threads or None, field=field)
         from tqdm import tqdm
 
-        with tqdm(total=len(tasks) * samples, desc=f"evaluate {field}", unit="episode",
+        with tqdm(total=len(tasks) * samples, desc=field, unit="episode",
                   mininterval=2.0) as bar:
             return run_episodes(backend, tasks, max_turns=cfg.max_turns,
                                 max_new_tokens=cfg.max_new_tokens, temperature=temperature,
@@ -452,5 +456,5 @@ def standalone(cfg, model=None, suite=(), n=None, output=None) -> None:
     tasks = load_test_tasks(section.suites, cfg.run.seed)
     _, summary = evaluate({"model": model}, tasks, section, out, seed=cfg.run.seed,
                           tracking_uri=default_uri(cfg.run.workdir))
-    click.echo(markdown(summary))
+    click.echo(f"model: {model}\n" + markdown(summary))
     click.echo(f"outcomes: {out / 'outcomes.jsonl'}")

@@ -146,7 +146,8 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
     train_seconds = time.time() - start
 
     final = save_final(trainer, cfg, ctx.out / "model")
-    check = heldout_episodes(final, held, cfg.heldout_max_turns, cfg.sample_max_new_tokens)
+    check = heldout_episodes(final, held, cfg.heldout_max_turns, cfg.sample_max_new_tokens,
+                             threads=1 if cfg.model == "tiny" else None)
     write_jsonl(ctx.out / "heldout.jsonl", check["trajectories"])
     (ctx.out / "samples.jsonl").write_text(
         "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in check["rows"]))
@@ -321,7 +322,7 @@ def save_final(trainer, cfg: Config, final: Path) -> Path:
 
 
 def heldout_episodes(model_dir: Path, held: list, max_turns: int, max_new_tokens: int,
-                     batch_size: int = 16) -> dict:
+                     batch_size: int = 16, threads: int | None = None) -> dict:
     """Run the trained model as an agent (``coaflow.agent``, greedy) on the tasks of the held-out
     trajectories, whole episodes with the real tools, and judge them: the share solved, and, since
     a small student rarely solves yet, whether its first turn is a well-formed tool call built
@@ -336,7 +337,8 @@ def heldout_episodes(model_dir: Path, held: list, max_turns: int, max_new_tokens
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()  # training is over: a plain load, not ZeRO-3 partitioned params
-    backend = TransformersBackend(str(model_dir), batch_size=batch_size, field="sft model")
+    backend = TransformersBackend(str(model_dir), batch_size=batch_size, threads=threads,
+                                  field="sft model")
     trajs = run_episodes(backend, [t.task for t in held], max_turns=max_turns,
                          max_new_tokens=max_new_tokens)
     rows = []
