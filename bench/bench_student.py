@@ -79,14 +79,12 @@ def reference_trajectories(suite: str, n: int, seed: int) -> list:
     return out
 
 
-def decisive_spans(text: str) -> list[tuple[str, int, int]]:
-    """``(kind, start, end)`` character spans of the decisive text in a rendered chat: each tool
-    call's arguments (kind = tool name) and each answer, inside assistant turns only."""
-    spans = []
-    for m in CALL_SPAN.finditer(text):
-        spans.append((m.group(1), m.start(2), m.end(2)))
-    for m in ANSWER_SPAN.finditer(text):
-        spans.append(("answer", m.start(1), m.end(1)))
+def decisive_spans(text: str, start: int) -> list[tuple[str, int, int]]:
+    """``(kind, start, end)`` character spans of the decisive text in a rendered chat from
+    ``start`` (the first assistant turn; the system prompt mentions ``<answer>`` too): each tool
+    call's arguments (kind = tool name) and each answer."""
+    spans = [(m.group(1), m.start(2), m.end(2)) for m in CALL_SPAN.finditer(text, start)]
+    spans += [("answer", m.start(1), m.end(1)) for m in ANSWER_SPAN.finditer(text, start)]
     return spans
 
 
@@ -94,18 +92,21 @@ def teacher_forced(model, tok, trajs: list, max_length: int = 4096) -> dict:
     """Per kind: decisive tokens right / total, spans entirely right / total."""
     import torch
 
-    from coaflow.stages.sft_data import to_example
+    from coaflow.stages.sft_data import prompt_messages, to_example
 
     stats: dict[str, list[int]] = {}
     for t in trajs:
-        text = tok.apply_chat_template(to_example(t)["messages"], tokenize=False)
+        example = to_example(t)
+        text = tok.apply_chat_template(example["messages"], tokenize=False)
+        prompt = tok.apply_chat_template(prompt_messages(example), tokenize=False,
+                                         add_generation_prompt=True)
         enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
         ids = enc["input_ids"][:max_length]
         with torch.no_grad():
             pred = model(torch.tensor([ids])).logits[0].argmax(-1).tolist()
         right = [False] + [pred[i - 1] == ids[i] for i in range(1, len(ids))]
         offsets = enc["offset_mapping"][:len(ids)]
-        for kind, a, b in decisive_spans(text):
+        for kind, a, b in decisive_spans(text, len(prompt)):
             toks = [i for i, (s, e) in enumerate(offsets) if s < b and e > a]
             if not toks:
                 continue
