@@ -17,7 +17,14 @@ solves each task without mistakes; its trajectory is the reference. Three measur
 - **episodes** (``--episodes``): whole multi-turn episodes with the one agent loop,
   ``coaflow.agent.run_episodes`` (greedy), success = the final answer is correct.
 
-Every share is printed with its Wilson 95 % interval.
+Every share is printed with its Wilson 95 % interval. The before/after study of issue 11 (same
+accepted data, same steps, run side by side so that a shared CPU slows both alike):
+
+    coaflow run --workdir W --run-id base --only synthesize --only gate
+    coaflow stage sft --out W/before --input gate=W/runs/base/gate --set sft.max_steps=120 \
+        --set sft.tiny.copy_friendly=false --set sft.decisive_weight=1 --set sft.drop_recovered=false
+    coaflow stage sft --out W/after --input gate=W/runs/base/gate --set sft.max_steps=120
+    python bench/bench_student.py --model before=W/before/model --model after=W/after/model
 """
 
 from __future__ import annotations
