@@ -57,3 +57,16 @@ def traj() -> Trajectory:
 def workdir(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path / "work"
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri():
+    """A test that points MLflow somewhere (``mlflow.set_tracking_uri`` also writes
+    ``$MLFLOW_TRACKING_URI``) must not send the next test's runs into its store."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = env
+

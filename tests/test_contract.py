@@ -3,6 +3,7 @@ only into matching work, cross-run reuse, portable result paths, a set-up that f
 one entry point (`execute` / `coaflow stage`), optional inputs, exit codes, no leaking state."""
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -133,6 +134,13 @@ def test_a_refused_promotion_is_recorded_complete_and_stops_the_run(workdir):
     assert (workdir / "runs/r/register" / MARKER).exists()
     assert not (workdir / "runs/r/deploy").exists() and calls == ["a"]
 
+    # a cacheable register: a second run hits the cached refusal and stops there again
+    stages["register"].CACHE = True
+    for run_id in ("r2", "r3"):
+        with pytest.raises(PromotionRefused, match="min_success"):
+            run_pipeline(config(workdir), run_id=run_id, stages=stages, **quiet)
+    assert not (workdir / "runs/r3/deploy").exists() and calls == ["a"]
+
 
 def test_two_trackers_in_one_process_keep_to_their_own_stores(tmp_path):
     from coaflow.tracking import Tracker
@@ -212,3 +220,15 @@ def test_an_unreachable_teacher_exits_75(tmp_path):
             str(tmp_path / "o"), "--set", f"synthesize.llm.base_url=http://127.0.0.1:{port}/v1",
             "--set", "synthesize.llm.timeout_s=2", cwd=tmp_path)
     assert p.returncode == 75 and "cannot reach the teacher endpoint" in p.stderr, p.stderr
+
+
+def test_scoped_uri_leaves_no_process_wide_tracking_uri(tmp_path, monkeypatch):
+    import mlflow
+
+    from coaflow.tracking import scoped_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = mlflow.get_tracking_uri()
+    with scoped_uri(f"sqlite:///{tmp_path / 'other.db'}"):
+        assert mlflow.get_registry_uri().endswith("other.db")
+    assert "MLFLOW_TRACKING_URI" not in os.environ and mlflow.get_tracking_uri() == before

@@ -1,6 +1,13 @@
 """The report card reads what stages left behind: timings, funnel, curves from MLflow."""
 
+import os
+import shutil
+import struct
+import subprocess
 import types
+from pathlib import Path
+
+import pytest
 
 from coaflow import report
 from coaflow.config import Section
@@ -28,9 +35,9 @@ def test_report_card_has_funnel_eval_decision_and_curves(workdir):
                                               "teacher_success_rate": 0.9}),
         "gate": stage("gate", ("synthesize",), {"accepted": 80, "rejected_incorrect": 10}),
         "sft": stage("sft", ("gate",), {"train_loss_final": 1.0}, curve=True),
-        "evaluate": stage("evaluate", ("sft",), {"candidate/kbqa/success": 0.5,
-                                                "candidate/kbqa/success_lo": 0.4,
-                                                "candidate/kbqa/success_hi": 0.6}),
+        "evaluate": stage("evaluate", ("sft",), {"eval/candidate/kbqa/success": 0.5},
+                          {"table": {"candidate": {"kbqa": {"success": 0.5, "lo": 0.4,
+                                                            "hi": 0.6, "n": 60}}}}),
         "register": stage("register", ("evaluate",), {},
                           {"promoted": True, "version": 2, "reason": "beats champion"}),
     }
@@ -41,3 +48,37 @@ def test_report_card_has_funnel_eval_decision_and_curves(workdir):
     assert "rejected: incorrect" in page and "<polyline" in page  # funnel and the loss curve
     text = report.render_text(report.collect(workdir / "runs/r"))
     assert "candidate" in text and "[0.40, 0.60]" in text
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None and shutil.which("chromium-browser") is None,
+                    reason="headless Chromium (Debian package chromium) is not installed")
+def test_report_card_renders_in_a_real_browser(workdir, tmp_path):
+    """Headless Chromium loads the card and paints it: a screenshot that is not blank."""
+    test_report_card_has_funnel_eval_decision_and_curves(workdir)
+    out = Path(os.environ.get("COAFLOW_TEST_ARTIFACTS", tmp_path)) / "report-card.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={out}", "--window-size=1200,1400",
+                    (workdir / "runs/r/report.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    png = out.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    assert (width, height) == (1200, 1400)
+    # a painted page compresses far worse than a blank one (a white 1200x1400 PNG is ~6 KB)
+    assert len(png) > 30_000, len(png)
+
+
+def test_eval_rows_read_the_evaluate_table_and_metric_forms():
+    nested = {"evaluate": {"summary": {"table": {
+        "candidate": {"kbqa": {"success": 0.61, "lo": 0.48, "hi": 0.72, "n": 60}},
+        "base": {"kbqa": {"success": 0.0, "lo": 0.0, "hi": 0.06, "n": 60}}}}}}
+    rows = report.eval_rows(nested)
+    assert {(r["model"], r["suite"], r["ci95"]) for r in rows} == {
+        ("candidate", "kbqa", "[0.48, 0.72]"), ("base", "kbqa", "[0.00, 0.06]")}
+    flat = {"evaluate": {"metrics": {"eval/sft/calc/success": 0.8,
+                                     "eval/sft/calc/success_lo": 0.7,
+                                     "eval/sft/calc/success_hi": 0.9}}}
+    assert report.eval_rows(flat) == [{"model": "sft", "suite": "calc", "success": 0.8, "n": "",
+                                       "ci95": "[0.70, 0.90]"}]

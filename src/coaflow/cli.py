@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from collections import Counter
@@ -71,7 +72,7 @@ def main():
 
     A teacher team solves verifiable tasks with real tools; its runs become chain-of-agents
     trajectories; gates keep the good ones; SFT trains one student to act as the whole team;
-    MLflow tracks every stage. Each stage is also a subcommand, and `coaflow stage` is the
+    evaluation scores it on held-out tasks; MLflow tracks every stage. Each stage is also a subcommand, and `coaflow stage` is the
     entry point containers, Airflow and Kubeflow call.
     """
 
@@ -106,8 +107,11 @@ def _report(results) -> None:
 @click.option("--only", multiple=True, metavar="STAGE", help="run only STAGE (repeatable)")
 @click.option("--no-cache", is_flag=True, help="redo every selected stage, even when a stage "
               "with the same inputs and config completed before")
+@click.option("--engine", type=click.Choice(["local", "kfp"]), default="local", show_default=True,
+              help="local: stages in this process; kfp: the Kubeflow pipeline on kfp.local "
+              "(components/coaflow_pipeline.py, one subprocess per stage)")
 @_user_errors
-def run_cmd(profile, workdir, overrides, run_id, start_from, only, no_cache):
+def run_cmd(profile, workdir, overrides, run_id, start_from, only, no_cache, engine):
     """Run the pipeline: every stage in order, each cached and tracked in MLflow.
 
     A stage whose config and inputs match one completed before (in this run or any earlier run
@@ -119,6 +123,20 @@ def run_cmd(profile, workdir, overrides, run_id, start_from, only, no_cache):
 
     cfg = _load(profile, workdir, overrides)
     run_id = run_id or new_run_id()
+    if engine == "kfp":
+        if start_from or only or no_cache:
+            raise UserError("--from, --only and --no-cache work with --engine local only: a KFP "
+                            "run is the whole pipeline (KFP and the stage cache reuse stages)")
+        from coaflow.kfp_engine import run_local
+        from coaflow.tracking import default_uri
+
+        try:
+            run_local(profile, list(overrides), cfg.run.seed, Path(cfg.run.workdir), run_id,
+                      report_uri=(cfg.tracking.uri or default_uri(cfg.run.workdir))
+                      if cfg.tracking.enabled else None)
+        finally:
+            _summary(Path(cfg.run.workdir).resolve() / "runs" / run_id)
+        return
     try:
         run_pipeline(cfg, run_id=run_id, only=list(only) or None, start_from=start_from,
                      use_cache=not no_cache)
@@ -198,10 +216,12 @@ def _stage_command(name: str):
 
 
 def _register_stages() -> None:
+    """One subcommand per stage module that exists; ``coaflow --help`` names them in order."""
     from coaflow.pipeline import STAGES
 
     for name in STAGES:
         main.add_command(_stage_command(name))
+    main.help = inspect.cleandoc(main.help or "") + f"\n\nStages, in order: {', '.join(STAGES)}."
 
 
 # --- runs ---------------------------------------------------------------------------------------
@@ -258,6 +278,157 @@ def runs_report(run_id, workdir):
     click.echo(write(Path(info["path"]), default_uri(workdir)))
 
 
+# --- serving and the registry --------------------------------------------------------------------
+
+def _registry_uri(workdir: str, registry_uri: str | None) -> str:
+    from coaflow.tracking import default_uri
+
+    return registry_uri or default_uri(workdir)
+
+
+def registry_options(fn):
+    fn = click.option("--registry-uri", help="MLflow registry [$MLFLOW_TRACKING_URI, else "
+                      "sqlite:///<workdir>/mlflow.db]")(fn)
+    fn = click.option("--workdir", default="work", show_default=True,
+                      help="workdir whose MLflow store holds the registry")(fn)
+    return fn
+
+
+@main.command("serve", epilog=EXIT_CODES_HELP)
+@click.argument("model", metavar="MODEL")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--engine", type=click.Choice(["auto", "transformers", "vllm"]), default="auto",
+              show_default=True, help="auto: vLLM when installed and a GPU is there")
+@click.option("--name", help="model name clients send [the registered model or folder name]")
+@click.option("--system-prompt", help="system prompt when a client sends none [the one recorded "
+              "with the model]")
+@click.option("--max-batch", default=16, show_default=True, help="sequences per generate call")
+@click.option("--batch-wait-ms", default=10.0, show_default=True,
+              help="how long the first request waits for others to join its batch")
+@click.option("--max-tokens", default=512, show_default=True, help="default max_tokens")
+@click.option("--reuse-port", is_flag=True, help="bind with SO_REUSEPORT (a replacement server "
+              "starts beside the old one)")
+@click.option("--vllm-arg", "vllm_args", multiple=True, help="extra argument for vLLM's server")
+@click.option("--threads", default=0, show_default=True, help="torch CPU threads (0: torch's "
+              "default; 1 is fastest on a CPU shared with other work)")
+@registry_options
+@_user_errors
+def serve_cmd(model, host, port, engine, name, system_prompt, max_batch, batch_wait_ms,
+              max_tokens, reuse_port, vllm_args, threads, workdir, registry_uri):
+    """Serve MODEL behind an OpenAI-compatible API: models:/NAME@ALIAS, models:/NAME/N, a local
+    HF folder or a hub id.
+
+    \b
+    coaflow serve models:/coaflow-agent@champion --port 8000
+    curl localhost:8000/v1/models ; curl localhost:8000/metrics
+    """
+    from coaflow.serving.server import serve
+
+    serve(model, host=host, port=port, engine=engine, name=name, system_prompt=system_prompt,
+          registry_uri=_registry_uri(workdir, registry_uri),
+          cache_dir=Path(workdir).resolve() / "serving" / "models", max_batch=max_batch,
+          batch_wait_ms=batch_wait_ms, max_tokens=max_tokens, reuse_port=reuse_port,
+          vllm_args=list(vllm_args), threads=threads, log=lambda m: click.echo(m, err=True))
+
+
+@main.group("models")
+def models_group():
+    """The model registry: versions, aliases (champion, previous, challenger), promotion."""
+
+
+@models_group.command("list")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="versions with all their tags as JSON")
+@registry_options
+@_user_errors
+def models_list(name, as_json, workdir, registry_uri):
+    """Versions of NAME (default: every registered model): aliases, evaluation, lineage."""
+    from dataclasses import asdict
+
+    from coaflow.registry import Registry
+
+    reg = Registry(_registry_uri(workdir, registry_uri))
+    names = [name] if name else reg.models()
+    if name and not reg.exists(name):
+        raise UserError(f"no registered model {name!r} in {reg.uri} "
+                        f"(models: {', '.join(reg.models()) or 'none'})")
+    rows = [v for n in names for v in reg.versions(n)]
+    if as_json:
+        click.echo(json.dumps([asdict(v) for v in rows], indent=2))
+        return
+    if not rows:
+        click.echo(f"no registered models in {reg.uri}")
+    for v in rows:
+        evals = " ".join(f"{k[5:]}={t.split(' ')[0]}" for k, t in sorted(v.tags.items())
+                         if k.startswith("eval.candidate.") or k.startswith("eval.vs_champion."))
+        click.echo(f"{v.name} v{v.version:<3} {','.join(v.aliases) or '-':<22} "
+                   f"run={v.tags.get('coaflow.run_id', '-')} "
+                   f"from={v.tags.get('coaflow.candidate_source', '-')} "
+                   f"commit={v.tags.get('coaflow.git_commit', '-')[:8]}  {evals}")
+
+
+@models_group.command("promote")
+@click.argument("name")
+@click.argument("version", type=int)
+@click.option("--reason", required=True, help="why (recorded as a tag on the version)")
+@registry_options
+@_user_errors
+def models_promote(name, version, reason, workdir, registry_uri):
+    """Make VERSION of NAME the champion by hand; the old champion becomes previous."""
+    from coaflow.registry import Registry
+
+    old = Registry(_registry_uri(workdir, registry_uri)).promote(name, version,
+                                                                  f"by hand: {reason}")
+    click.echo(f"{name}: champion is version {version}"
+               + (f" (previous: version {old.version})" if old and old.version != version else ""))
+
+
+@models_group.command("rollback")
+@click.argument("name")
+@click.option("--reason", required=True, help="why (recorded as a tag on both versions)")
+@registry_options
+@_user_errors
+def models_rollback(name, reason, workdir, registry_uri):
+    """Move NAME's champion back to its previous version."""
+    from coaflow.registry import Registry
+
+    now, was = Registry(_registry_uri(workdir, registry_uri)).rollback(name, reason)
+    click.echo(f"{name}: champion is version {now.version} again (rolled back from "
+               f"version {was.version})")
+
+
+@models_group.command("fetch")
+@click.argument("uri", metavar="models:/NAME@ALIAS")
+@click.option("--dst", default=None, help="folder to download into [<workdir>/serving/models]")
+@registry_options
+@_user_errors
+def models_fetch(uri, dst, workdir, registry_uri):
+    """Download a registered model (an HF folder) and print its path."""
+    from coaflow.registry import Registry
+
+    folder, v = Registry(_registry_uri(workdir, registry_uri)).fetch(
+        uri, dst or Path(workdir).resolve() / "serving" / "models")
+    click.echo(str(folder))
+
+
+@main.command("undeploy")
+@click.option("--name", help="registered model whose server to stop [<run.name>-agent of the "
+              "profile]")
+@pipeline_options
+@_user_errors
+def undeploy_cmd(name, profile, workdir, overrides, run_id):
+    """Stop the managed local server that `coaflow deploy` started (target: local)."""
+    from coaflow.registry import model_name
+    from coaflow.stages.deploy import undeploy
+
+    cfg = _load(profile, workdir, overrides)
+    name = name or model_name(cfg.run.name)
+    state = undeploy(Path(cfg.run.workdir).resolve(), name)
+    click.echo(f"stopped {name} version {state['version']} (pid {state['pid']}, port "
+               f"{state['port']})" if state else f"no managed server for {name}")
+
+
 # --- config -------------------------------------------------------------------------------------
 
 @main.command("config")
@@ -292,7 +463,8 @@ def data_group():
 @click.argument("output_path", metavar="OUT", type=click.Path())
 @_user_errors
 def data_convert(src_fmt, dst_fmt, suite, skip_bad, input_path, output_path):
-    """Convert trajectories from IN (a file or folder of shards) to OUT (.jsonl or .jsonl.gz).
+    """Convert trajectories from IN (a JSONL or JSON-array file, a folder of shards, or a stage
+    folder) to OUT (.jsonl or .jsonl.gz; ADP written as a .json array keeps that shape).
 
     \b
     coaflow data convert --from sharegpt --to coaflow chats.jsonl trajs.jsonl
@@ -309,8 +481,9 @@ def data_convert(src_fmt, dst_fmt, suite, skip_bad, input_path, output_path):
            "messages": lambda t: {"id": t.id, "messages": render.to_messages(t)}}[dst_fmt]
     bad = []
     records = (out(t) for _, _, t in io.iter_records(
-        input_path, parse, errors="skip" if skip_bad else "raise", on_error=bad.append))
-    n = io.write_jsonl(output_path, records)
+        io.trajectory_source(input_path), parse, errors="skip" if skip_bad else "raise",
+        on_error=bad.append))
+    n = io.write_records(output_path, records)
     for b in bad:
         click.echo(f"skipped {b.path}:{b.line}: {b.field + ': ' if b.field else ''}{b.reason}",
                    err=True)
@@ -320,24 +493,30 @@ def data_convert(src_fmt, dst_fmt, suite, skip_bad, input_path, output_path):
 @data_group.command("validate")
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--max-errors", default=20, show_default=True, help="errors to print")
+@_user_errors
 def data_validate(path, max_errors):
-    """Check every line of PATH against the coaflow schema; exit 1 if any line is bad."""
+    """Check every record of PATH against the coaflow schema; exit 2 if any is bad (or none)."""
+    from coaflow.errors import EXIT_USER
     from coaflow.schema import io
 
     bad: list = []
-    n = sum(1 for _ in io.iter_records(path, errors="skip", on_error=bad.append))
+    n = sum(1 for _ in io.iter_records(io.trajectory_source(path), errors="skip",
+                                       on_error=bad.append))
     for b in bad[:max_errors]:
         click.echo(f"{b.path}:{b.line}: {b.field + ': ' if b.field else ''}{b.reason}", err=True)
     click.echo(f"{n} valid, {len(bad)} invalid")
-    sys.exit(1 if bad or n == 0 else 0)
+    sys.exit(EXIT_USER if bad or n == 0 else 0)
 
 
 @data_group.command("stats")
 @click.argument("path", type=click.Path(exists=True))
+@_user_errors
 def data_stats(path):
-    """Counts per suite, difficulty, teacher and outcome, plus steps and tool calls per trajectory."""
+    """Counts per suite, difficulty, teacher and outcome, plus steps and tool calls per trajectory.
+    PATH is a file, a folder of shards, or a stage folder (its trajectories are read)."""
     from coaflow.schema import io
 
+    path = io.trajectory_source(path)
     n, steps, calls = 0, 0, 0
     by = {"suite": Counter(), "difficulty": Counter(), "teacher": Counter(), "correct": Counter(),
           "tools": Counter(), "agents": Counter()}

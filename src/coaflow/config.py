@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,10 @@ def config_model() -> type[BaseModel]:
     }
     for name, cls in _stage_sections().items():
         fields[name] = (cls, Field(default_factory=cls))
-    return create_model("Config", __config__=ConfigDict(extra="forbid"), **fields)
+    with warnings.catch_warnings():
+        # the "register" section shadows ABCMeta.register, a class method no config calls
+        warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+        return create_model("Config", __config__=ConfigDict(extra="forbid"), **fields)
 
 
 def profile_path(profile: str | Path) -> Path:

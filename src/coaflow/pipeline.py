@@ -63,6 +63,7 @@ STAGES: dict[str, str] = {
 MARKER = ".complete"
 RESULT = "result.json"
 STARTED = "key"  # the key of the attempt in progress: a resume must match it
+REFUSED = "refused"  # a completed stage that refused a promotion: its reason (kept on cache hits)
 REL = "./"  # prefix of an output path stored relative to its stage folder
 
 
@@ -253,7 +254,7 @@ def execute(name: str, cfg, out_dir: str | Path, inputs: Mapping[str, Path | str
             use_cache: bool = True, log=print) -> Result:
     """Run stage ``name`` of config ``cfg`` in ``out_dir`` with its inputs' completed folders,
     or return the cached result (``result.cached``). ``PromotionRefused`` is raised after the
-    stage is recorded complete."""
+    stage is recorded complete, and again on a cache hit of that refusal."""
     module = module or load_stage(name)
     run = cfg.run.model_copy(update={"workdir": str(Path(cfg.run.workdir).resolve())})
     workdir = Path(run.workdir)
@@ -279,6 +280,8 @@ def execute(name: str, cfg, out_dir: str | Path, inputs: Mapping[str, Path | str
         _remember(workdir, name, key, out)
         done.cached = True
         tracker.cached_stage(name, run_id, str(src or out), done.metrics)
+        if (out / REFUSED).exists():  # the same decision again: the run stops here again
+            raise PromotionRefused((out / REFUSED).read_text(), done)
         return done
 
     resume = False
@@ -307,6 +310,8 @@ def execute(name: str, cfg, out_dir: str | Path, inputs: Mapping[str, Path | str
         result.metrics.setdefault("wall_seconds", round(time.time() - start, 2))
         tracker.log_metrics(result.metrics)
         _write_atomic(out / RESULT, json.dumps(redact(result.to_json(base=out)), indent=2))
+        if refused is not None:
+            _write_atomic(out / REFUSED, str(refused))
         tracker.log_artifact(out / RESULT)
     _write_atomic(out / MARKER, key)  # last: the stage is complete only now
     result = read_result(out)

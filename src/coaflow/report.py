@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 import json
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -93,21 +94,24 @@ def funnel(stages: dict) -> list[tuple[str, Any]]:
 
 
 def eval_rows(stages: dict) -> list[dict]:
-    """The evaluate stage's table rows (its summary ``table``), or built from metrics named
-    ``<model>/<suite>/success`` (+ ``_lo``/``_hi`` interval bounds)."""
+    """One row per model and suite from the evaluate stage's summary ``table``
+    (``{model: {suite: {success, lo, hi, n}}}``), or from metrics named
+    ``eval/<model>/<suite>/success`` (+ ``_lo``/``_hi`` interval bounds)."""
     ev = stages.get("evaluate", {})
-    if ev.get("summary", {}).get("table"):
-        return list(ev["summary"]["table"])
-    rows = []
-    for key, value in ev.get("metrics", {}).items():
-        parts = key.split("/")
-        if len(parts) == 3 and parts[2] == "success":
-            lo = ev["metrics"].get(f"{key}_lo")
-            hi = ev["metrics"].get(f"{key}_hi")
-            rows.append({"model": parts[0], "suite": parts[1], "success": value,
-                         "ci95": f"[{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None
-                         else ""})
-    return rows
+    table = ev.get("summary", {}).get("table")
+    if not table:
+        table = defaultdict(dict)
+        metrics = ev.get("metrics", {})
+        for key, value in metrics.items():
+            parts = key.split("/")
+            if len(parts) == 4 and parts[0] == "eval" and parts[3] == "success":
+                row = {"success": value}
+                if f"{key}_lo" in metrics and f"{key}_hi" in metrics:
+                    row |= {"lo": metrics[f"{key}_lo"], "hi": metrics[f"{key}_hi"]}
+                table[parts[1]][parts[2]] = row
+    return [{"model": model, "suite": suite, "success": r["success"],
+             "ci95": f"[{r['lo']:.2f}, {r['hi']:.2f}]" if "lo" in r else "", "n": r.get("n", "")}
+            for model, suites in table.items() for suite, r in suites.items()]
 
 
 def decision(stages: dict) -> str:

@@ -84,6 +84,30 @@ def _looks_unreachable(e: Exception) -> bool:
                                    "unreachable", "refused", "name or service"))
 
 
+@contextlib.contextmanager
+def scoped_uri(uri: str | None) -> Iterator[None]:
+    """Point MLflow's process-wide tracking and registry URIs at ``uri`` for the block only, and
+    put back both the URIs and ``$MLFLOW_TRACKING_URI`` (which ``set_tracking_uri`` writes)."""
+    if not uri:
+        yield
+        return
+    import mlflow
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    before, registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+        mlflow.set_registry_uri(registry)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
 def default_uri(workdir: str | Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or \
         f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"

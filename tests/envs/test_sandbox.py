@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -153,3 +154,167 @@ def test_user_namespace_mode_for_non_root_callers(monkeypatch):
     assert "refused 1" in res.stdout and "ESCAPED" not in res.stdout
     assert "No such file" in res.stderr
     assert run("import socket; socket.create_connection(('127.0.0.1', 22), 1)").error == "network"
+
+
+# --- nothing outlives the call --------------------------------------------------------------------
+
+def _alive(marker: str) -> list[int]:
+    """Host pids whose command line holds ``marker`` (a snippet re-execs itself with it)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def _wait_for(predicate, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def _marked(marker: str, prelude: str, body: str = "import time; time.sleep(60)") -> str:
+    """Code that runs ``prelude`` (setsid, forks...) and then becomes a process whose command
+    line holds ``marker``, so the test can find it on the host."""
+    return (f"import os, sys\n{prelude}\n"
+            f"os.execv(sys.executable, [sys.executable, '-S', '-c', {body!r}, {marker!r}])\n")
+
+
+ESCAPES = {
+    "setsid": "os.setsid()",
+    "setpgid": "os.setpgid(0, 0)",
+    "double_fork_setsid": "if os.fork():\n    os._exit(0)\nos.setsid()\nif os.fork():\n    os._exit(0)",
+    "fork_chain": "os.setsid()\nfor _ in range(4):\n    if os.fork() == 0:\n        os.setsid()\n"
+                  "    else:\n        break",  # 5 CPU burners, each in its own session
+}
+
+
+@pytest.mark.parametrize("name", ESCAPES)
+def test_nothing_outlives_a_timeout(name):
+    """The snippet leaves the process group (and session) the caller kills; it must die anyway."""
+    marker = f"coaflow-escape-{name}-{os.getpid()}-{time.monotonic_ns()}"
+    code = _marked(marker, ESCAPES[name], "while True:\n    pass")  # burns CPU while alive
+    res = run(code, timeout_s=2)
+    assert res.error == "timeout" or res.exit_code == 0  # the chain's first process may exit
+    assert _wait_for(lambda: not _alive(marker), 2), f"{name}: {_alive(marker)} outlived the call"
+
+
+def test_setsid_then_sleep_does_not_outlive_a_normal_exit():
+    marker = f"coaflow-escape-exit-{os.getpid()}-{time.monotonic_ns()}"
+    code = ("import os, sys\nif os.fork() == 0:\n    os.setsid()\n"
+            f"    os.execv(sys.executable, [sys.executable, '-S', '-c', 'import time; "
+            f"time.sleep(60)', {marker!r}])\nprint('parent done')\n")
+    res = run(code)
+    assert res.ok and res.stdout == "parent done\n"
+    assert _wait_for(lambda: not _alive(marker), 2), _alive(marker)
+
+
+def test_the_death_signal_survives_the_uid_change():
+    res = run("import ctypes\nv = ctypes.c_int()\nctypes.CDLL(None).prctl(2, ctypes.byref(v))\n"
+              "print(v.value)")  # PR_GET_PDEATHSIG
+    assert res.ok and res.stdout.strip() == "9"
+
+
+CALLER = """
+import sys
+from coaflow.envs.sandbox import run_python
+run_python(sys.stdin.read(), timeout_s=60)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_nothing_outlives_a_killed_caller(sig, tmp_path):
+    """``coaflow env call`` (or a whole worker) killed mid-call: its snippet, the unshare process
+    and the pid-1 supervisor all go; the next call removes the throw-away folder left behind."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    marker = f"coaflow-escape-caller-{sig}-{os.getpid()}-{time.monotonic_ns()}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    caller = subprocess.Popen([sys.executable, "-c", CALLER], stdin=subprocess.PIPE, env=env)
+    caller.stdin.write(_marked(marker, "os.setsid()").encode())  # not in its command line
+    caller.stdin.close()
+    try:
+        assert _wait_for(lambda: _alive(marker), 30), "the snippet never started"
+        folders = list(Path(tempfile.gettempdir()).glob(f"coaflow-sbx-{caller.pid}-*"))
+        assert folders
+        caller.send_signal(getattr(signal, sig))
+        caller.wait(10)
+        assert _wait_for(lambda: not _alive(marker), 3), f"{_alive(marker)} outlived the caller"
+        children = [p for p in Path("/proc").iterdir() if p.name.isdigit()
+                    and _ppid(p) == caller.pid]
+        assert children == []
+    finally:
+        caller.kill()
+        caller.wait()
+    run("print(1)")  # the next call cleans the dead caller's folder
+    assert not any(f.exists() for f in folders)
+
+
+def _ppid(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def test_code_too_large_is_said_so():
+    from coaflow.envs.sandbox import MAX_CODE_BYTES
+
+    res = run_python("x = 1\n" + "#" * MAX_CODE_BYTES)
+    assert res.error == f"code too large ({MAX_CODE_BYTES + 6} bytes, limit {MAX_CODE_BYTES})"
+    assert format_observation(res).startswith("Error: code too large")
+
+
+def test_code_past_the_command_line_limit_goes_through_the_cli(tmp_path):
+    """200 KB of code on stdin (--args -) and a 70 MB program from a file (--args @FILE)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    code = "x = 0\n" + "x += 1\n" * 30_000 + "print(x)\n"  # ~210 KB
+    cmd = [sys.executable, "-m", "coaflow.cli", "env", "call", "calc", "python", "--args"]
+    out = subprocess.run([*cmd, "-"], input=json.dumps({"code": code}), capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["observation"] == "30000"
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"code": "#" * (70 << 20)}))
+    out = subprocess.run([*cmd, f"@{big}"], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "code too large (73400320 bytes, limit" in json.loads(out.stdout)["observation"]
+
+
+def test_sigterm_to_env_call_takes_the_sandbox_and_its_folder_down_at_once():
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    marker = f"coaflow-escape-cli-{os.getpid()}-{time.monotonic_ns()}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    cli = subprocess.Popen([sys.executable, "-m", "coaflow.cli", "env", "call", "calc", "python",
+                            "--args", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, env=env)
+    cli.stdin.write(json.dumps({"code": _marked(marker, "os.setsid()")}).encode())
+    cli.stdin.close()
+    try:
+        assert _wait_for(lambda: _alive(marker), 30), "the snippet never started"
+        folders = list(Path(tempfile.gettempdir()).glob(f"coaflow-sbx-{cli.pid}-*"))
+        assert folders
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(10) == 128 + signal.SIGTERM
+        assert _wait_for(lambda: not _alive(marker), 3), _alive(marker)
+        assert not any(f.exists() for f in folders)  # removed by the call's own cleanup
+    finally:
+        cli.kill()
+        cli.wait()

@@ -45,8 +45,14 @@ def test_unanswered_and_doubly_answered_tool_calls_are_tool_link_errors():
     raw["content"] = [s for s in raw["content"] if s.get("tool_call_id") != "c1-2"
                       or s["class_"] != "text_observation"]
     traj, problems = _parse(raw)
-    assert traj is None and problems[0][0] == "tool_link"
+    # no observation after it: the schema keeps the call (real data ends so), the gate refuses it
+    assert traj is not None and problems == []
+    problems = v.check_links(traj)
+    assert problems and problems[0][0] == "tool_link"
     assert "'c1-2' (open_page) has no observation" in problems[0][1]
+    raw["content"].append({"class_": "text_observation", "content": "late", "source": "user"})
+    traj, problems = _parse(raw)  # an observation after it: a broken link, not a trailing call
+    assert traj is None and problems[0][0] == "tool_link"
     raw = dump(kbqa(1))
     raw["content"].insert(4, dict(raw["content"][3]))  # a second observation for c1-1
     assert _parse(raw)[1][0][0] == "tool_link"

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
+from coaflow.agent.openai import EndpointError
 from coaflow.envs import make_tasks
 from coaflow.pipeline import PipelineError
 from coaflow.schema import read_trajectories
 from coaflow.stages.synthesize import Config, synthesize
-from coaflow.teachers.llm import TeacherError
 from tests.teachers.openai_server import MODEL, FakeModel, serve
 
 
@@ -81,7 +81,7 @@ def test_malformed_response_is_a_failed_attempt_not_a_crash(tmp_path, server):
 
 
 def test_unreachable_endpoint_and_wrong_model_fail_before_any_work(tmp_path, server):
-    with pytest.raises(TeacherError, match="cannot reach the teacher endpoint http://127.0.0.1:9"):
+    with pytest.raises(EndpointError, match="cannot reach the teacher endpoint http://127.0.0.1:9"):
         synthesize(llm_cfg("http://127.0.0.1:9/v1"), tmp_path / "o", 0, None, progress=False)
     assert not list((tmp_path / "o" / "trajectories").glob("*"))
     url = server(FakeModel({}))

@@ -1,8 +1,22 @@
-"""Sandbox init: runs as pid 1 of fresh namespaces, builds a tiny root, drops privileges, execs.
+"""Sandbox init: pid 1 of fresh namespaces; builds a tiny root, forks the snippet, supervises it.
 
 Started by ``sandbox.run_python`` as ``unshare --net --pid --mount --ipc --uts --fork
---kill-child <base python> -I -S _sandbox_init.py CONFIG_JSON`` with the user's code on stdin.
-Standard library only (it runs with ``-I -S``, before and outside the project). Steps:
+--kill-child <base python> -I -S _sandbox_init.py CONFIG_JSON``; stdin carries the user's code
+(``code_bytes`` long) and then stays open as the caller's *lifeline*. Standard library only (it
+runs with ``-I -S``, before and outside the project).
+
+Pid 1 never runs the snippet itself: it forks it and stays as the supervisor, because every
+process of a PID namespace dies with its pid 1, whatever session or process group it moved to
+(``os.setsid()``, ``os.setpgid(0, 0)``, double forks). Pid 1 exits, taking all of them, when
+
+- the snippet's main process exits (its wait status goes to the caller on ``status_fd``);
+- the lifeline hits EOF: the caller closed it, or died (SIGTERM, SIGKILL, OOM) and the kernel
+  closed it;
+- its parent ``unshare`` dies (``--kill-child`` sets pid 1's parent-death signal).
+
+The snippet's own parent-death signal (SIGKILL when pid 1 goes) is set *after* the uid change,
+which clears it. Pid 1 installs no signal handler, so the snippet cannot signal it (the kernel
+drops signals to a namespace's init that it has no handler for). Steps in the snippet's process:
 
 1. a tmpfs becomes the new root (the host folder it sits on is invisible from outside: the mount
    namespace is private); only the interpreter, its shared libraries (``/usr``) and the
@@ -13,7 +27,8 @@ Standard library only (it runs with ``-I -S``, before and outside the project). 
 3. the root tmpfs is remounted read-only, ``chroot``, rlimits set (address space, processes,
    file size, CPU seconds, open files, no core dumps), groups cleared, setgid/setuid to an
    unprivileged uid (so RLIMIT_NPROC applies; it is ignored for root), no_new_privs,
-4. exec ``python -u -S main.py`` (no site: 3x faster start; PYTHONPATH has the deps) with a scrubbed environment and stdin from /dev/null.
+4. parent-death signal SIGKILL, then exec ``python -u -S main.py`` (no site: 3x faster start;
+   PYTHONPATH has the deps) with a scrubbed environment and stdin from /dev/null.
 """
 
 import ctypes
@@ -24,7 +39,7 @@ import sys
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
-PR_SET_NO_NEW_PRIVS, PR_SET_SECUREBITS, PR_CAPBSET_DROP = 38, 28, 24
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_SECUREBITS, PR_CAPBSET_DROP = 1, 38, 28, 24
 
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -67,9 +82,20 @@ def drop_capabilities():
         die("capset")
 
 
-def main():
-    cfg = json.loads(sys.argv[1])
-    code = sys.stdin.buffer.read()
+def read_code(n):
+    """The first ``n`` bytes of stdin: the snippet (the rest of stdin is the lifeline)."""
+    chunks, left = [], n
+    while left:
+        chunk = os.read(0, min(left, 1 << 20))
+        if not chunk:
+            die(f"the caller sent {n - left} of {n} code bytes")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def build_root(cfg, code):
+    """The tmpfs root with the read-only binds, /dev and the /work folder holding main.py."""
     root, uid = cfg["root"], cfg["uid"]
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # belt and braces: nothing leaks to the host
     mount("tmpfs", root, "tmpfs", MS_NOSUID, "size=1m,mode=0755")
@@ -92,9 +118,14 @@ def main():
     if cfg["drop_uid"]:
         os.chown(root + "/work/main.py", uid, uid)
     mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-    os.chroot(root)
-    os.chdir("/work")
 
+
+def exec_snippet(cfg, supervisor):
+    """In the forked child: chroot, limits, drop privileges, death signal, exec. Never returns."""
+    uid = cfg["uid"]
+    os.close(cfg["status_fd"])
+    os.chroot(cfg["root"])
+    os.chdir("/work")
     limits = {resource.RLIMIT_AS: cfg["memory_mb"] << 20, resource.RLIMIT_NPROC: cfg["max_procs"],
               resource.RLIMIT_FSIZE: cfg["file_mb"] << 20, resource.RLIMIT_CPU: cfg["cpu_s"],
               resource.RLIMIT_NOFILE: 256, resource.RLIMIT_CORE: 0}
@@ -108,6 +139,9 @@ def main():
             die("could not drop root")
     else:
         drop_capabilities()
+    # after the uid change, which clears it; then make sure the supervisor did not already go
+    if libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0) != 0 or os.getppid() != supervisor:
+        die("prctl(pdeathsig)")
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         die("prctl(no_new_privs)")
     null = os.open("/dev/null", os.O_RDONLY)
@@ -120,6 +154,39 @@ def main():
         os.execve(cfg["python"], [cfg["python"], "-u", "-S", "main.py"], env)
     except OSError as e:
         die(f"exec {cfg['python']}: {e}")
+
+
+def supervise(cfg, child):
+    """Wait for the snippet or for the lifeline to break, whichever comes first; report the
+    snippet's wait status on ``status_fd`` and return (pid 1 exiting kills the namespace)."""
+    import select
+
+    pidfd = os.pidfd_open(child)
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    poller.register(0, select.POLLIN | select.POLLHUP)
+    while True:
+        for fd, _ in poller.poll():
+            if fd == pidfd:
+                _, status = os.waitpid(child, 0)
+                os.write(cfg["status_fd"], str(status).encode())
+                return
+            if not os.read(0, 4096):  # EOF: the caller is gone or gave up
+                return
+
+
+def main():
+    cfg = json.loads(sys.argv[1])
+    build_root(cfg, read_code(cfg["code_bytes"]))
+    supervisor = os.getpid()
+    child = os.fork()
+    if child == 0:
+        try:
+            exec_snippet(cfg, supervisor)
+        except Exception as e:  # noqa: BLE001 - any set-up error: the clear exit code
+            die(f"{type(e).__name__}: {e}")
+    supervise(cfg, child)
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,14 @@
     coaflow env sample kbqa --split test -n 3 --seed 1
     coaflow env call kbqa search --args '{"query": "Varn Labs"}'
     coaflow env call calc python --args '{"code": "print(6*7)"}'
+    coaflow env call calc python --args @call.json        # arguments from a file (any size)
+    python make_args.py | coaflow env call calc python --args -      # ... or from stdin
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -57,20 +60,40 @@ def sample_cmd(suite, split, n, seed, world_seed, n_entities):
 @env_group.command("call")
 @click.argument("suite")
 @click.argument("tool")
-@click.option("--args", "args_json", default="{}", show_default=True, metavar="JSON",
-              help='the tool arguments as a JSON object, e.g. \'{"code": "print(1)"}\'')
+@click.option("--args", "args_json", default="{}", show_default=True, metavar="JSON|@FILE|-",
+              help='the tool arguments as a JSON object, e.g. \'{"code": "print(1)"}\'; '
+              "@FILE reads it from FILE and - from stdin (for code past the ~128 KB a command "
+              "line holds)")
 @click.option("--world-seed", type=int, help="kbqa only: seed of the fictional world [0]")
 @click.option("--n-entities", type=int, help="kbqa only: size of the world [400]")
 def call_cmd(suite, tool, args_json, world_seed, n_entities):
     """Run one TOOL call of SUITE and print {"observation": ...} as JSON."""
+    import signal
+    import sys
+
     from coaflow import envs
 
+    # SIGTERM (a timeout, an orchestrator) ends the call through its cleanup: the sandbox dies
+    # with this process anyway (its lifeline), and its temp folder goes now, not on the next call
+    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
+    where = "--args"
+    if args_json == "-":
+        where, args_json = "--args - (stdin)", click.get_text_stream("stdin").read()
+    elif args_json.startswith("@"):
+        where = f"--args {args_json}"
+        try:
+            args_json = Path(args_json[1:]).read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as e:
+            raise _EnvError(f"{where}: cannot read {args_json[1:]} ({e})") from None
     try:
         args = json.loads(args_json)
     except json.JSONDecodeError as e:
-        raise _EnvError(f"--args: not valid JSON ({e.msg} at column {e.colno})") from None
+        raise _EnvError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+                        ) from None
+    except RecursionError:
+        raise _EnvError(f"{where}: nested too deeply") from None
     if not isinstance(args, dict):
-        raise _EnvError("--args: expected a JSON object like '{\"query\": \"...\"}'")
+        raise _EnvError(f"{where}: expected a JSON object like '{{\"query\": \"...\"}}'")
     try:
         kw = {k: v for k, v in (("world_seed", world_seed), ("n_entities", n_entities))
               if v is not None and suite == "kbqa"}

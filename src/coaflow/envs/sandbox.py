@@ -3,8 +3,13 @@
 How it is contained (Linux; works as root, which is how these machines and CI run):
 
 - **Separate process in fresh namespaces**: ``unshare --net --pid --mount --ipc --uts --fork
-  --kill-child`` starts ``_sandbox_init.py`` as pid 1 of a new PID namespace. When that pid 1
-  dies every process in the namespace dies with it, so nothing a snippet forks outlives the call.
+  --kill-child`` starts ``_sandbox_init.py`` as pid 1 of a new PID namespace; it forks the
+  snippet and supervises it. When pid 1 dies every process in the namespace dies with it, so
+  nothing a snippet forks outlives the call, not even after ``os.setsid()`` or a double fork.
+  Pid 1 goes when the snippet's main process exits, at the timeout (the caller kills it), and
+  when the caller itself dies: the caller holds the write end of pid 1's stdin (the *lifeline*),
+  which the kernel closes with the caller, however it dies. The throw-away folder is removed in
+  a ``finally``; one left by a caller killed outright is removed by the next call.
 - **No network**: the new network namespace has only a loopback device, and it is down; even
   ``127.0.0.1`` is unreachable ("Network is unreachable").
 - **No files outside a fresh folder**: the init mounts a private tmpfs as the new root, binds in
@@ -52,6 +57,8 @@ from pathlib import Path
 
 INIT = Path(__file__).with_name("_sandbox_init.py")
 SETUP_FAILED = 125
+MAX_CODE_BYTES = 8 << 20  # a snippet larger than this is refused before anything starts
+TMP_PREFIX = "coaflow-sbx-"
 
 
 @dataclass
@@ -106,43 +113,86 @@ def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 512, max_outp
     """Run ``code`` in the sandbox and return what it printed; never raises, never hangs.
 
     The caller waits at most ``timeout_s`` (plus process teardown); a snippet that runs longer is
-    killed with its whole namespace and the result's ``error`` is ``"timeout"``.
+    killed with its whole namespace and the result's ``error`` is ``"timeout"``. Code over
+    ``MAX_CODE_BYTES`` is refused (``error="code too large (N bytes, limit M)"``).
     """
     start = time.monotonic()
+    source = code.encode("utf-8", "replace")
+    if len(source) > MAX_CODE_BYTES:
+        return SandboxResult("", "", None, f"code too large ({len(source)} bytes, limit "
+                             f"{MAX_CODE_BYTES})")
     unshare = shutil.which("unshare")
     if unshare is None:
         return SandboxResult("", "", None, "sandbox unavailable: `unshare` (util-linux) not found")
     python, ro_paths, pythonpath = _python_paths()
-    root = tempfile.mkdtemp(prefix="coaflow-sbx-")
+    _remove_stale_folders()
+    root = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
+    try:
+        return _run(source, root, unshare, python, ro_paths, pythonpath, start, timeout_s,
+                    max_output, dict(memory_mb=int(memory_mb), max_procs=int(max_procs),
+                                     disk_mb=int(disk_mb), file_mb=int(file_mb),
+                                     cpu_s=int(cpu_s or max(1, int(timeout_s) + 1))))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _remove_stale_folders() -> None:
+    """Remove the throw-away folders of callers that died before their ``finally`` ran."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*-*"):
+        pid = folder.name[len(TMP_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
+def _run(source: bytes, root: str, unshare: str, python: str, ro_paths, pythonpath: str,
+         start: float, timeout_s: float, max_output: int, limits: dict) -> SandboxResult:
     is_root = os.geteuid() == 0
     uid = random.randrange(200_000, 260_000)
+    status_r, status_w = os.pipe()
     cfg = {"root": root, "uid": uid, "drop_uid": is_root, "ro_paths": ro_paths,
-           "pythonpath": pythonpath, "python": python, "memory_mb": int(memory_mb),
-           "max_procs": int(max_procs), "disk_mb": int(disk_mb), "file_mb": int(file_mb),
-           "cpu_s": int(cpu_s or max(1, int(timeout_s) + 1))}
+           "pythonpath": pythonpath, "python": python, "code_bytes": len(source),
+           "status_fd": status_w, **limits}
     argv = [unshare, *([] if is_root else ["--user", "--map-root-user"]),
             "--net", "--pid", "--mount", "--ipc", "--uts", "--fork", "--kill-child",
             python, "-I", "-S", str(INIT), json.dumps(cfg)]
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True, env={},
-                                cwd=root, close_fds=True)
+                                cwd=root, close_fds=True, pass_fds=(status_w,))
     except OSError as e:
-        os.rmdir(root)
+        os.close(status_r)
+        os.close(status_w)
         return SandboxResult("", "", None, f"sandbox unavailable: {e}")
+    os.close(status_w)
     try:
-        proc.stdin.write(code.encode("utf-8", "replace"))
-        proc.stdin.close()
-    except BrokenPipeError:
-        pass
-    out, err, error = _collect(proc, start + timeout_s, max_output)
-    try:
-        os.rmdir(root)
-    except OSError:
-        pass
+        try:
+            proc.stdin.write(source)  # the code; stdin then stays open: the lifeline
+            proc.stdin.flush()
+        except BrokenPipeError:
+            pass
+        out, err, error = _collect(proc, start + timeout_s, max_output)
+    finally:
+        if proc.poll() is None:  # interrupted half way (KeyboardInterrupt): take it down
+            _kill(proc)
+        try:
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        os.set_blocking(status_r, False)
+        try:
+            status = os.read(status_r, 64)  # the snippet's wait status, from pid 1
+        except BlockingIOError:
+            status = b""
+        os.close(status_r)
     stdout = out.decode("utf-8", "replace")
     stderr = err.decode("utf-8", "replace")
-    code_ = proc.returncode
+    code_ = os.waitstatus_to_exitcode(int(status)) if status else proc.returncode
     if error is None and code_ == SETUP_FAILED and "sandbox setup failed" in stderr:
         error = "sandbox unavailable: " + stderr.strip().splitlines()[-1]
     elif error is None and code_ != 0 and stderr.startswith("unshare:"):

@@ -24,7 +24,14 @@ from pydantic import ValidationError
 
 from coaflow.errors import GateRefused, PipelineError
 from coaflow.gates import filters, validators
-from coaflow.schema.io import SHARD_SUFFIXES, BadRecord, iter_records, shard_files, validation_field
+from coaflow.schema.io import (
+    SHARD_SUFFIXES,
+    BadRecord,
+    iter_records,
+    shard_files,
+    trajectory_source,
+    validation_field,
+)
 from coaflow.schema.trajectory import (
     ApiAction,
     CodeAction,
@@ -142,7 +149,8 @@ def check(traj: Trajectory, cfg, suites: _Suites, count_tokens=None) -> tuple[li
             tokens = count_tokens(traj)
         except Exception as e:  # noqa: BLE001 - a chat template that cannot render this run
             problems.append(("unrenderable", f"chat template: {type(e).__name__}: {e}"))
-    problems += (validators.check_tags(traj) + validators.check_answer(traj)
+    problems += (validators.check_links(traj) + validators.check_tags(traj)
+                + validators.check_answer(traj)
                 + validators.check_tools(traj, suites.tools[suite])
                 + validators.check_length(chars, tokens, cfg.max_chars, cfg.max_tokens)
                 + filters.check_tool_use(traj, cfg.max_identical_calls))
@@ -165,7 +173,7 @@ def check(traj: Trajectory, cfg, suites: _Suites, count_tokens=None) -> tuple[li
 
 def input_files(path: str | Path) -> tuple[list[Path], list[str]]:
     """(shards to read, other files found and ignored) under a file or folder."""
-    path = Path(path)
+    path = trajectory_source(path)
     files = shard_files(path)
     skipped = []
     if path.is_dir():
@@ -339,8 +347,12 @@ def _gate(input_path: str | Path, out_dir: str | Path, cfg, seed: int = 0, log=p
                         shards.write(it["json"])
                         rows.append({**row, "accepted": 1, "duplicate": 0, "reasons": ""})
                 timings["merge_dedup_write"] += time.perf_counter() - t0
-    finally:
+    except BaseException:  # a crash half way leaves neither partial output nor a .tmp
         shards.close()
+        shutil.rmtree(partial, ignore_errors=True)
+        q_tmp.unlink(missing_ok=True)
+        raise
+    shards.close()
     os.replace(q_tmp, quarantine)
     timings["python_total"] = time.perf_counter() - t_start
 

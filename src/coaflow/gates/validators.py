@@ -23,6 +23,7 @@ from coaflow.schema.trajectory import (
     MessageAction,
     TextObservation,
     Trajectory,
+    tool_link_problems,
 )
 
 Problem = tuple[str, str]
@@ -105,6 +106,12 @@ def check_tags(traj: Trajectory) -> list[Problem]:
         problems.append(("tag_order", f"{len(answers)} answers (content{answers}); exactly one "
                          "allowed"))
     return problems
+
+
+def check_links(traj: Trajectory) -> list[Problem]:
+    """The calls a trajectory ends on without an observation (the schema keeps them, so that
+    imported data round-trips; training on them would teach calls that get no answer)."""
+    return [("tool_link", p) for p in tool_link_problems(traj.content)]
 
 
 def answer_text(traj: Trajectory) -> str | None:

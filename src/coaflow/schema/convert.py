@@ -2,8 +2,8 @@
 
 - ADP (Agent Data Protocol) JSON, both ways. coaflow's extensions (task, outcome, provenance, the
   agent of each step) travel in ``details["coaflow"]``, and only when plain ADP would lose them, so
-  ADP -> coaflow -> ADP gives back the same document and coaflow -> ADP -> coaflow the same
-  trajectory.
+  ADP -> coaflow -> ADP gives back the same document (same steps, keys, nulls and order, unknown
+  fields kept) and coaflow -> ADP -> coaflow the same trajectory.
 - OpenAI chat messages (``{"messages": [...], "tools"?: [...], "answer"?: ...}`` per line), in.
 - ShareGPT (``{"conversations": [{"from": "human"|"gpt"|"function_call"|"observation", ...}]}``), in.
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from typing import Any
 
 from coaflow.schema.render import RAW_AGENT
@@ -46,21 +47,77 @@ def _first_user_text(content: list) -> str:
     return ""
 
 
-def _backfill_tool_call_ids(items: list[dict]) -> None:
-    """Link a tool call without an id to the observation right after it (ADP's own rule)."""
+# --- ADP ------------------------------------------------------------------------------------------
+#
+# Real ADP files (each dataset's ``sample_std.json``) differ from coaflow's strict steps: calls
+# without ``tool_call_id``, ``null`` fields written out, fields coaflow has no place for
+# (``reward``, newer top-level lists), CamelCase class names, other observation sources. Reading
+# normalizes them; what plain ADP needs to be written back identically (same keys, same order, same
+# values) is kept in ``traj.details[SHAPE]``, one entry per step that differs from coaflow's own
+# dump, and dropped from the ADP ``details`` on the way out.
+
+SHAPE = "adp_shape"
+_SOURCES = {"assistant": "agent", "system": "environment"}  # ADP >= 1.2 observation sources
+_TOP = ("schema_version", "id", "content", "available_apis", "details")  # coaflow writes these
+
+
+def _link_calls(items: list[dict], shapes: list[dict]) -> None:
+    """Give tool calls without a ``tool_call_id`` one and pair each with the observations that
+    follow it, in order (the first unanswered call gets the next observation without an id);
+    an observation right after a call that carries its own id lends it to the call, as ADP's
+    converters do. Generated ids and changed sources are noted in ``shapes`` to undo on write."""
+    taken = {it["tool_call_id"] for it in items if it.get("tool_call_id")}
+    pending: list[str] = []
     n = 0
     for i, item in enumerate(items):
-        if item.get("class_") in ("api_action", "code_action") and not item.get("tool_call_id"):
-            n += 1
-            item["tool_call_id"] = f"call_{n:06d}"
-            nxt = items[i + 1] if i + 1 < len(items) else None
-            if nxt and nxt.get("class_") == "text_observation" and not nxt.get("tool_call_id"):
-                nxt["tool_call_id"] = item["tool_call_id"]
-                if nxt.get("source") == "user":
-                    nxt["source"] = "environment"
+        prev = items[i - 1]["class_"] if i else None
+        if item["class_"] in ("api_action", "code_action"):
+            if item.get("tool_call_id"):
+                continue
+            nxt = items[i + 1] if i + 1 < len(items) else {}
+            lent = nxt.get("tool_call_id") if nxt.get("class_") == "text_observation" else None
+            if lent and lent not in {it.get("tool_call_id") for it in items[:i]}:
+                item["tool_call_id"] = lent
+            else:
+                n += 1
+                while f"call_{n:06d}" in taken:
+                    n += 1
+                item["tool_call_id"] = f"call_{n:06d}"
+                taken.add(item["tool_call_id"])
+                pending.append(item["tool_call_id"])
+            shapes[i]["no_id"] = True
+        elif item["class_"] == "text_observation" and not item.get("tool_call_id") and pending:
+            if item.get("source") == "user" and prev not in ("api_action", "code_action"):
+                continue  # the user speaking, not a tool answering
+            item["tool_call_id"] = pending.pop(0)
+            shapes[i]["no_id"] = True
+            if item.get("source") == "user":
+                shapes[i].setdefault("source", "user")
+                item["source"] = "environment"
 
 
-# --- ADP ------------------------------------------------------------------------------------------
+def _adp_step(step, shape: dict | None, order: dict[str, list[str]]) -> dict:
+    """One coaflow step as the ADP step it was read from (``shape``; ``order``: the key order of
+    each class in its document) or, without one, as coaflow's plain dump (no ``agent``, no
+    nulls). Keys listed in the order but absent from the dump are written as ``null``."""
+    out = step.model_dump(exclude={"agent"}, exclude_none=True)
+    shape = shape or {}
+    if shape.get("no_id"):
+        out.pop("tool_call_id", None)
+    for key in ("class_", "source"):
+        if key in shape:
+            out[key] = shape[key]
+    out.update(shape.get("extra", {}))
+    keys = shape.get("keys") or order.get(out["class_"])
+    if keys:
+        out = {**{k: out.get(k) for k in keys}, **{k: v for k, v in out.items() if k not in keys}}
+    return out
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Equal, key order included (the order is what a reader of the file sees)."""
+    return list(a.items()) == list(b.items())
+
 
 def from_adp(doc: dict) -> Trajectory:
     if not isinstance(doc, dict):
@@ -69,16 +126,25 @@ def from_adp(doc: dict) -> Trajectory:
         raise ValueError("content: missing or not a list")
     details = dict(doc.get("details") or {})
     ext = details.pop(EXT, None)
-    items = []
+    items, shapes = [], []
     for i, raw in enumerate(doc["content"]):
         if not isinstance(raw, dict) or "class_" not in raw:
             raise ValueError(f"content.{i}.class_: missing")
-        item = dict(raw)
-        item["class_"] = _ADP_ALIASES.get(item["class_"], item["class_"])
-        if item["class_"] not in _ADP_CLASSES:
+        item, shape = dict(raw), {}
+        cls = _ADP_ALIASES.get(item["class_"], item["class_"])
+        if cls not in _ADP_CLASSES:
             raise ValueError(f"content.{i}.class_: unknown class {raw['class_']!r}")
+        if cls != item["class_"]:
+            shape["class_"], item["class_"] = item["class_"], cls
+        fields = _ADP_CLASSES[cls].model_fields
+        extra = {k: item.pop(k) for k in list(item) if k not in fields or k == "agent"}
+        if extra:
+            shape["extra"] = extra
+        if cls == "text_observation" and item.get("source") in _SOURCES:
+            shape["source"], item["source"] = item["source"], _SOURCES[item["source"]]
         items.append(item)
-    _backfill_tool_call_ids(items)
+        shapes.append(shape)
+    _link_calls(items, shapes)
     agents = (ext or {}).get("agents") or [_DEFAULT_AGENT.get(it["class_"]) for it in items]
     for item, agent in zip(items, agents, strict=False):
         if agent is not None and item["class_"] != "text_observation":
@@ -97,24 +163,70 @@ def from_adp(doc: dict) -> Trajectory:
     })
     if not ext and not traj.task.question:
         traj.task.question = _first_user_text(traj.content)
-    if not ext and doc.get("schema_version"):
-        traj.details = {**traj.details, "adp_schema_version": doc["schema_version"]}
+    shape = _doc_shape(doc, traj, shapes)
+    if shape:
+        traj.details = {**traj.details, SHAPE: shape}
     return traj
+
+
+def _doc_shape(doc: dict, traj: Trajectory, shapes: list[dict]) -> dict:
+    """What writing ``traj`` back needs to give ``doc`` again: per-step shapes, the key order of
+    each step class (and of a step whose order differs from its class's), the ADP schema
+    version, fields coaflow does not model, the top-level key order. Empty for a document
+    coaflow itself wrote."""
+    for shape in shapes:  # a null unknown field comes back from the key order alone
+        extra = {k: v for k, v in shape.pop("extra", {}).items() if v is not None}
+        if extra:
+            shape["extra"] = extra
+    raws = doc["content"]
+    orders: dict[str, Counter] = {}
+    for step, raw, shape in zip(traj.content, raws, shapes, strict=True):
+        if not _same(_adp_step(step, shape, {}), raw):
+            orders.setdefault(raw["class_"], Counter())[tuple(raw)] += 1
+    order = {cls: list(c.most_common(1)[0][0]) for cls, c in orders.items()}
+    for step, raw, shape in zip(traj.content, raws, shapes, strict=True):
+        if not _same(_adp_step(step, shape, order), raw):
+            shape["keys"] = list(raw)
+    out: dict[str, Any] = {}
+    if any(shapes):
+        out["steps"] = [s or None for s in shapes]
+    if order:
+        out["order"] = order
+    if doc.get("schema_version") is not None:
+        out["schema_version"] = doc["schema_version"]
+    extra = {k: v for k, v in doc.items() if k not in _TOP}
+    if extra:
+        out["extra"] = extra
+    written = [k for k in _TOP if k in doc]
+    if list(doc) != written or ("available_apis" in doc and doc["available_apis"] is None):
+        out["keys"] = list(doc)
+    return out
 
 
 def to_adp(traj: Trajectory) -> dict:
     details = dict(traj.details)
-    adp_version = details.pop("adp_schema_version", None)
+    shape = details.pop(SHAPE, None) or {}
+    steps = shape.get("steps") or [None] * len(traj.content)
+    if len(steps) != len(traj.content):  # steps were added or removed since: plain dump
+        steps = [None] * len(traj.content)
     plain: dict[str, Any] = {}
-    if adp_version:
-        plain["schema_version"] = adp_version
+    if shape.get("schema_version"):
+        plain["schema_version"] = shape["schema_version"]
     plain["id"] = traj.id
-    plain["content"] = [s.model_dump(exclude={"agent"}, exclude_none=True) for s in traj.content]
+    order = shape.get("order", {})
+    plain["content"] = [_adp_step(s, sh, order) for s, sh in zip(traj.content, steps, strict=True)]
     if traj.available_apis is not None:
         plain["available_apis"] = traj.available_apis
     plain["details"] = details
-    if from_adp(plain) == traj:
-        return plain
+    plain.update(shape.get("extra", {}))
+    if "keys" in shape:
+        plain = {**{k: plain.get(k) for k in shape["keys"]},
+                 **{k: v for k, v in plain.items() if k not in shape["keys"]}}
+    try:
+        if from_adp(plain) == traj:
+            return plain
+    except ValueError:  # the shape no longer fits the (edited) steps: write coaflow's own
+        pass
     plain["details"] = {**details, EXT: {
         "schema_version": traj.schema_version,
         "task": traj.task.model_dump(mode="json"),
@@ -122,8 +234,6 @@ def to_adp(traj: Trajectory) -> dict:
         "provenance": traj.provenance.model_dump(mode="json"),
         "agents": [getattr(s, "agent", None) for s in traj.content],
     }}
-    if adp_version:
-        plain["details"]["adp_schema_version"] = adp_version
     return plain
 
 

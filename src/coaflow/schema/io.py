@@ -2,7 +2,11 @@
 
 Reading is line by line, so a 10 GB shard never sits in memory. A bad line raises ``DataError``
 naming the file, the line and the field at fault; with ``errors="skip"`` it is reported to the
-``on_error`` callback (or collected) and reading goes on.
+``on_error`` callback (or collected) and reading goes on. What real files hold besides JSONL is
+read too: a UTF-8 byte-order mark is dropped, and a JSON array (a ``.json`` file, or a
+pretty-printed array where JSONL was expected, the way ADP publishes its samples) yields its
+elements, each numbered by the line it starts on. A record nested deeper than Python can parse is
+a bad record, never a ``RecursionError``.
 
 Writing goes to ``<name>.tmp`` and is renamed into place on close, so a killed writer never leaves
 a shard that looks whole.
@@ -14,6 +18,7 @@ import gzip
 import io
 import json
 import os
+import textwrap
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -26,6 +31,10 @@ from coaflow.errors import UserError
 from coaflow.schema.trajectory import Trajectory
 
 SHARD_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
+DOCUMENT_SUFFIXES = (".json",)  # one JSON document: an array of records, or one record
+BOM = b"\xef\xbb\xbf"
+MAX_DEPTH = 200  # JSON nesting levels a record may have: pydantic serializes up to ~250
+TOO_DEEP = f"nested more than {MAX_DEPTH} levels deep"
 
 
 class DataError(UserError, ValueError):
@@ -69,6 +78,60 @@ def shard_files(path: str | Path) -> list[Path]:
     return [path]
 
 
+def trajectory_source(path: str | Path) -> Path:
+    """Where the trajectories of ``path`` are: a stage folder (``result.json``) or a standalone
+    ``synthesize --output`` / ``gate --output`` folder means its ``trajectories`` (or the gate's
+    ``accepted``) output, not the raw logs, failures or quarantine next to it; anything else is
+    ``path`` itself."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    try:
+        outputs = json.loads((path / "result.json").read_text()).get("outputs", {})
+    except (OSError, ValueError, AttributeError):
+        outputs = {}
+    for name in ("accepted", "trajectories"):
+        if isinstance(outputs.get(name), str):
+            where = outputs[name]
+            where = path / where[2:] if where.startswith("./") else Path(where)
+            if where.is_dir():
+                return where
+    if (path / "trajectories").is_dir() and (path / "raw").is_dir():  # synthesize --output
+        return path / "trajectories"
+    if (path / "accepted").is_dir() and (path / "gate_report.json").exists():  # gate --output
+        return path / "accepted"
+    return path
+
+
+def _open_read(file: Path) -> IO[bytes]:
+    return gzip.open(file, "rb") if file.name.endswith(".gz") else open(file, "rb")
+
+
+def _is_document(file: Path) -> bool:
+    """A ``.json`` file, or a file whose first line opens a JSON array that it does not close
+    (a pretty-printed array given where JSONL is expected)."""
+    if file.name.endswith(DOCUMENT_SUFFIXES):
+        return True
+    try:
+        with _open_read(file) as fh:
+            first = fh.readline(1 << 16).removeprefix(BOM)
+            while not first.strip():
+                if not first:
+                    return False
+                first = fh.readline(1 << 16)
+            if not first.lstrip().startswith(b"["):
+                return False
+            if not first.endswith(b"\n"):  # a long line: read all of it
+                first += fh.readline()
+    except (OSError, EOFError, zlib.error):
+        return False
+    try:
+        json.loads(first)
+    except (ValueError, RecursionError):
+        return True
+    return False
+
+
 def iter_records(
     path: str | Path,
     model: type[BaseModel] | Callable[[Any], Any] | None = Trajectory,
@@ -81,9 +144,12 @@ def iter_records(
     ``convert.py``), or None for raw dicts.
     """
     parse = model.model_validate if isinstance(model, type) and issubclass(model, BaseModel) else model
+    report = on_error or (lambda b: None)
     for file in shard_files(path):
-        handle = gzip.open(file, "rb") if file.name.endswith(".gz") else open(file, "rb")
-        with handle:
+        if _is_document(file):
+            yield from _iter_document(file, parse, errors, report)
+            continue
+        with _open_read(file) as handle:
             lineno = 0
             while True:
                 try:
@@ -92,11 +158,13 @@ def iter_records(
                     bad = BadRecord(str(file), lineno + 1, f"unreadable: {e}")
                     if errors == "raise":
                         raise DataError(file, lineno + 1, None, bad.reason) from None
-                    (on_error or (lambda b: None))(bad)
+                    report(bad)
                     break
                 if not raw:
                     break
                 lineno += 1
+                if lineno == 1:
+                    raw = raw.removeprefix(BOM)
                 if not raw.strip():
                     continue
                 try:
@@ -104,9 +172,75 @@ def iter_records(
                 except DataError as e:
                     if errors == "raise":
                         raise
-                    (on_error or (lambda b: None))(BadRecord(e.path, lineno, e.message, e.field))
+                    report(BadRecord(e.path, lineno, e.message, e.field))
                     continue
                 yield str(file), lineno, record
+
+
+def _iter_document(file: Path, parse, errors: str, report) -> Iterator[tuple[str, int, Any]]:
+    """The records of one JSON document: each element of an array (numbered by the line it
+    starts on), or the document itself when it is an object. Elements are decoded one by one,
+    so a bad one is reported at its own line and, when skipping, reading goes on after it."""
+    def fail(line: int, message: str, field: str | None = None):
+        if errors == "raise":
+            raise DataError(file, line, field, message)
+        report(BadRecord(str(file), line, message, field))
+
+    try:
+        with _open_read(file) as fh:
+            text = fh.read().removeprefix(BOM).decode("utf-8")
+    except UnicodeDecodeError as e:
+        fail(1, f"invalid UTF-8 at byte {e.start}")
+        return
+    except (OSError, EOFError, zlib.error) as e:
+        fail(1, f"unreadable: {e}")
+        return
+    decoder = json.JSONDecoder()
+    pos = _skip_space(text, 0)
+    if pos == len(text):
+        return
+    if text[pos] != "[":
+        line = text.count("\n", 0, pos) + 1
+        try:
+            yield str(file), line, _parse_line(file, line, text.encode("utf-8"), parse)
+        except DataError as e:
+            fail(line, e.message, e.field)
+        return
+    pos, line, first = _skip_space(text, pos + 1), text.count("\n", 0, pos) + 1, True
+    while pos < len(text) and text[pos] != "]":
+        if not first:
+            if text[pos] != ",":
+                fail(text.count("\n", 0, pos) + 1, f"invalid JSON array (expected ',' or ']' at column "
+                           f"{pos - text.rfind(chr(10), 0, pos)})")
+                return
+            pos = _skip_space(text, pos + 1)
+        first = False
+        line = text.count("\n", 0, pos) + 1
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            fail(e.lineno, f"invalid JSON ({e.msg} at column {e.colno})")
+            return
+        except RecursionError:
+            fail(line, TOO_DEEP)
+            return
+        try:
+            yield str(file), line, _parse_obj(file, line, obj, parse, text[pos:end])
+        except DataError as e:
+            if errors == "raise":
+                raise
+            report(BadRecord(e.path, line, e.message, e.field))
+        pos = _skip_space(text, end)
+    if pos >= len(text):
+        fail(text.count("\n") + 1, "invalid JSON array (no closing ']')")
+    elif _skip_space(text, pos + 1) != len(text):
+        fail(text.count("\n", 0, pos) + 1, "extra data after the JSON array")
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
 
 
 def _parse_line(file: Path, lineno: int, raw: bytes, parse) -> Any:
@@ -118,10 +252,40 @@ def _parse_line(file: Path, lineno: int, raw: bytes, parse) -> Any:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(file, lineno, None, f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(file, lineno, None, TOO_DEEP) from None
+    return _parse_obj(file, lineno, obj, parse, raw)
+
+
+def too_deep(obj: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``obj`` nests lists/dicts more than ``limit`` levels (walked without recursion).
+
+    >>> too_deep([[[]]], 2), too_deep([[[]]], 3)
+    (True, False)
+    """
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def _parse_obj(file: Path, lineno: int, obj: Any, parse, source: bytes | str) -> Any:
+    """``parse(obj)`` with errors as ``DataError``; ``source`` is the record's JSON text: fewer
+    brackets in it than ``MAX_DEPTH`` (the usual case, counted at C speed) cannot nest deeper."""
+    opening = (b"[", b"{") if isinstance(source, bytes) else ("[", "{")
+    if (source.count(opening[0]) + source.count(opening[1]) > MAX_DEPTH
+            and isinstance(obj, (dict, list)) and too_deep(obj)):
+        raise DataError(file, lineno, None, TOO_DEEP)
     if parse is None:
         return obj
     try:
         return parse(obj)
+    except RecursionError:
+        raise DataError(file, lineno, None, TOO_DEEP) from None
     except ValidationError as e:
         field, msg = validation_field(e)
         raise DataError(file, lineno, field, msg) from None
@@ -198,15 +362,60 @@ class ShardWriter:
             self._tmp.unlink(missing_ok=True)
 
 
-def write_jsonl(path: str | Path, records: Iterable[Any]) -> int:
-    """Write one file atomically; returns the number of records."""
+def _write_atomically(path: str | Path, write: Callable[[IO[str]], int]) -> int:
+    """Run ``write(handle)`` into ``<path>.tmp`` and rename it to ``path``; when it fails (a bad
+    record half way), remove the ``.tmp`` and any folder made for it: nothing half-written."""
     path = Path(path)
+    made = [p for p in reversed(path.parents) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    n = 0
-    with _open_write(tmp, path.name.endswith(".gz")) as fh:
+    try:
+        with _open_write(tmp, path.name.endswith(".gz")) as fh:
+            n = write(fh)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        for folder in reversed(made):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+    os.replace(tmp, path)
+    return n
+
+
+def write_jsonl(path: str | Path, records: Iterable[Any]) -> int:
+    """Write one file atomically; returns the number of records."""
+    def write(fh: IO[str]) -> int:
+        n = 0
         for record in records:
             fh.write(_dump(record) + "\n")
             n += 1
-    os.replace(tmp, path)
-    return n
+        return n
+
+    return _write_atomically(path, write)
+
+
+def write_json_array(path: str | Path, records: Iterable[Any]) -> int:
+    """Write one pretty-printed JSON array (the shape ADP publishes, e.g. ``sample_std.json``,
+    byte for byte what ``json.dump(records, f, indent=2)`` writes) atomically, one record at a
+    time; returns the number of records."""
+    def write(fh: IO[str]) -> int:
+        n = 0
+        fh.write("[")
+        for record in records:
+            obj = json.loads(_dump(record)) if isinstance(record, BaseModel) else record
+            text = json.dumps(obj, indent=2, default=str)  # as json.dump(records, f, indent=2)
+            fh.write(("," if n else "") + "\n" + textwrap.indent(text, "  "))
+            n += 1
+        fh.write("\n]\n" if n else "]\n")
+        return n
+
+    return _write_atomically(path, write)
+
+
+def write_records(path: str | Path, records: Iterable[Any]) -> int:
+    """A ``.json`` path gets a JSON array, anything else JSON lines (``.gz``: compressed)."""
+    if Path(path).name.endswith(DOCUMENT_SUFFIXES):
+        return write_json_array(path, records)
+    return write_jsonl(path, records)

@@ -3,7 +3,8 @@
 A trajectory follows the Agent Data Protocol (ADP): an ordered list of *actions* (messages, API/tool
 calls, code) and *observations* (text from the user or the environment). Every tool call (an
 ``ApiAction`` or a ``CodeAction``) carries a ``tool_call_id`` and is answered by exactly one
-observation with the same id, later in the list.
+observation with the same id, later in the list; only the calls a trajectory ends on may be
+unanswered (real data stops there; the gate quarantines them, the schema keeps them).
 
 coaflow extends ADP for chain-of-agents distillation:
 
@@ -130,7 +131,7 @@ class Trajectory(_Strict):
 
     @model_validator(mode="after")
     def _tool_calls_answered_once(self) -> Trajectory:
-        problems = tool_link_problems(self.content)
+        problems = tool_link_problems(self.content, trailing_ok=True)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -139,16 +140,21 @@ class Trajectory(_Strict):
         return [s for s in self.content if isinstance(s, ToolCall)]
 
 
-def tool_link_problems(content: list) -> list[str]:
+def tool_link_problems(content: list, trailing_ok: bool = False) -> list[str]:
     """Every tool call is answered by exactly one later observation with its id, and no
-    observation answers an id that was never called.
+    observation answers an id that was never called. ``trailing_ok``: calls after the last
+    observation (the trajectory stops on them) may be unanswered.
 
     >>> call = ApiAction(function="search", kwargs={"query": "x"}, tool_call_id="c1")
     >>> tool_link_problems([call])
     ["content[0]: tool call 'c1' (search) has no observation"]
     >>> tool_link_problems([call, TextObservation(content="hit", tool_call_id="c1")])
     []
+    >>> tool_link_problems([TextObservation(source="user", content="q"), call], trailing_ok=True)
+    []
     """
+    last_obs = max((i for i, s in enumerate(content) if isinstance(s, TextObservation)),
+                   default=-1)
     problems, open_calls, seen_ids, answered = [], {}, set(), set()
     for i, step in enumerate(content):
         if isinstance(step, ToolCall):
@@ -166,5 +172,7 @@ def tool_link_problems(content: list) -> list[str]:
                 answered.add(tid)
                 del open_calls[tid]
     for tid, (i, fn) in open_calls.items():
+        if trailing_ok and i > last_obs:
+            continue
         problems.append(f"content[{i}]: tool call {tid!r} ({fn}) has no observation")
     return problems

@@ -16,8 +16,10 @@ on these very trajectories; a hub id or a local folder loads a real model. ``sft
 ZeRO config from ``configs/deepspeed/``; ``sft.lora`` trains PEFT adapters (merged on save);
 ``sft.packing`` packs examples into ``max_length`` rows. Checkpoints go to ``checkpoints/`` every
 ``save_steps``; a killed run resumes from the last one. The final model is a plain HF folder in
-``model/``. After training, greedy decoding on held-out questions checks that the model emits
-well-formed tool calls.
+``model/``. After training, the model runs as an agent (``coaflow.agent``, greedy, real tools) on
+the tasks of held-out trajectories: the share it solves, and whether its first turn is a
+well-formed tool call grounded in the question (the ``heldout_*`` metrics; episodes in
+``heldout.jsonl``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ from pydantic import Field, field_validator
 
 from coaflow.config import Section
 from coaflow.models.tiny import TinyModel
+from coaflow.models.toolcalls import grounded_tool_call
 from coaflow.pipeline import Context, PipelineError, Result
+from coaflow.schema import write_jsonl
 
 NAME = "sft"
 NEEDS = ("gate",)
@@ -83,10 +87,12 @@ class Config(Section):
     logging_steps: int = Field(5, ge=1, description="log loss and token accuracy every N steps")
     save_steps: int = Field(50, ge=1, description="checkpoint every N steps (resume point)")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept")
-    holdout: int = Field(16, ge=0, description="trajectories kept out of training for the "
-                         "tool-call check (at most a fifth of the data)")
-    sample_max_new_tokens: int = Field(160, ge=8, description="tokens generated per held-out "
-                                       "prompt in the tool-call check")
+    holdout: int = Field(16, ge=0, description="trajectories kept out of training; their tasks "
+                         "are run as whole agent episodes after training (at most a fifth of "
+                         "the data)")
+    sample_max_new_tokens: int = Field(160, ge=8, description="per-turn token budget of the "
+                                       "held-out episodes")
+    heldout_max_turns: int = Field(6, ge=1, description="turn budget of the held-out episodes")
     log_model_artifact: bool = Field(True, description="log the final model folder to MLflow "
                                      "(off for large models: register logs it)")
     decisive_weight: float = Field(1.0, ge=1.0, description="loss weight of the decisive tokens "
@@ -150,9 +156,11 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
     train_seconds = time.time() - start
 
     final = save_final(trainer, cfg, ctx.out / "model")
-    samples = sample_tool_calls(final, held, D.tool_names(trajs), cfg.sample_max_new_tokens)
+    check = heldout_episodes(final, held, cfg.heldout_max_turns, cfg.sample_max_new_tokens,
+                             threads=1 if cfg.model == "tiny" else None)
+    write_jsonl(ctx.out / "heldout.jsonl", check["trajectories"])
     (ctx.out / "samples.jsonl").write_text(
-        "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples["rows"]))
+        "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in check["rows"]))
     ctx.tracker.log_artifact(ctx.out / "samples.jsonl")
     if cfg.log_model_artifact:
         ctx.tracker.log_artifact(final, "model")
@@ -176,10 +184,11 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
         "examples_dropped_recovered": float(recovered if cfg.drop_recovered else 0),
         "decisive_token_accuracy": next((h["decisive_token_accuracy"] for h in reversed(history)
                                          if "decisive_token_accuracy" in h), float("nan")),
-        "heldout_prompts": float(samples["n"]),
-        "well_formed_tool_call_share": samples["share"],
-        "grounded_tool_call_share": samples["grounded_share"],
-        "stop_share": samples["stop_share"],
+        "heldout_episodes": float(check["n"]),
+        "heldout_episode_success": check["success"],
+        "heldout_first_call_well_formed_share": check["well_formed"],
+        "heldout_first_call_grounded_share": check["grounded"],
+        "heldout_turns_ended_share": check["ended_turns"],
     }
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the final model is in model/; checkpoints were
     # only the resume points of this attempt
@@ -187,7 +196,7 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
                   summary={"base_model": base, "deepspeed": cfg.deepspeed, "lora": cfg.lora,
                            "zero_stage": _zero_stage(trainer),
                            "packing": cfg.packing, "tools": sorted(D.tool_names(trajs)),
-                           "samples": samples["rows"][:3]})
+                           "samples": check["rows"][:3]})
 
 
 def _zero_stage(trainer) -> int | None:
@@ -384,48 +393,53 @@ def save_final(trainer, cfg: Config, final: Path) -> Path:
     return final
 
 
-def sample_tool_calls(model_dir: Path, held: list, tools: set[str], max_new_tokens: int,
-                      batch_size: int = 8) -> dict:
-    """Greedy-decode the first assistant turn for each held-out question (system + user, with the
-    generation prompt) from the saved folder, and judge its tool calls."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from coaflow.models import grounded_tool_call, parse_tool_calls, well_formed_tool_call
-    from coaflow.schema.render import DEFAULT_SYSTEM_PROMPT
-    from coaflow.stages.sft_data import prompt_messages, to_example
+def heldout_episodes(model_dir: Path, held: list, max_turns: int, max_new_tokens: int,
+                     batch_size: int = 16, threads: int | None = None) -> dict:
+    """Run the trained model as an agent (``coaflow.agent``, greedy) on the tasks of the held-out
+    trajectories, whole episodes with the real tools, and judge them: the share solved, and, since
+    a small student rarely solves yet, whether its first turn is a well-formed tool call built
+    from the question."""
+    from coaflow.agent import TransformersBackend, category, run_episodes
+    from coaflow.schema.render import to_text
 
     if not held:
-        return {"n": 0, "share": float("nan"), "stop_share": float("nan"),
-                "grounded_share": float("nan"), "rows": []}
+        return {"n": 0, "success": float("nan"), "well_formed": float("nan"),
+                "grounded": float("nan"), "ended_turns": float("nan"), "trajectories": [],
+                "rows": []}
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()  # training is over: a plain load, not ZeRO-3 partitioned params
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
-    end_id = tok.convert_tokens_to_ids("<|im_end|>")
+    backend = TransformersBackend(str(model_dir), batch_size=batch_size, threads=threads,
+                                  field="sft model")
+    trajs = run_episodes(backend, [t.task for t in held], max_turns=max_turns,
+                         max_new_tokens=max_new_tokens)
     rows = []
-    for i in range(0, len(held), batch_size):
-        chunk = held[i:i + batch_size]
-        prompts = [tok.apply_chat_template(prompt_messages(to_example(t, DEFAULT_SYSTEM_PROMPT)),
-                                           tokenize=False, add_generation_prompt=True)
-                   for t in chunk]
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=end_id, pad_token_id=tok.pad_token_id)
-        for t, ids in zip(chunk, gen[:, enc["input_ids"].shape[1]:], strict=True):
-            ids = ids.tolist()
-            stopped = end_id in ids
-            text = tok.decode(ids[:ids.index(end_id)] if stopped else ids,
-                              skip_special_tokens=False).replace(tok.pad_token or "\0", "")
-            calls = parse_tool_calls(text)
-            rows.append({"id": t.id, "question": t.task.question, "output": text,
-                         "stopped": stopped, "calls": calls,
-                         "well_formed": well_formed_tool_call(text, tools),
-                         "grounded": grounded_tool_call(t.task.question, calls)})
+    for t in trajs:
+        first = first_turn_calls(t)
+        rows.append({"id": t.id, "question": t.task.question, "category": category(t),
+                     "stop": t.details["stop"], "transcript": to_text(t)[:2000],
+                     "first_call_well_formed": bool(first) and all(
+                         c["name"] in (t.available_apis or []) for c in first),
+                     "first_call_grounded": grounded_tool_call(t.task.question, first)})
     n = len(rows)
-    return {"n": n, "share": sum(r["well_formed"] for r in rows) / n,
-            "grounded_share": sum(r["grounded"] for r in rows) / n,
-            "stop_share": sum(r["stopped"] for r in rows) / n, "rows": rows}
+    return {"n": n, "success": sum(t.outcome.correct for t in trajs) / n,
+            "well_formed": sum(r["first_call_well_formed"] for r in rows) / n,
+            "grounded": sum(r["first_call_grounded"] for r in rows) / n,
+            "ended_turns": sum(t.details["stop"] != "turn_tokens" for t in trajs) / n,
+            "trajectories": trajs, "rows": rows}
+
+
+def first_turn_calls(traj) -> list[dict]:
+    """The tool calls of an episode's first assistant turn, as ``{"name", "arguments"}`` (empty
+    when that turn held none or a malformed one)."""
+    from coaflow.schema import TextObservation
+
+    calls = []
+    for step in traj.content[1:]:
+        if isinstance(step, TextObservation):
+            break
+        if step.class_ == "code_action":
+            calls.append({"name": "python", "arguments": {"code": step.content}})
+        elif step.class_ == "api_action":
+            calls.append({"name": step.function, "arguments": step.kwargs})
+    return calls

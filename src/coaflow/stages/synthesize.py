@@ -122,7 +122,7 @@ def synthesize(cfg: Config, out: Path, seed: int, cache_dir: Path | None = None,
 
     client = None
     if cfg.teacher == "llm" and todo:
-        client = llm.ChatClient(cfg.llm, cache_dir if cfg.llm.cache else None)
+        client = llm.client_for(cfg.llm, cache_dir if cfg.llm.cache else None)
         client.check_endpoint()  # before any work
     provenance = Provenance(teacher=cfg.teacher, seed=seed, model=cfg.llm.model
                             if cfg.teacher == "llm" else "coaflow-scripted-team",

@@ -1,0 +1,460 @@
+"""evaluate: how good each model really is, on the held-out test split, by whole episodes.
+
+\b
+    coaflow evaluate                                       # in a run, after sft (and rl)
+    coaflow evaluate --model runs/r/sft/model --suite calc -n 50
+    coaflow evaluate --model models:/coaflow-agent@champion
+    coaflow evaluate --model http://127.0.0.1:8000/v1      # any OpenAI-compatible endpoint
+    coaflow evaluate --model scripted                      # the scripted teacher (the ceiling)
+
+The same tasks for every model: ``evaluate.suites`` tasks of each suite's ``test`` split
+(``envs.make_tasks(suite, "test", n, run.seed)``; its questions are disjoint from the train and rl
+splits by construction, and the gate checks synthesized data against them). Rows: ``base`` (the
+untrained start, so learning shows), ``candidate`` (rl's model if rl ran, else sft's),
+``champion`` (``models:/<run.name>-agent@champion`` when the registry has one) and ``teacher``
+(the scripted team, or any model spec: the ceiling). Each model runs through the one agent loop
+(``coaflow.agent``), greedy, with the suites' real tools.
+
+Per model and suite: success (pass@1) with its 95 % Wilson interval, optional pass@k (sampled),
+the format-error rate, mean turns / tool calls / tokens, failure categories (no answer, wrong
+answer, malformed call, budget exhausted), sliced by difficulty and kbqa hop count. Candidate vs
+champion is a paired comparison on the same tasks: the difference in success with a paired
+bootstrap interval and the exact McNemar p-value (the promotion gate reads it).
+
+Outputs: ``outcomes.jsonl`` (one line per model x task), ``transcripts/`` (every episode as a
+trajectory, ``<model>.jsonl``, and a readable sample), ``table.md`` / ``table.html``; all in MLflow
+with the ``eval/<model>/<suite>/...`` metrics.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Literal
+
+import click
+from pydantic import Field, field_validator
+
+from coaflow.config import Section
+from coaflow.pipeline import Context, PipelineError, Result
+
+NAME = "evaluate"
+NEEDS = ("sft",)
+OPTIONAL = ("rl", "gate")
+RESUMABLE = False
+
+ROWS = ("base", "candidate", "champion", "teacher")
+
+
+class Config(Section):
+    suites: dict[str, int] = Field({"kbqa": 60, "calc": 60}, description="test-split tasks per "
+                                   "suite; the same tasks for every model")
+    models: list[Literal["base", "candidate", "champion", "teacher"]] = Field(
+        list(ROWS), description="rows of the table (champion only when the registry has one)")
+    teacher: str = Field("scripted", description="the ceiling row: 'scripted' (the offline "
+                         "team, no mistakes) or a model spec (folder, hub id, models:/, URL)")
+    max_turns: int = Field(6, ge=1, description="assistant turns per episode")
+    max_new_tokens: int = Field(160, ge=8, description="token budget of one assistant turn")
+    batch_size: int = Field(16, ge=1, description="episodes generated together (transformers)")
+    concurrency: int = Field(16, ge=1, description="episodes in flight (HTTP endpoints)")
+    threads: int = Field(1, ge=0, description="torch CPU threads while generating in process; "
+                         "0: torch's default (more helps big models, not tiny ones)")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="env var with the key for "
+                                    "endpoint models")
+    pass_k: int = Field(0, ge=0, description="k of pass@k, from k sampled episodes per task; "
+                        "0: off")
+    temperature: float = Field(0.8, gt=0, description="sampling temperature for pass@k")
+    bootstrap: int = Field(2000, ge=100, description="paired bootstrap resamples")
+    transcripts: int = Field(2, ge=0, description="episodes per model and suite in the "
+                             "readable transcript sample")
+
+    @field_validator("suites")
+    @classmethod
+    def _known_suites(cls, v: dict[str, int]) -> dict[str, int]:
+        from coaflow.envs import SUITES
+
+        bad = [s for s in v if s not in SUITES]
+        if bad:
+            raise ValueError(f"unknown suite {bad[0]!r}; known suites: {', '.join(SUITES)}")
+        if any(n < 1 for n in v.values()) or not v:
+            raise ValueError("every suite needs at least one test task")
+        return v
+
+
+def registered_name(run) -> str:
+    return f"{run.name}-agent"
+
+
+def champion_version(name: str, uri: str) -> int | None:
+    """The version behind ``name@champion`` in the registry at ``uri``, or None (no registry,
+    no such model, no such alias). A sqlite store that does not exist is not created."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return None
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(
+            name, "champion")
+    except MlflowException:
+        return None
+    return int(mv.version)
+
+
+def cache_extras(cfg: Config, run) -> dict:
+    """A new champion changes the table: its version is part of the cache key."""
+    from coaflow.tracking import default_uri
+
+    if "champion" not in cfg.models:
+        return {}
+    return {"champion": champion_version(registered_name(run), default_uri(run.workdir))}
+
+
+def load_test_tasks(suites: dict[str, int], seed: int) -> list:
+    from coaflow.envs import make_tasks
+
+    return [t for s, n in suites.items() for t in make_tasks(s, "test", n, seed=seed)]
+
+
+# --- running the models ---------------------------------------------------------------------
+
+def scripted_teacher(tasks: list, seed: int) -> list:
+    """The scripted team with no mistakes, one episode per task, distilled to trajectories (the
+    same ``details`` the agent loop records, so every row is summarized the same way)."""
+    from coaflow.envs import make_env, task_to_row
+    from coaflow.envs.rewards import score
+    from coaflow.schema import Outcome, Provenance
+    from coaflow.schema.render import to_messages
+    from coaflow.teachers import scripted
+    from coaflow.teachers.log import TeamLog, distill
+
+    out = []
+    for task in tasks:
+        env = make_env(task.suite, seed=seed)
+        env.reset(**task_to_row(task))
+        log = TeamLog(task=task, env=env, suite=task.suite)
+        try:
+            answer = scripted.solve(task, log, random.Random(f"{seed}-{task.task_id}"),
+                                    scripted.Mistakes(0.0, 0.0))
+        except ValueError:
+            answer = None
+        reward = score(task.suite, answer, task.answer)
+        traj = distill(log, f"{task.task_id}-teacher", answer,
+                       Provenance(teacher="scripted", model="coaflow-scripted-team", seed=seed),
+                       Outcome(final_answer=answer, reward=reward, correct=reward == 1.0))
+        traj.details = {"stop": "answer" if answer is not None else "no_action",
+                        "turns": sum(m["role"] == "assistant" for m in to_messages(traj)),
+                        "tool_calls": len(traj.tool_calls()), "tokens": 0, "format_errors": 0,
+                        "repeated_calls": 0}
+        out.append(traj)
+    return out
+
+
+def run_model(spec: str, tasks: list, cfg: Config, *, field: str, tracking_uri: str | None,
+              seed: int, samples: int = 1, temperature: float = 0.0) -> list:
+    """Every task through the agent loop with the model ``spec``."""
+    import os
+
+    from coaflow.agent import run_episodes
+    from coaflow.agent.models import make_backend
+
+    with tempfile.TemporaryDirectory() as download:
+        backend = make_backend(spec, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
+                               api_key=os.environ.get(cfg.api_key_env or "") or None,
+                               tracking_uri=tracking_uri, download_dir=download,
+                               threads=cfg.threads or None, field=field)
+        from tqdm import tqdm
+
+        with tqdm(total=len(tasks) * samples, desc=field, unit="episode",
+                  mininterval=2.0) as bar:
+            return run_episodes(backend, tasks, max_turns=cfg.max_turns,
+                                max_new_tokens=cfg.max_new_tokens, temperature=temperature,
+                                seed=seed, samples=samples, progress=bar.update)
+
+
+# --- summarizing ------------------------------------------------------------------------------
+
+def outcome_row(model: str, traj) -> dict:
+    from coaflow.agent import category
+
+    t, d = traj.task, traj.details
+    hops = len(t.metadata.get("hops") or []) if t.suite == "kbqa" else None
+    return {"model": model, "suite": t.suite, "task_id": t.task_id, "difficulty": t.difficulty,
+            "hops": hops, "success": int(bool(traj.outcome.correct)), "category": category(traj),
+            "turns": d["turns"], "tool_calls": d["tool_calls"], "tokens": d["tokens"],
+            "format_errors": d["format_errors"]}
+
+
+def rate(rows: list[dict]) -> dict:
+    """success with its Wilson interval over ``rows``."""
+    from coaflow.stats import wilson
+
+    n, k = len(rows), sum(r["success"] for r in rows)
+    lo, hi = wilson(k, n)
+    return {"success": k / n if n else 0.0, "lo": lo, "hi": hi, "n": n}
+
+
+def describe(rows: list[dict]) -> dict:
+    n = len(rows)
+    return {**rate(rows),
+            "format_error_rate": sum(r["format_errors"] > 0 for r in rows) / n,
+            "mean_turns": sum(r["turns"] for r in rows) / n,
+            "mean_tool_calls": sum(r["tool_calls"] for r in rows) / n,
+            "mean_tokens": sum(r["tokens"] for r in rows) / n,
+            "categories": dict(Counter(r["category"] for r in rows))}
+
+
+def slices(rows: list[dict]) -> dict:
+    out: dict = {}
+    for key in ("difficulty", "hops"):
+        groups = defaultdict(list)
+        for r in rows:
+            if r[key] is not None:
+                groups[str(r[key])].append(r)
+        if groups:
+            out[key] = {k: rate(v) for k, v in sorted(groups.items())}
+    return out
+
+
+def compare(a: list[dict], b: list[dict], resamples: int, seed: int) -> dict:
+    """Paired comparison of two models' rows on the same tasks, per suite and over all."""
+    from coaflow.stats import mcnemar_exact, paired_bootstrap
+
+    by_b = {(r["suite"], r["task_id"]): r["success"] for r in b}
+    out = {}
+    for suite in [*sorted({r["suite"] for r in a}), "all"]:
+        pairs = [(r["success"], by_b[(r["suite"], r["task_id"])]) for r in a
+                 if suite in ("all", r["suite"]) and (r["suite"], r["task_id"]) in by_b]
+        xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
+        diff, lo, hi = paired_bootstrap(xs, ys, resamples=resamples, seed=seed)
+        only_a = sum(x > y for x, y in pairs)
+        only_b = sum(y > x for x, y in pairs)
+        out[suite] = {"diff": diff, "lo": lo, "hi": hi, "p_value": mcnemar_exact(only_a, only_b),
+                      "n": len(pairs), "only_candidate": only_a, "only_champion": only_b}
+    return out
+
+
+def summarize(rows: list[dict], cfg: Config, seed: int, pass_k: dict) -> dict:
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    suites = list(dict.fromkeys(r["suite"] for r in rows))
+    pick = {(m, s): [r for r in rows if r["model"] == m and r["suite"] == s]
+            for m in models for s in suites}
+    details = {m: {s: {**describe(pick[m, s]), **({f"pass@{cfg.pass_k}": pass_k[m][s]}
+                                                 if m in pass_k else {})} for s in suites}
+               for m in models}
+    summary = {"table": {m: {s: rate(pick[m, s]) for s in suites} for m in models},
+               "details": details,
+               "slices": {m: {s: slices(pick[m, s]) for s in suites} for m in models},
+               "tasks": {s: len(pick[models[0], s]) for s in suites}}
+    if "candidate" in models and "champion" in models:
+        summary["comparison"] = {"candidate_vs_champion": compare(
+            [r for r in rows if r["model"] == "candidate"],
+            [r for r in rows if r["model"] == "champion"], cfg.bootstrap, seed)}
+    return summary
+
+
+def pass_at_k(trajs: list, k: int) -> dict:
+    """``{suite: pass@k}`` from ``k`` samples per task."""
+    from coaflow.stats import pass_at_k as estimate
+
+    per_task = defaultdict(list)
+    for t in trajs:
+        per_task[(t.task.suite, t.task.task_id)].append(bool(t.outcome.correct))
+    by_suite = defaultdict(list)
+    for (suite, _), results in per_task.items():
+        by_suite[suite].append(estimate(len(results), sum(results), k))
+    return {s: sum(v) / len(v) for s, v in by_suite.items()}
+
+
+def metrics_of(summary: dict) -> dict[str, float]:
+    m: dict[str, float] = {}
+    for model, suites in summary["details"].items():
+        for suite, d in suites.items():
+            for key, value in d.items():
+                if isinstance(value, (int, float)):
+                    m[f"eval/{model}/{suite}/{key}"] = float(value)
+    for suite, c in summary.get("comparison", {}).get("candidate_vs_champion", {}).items():
+        for key in ("diff", "lo", "hi", "p_value"):
+            m[f"eval/candidate_vs_champion/{suite}/{key}"] = float(c[key])
+    return m
+
+
+def markdown(summary: dict) -> str:
+    """The table: one line per model, per suite success [95 % CI], format errors, turns; then the
+    difficulty / hop slices and the paired comparison."""
+    details = summary["details"]
+    suites = list(summary["tasks"])
+    lines = ["| model | " + " | ".join(f"{s} (n={summary['tasks'][s]})" for s in suites)
+             + " | format errors | mean turns | mean tool calls |",
+             "|---|" + "---|" * (len(suites) + 3)]
+    for model, per in details.items():
+        cells = [f"{per[s]['success']:.1%} [{per[s]['lo']:.1%}, {per[s]['hi']:.1%}]"
+                 for s in suites]
+        n = sum(per[s]["n"] for s in suites)
+        avg = {k: sum(per[s][k] * per[s]["n"] for s in suites) / n
+               for k in ("format_error_rate", "mean_turns", "mean_tool_calls")}
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | {avg['format_error_rate']:.1%} | "
+                     f"{avg['mean_turns']:.2f} | {avg['mean_tool_calls']:.2f} |")
+    lines += ["", "| model | suite | slice | success [95 % CI] (n) |", "|---|---|---|---|"]
+    for model, per in summary["slices"].items():
+        for suite, sl in per.items():
+            for key, groups in sl.items():
+                for g, r in groups.items():
+                    lines.append(f"| {model} | {suite} | {key} {g} | {r['success']:.1%} "
+                                 f"[{r['lo']:.1%}, {r['hi']:.1%}] ({r['n']}) |")
+    lines += ["", "| model | suite | categories |", "|---|---|---|"]
+    for model, per in details.items():
+        for suite in suites:
+            cats = ", ".join(f"{k} {v}" for k, v in sorted(per[suite]["categories"].items()))
+            lines.append(f"| {model} | {suite} | {cats} |")
+    comp = summary.get("comparison", {}).get("candidate_vs_champion")
+    if comp:
+        lines += ["", "| candidate - champion | diff [95 % CI] | McNemar p | n |",
+                  "|---|---|---|---|"]
+        lines += [f"| {s} | {c['diff']:+.1%} [{c['lo']:+.1%}, {c['hi']:+.1%}] | "
+                  f"{c['p_value']:.3g} | {c['n']} |" for s, c in comp.items()]
+    return "\n".join(lines) + "\n"
+
+
+def html_table(md: str) -> str:
+    """The markdown tables as a standalone HTML page."""
+    import html
+
+    parts, in_table = ["<html><body><h1>coaflow evaluation (test split)</h1>"], False
+    for line in md.splitlines():
+        if not line.startswith("|"):
+            parts.append("</table>" if in_table else "")
+            in_table = False
+            continue
+        cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
+        if set("".join(cells)) <= {"-"}:
+            continue
+        tag = "th" if not in_table else "td"
+        parts.append(("<table border=1 cellpadding=3>" if not in_table else "")
+                     + "<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>")
+        in_table = True
+    parts.append("</table></body></html>" if in_table else "</body></html>")
+    return "\n".join(parts)
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+def evaluate(specs: dict[str, str], tasks: list, cfg: Config, out: Path, *, seed: int,
+             tracking_uri: str | None = None, tracker=None) -> tuple[list[dict], dict]:
+    """Run every model of ``specs`` (row name -> model spec, or ``scripted``) on ``tasks``;
+    write outcomes, transcripts and tables under ``out``; ``(rows, summary)``."""
+    from coaflow.schema import write_jsonl
+    from coaflow.schema.render import to_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "transcripts").mkdir(exist_ok=True)
+    rows, pass_k, sample, seconds = [], {}, [], {}
+    for model, spec in specs.items():
+        start = time.perf_counter()
+        if spec == "scripted":
+            trajs = scripted_teacher(tasks, seed)
+        else:
+            trajs = run_model(spec, tasks, cfg, field=f"evaluate {model} ({spec})",
+                              tracking_uri=tracking_uri, seed=seed)
+            if cfg.pass_k:
+                pass_k[model] = pass_at_k(run_model(
+                    spec, tasks, cfg, field=f"evaluate {model} ({spec})",
+                    tracking_uri=tracking_uri, seed=seed, samples=cfg.pass_k,
+                    temperature=cfg.temperature), cfg.pass_k)
+        seconds[model] = round(time.perf_counter() - start, 2)
+        write_jsonl(out / "transcripts" / f"{model}.jsonl", trajs)
+        rows += [outcome_row(model, t) for t in trajs]
+        for suite in dict.fromkeys(t.task.suite for t in trajs):
+            for t in [t for t in trajs if t.task.suite == suite][:cfg.transcripts]:
+                sample.append(f"## {model} / {t.task.task_id}: {outcome_row(model, t)['category']}"
+                              f"\n\n```\n{to_text(t)[:3000]}\n```\n")
+    write_jsonl(out / "outcomes.jsonl", rows)
+    (out / "transcripts" / "sample.md").write_text("\n".join(sample))
+    summary = summarize(rows, cfg, seed, pass_k)
+    summary["seconds"] = seconds
+    md = markdown(summary)
+    (out / "table.md").write_text(md)
+    (out / "table.html").write_text(html_table(md))
+    if tracker is not None:
+        tracker.log_metrics(metrics_of(summary))
+        for name in ("outcomes.jsonl", "table.md", "table.html"):
+            tracker.log_artifact(out / name)
+        tracker.log_artifact(out / "transcripts", "transcripts")
+    return rows, summary
+
+
+def model_specs(cfg: Config, ctx: Context) -> tuple[dict[str, str], dict, dict | None]:
+    """``(specs, candidate, champion)``: the rows to evaluate and where they come from."""
+    from coaflow.tracking import default_uri
+
+    sft = ctx.input("sft")
+    rl = ctx.optional("rl")
+    candidate = {"source": "rl" if rl else "sft",
+                 "model": str((rl or sft).path("model"))}
+    specs: dict[str, str] = {}
+    if "base" in cfg.models:
+        base = sft.summary.get("base_model") or str(sft.path("model").parent / "base")
+        if Path(base).is_absolute() and not Path(base).exists():  # the run folder has moved
+            base = str(sft.path("model").parent / "base")
+        specs["base"] = base
+    if "candidate" in cfg.models:
+        specs["candidate"] = candidate["model"]
+    champion = None
+    if "champion" in cfg.models:
+        name = registered_name(ctx.run)
+        version = champion_version(name, ctx.tracking_uri or default_uri(ctx.run.workdir))
+        if version is not None:
+            specs["champion"] = f"models:/{name}@champion"
+            champion = {"version": version}
+    if "teacher" in cfg.models:
+        specs["teacher"] = cfg.teacher
+    return specs, candidate, champion
+
+
+def run(cfg: Config, ctx: Context) -> Result:
+    specs, candidate, champion = model_specs(cfg, ctx)
+    tasks = load_test_tasks(cfg.suites, ctx.run.seed)
+    rows, summary = evaluate(specs, tasks, cfg, ctx.out, seed=ctx.run.seed,
+                             tracking_uri=ctx.tracking_uri or None, tracker=ctx.tracker)
+    summary.update(candidate=candidate, champion=champion)
+    metrics = {k: v for k, v in metrics_of(summary).items()
+               if k.endswith(("/success", "/format_error_rate", "/diff", "/p_value"))}
+    return Result(outputs={"outcomes": str(ctx.out / "outcomes.jsonl"),
+                           "transcripts": str(ctx.out / "transcripts"),
+                           "table": str(ctx.out / "table.md")},
+                  metrics=metrics, summary=summary)
+
+
+CLI_OPTIONS = [
+    click.option("--model", "model", help="standalone: evaluate this model (a folder, hub id, "
+                 "models:/NAME@ALIAS or http(s)://HOST/v1 endpoint)"),
+    click.option("--suite", multiple=True, help="suite (repeatable); default: evaluate.suites"),
+    click.option("-n", "n", type=int, help="test tasks per suite"),
+    click.option("--output", type=click.Path(file_okay=False), help="standalone: write outcomes "
+                 "and tables here [<workdir>/eval/<time>]"),
+]
+
+
+def standalone(cfg, model=None, suite=(), n=None, output=None) -> None:
+    """``coaflow evaluate --model SPEC``: one model on the test split, outside a pipeline run."""
+    from coaflow.tracking import default_uri
+
+    if not model:
+        raise click.UsageError("standalone evaluate needs --model")
+    section = cfg.evaluate
+    if suite or n is not None:
+        names = list(suite) or list(section.suites)
+        try:
+            section = Config.model_validate({**section.model_dump(), "suites": {
+                s: n if n is not None else section.suites.get(s, 60) for s in names}})
+        except ValueError as e:
+            raise PipelineError(f"evaluate: {str(e).splitlines()[-1].strip()}") from None
+    out = Path(output or Path(cfg.run.workdir) / "eval" / time.strftime("%Y%m%d-%H%M%S"))
+    tasks = load_test_tasks(section.suites, cfg.run.seed)
+    _, summary = evaluate({"model": model}, tasks, section, out, seed=cfg.run.seed,
+                          tracking_uri=default_uri(cfg.run.workdir))
+    click.echo(f"model: {model}\n" + markdown(summary))
+    click.echo(f"outcomes: {out / 'outcomes.jsonl'}")

@@ -1,0 +1,137 @@
+"""Both backends for real: a tiny transformers model batched across episodes, and an HTTP server
+speaking the OpenAI chat API (with injected failures)."""
+
+import json
+import threading
+
+import pytest
+
+from coaflow.agent import OpenAIBackend, TransformersBackend, run_episodes
+from coaflow.agent.models import make_backend, resolve_model
+from coaflow.agent.openai import EndpointError, EndpointUnreachable
+from coaflow.envs import make_tasks
+from coaflow.errors import PipelineError
+from tests.teachers.openai_server import serve
+
+
+def test_batched_generation_equals_one_at_a_time(tiny_dir):
+    """Left padding and the batch change nothing under greedy decoding: the same trajectories."""
+    tasks = make_tasks("kbqa", "test", 3, seed=0) + make_tasks("calc", "test", 3, seed=0)
+    kw = dict(max_turns=2, max_new_tokens=24)
+    batched = run_episodes(TransformersBackend(str(tiny_dir), batch_size=6), tasks, **kw)
+    single = run_episodes(TransformersBackend(str(tiny_dir), batch_size=1), tasks, **kw)
+    dump = [[s.model_dump() for s in t.content] for t in batched]
+    assert dump == [[s.model_dump() for s in t.content] for t in single]
+    assert all(0 < t.details["tokens"] <= 48 and t.details["turns"] >= 1 for t in batched)
+
+
+def test_context_limit_ends_the_episode_without_generating(tiny_dir):
+    backend = TransformersBackend(str(tiny_dir), max_context=64)
+    [t] = run_episodes(backend, make_tasks("calc", "test", 1), max_turns=3, max_new_tokens=32)
+    assert t.details["stop"] == "context" and t.details["tokens"] == 0
+
+
+def test_threads_apply_while_generating_only(tiny_dir, monkeypatch):
+    import torch
+
+    seen = []
+    backend = TransformersBackend(str(tiny_dir), threads=1)
+    monkeypatch.setattr(backend, "_generate", lambda *a: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        backend.generate([[{"role": "user", "content": "hi"}]], max_new_tokens=4)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bad_models_are_one_clear_error(tmp_path):
+    with pytest.raises(PipelineError, match="no such model folder"):
+        TransformersBackend(str(tmp_path / "nope"))
+    (tmp_path / "m").mkdir()
+    with pytest.raises(PipelineError, match="not a Hugging Face model folder"):
+        make_backend(str(tmp_path / "m"))
+    assert resolve_model("http://h:1/v1") == "http://h:1/v1"
+
+
+class Solver:
+    """An OpenAI-compatible "model": one structured python call, then the answer; every
+    ``fail_every``-th request is a 500."""
+
+    def __init__(self, tasks, fail_every=0):
+        self.exprs = {t.question: t.metadata["expression"] for t in tasks}
+        self.fail_every, self.requests, self.bodies = fail_every, 0, []
+        self.lock = threading.Lock()
+
+    def respond(self, body):
+        with self.lock:
+            self.requests += 1
+            n = self.requests
+            self.bodies.append(body)
+        if self.fail_every and n % self.fail_every == 0:
+            return 500, {"error": {"message": "overloaded"}}
+        msgs = body["messages"]
+        tool = [m for m in msgs if m["role"] == "tool"]
+        if tool:
+            message = {"role": "assistant", "content": f"<answer>{tool[-1]['content']}</answer>"}
+        else:
+            q = next(m["content"] for m in msgs if m["role"] == "user")
+            message = {"role": "assistant", "content": "<plan>run it</plan>", "tool_calls": [{
+                "id": "x", "type": "function", "function": {
+                    "name": "python", "arguments": json.dumps(
+                        {"code": f"print({self.exprs[q]})"})}}]}
+        return 200, {"choices": [{"message": message, "finish_reason": "stop"}],
+                     "usage": {"prompt_tokens": 10, "completion_tokens": 7}}
+
+
+def test_openai_backend_solves_with_retries_and_concurrency():
+    tasks = make_tasks("calc", "test", 8, seed=1)
+    solver = Solver(tasks, fail_every=5)
+    srv, url = serve(solver)
+    try:
+        backend = OpenAIBackend(url, concurrency=4, backoff_s=0.01)  # model: the served one
+        trajs = run_episodes(backend, tasks, max_turns=4, max_new_tokens=64)
+    finally:
+        srv.shutdown()
+    assert [t.outcome.correct for t in trajs] == [True] * 8
+    assert all(t.details["tokens"] == 14 and t.details["tool_calls"] == 1 for t in trajs)
+    assert backend.client.usage["retries"] > 0
+    assert solver.bodies[0]["model"] == "teacher-model" and solver.bodies[0]["max_tokens"] == 64
+    assert "tools" not in solver.bodies[0]  # training shows the model no schemas
+    # the tool result goes back as an OpenAI tool message answering the call's id
+    second = next(b for b in solver.bodies if any(m["role"] == "tool" for m in b["messages"]))
+    assert second["messages"][-1]["tool_call_id"] == second["messages"][-2]["tool_calls"][0]["id"]
+
+
+def test_send_tools_shows_the_suite_schemas():
+    tasks = make_tasks("calc", "test", 1, seed=1)
+    solver = Solver(tasks)
+    srv, url = serve(solver)
+    try:
+        run_episodes(OpenAIBackend(url, send_tools=True), tasks, max_turns=2, max_new_tokens=8)
+    finally:
+        srv.shutdown()
+    assert [t["function"]["name"] for t in solver.bodies[0]["tools"]] == ["python"]
+
+
+def test_openai_backend_errors():
+    with pytest.raises(EndpointUnreachable, match="cannot reach the model endpoint"):
+        OpenAIBackend("http://127.0.0.1:9/v1")
+    srv, url = serve(Solver([]))
+    try:
+        with pytest.raises(EndpointError, match="'other' is not served"):
+            OpenAIBackend(url, "other")
+    finally:
+        srv.shutdown()
+
+
+def test_openai_backend_gives_up_with_one_clear_error():
+    tasks = make_tasks("calc", "test", 2, seed=1)
+    srv, url = serve(Solver(tasks, fail_every=1))
+    try:
+        backend = OpenAIBackend(url, max_retries=1, backoff_s=0.01)
+        with pytest.raises(EndpointError, match="gave up after 2 attempts: HTTP 500"):
+            run_episodes(backend, tasks, max_turns=2, max_new_tokens=16)
+    finally:
+        srv.shutdown()

@@ -1,0 +1,124 @@
+"""The evaluate stage on a tiny model: the table, the outcomes, the champion from the registry, the
+paired comparison, bad input."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
+import sft_fixtures as fx  # noqa: E402
+
+from coaflow.config import load_config  # noqa: E402
+from coaflow.errors import PipelineError  # noqa: E402
+from coaflow.pipeline import Context, Result  # noqa: E402
+from coaflow.schema import read_trajectories  # noqa: E402
+from coaflow.stages import evaluate  # noqa: E402
+from coaflow.tracking import Tracker  # noqa: E402
+
+tiny_dir, trajectories = fx.tiny_dir, fx.trajectories  # shared fixtures
+
+SMALL = ["evaluate.suites={kbqa: 3, calc: 3}", "evaluate.max_new_tokens=16",
+         "evaluate.max_turns=2"]
+
+
+def context(tmp_path, model, overrides=(), tracking_uri=""):
+    cfg = load_config("tiny", ["tracking.enabled=false", f"run.workdir={tmp_path}", *SMALL,
+                               *overrides])
+    sft = Result(outputs={"model": str(model)}, summary={"base_model": str(model)})
+    ctx = Context(run_id="t", out=tmp_path / "evaluate", inputs={"sft": sft}, run=cfg.run,
+                  tracker=Tracker(tmp_path, enabled=False), tracking_uri=tracking_uri)
+    ctx.out.mkdir(parents=True)
+    return cfg, ctx
+
+
+def test_table_outcomes_and_transcripts(tmp_path, tiny_dir):
+    cfg, ctx = context(tmp_path, tiny_dir)
+    r = evaluate.run(cfg.evaluate, ctx)
+    table = r.summary["table"]
+    assert list(table) == ["base", "candidate", "teacher"]  # no registry: no champion row
+    assert r.summary["champion"] is None and "comparison" not in r.summary
+    assert r.summary["candidate"] == {"source": "sft", "model": str(tiny_dir)}
+    assert table["teacher"]["calc"] == {"success": 1.0, "lo": pytest.approx(0.4385, abs=1e-3),
+                                        "hi": 1.0, "n": 3}
+    assert r.metrics["eval/teacher/kbqa/success"] == 1.0
+    rows = [json.loads(x) for x in Path(r.outputs["outcomes"]).read_text().splitlines()]
+    assert len(rows) == 18 and set(rows[0]) == {
+        "model", "suite", "task_id", "difficulty", "hops", "success", "category", "turns",
+        "tool_calls", "tokens", "format_errors"}
+    by = {m: [{k: v for k, v in x.items() if k != "model"} for x in rows if x["model"] == m]
+          for m in table}
+    assert by["base"] == by["candidate"]  # the same model, greedy: the same episodes
+    assert {x["hops"] for x in by["teacher"] if x["suite"] == "kbqa"} <= {1, 2, 3}
+    assert all(x["hops"] is None for x in by["teacher"] if x["suite"] == "calc")
+    trajs = list(read_trajectories(Path(r.outputs["transcripts"]) / "candidate.jsonl"))
+    assert len(trajs) == 6 and {t.task.split for t in trajs} == {"test"}
+    assert "| teacher | 100.0% [" in (ctx.out / "table.md").read_text()
+    assert "<table" in (ctx.out / "table.html").read_text()
+
+
+def test_champion_from_the_registry_and_the_paired_comparison(tmp_path, tiny_dir):
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(tiny_dir), "model")
+    client = MlflowClient(uri, uri)
+    client.create_registered_model("coaflow-agent")
+    mv = client.create_model_version("coaflow-agent", f"{run.info.artifact_uri}/model",
+                                     run.info.run_id)
+    client.set_registered_model_alias("coaflow-agent", "champion", mv.version)
+
+    cfg, ctx = context(tmp_path, tiny_dir, ["evaluate.models=[candidate, champion]"], uri)
+    assert evaluate.cache_extras(cfg.evaluate, cfg.run) == {"champion": int(mv.version)}
+    r = evaluate.run(cfg.evaluate, ctx)
+    assert r.summary["champion"] == {"version": int(mv.version)}
+    comp = r.summary["comparison"]["candidate_vs_champion"]
+    assert set(comp) == {"kbqa", "calc", "all"}
+    assert comp["all"]["n"] == 6 and comp["all"]["diff"] == 0.0 and comp["all"]["p_value"] == 1.0
+    assert r.metrics["eval/candidate_vs_champion/all/p_value"] == 1.0
+
+
+def test_paired_comparison_counts_discordant_tasks():
+    def rows(model, wins):
+        return [{"model": model, "suite": "calc", "task_id": str(i), "success": int(w)}
+                for i, w in enumerate(wins)]
+
+    a = rows("candidate", [1] * 12 + [0] * 2 + [1] * 6)
+    b = rows("champion", [0] * 10 + [1] * 2 + [1] * 2 + [1] * 6)
+    c = evaluate.compare(a, b, resamples=500, seed=0)["calc"]
+    assert (c["only_candidate"], c["only_champion"], c["n"]) == (10, 2, 20)
+    assert c["diff"] == pytest.approx(0.4) and round(c["p_value"], 4) == 0.0386
+    assert 0 < c["lo"] < 0.4 < c["hi"]
+
+
+def test_bad_models_fail_with_one_clear_error(tmp_path, tiny_dir):
+    cfg, ctx = context(tmp_path, tmp_path / "no-model", ["evaluate.models=[candidate]"])
+    with pytest.raises(PipelineError, match="no such model folder"):
+        evaluate.run(cfg.evaluate, ctx)
+    assert not (ctx.out / "outcomes.jsonl").exists()  # no partial table
+    with pytest.raises(PipelineError, match="alias|not found|RESOURCE_DOES_NOT_EXIST"):
+        evaluate.run_model("models:/nope@champion", [], cfg.evaluate, field="x",
+                           tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", seed=0)
+    with pytest.raises(Exception, match="unknown suite 'math'"):
+        load_config("tiny", ["evaluate.suites={math: 3}"])
+
+
+def test_standalone_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from coaflow.cli import main
+
+    def cli(*args):
+        return CliRunner().invoke(main, ["evaluate", "--workdir", str(tmp_path), *args])
+
+    res = cli("--model", "scripted", "--suite", "calc", "-n", "3", "--output", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    assert "| model | 100.0% [" in res.output
+    assert len((tmp_path / "o" / "outcomes.jsonl").read_text().splitlines()) == 3
+    res = cli("--model", "http://127.0.0.1:9/v1", "-n", "1", "--output", tmp_path / "p")
+    assert res.exit_code == 75 and "cannot reach the model endpoint" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "p" / "outcomes.jsonl").exists()
