@@ -5,6 +5,14 @@ No hub download is possible on the machines this runs on, and a model that learn
 two CPU cores has to be small; its tokenizer is trained on the very trajectories it will imitate,
 so tags, tool names and JSON punctuation become single tokens and sequences stay short.
 
+A model this small learns to *copy* (a name from the question into a search, a value from a page
+into the answer, a number into a program) only when the copy is token for token. Byte-level BPE
+breaks that three ways, which ``copy_friendly`` pre-tokenization removes: a name after a space
+(`` Vekmer`` in prose) and after a quote (``"Vekmer`` in a JSON argument) are different tokens, so
+the space before a capitalized word or a digit is split off as its own token; numbers merge
+unevenly (`` 3,737,160`` -> `` 3`` ``,`` ``73`` ``7``...), so digits are single tokens; and the
+team's role tags (``<answer>``...) are single added tokens, like Qwen3's ``<think>``.
+
     build_tiny("work/base", corpus_texts, TinyModel())
     AutoModelForCausalLM.from_pretrained("work/base"); AutoTokenizer.from_pretrained("work/base")
 """
@@ -24,6 +32,10 @@ from coaflow.models.template import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL
 # tool/think tags as plain added tokens (kept in decoded text, so tool calls stay parseable).
 CONTROL_TOKENS = SPECIAL_TOKENS[:3]
 TAG_TOKENS = SPECIAL_TOKENS[3:]
+# The team's role tags (coaflow.schema.render): one token each, kept in decoded text.
+ROLE_TAGS = ["<plan>", "</plan>", "<reflection>", "</reflection>", "<answer>", "</answer>"]
+# The space before an uppercase letter or a digit becomes its own token (see the module docstring).
+COPY_SPLIT = r" (?=[A-Z0-9])"
 BUILD_INFO = "coaflow_tiny.json"
 
 
@@ -42,22 +54,30 @@ class TinyModel(Section):
                                          "tables cover")
     tie_word_embeddings: bool = Field(True, description="share input and output embeddings "
                                       "(most of a tiny model's weights are the embeddings)")
+    copy_friendly: bool = Field(True, description="digits as single tokens, the space before a "
+                                "capitalized word or a number as its own token and role tags as "
+                                "single tokens, so copied names and numbers are the same tokens "
+                                "everywhere")
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int):
+def train_tokenizer(corpus: Iterable[str], vocab_size: int, copy_friendly: bool = False):
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``corpus`` with Qwen3's special
-    tokens and coaflow's chat template."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokens and coaflow's chat template; ``copy_friendly``: see the module docstring."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(COPY_SPLIT), behavior="isolated"),
+        pre_tokenizers.Digits(individual_digits=True), byte_level]) if copy_friendly else byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2,
                                   special_tokens=list(CONTROL_TOKENS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer=trainer)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
+    tags = TAG_TOKENS + (ROLE_TAGS if copy_friendly else [])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in tags])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
                                  bos_token=None, unk_token=None, model_max_length=1 << 20,
                                  clean_up_tokenization_spaces=False)
@@ -92,7 +112,7 @@ def build_tiny(out_dir: str | Path, corpus: Iterable[str], cfg: TinyModel, seed:
     texts = [t for t in corpus if t]
     if not texts:
         raise ValueError("build_tiny: the corpus is empty; the tokenizer needs text to learn from")
-    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    tokenizer = train_tokenizer(texts, cfg.vocab_size, cfg.copy_friendly)
     config = tiny_config(cfg, tokenizer)
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config)

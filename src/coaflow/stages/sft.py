@@ -25,6 +25,7 @@ well-formed tool call grounded in the question (the ``heldout_*`` metrics; episo
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -94,6 +95,12 @@ class Config(Section):
     heldout_max_turns: int = Field(6, ge=1, description="turn budget of the held-out episodes")
     log_model_artifact: bool = Field(True, description="log the final model folder to MLflow "
                                      "(off for large models: register logs it)")
+    decisive_weight: float = Field(1.0, ge=1.0, description="loss weight of the decisive tokens "
+                                   "(inside <tool_call> and <answer> spans) relative to the rest "
+                                   "of an assistant turn; 1: plain SFT loss")
+    drop_recovered: bool = Field(False, description="leave out of training the runs in which the "
+                                 "teacher made a mistake and recovered (the student copies the "
+                                 "mistake, not the recovery)")
 
 
 def run(cfg: Config, ctx: Context) -> Result:
@@ -118,6 +125,9 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
         raise PipelineError("sft: the gate result has no 'accepted' output")
     trajs = D.load_trajectories(source)
     train_trajs, held = D.split_holdout(trajs, cfg.holdout, seed)
+    recovered = sum(t.outcome.recovered for t in train_trajs)
+    if cfg.drop_recovered:
+        train_trajs = [t for t in train_trajs if not t.outcome.recovered]
     examples = [D.to_example(t, DEFAULT_SYSTEM_PROMPT) for t in train_trajs]
 
     model, tokenizer, base = _load_base(cfg, ctx, examples, seed)
@@ -171,6 +181,9 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
         "examples": float(len(examples)),
         "examples_truncated": float(stats.truncated),
         "examples_dropped_no_assistant": float(len(stats.no_assistant)),
+        "examples_dropped_recovered": float(recovered if cfg.drop_recovered else 0),
+        "decisive_token_accuracy": next((h["decisive_token_accuracy"] for h in reversed(history)
+                                         if "decisive_token_accuracy" in h), float("nan")),
         "heldout_episodes": float(check["n"]),
         "heldout_episode_success": check["success"],
         "heldout_first_call_well_formed_share": check["well_formed"],
@@ -268,6 +281,8 @@ def build_trainer(cfg: Config, model, tokenizer, examples: list[dict], output_di
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from coaflow.stages.sft_data import decisive_pairs
+
     history: list[dict] = []
 
     class LogToTracker(TrainerCallback):
@@ -300,10 +315,67 @@ def build_trainer(cfg: Config, model, tokenizer, examples: list[dict], output_di
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                  lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
                                  target_modules=cfg.lora_target_modules)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
-                         processing_class=tokenizer, peft_config=peft_config,
-                         callbacks=[LogToTracker(), *callbacks])
+    trainer_class = SFTTrainer if cfg.decisive_weight == 1.0 else decisive_trainer()
+    trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list(examples),
+                            processing_class=tokenizer, peft_config=peft_config,
+                            callbacks=[LogToTracker(), *callbacks])
+    if cfg.decisive_weight != 1.0:
+        trainer.decisive_pairs = decisive_pairs(tokenizer)
+        trainer.decisive_weight = cfg.decisive_weight
     return trainer, history
+
+
+@functools.cache
+def decisive_trainer():
+    """``DecisiveSFTTrainer`` (defined on first use: TRL loads only when training)."""
+    from trl import SFTTrainer
+
+    class DecisiveSFTTrainer(SFTTrainer):
+        """TRL's ``SFTTrainer`` whose training loss weighs the decisive tokens (``<tool_call>``
+        and ``<answer>`` spans, ``sft_data.decisive_mask``) ``decisive_weight`` times the others
+        and logs their token accuracy (``decisive_token_accuracy``) beside the overall one: the
+        number that says whether the student copies arguments and answers, not just the format.
+        Other cases (evaluation, MoE aux loss, padding-free rows, several processes) take TRL's
+        own loss."""
+
+        decisive_pairs: list[tuple[int, int]] = []
+        decisive_weight: float = 1.0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if (not self.decisive_pairs or not model.training or return_outputs
+                    or "attention_mask" not in inputs or self.aux_loss_enabled
+                    or self.accelerator.num_processes > 1):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return _decisive_loss(self, model, inputs, num_items_in_batch)
+
+    return DecisiveSFTTrainer
+
+
+def _decisive_loss(trainer, model, inputs, num_items_in_batch):
+    import torch
+
+    from coaflow.stages.sft_data import decisive_mask
+
+    inputs["use_cache"] = False
+    outputs = model(**inputs, fused_lm_head=True)
+    valid = outputs.label_mask.float()
+    decisive = decisive_mask(inputs["input_ids"], trainer.decisive_pairs)[:, 1:].float() * valid
+    weight = valid + (trainer.decisive_weight - 1.0) * decisive
+    loss = (-outputs.log_probs * weight).sum() / weight.sum().clamp(min=1)
+    if num_items_in_batch is not None:  # this micro-batch's share of the accumulated tokens
+        loss = loss * valid.sum() / torch.as_tensor(num_items_in_batch).clamp(min=1)
+    # The metrics SFTTrainer.compute_loss logs, plus the decisive-token accuracy.
+    n, nd = valid.sum().item(), decisive.sum().item()
+    top1 = outputs.is_top1.float()
+    metrics = trainer._metrics["train"]
+    if outputs.entropy is not None:
+        metrics["entropy"].append(outputs.entropy.detach().sum().item() / max(n, 1))
+    metrics["mean_token_accuracy"].append((top1 * valid).sum().item() / max(n, 1))
+    if nd:
+        metrics["decisive_token_accuracy"].append((top1 * decisive).sum().item() / nd)
+    trainer._total_train_tokens += inputs["attention_mask"].sum().item()
+    metrics["num_tokens"] = [trainer._total_train_tokens]
+    return loss
 
 
 def save_final(trainer, cfg: Config, final: Path) -> Path:

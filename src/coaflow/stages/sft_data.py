@@ -139,3 +139,36 @@ def check_examples(tokenizer, examples: list[dict], chat_template: str | None, m
         raise PipelineError(f"sft: no assistant token falls within sft.max_length={max_length} "
                             f"in any example from {source}: raise it")
     return st
+
+
+# Spans whose tokens decide the task: a tool call (its arguments: the name or number copied from
+# the question or a page, the program) and the final answer. The rest of an assistant turn is
+# predictable prose that dominates the loss of a small model without making it solve anything.
+DECISIVE_SPANS = (("<tool_call>", "</tool_call>"), ("<answer>", "</answer>"))
+
+
+def decisive_pairs(tokenizer) -> list[tuple[int, int]]:
+    """``(open_id, close_id)`` of each decisive span whose tags are single tokens in
+    ``tokenizer`` (Qwen3's own has ``<tool_call>`` but not ``<answer>``)."""
+    vocab = tokenizer.get_vocab()
+    return [(vocab[a], vocab[b]) for a, b in DECISIVE_SPANS if a in vocab and b in vocab]
+
+
+def decisive_mask(input_ids, pairs: list[tuple[int, int]]):
+    """Bool tensor like ``input_ids``: True on the tokens of every decisive span, both tags
+    included.
+
+    >>> import torch
+    >>> decisive_mask(torch.tensor([[5, 1, 7, 8, 2, 5, 3, 9, 4]]), [(1, 2), (3, 4)]).int().tolist()
+    [[0, 1, 1, 1, 1, 0, 1, 1, 1]]
+    """
+    import torch
+
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    for a, b in pairs:
+        opened = (input_ids == a).cumsum(-1)
+        is_close = input_ids == b
+        closed_before = is_close.cumsum(-1) - is_close.long()
+        mask |= opened > closed_before
+    return mask
+
