@@ -7,7 +7,8 @@ A stage is a module ``coaflow/stages/<name>.py`` with
     OPTIONAL = ("rl",)                  # stages it reads when they ran (ctx.optional)
     RESUMABLE = False                   # True: a killed attempt's files are kept for run() to resume
     CACHE = True                        # False: always runs (it acts on outside state: deploy)
-    def cache_extras(cfg, run) -> dict  # optional: outside state the stage reads (a champion)
+    def cache_extras(cfg, run[, inputs]) -> dict  # optional: outside state it reads (a champion);
+                                        # inputs: {stage: cache key} of its inputs
     class Config(Section): ...          # its config section
     def run(cfg: Config, ctx: Context) -> Result: ...
 
@@ -35,6 +36,7 @@ import contextlib
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import secrets
@@ -148,7 +150,11 @@ def cache_key(stage: str, module, section: Any, run: Any, input_keys: Mapping[st
     """Everything the stage reads: its section, ``run.name``/``run.seed``, its inputs' keys,
     ``cache_extras`` (outside state, e.g. the champion's version) and the coaflow version."""
     conf = section.model_dump(mode="json") if hasattr(section, "model_dump") else section
-    extras = module.cache_extras(section, run) if hasattr(module, "cache_extras") else None
+    extras = None
+    if hasattr(module, "cache_extras"):
+        takes_inputs = len(inspect.signature(module.cache_extras).parameters) >= 3
+        extras = (module.cache_extras(section, run, dict(input_keys)) if takes_inputs
+                  else module.cache_extras(section, run))
     return _digest({"stage": stage, "config": conf, "version": __version__,
                     "run": {"name": getattr(run, "name", None), "seed": getattr(run, "seed", None)},
                     "inputs": dict(sorted(input_keys.items())), "extras": extras})

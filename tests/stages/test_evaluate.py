@@ -73,7 +73,12 @@ def test_champion_from_the_registry_and_the_paired_comparison(tmp_path, tiny_dir
     client.set_registered_model_alias("coaflow-agent", "champion", mv.version)
 
     cfg, ctx = context(tmp_path, tiny_dir, ["evaluate.models=[candidate, champion]"], uri)
-    assert evaluate.cache_extras(cfg.evaluate, cfg.run) == {"champion": int(mv.version)}
+    assert evaluate.cache_extras(cfg.evaluate, cfg.run, {"sft": "k1"}) == {
+        "champion": int(mv.version)}
+    # a champion registered from this very candidate is no champion to compare against
+    client.set_model_version_tag("coaflow-agent", mv.version, "coaflow.candidate_key", "k1")
+    assert evaluate.cache_extras(cfg.evaluate, cfg.run, {"sft": "k1"}) == {"champion": None}
+    client.set_model_version_tag("coaflow-agent", mv.version, "coaflow.candidate_key", "k0")
     r = evaluate.run(cfg.evaluate, ctx)
     assert r.summary["champion"] == {"version": int(mv.version)}
     comp = r.summary["comparison"]["candidate_vs_champion"]

@@ -88,9 +88,11 @@ def registered_name(run) -> str:
     return f"{run.name}-agent"
 
 
-def champion_version(name: str, uri: str) -> int | None:
+def champion_version(name: str, uri: str, candidate_key: str | None = None) -> int | None:
     """The version behind ``name@champion`` in the registry at ``uri``, or None (no registry,
-    no such model, no such alias). A sqlite store that does not exist is not created."""
+    no such model, no such alias, or the champion is the candidate itself: the version that
+    ``register`` made from the model with cache key ``candidate_key``). A sqlite store that does
+    not exist is not created."""
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         return None
     from mlflow import MlflowClient
@@ -101,16 +103,21 @@ def champion_version(name: str, uri: str) -> int | None:
             name, "champion")
     except MlflowException:
         return None
+    if candidate_key and (mv.tags or {}).get("coaflow.candidate_key") == candidate_key:
+        return None
     return int(mv.version)
 
 
-def cache_extras(cfg: Config, run) -> dict:
-    """A new champion changes the table: its version is part of the cache key."""
+def cache_extras(cfg: Config, run, inputs: dict[str, str]) -> dict:
+    """A new champion changes the table: its version is part of the cache key (none when the
+    champion is this very candidate: a rerun with nothing changed stays a cache hit)."""
     from coaflow.tracking import default_uri
 
     if "champion" not in cfg.models:
         return {}
-    return {"champion": champion_version(registered_name(run), default_uri(run.workdir))}
+    version = champion_version(registered_name(run), default_uri(run.workdir),
+                               candidate_key=inputs.get("rl") or inputs.get("sft"))
+    return {"champion": version}
 
 
 def load_test_tasks(suites: dict[str, int], seed: int) -> list:
@@ -405,7 +412,8 @@ def model_specs(cfg: Config, ctx: Context) -> tuple[dict[str, str], dict, dict |
     champion = None
     if "champion" in cfg.models:
         name = registered_name(ctx.run)
-        version = champion_version(name, ctx.tracking_uri or default_uri(ctx.run.workdir))
+        version = champion_version(name, ctx.tracking_uri or default_uri(ctx.run.workdir),
+                                   candidate_key=(rl or sft).key)
         if version is not None:
             specs["champion"] = f"models:/{name}@champion"
             champion = {"version": version}

@@ -71,13 +71,17 @@ def _registry_uri(cfg: Config, run, tracking_uri: str = "") -> str:
     return cfg.registry_uri or tracking_uri or default_uri(run.workdir)
 
 
-def cache_extras(cfg: Config, run) -> dict:
-    """The champion now: a decision taken against another champion is not this one."""
+def cache_extras(cfg: Config, run, inputs: dict[str, str]) -> dict:
+    """The champion now: a decision taken against another champion is not this one. A champion
+    made from this very candidate counts as none, so a rerun with nothing changed is a hit."""
     from coaflow.registry import Registry, model_name
 
     uri = _registry_uri(cfg, run)
     champ = Registry(uri).champion(model_name(run.name))
-    return {"champion": champ.version if champ else None}
+    if champ is None or champ.tags.get("coaflow.candidate_key") == (inputs.get("rl")
+                                                                    or inputs.get("sft")):
+        return {"champion": None}
+    return {"champion": champ.version}
 
 
 # --- the rules ------------------------------------------------------------------------------
