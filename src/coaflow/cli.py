@@ -107,8 +107,11 @@ def _report(results) -> None:
 @click.option("--only", multiple=True, metavar="STAGE", help="run only STAGE (repeatable)")
 @click.option("--no-cache", is_flag=True, help="redo every selected stage, even when a stage "
               "with the same inputs and config completed before")
+@click.option("--engine", type=click.Choice(["local", "kfp"]), default="local", show_default=True,
+              help="local: stages in this process; kfp: the Kubeflow pipeline on kfp.local "
+              "(components/coaflow_pipeline.py, one subprocess per stage)")
 @_user_errors
-def run_cmd(profile, workdir, overrides, run_id, start_from, only, no_cache):
+def run_cmd(profile, workdir, overrides, run_id, start_from, only, no_cache, engine):
     """Run the pipeline: every stage in order, each cached and tracked in MLflow.
 
     A stage whose config and inputs match one completed before (in this run or any earlier run
@@ -120,6 +123,20 @@ def run_cmd(profile, workdir, overrides, run_id, start_from, only, no_cache):
 
     cfg = _load(profile, workdir, overrides)
     run_id = run_id or new_run_id()
+    if engine == "kfp":
+        if start_from or only or no_cache:
+            raise UserError("--from, --only and --no-cache work with --engine local only: a KFP "
+                            "run is the whole pipeline (KFP and the stage cache reuse stages)")
+        from coaflow.kfp_engine import run_local
+        from coaflow.tracking import default_uri
+
+        try:
+            run_local(profile, list(overrides), cfg.run.seed, Path(cfg.run.workdir), run_id,
+                      report_uri=(cfg.tracking.uri or default_uri(cfg.run.workdir))
+                      if cfg.tracking.enabled else None)
+        finally:
+            _summary(Path(cfg.run.workdir).resolve() / "runs" / run_id)
+        return
     try:
         run_pipeline(cfg, run_id=run_id, only=list(only) or None, start_from=start_from,
                      use_cache=not no_cache)

@@ -1,0 +1,1 @@
+"""Kubeflow Pipelines: the coaflow pipeline and its compiled YAML."""

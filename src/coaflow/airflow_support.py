@@ -1,0 +1,488 @@
+"""What the Airflow DAG ``dags/coaflow_retrain.py`` needs, kept out of the DAG file.
+
+The DAG file only wires tasks; everything that can be written and tested without a scheduler lives
+here and imports no Airflow at module level:
+
+- ``Settings``: the DAG's own config (``dags/coaflow_retrain.yaml``; ``COAFLOW_AIRFLOW_*`` env vars
+  win): schedule, mode, where stage folders live, retries, and the Kubernetes pod settings.
+- ``trigger_params`` / ``overrides_from_params``: the trigger form (one entry per knob people
+  change between runs) and its translation into ``--set section.key=value`` overrides, checked
+  against the real config model so a bad value fails the run's first task with one clear line.
+- ``stage_argv``: the one command every task runs, ``coaflow stage NAME --config PROFILE --set ...
+  --out <workdir>/runs/<run id>/NAME --input STAGE=DIR``, in a subprocess on the worker (``local``
+  mode) or as a Kubernetes pod in the coaflow image (``kubernetes`` mode).
+- ``outcome``: the exit code -> what Airflow does (75 retries; 2, 3 and bugs fail without retries;
+  4, a refused promotion, is a decision and the task succeeds with ``promoted: false``).
+- ``pod_spec``: the pod for a stage (GPU requests, tolerations, node selector, the shared PVC,
+  secrets as env from Kubernetes Secrets, the MLflow URI from a ConfigMap).
+
+Tasks pass paths and ``result.json`` through XCom, never data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from coaflow.errors import (
+    EXIT_BUG,
+    EXIT_GATE,
+    EXIT_OK,
+    EXIT_PROMOTION,
+    EXIT_RETRY,
+    EXIT_USER,
+    RETRYABLE_EXIT_CODES,
+    UserError,
+)
+
+DEFAULT_SETTINGS = Path(__file__).resolve().parents[2] / "dags" / "coaflow_retrain.yaml"
+XCOM_FILE = "/airflow/xcom/return.json"  # where KubernetesPodOperator's sidecar reads the XCom
+DECISION_STAGE = "register"  # its refusal (exit 4) skips the stages after it
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SecretEnv(_Strict):
+    env: str = Field(description="environment variable the stage reads (e.g. OPENAI_API_KEY)")
+    secret: str = Field(description="Kubernetes Secret name")
+    key: str = Field(description="key inside the Secret")
+
+
+class PodResources(_Strict):
+    cpu: str = Field("2", description="CPU request (and limit)")
+    memory: str = Field("8Gi", description="memory request (and limit)")
+    gpus: int = Field(0, ge=0, description="GPUs (requests = limits); >0 also applies the GPU "
+                      "node selector and tolerations")
+
+
+class KubernetesSettings(_Strict):
+    namespace: str = Field("coaflow", description="namespace the stage pods run in")
+    image: str = Field("ghcr.io/coaflow/coaflow-gpu:0.1.0", description="coaflow image")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    service_account: str | None = Field("coaflow", description="pods' service account")
+    kubernetes_conn_id: str = Field("kubernetes_default", description="Airflow connection")
+    in_cluster: bool = Field(True, description="Airflow itself runs in the cluster")
+    pvc: str = Field("coaflow-work", description="PersistentVolumeClaim (ReadWriteMany) that holds "
+                     "the stage folders and the cache; every stage pod mounts it")
+    mount_path: str = Field("/data/coaflow", description="where the PVC is mounted: run.workdir")
+    mlflow_configmap: str | None = Field("coaflow-mlflow", description="ConfigMap whose keys become "
+                                         "env vars (MLFLOW_TRACKING_URI=http://...)")
+    secrets: list[SecretEnv] = Field(default_factory=list, description="env vars from Secrets")
+    resources: dict[str, PodResources] = Field(
+        default_factory=lambda: {"default": PodResources()},
+        description="per stage; 'default' for stages not listed")
+    gpu_node_selector: dict[str, str] = Field(default_factory=dict)
+    gpu_tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    shm_size: str = Field("16Gi", description="/dev/shm for GPU pods (NCCL, data loaders)")
+    startup_timeout_s: int = Field(900, ge=1, description="time to pull the image and schedule")
+
+    def for_stage(self, stage: str) -> PodResources:
+        return self.resources.get(stage) or self.resources.get("default") or PodResources()
+
+
+class Settings(_Strict):
+    schedule: str | None = Field("@weekly", description="cron or preset; null: only triggered")
+    mode: Literal["local", "kubernetes"] = "local"
+    profile: str = Field("tiny", description="default profile of the trigger form")
+    workdir: str = Field("~/coaflow-airflow", description="local mode: run.workdir (stage folders "
+                         "under runs/<airflow run id>/)")
+    python: str | None = Field(None, description="local mode: interpreter for `-m coaflow.cli`; "
+                               "null: the worker's own")
+    owner: str = "mlops"
+    tags: list[str] = Field(default_factory=lambda: ["coaflow", "training"])
+    retries: int = Field(3, ge=0, description="retries, only for exit 75 (service unavailable)")
+    retry_delay_s: int = Field(60, ge=1)
+    max_retry_delay_s: int = Field(1800, ge=1)
+    kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
+
+    @property
+    def run_workdir(self) -> str:
+        """``run.workdir`` of the stages: the PVC's mount in kubernetes mode."""
+        if self.mode == "kubernetes":
+            return self.kubernetes.mount_path
+        return str(Path(self.workdir).expanduser())
+
+
+ENV = {"COAFLOW_AIRFLOW_MODE": "mode", "COAFLOW_AIRFLOW_SCHEDULE": "schedule",
+       "COAFLOW_AIRFLOW_WORKDIR": "workdir", "COAFLOW_AIRFLOW_PROFILE": "profile",
+       "COAFLOW_AIRFLOW_IMAGE": "kubernetes.image"}
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """``path`` (default ``$COAFLOW_AIRFLOW_CONFIG``, else ``dags/coaflow_retrain.yaml``), then
+    the ``COAFLOW_AIRFLOW_*`` env vars; a schedule of ``none`` means trigger-only."""
+    env = os.environ if env is None else env
+    path = Path(path or env.get("COAFLOW_AIRFLOW_CONFIG") or DEFAULT_SETTINGS)
+    try:
+        data = yaml.safe_load(path.read_text()) or {} if path.exists() else {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    for var, key in ENV.items():
+        if env.get(var):
+            section, _, leaf = key.rpartition(".")
+            target = data.setdefault(section, {}) if section else data
+            target[leaf or key] = env[var]
+    if str(data.get("schedule")).lower() in ("none", "null", ""):
+        data["schedule"] = None
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"])
+        raise UserError(f"{path}: {field}: {err['msg']}") from None
+
+
+# --- the trigger form ----------------------------------------------------------------------
+
+# param -> (config key, the stage that must exist for it to mean anything, JSON schema, doc)
+PARAMS: dict[str, tuple[str | None, str | None, dict, str]] = {
+    "seed": ("run.seed", None, {"type": ["null", "integer"]},
+             "seed for data, sampling and training (empty: the profile's)"),
+    "base_model": ("sft.model", "sft", {"type": ["null", "string"]},
+                   "student to fine-tune: 'tiny', a hub id or a model folder (empty: the profile's)"),
+    "teacher": ("synthesize.teacher", "synthesize",
+                {"type": ["null", "string"], "enum": [None, "scripted", "llm"]},
+                "scripted: the offline team; llm: the same roles over an OpenAI-compatible API"),
+    "teacher_base_url": ("synthesize.llm.base_url", "synthesize", {"type": ["null", "string"]},
+                         "teacher endpoint for teacher=llm, e.g. http://vllm:8000/v1"),
+    "teacher_model": ("synthesize.llm.model", "synthesize", {"type": ["null", "string"]},
+                      "teacher model name served at the endpoint"),
+    "tasks_per_suite": ("synthesize.suites", "synthesize",
+                        {"type": ["null", "object"], "additionalProperties": {"type": "integer",
+                                                                              "minimum": 0}},
+                        'tasks per suite, e.g. {"kbqa": 1000, "calc": 200} (empty: the profile\'s)'),
+    "epochs": ("sft.epochs", "sft", {"type": ["null", "number"], "exclusiveMinimum": 0},
+               "SFT passes over the data (empty: the profile's)"),
+    "promote": ("register.promote", "register", {"type": "boolean"},
+                "move the champion alias when the candidate passes the promotion rules"),
+    "deploy_target": ("deploy.target", "deploy",
+                      {"type": "string", "enum": ["local", "kubernetes", "none"]},
+                      "where deploy rolls out the champion"),
+}
+DEFAULTS: dict[str, Any] = {"promote": True, "deploy_target": "none"}
+
+
+def trigger_params(settings: Settings, stages: Sequence[str]) -> dict[str, dict]:
+    """Param name -> {default, schema, description} for the DAG's trigger form: ``profile``,
+    ``overrides`` and every knob whose stage exists."""
+    form = {
+        "profile": {"default": settings.profile, "schema": {"type": "string", "minLength": 1},
+                    "description": "profile name (src/coaflow/configs) or a YAML path on the "
+                                   "worker / in the image"},
+    }
+    for name, (_key, stage, schema, doc) in PARAMS.items():
+        if stage is None or stage in stages:
+            form[name] = {"default": DEFAULTS.get(name), "schema": schema, "description": doc}
+    form["overrides"] = {"default": [], "schema": {"type": "array", "items": {"type": "string"}},
+                         "description": "more config overrides, one section.key=value each "
+                                        "(as coaflow --set), e.g. sft.lr=0.001"}
+    return form
+
+
+def overrides_from_params(params: Mapping[str, Any], stages: Sequence[str]) -> list[str]:
+    """``--set`` overrides for the trigger form's values (empty values keep the profile's)."""
+    out = []
+    for name, (key, stage, _schema, _doc) in PARAMS.items():
+        value = params.get(name)
+        if value is None or value == "" or (stage is not None and stage not in stages):
+            continue
+        out.append(f"{key}={json.dumps(value)}")  # JSON is YAML: 'a', 3, {"kbqa": 2}, true
+    extra = params.get("overrides") or []
+    if isinstance(extra, str):
+        extra = [line for line in extra.splitlines() if line.strip()]
+    for item in extra:
+        if not isinstance(item, str) or "=" not in item:
+            raise UserError(f"param overrides: {item!r} is not section.key=value")
+        out.append(item.strip())
+    return out
+
+
+def safe_run_id(airflow_run_id: str) -> str:
+    """An Airflow run id (``manual__2026-11-30T20:40:00.1+00:00``) as a folder name and MLflow
+    tag: ``manual__2026-11-30T20-40-00.1-00-00``.
+
+    >>> safe_run_id("scheduled__2026-11-30T00:00:00+00:00")
+    'scheduled__2026-11-30T00-00-00-00-00'
+    """
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", airflow_run_id).strip("-.") or "run"
+
+
+def plan(params: Mapping[str, Any], airflow_run_id: str, settings: Settings,
+         stages: Sequence[str]) -> dict[str, Any]:
+    """Check the trigger form's values against the config model and return what every stage
+    task needs: the profile, the overrides, the coaflow run id and the run's folder. A bad value
+    is a ``UserError`` naming the field (the run fails at its first task, before any work)."""
+    from coaflow.config import load_config
+
+    profile = str(params.get("profile") or settings.profile)
+    overrides = [f"run.workdir={settings.run_workdir}"] + overrides_from_params(params, stages)
+    cfg = load_config(profile, overrides)
+    run_id = safe_run_id(airflow_run_id)
+    run_dir = Path(cfg.run.workdir).expanduser()
+    if not run_dir.is_absolute() and settings.mode == "local":
+        run_dir = run_dir.resolve()
+    return {"profile": profile, "overrides": overrides, "run_id": run_id,
+            "run_dir": str(run_dir / "runs" / run_id)}
+
+
+def stage_argv(stage: str, the_plan: Mapping[str, Any], inputs: Mapping[str, str]) -> list[str]:
+    """``coaflow stage`` for one stage of a planned run: the argv of both modes."""
+    argv = ["coaflow", "stage", stage, "--config", the_plan["profile"],
+            "--out", f"{the_plan['run_dir']}/{stage}", "--run-id", the_plan["run_id"]]
+    for item in the_plan["overrides"]:
+        argv += ["--set", item]
+    for name, folder in sorted(inputs.items()):
+        argv += ["--input", f"{name}={folder}"]
+    return argv
+
+
+def stage_inputs(stage: str, done: Mapping[str, Mapping | None]) -> dict[str, str]:
+    """Input folders for ``stage`` from its upstream tasks' XComs (``None``: skipped or absent):
+    every NEEDS and the OPTIONAL stages that ran."""
+    from coaflow.pipeline import load_stage
+
+    module = load_stage(stage)
+    wanted = tuple(getattr(module, "NEEDS", ())) + tuple(getattr(module, "OPTIONAL", ()))
+    return {n: done[n]["dir"] for n in wanted if done.get(n)}
+
+
+# --- exit codes -> what Airflow does -------------------------------------------------------
+
+MEANING = {EXIT_BUG: "a bug (read the log)", EXIT_USER: "bad config or input",
+           EXIT_GATE: "the data quality gate refused the batch",
+           EXIT_RETRY: "a service was unavailable"}
+
+
+def outcome(code: int) -> Literal["ok", "refused", "retry", "fail"]:
+    """What the task does with ``coaflow stage``'s exit code.
+
+    >>> [outcome(c) for c in (0, 4, 75, 2, 3, 1, -9)]
+    ['ok', 'refused', 'retry', 'fail', 'fail', 'fail', 'retry']
+    """
+    if code == EXIT_OK:
+        return "ok"
+    if code == EXIT_PROMOTION:
+        return "refused"
+    if code in RETRYABLE_EXIT_CODES or code < 0:  # < 0: killed by a signal (OOM, eviction)
+        return "retry"
+    return "fail"
+
+
+def xcom_value(stage: str, out_dir: str | Path, code: int = 0) -> dict[str, Any]:
+    """What a stage task returns: its folder, its ``result.json`` and whether it promoted."""
+    out = Path(out_dir)
+    result = json.loads((out / "result.json").read_text()) if (out / "result.json").exists() else {}
+    result = _finite(result)  # XCom is strict JSON: a NaN metric (no held-out data) is null
+    return {"stage": stage, "dir": str(out), "exit_code": code, "result": result,
+            "promoted": (code != EXIT_PROMOTION
+                         and bool(result.get("summary", {}).get("promoted", True)))}
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as None.
+
+    >>> _finite({"a": [1.5, float("nan")], "b": float("inf")})
+    {'a': [1.5, None], 'b': None}
+    """
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def raise_for(stage: str, code: int, tail: str = "") -> None:
+    """Raise what Airflow acts on for a failed exit code: a plain exception is retried, an
+    ``AirflowFailException`` is not."""
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+    what = MEANING.get(code, f"killed by signal {-code}" if code < 0 else "an error")
+    msg = f"stage {stage} exited {code} ({what})" + (f": {tail}" if tail else "")
+    if outcome(code) == "retry":
+        raise AirflowException(msg)
+    raise AirflowFailException(msg)
+
+
+def run_local(stage: str, the_plan: Mapping[str, Any], inputs: Mapping[str, str],
+              python: str | None = None) -> dict[str, Any]:
+    """Run the stage's argv in a subprocess on this worker (output streamed to the task log);
+    return its XCom, or raise what Airflow retries / fails on."""
+    argv = stage_argv(stage, the_plan, inputs)
+    cmd = [python or sys.executable, "-m", "coaflow.cli"] + argv[1:]
+    print("+ " + shlex.join(argv), flush=True)
+    env = {**os.environ, "COAFLOW_RUN_ID": the_plan["run_id"], "PYTHONUNBUFFERED": "1"}
+    tail: list[str] = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env, bufsize=1) as proc:
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            tail = (tail + [line.rstrip()])[-5:]
+        code = proc.wait()
+    if outcome(code) in ("ok", "refused"):
+        return xcom_value(stage, f"{the_plan['run_dir']}/{stage}", code)
+    raise_for(stage, code, " | ".join(x for x in tail if x)[-500:])
+    return {}  # unreachable: raise_for always raises
+
+
+def record_failure(context: Mapping[str, Any]) -> None:
+    """Airflow ``on_failure_callback``: tag the run's MLflow parent run with the failed stage and
+    the error. Never raises (a callback must not hide the task's own failure)."""
+    try:
+        from coaflow.config import load_config
+        from coaflow.tracking import Tracker
+
+        ti = context["ti"]
+        the_plan = ti.xcom_pull(task_ids="configure") or {}
+        if not the_plan:
+            return
+        cfg = load_config(the_plan["profile"], the_plan["overrides"])
+        tracker = Tracker(cfg.run.workdir, uri=cfg.tracking.uri, enabled=cfg.tracking.enabled,
+                          experiment=cfg.tracking.experiment or cfg.run.name)
+        error = str(context.get("exception") or "")[:500]
+        with tracker.pipeline_run(the_plan["run_id"]):
+            tracker.set_tags({"coaflow.status": "failed", "coaflow.failed_stage": ti.task_id,
+                              "coaflow.error": error,
+                              "airflow.run_id": context.get("run_id") or ""})
+    except Exception as e:  # noqa: BLE001
+        print(f"(failure not recorded in MLflow: {type(e).__name__}: {e})")
+
+
+# --- kubernetes mode -----------------------------------------------------------------------
+
+def pod_command(stage: str, the_plan: Mapping[str, Any], inputs: Mapping[str, str]) -> list[str]:
+    """The pod's command: the stage argv, then its XCom for the sidecar; a refused promotion
+    (4) exits 0 so the branch after it decides, every other code is the stage's own."""
+    out = f"{the_plan['run_dir']}/{stage}"
+    script = (f"{shlex.join(stage_argv(stage, the_plan, inputs))}; rc=$?; "
+              f"mkdir -p {Path(XCOM_FILE).parent} && python -m coaflow.airflow_support xcom "
+              f"{shlex.quote(stage)} {shlex.quote(out)} $rc > {XCOM_FILE}; "
+              f"if [ $rc -eq {EXIT_PROMOTION} ]; then exit 0; fi; exit $rc")
+    return ["/bin/sh", "-c", script]
+
+
+def pod_spec(stage: str, settings: Settings, command: Sequence[str], run_id: str = ""):
+    """The ``V1Pod`` for one stage: the base container (KubernetesPodOperator's ``base``) runs
+    ``command`` in the coaflow image, with the run's PVC, secrets, MLflow ConfigMap and, for
+    GPU stages, GPU limits, tolerations, a node selector and a RAM-backed /dev/shm."""
+    from kubernetes.client import models as k8s
+
+    ks = settings.kubernetes
+    res = ks.for_stage(stage)
+    limits = {"cpu": res.cpu, "memory": res.memory}
+    if res.gpus:
+        limits[GPU_RESOURCE] = str(res.gpus)
+    env = [k8s.V1EnvVar(name="COAFLOW_RUN_ID", value=run_id),
+           k8s.V1EnvVar(name="GX_ANALYTICS_ENABLED", value="false")]
+    env += [k8s.V1EnvVar(name=s.env, value_from=k8s.V1EnvVarSource(
+        secret_key_ref=k8s.V1SecretKeySelector(name=s.secret, key=s.key))) for s in ks.secrets]
+    env_from = ([k8s.V1EnvFromSource(config_map_ref=k8s.V1ConfigMapEnvSource(
+        name=ks.mlflow_configmap))] if ks.mlflow_configmap else None)
+    mounts = [k8s.V1VolumeMount(name="work", mount_path=ks.mount_path)]
+    volumes = [k8s.V1Volume(name="work", persistent_volume_claim=(
+        k8s.V1PersistentVolumeClaimVolumeSource(claim_name=ks.pvc)))]
+    if res.gpus:
+        mounts.append(k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"))
+        volumes.append(k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(
+            medium="Memory", size_limit=ks.shm_size)))
+    container = k8s.V1Container(
+        name="base", image=ks.image, image_pull_policy=ks.image_pull_policy,
+        command=list(command), env=env, env_from=env_from, volume_mounts=mounts,
+        resources=k8s.V1ResourceRequirements(requests=dict(limits), limits=limits))
+    tolerations = [k8s.V1Toleration(**t) for t in ks.gpu_tolerations] if res.gpus else None
+    return k8s.V1Pod(
+        api_version="v1", kind="Pod",
+        metadata=k8s.V1ObjectMeta(namespace=ks.namespace, labels={
+            "app.kubernetes.io/name": "coaflow", "coaflow/stage": stage}),
+        spec=k8s.V1PodSpec(
+            containers=[container], volumes=volumes, restart_policy="Never",
+            service_account_name=ks.service_account, tolerations=tolerations,
+            node_selector=dict(ks.gpu_node_selector) if res.gpus and ks.gpu_node_selector
+            else None))
+
+
+def pod_manifest(pod) -> dict:
+    """A ``V1Pod`` as the JSON the API server receives."""
+    from kubernetes.client import ApiClient
+
+    return ApiClient().sanitize_for_serialization(pod)
+
+
+def pod_operator(stage: str, settings: Settings):
+    """A KubernetesPodOperator for ``stage``: its pod is built at run time from the run's plan
+    and its inputs' XComs; a failed pod is retried only for the retryable exit codes."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+    class CoaflowPodOperator(KubernetesPodOperator):
+        def execute(self, context):
+            ti = context["ti"]
+            the_plan = ti.xcom_pull(task_ids="configure")
+            inputs = pull_inputs(ti, stage, self.dag.task_ids)
+            command = pod_command(stage, the_plan, inputs)
+            self.full_pod_spec = pod_spec(stage, settings, command, the_plan["run_id"])
+            return super().execute(context)
+
+        def cleanup(self, pod, remote_pod):
+            try:
+                super().cleanup(pod, remote_pod)
+            except AirflowException as e:
+                if isinstance(e, AirflowFailException) or type(e).__name__ == "AirflowSkipException":
+                    raise
+                code = container_exit_code(remote_pod)
+                if code is not None and outcome(code) == "fail":
+                    raise AirflowFailException(
+                        f"stage {stage} exited {code} ({MEANING.get(code, 'an error')})") from e
+                raise
+
+    ks = settings.kubernetes
+    return CoaflowPodOperator(
+        task_id=stage, name=f"coaflow-{stage}", namespace=ks.namespace, image=ks.image,
+        kubernetes_conn_id=ks.kubernetes_conn_id, in_cluster=ks.in_cluster,
+        do_xcom_push=True, get_logs=True, on_finish_action="delete_succeeded_pod",
+        startup_timeout_seconds=ks.startup_timeout_s)
+
+
+def pull_inputs(ti, stage: str, task_ids) -> dict[str, str]:
+    """Input folders for ``stage`` from the XComs of the stage tasks it reads (``ti``: the
+    running task instance; a skipped or absent stage is left out)."""
+    from coaflow.pipeline import STAGES
+
+    return stage_inputs(stage, {n: ti.xcom_pull(task_ids=n) for n in task_ids
+                                if n in STAGES and n != stage})
+
+
+def container_exit_code(remote_pod, container: str = "base") -> int | None:
+    """The base container's exit code in a finished pod, or None."""
+    statuses = (remote_pod.status.container_statuses if remote_pod is not None
+                and remote_pod.status else None) or []
+    st = next((s for s in statuses if s.name == container), None)
+    term = st.state.terminated if st is not None and st.state else None
+    return term.exit_code if term is not None else None
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m coaflow.airflow_support xcom STAGE DIR RC``: print a stage's XCom (in a pod)."""
+    if len(argv) != 4 or argv[0] != "xcom":
+        print("usage: python -m coaflow.airflow_support xcom STAGE DIR EXIT_CODE", file=sys.stderr)
+        return EXIT_USER
+    print(json.dumps(xcom_value(argv[1], argv[2], int(argv[3]))))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,115 @@
+"""The compiled pipeline: committed YAML up to date, every stage a task with its image,
+resources, dependencies and Kubernetes settings; the full stage list wires the promotion gate."""
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from coaflow import pipeline as coaflow_pipeline
+from components import coaflow_pipeline as cp
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPILED = ROOT / "components" / "coaflow_pipeline.yaml"
+
+
+def _docs(path: Path) -> tuple[dict, dict]:
+    spec, platform = yaml.safe_load_all(path.read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def _tasks(spec: dict) -> dict:
+    """Every task, the ones inside conditions too: name -> (task spec, condition or None)."""
+    found, comps = {}, spec["components"]
+
+    def walk(dag: dict, condition: str | None) -> None:
+        for name, task in dag["tasks"].items():
+            ref = task["componentRef"]["name"]
+            if "dag" in comps.get(ref, {}):
+                walk(comps[ref]["dag"], task.get("triggerPolicy", {}).get("condition"))
+            else:
+                found[name] = (task, condition)
+
+    walk(spec["root"]["dag"], None)
+    return found
+
+
+def test_committed_yaml_is_what_the_pipeline_compiles_to(tmp_path):
+    fresh = cp.compile_pipeline(tmp_path / "p.yaml").read_text()
+    assert fresh == COMPILED.read_text(), (
+        "components/coaflow_pipeline.yaml is stale: run python -m components.coaflow_pipeline")
+
+
+def test_every_stage_is_a_task_with_its_image_resources_inputs_and_k8s_settings():
+    spec, k8s = _docs(COMPILED)
+    tasks = _tasks(spec)
+    assert sorted(tasks) == sorted(coaflow_pipeline.STAGES)  # stage names = task names
+    executors = spec["deploymentSpec"]["executors"]
+    for name, (task, _) in tasks.items():
+        module = coaflow_pipeline.load_stage(name)
+        container = executors[f"exec-{name}"]["container"]
+        cpu, memory, gpus = cp.RESOURCES[name]
+        assert container["image"] == (cp.GPU_IMAGE if gpus else cp.CPU_IMAGE)
+        assert container["resources"]["resourceCpuRequest"] == cpu
+        assert container["resources"]["resourceMemoryRequest"] == memory
+        assert "pip install" not in " ".join(container["command"])  # the image holds coaflow
+        assert f"run_component({name!r}" in container["command"][-1]
+        upstream = {k: v["taskOutputArtifact"]["producerTask"]
+                    for k, v in task.get("inputs", {}).get("artifacts", {}).items()}
+        assert set(module.NEEDS) <= set(upstream) and all(k == v for k, v in upstream.items())
+        assert task["cachingOptions"].get("enableCache", False) == getattr(module, "CACHE", True)
+        ex = k8s[f"exec-{name}"]
+        assert ex["pvcMount"][0]["mountPath"] == cp.CACHE_MOUNT
+        assert ex["secretAsEnv"][0]["secretName"] == cp.SECRET and ex["secretAsEnv"][0]["optional"]
+        assert ex["fieldPathAsEnv"][0]["name"] == "COAFLOW_RUN_ID"
+        if gpus:
+            assert container["resources"]["accelerator"]["resourceCount"] == str(gpus)
+            assert container["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+            assert ex["nodeSelector"]["labels"] == dict([cp.GPU_NODE_LABEL])
+            assert ex["tolerations"][0]["key"] == "nvidia.com/gpu"
+        else:
+            assert "accelerator" not in container["resources"]
+            assert "nodeSelector" not in ex and "tolerations" not in ex
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert {"profile", "overrides", "seed", "workdir", "tracking_uri", "retries"} <= set(params)
+
+
+def _fake_stage(name, needs=(), optional=(), cache=True):
+    mod = types.ModuleType(f"coaflow.stages.{name}")
+    mod.NAME, mod.NEEDS, mod.OPTIONAL, mod.CACHE = name, needs, optional, cache
+    return mod
+
+
+@pytest.fixture
+def full_pipeline(monkeypatch):
+    """The pipeline module built over all of ORDER (the later stages faked as modules)."""
+    fakes = {"rl": _fake_stage("rl", ("sft",)),
+             "evaluate": _fake_stage("evaluate", ("sft",), ("rl", "gate")),
+             "register": _fake_stage("register", ("evaluate", "sft"), ("rl", "gate")),
+             "deploy": _fake_stage("deploy", ("register",), cache=False)}
+    for mod in fakes.values():
+        monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    monkeypatch.setattr(coaflow_pipeline, "STAGES",
+                        {n: f"coaflow.stages.{n}" for n in coaflow_pipeline.ORDER})
+    spec = importlib.util.spec_from_file_location("full_pipeline", cp.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_all_stages_wire_optional_inputs_and_deploy_only_after_a_promotion(full_pipeline, tmp_path):
+    spec, k8s = _docs(full_pipeline.compile_pipeline(tmp_path / "full.yaml"))
+    tasks = _tasks(spec)
+    assert sorted(tasks) == sorted(coaflow_pipeline.ORDER)
+    inputs = {n: set(t.get("inputs", {}).get("artifacts", {})) for n, (t, _) in tasks.items()}
+    assert inputs["evaluate"] == {"sft", "rl", "gate"}
+    assert inputs["register"] == {"evaluate", "sft", "rl", "gate"}
+    conditions = {n: c for n, (_, c) in tasks.items() if c}
+    assert list(conditions) == ["deploy"]
+    assert "register" in conditions["deploy"] and "refused" in conditions["deploy"]
+    assert not tasks["deploy"][0]["cachingOptions"].get("enableCache", False)
+    gpu = {n for n in tasks if "nodeSelector" in k8s[f"exec-{n}"]}
+    assert gpu == {"sft", "rl", "evaluate"}
