@@ -188,7 +188,7 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
         "heldout_episode_success": check["success"],
         "heldout_first_call_well_formed_share": check["well_formed"],
         "heldout_first_call_grounded_share": check["grounded"],
-        "heldout_turns_ended_share": check["ended_turns"],
+        "heldout_first_turn_ended_share": check["first_turn_ended"],
     }
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the final model is in model/; checkpoints were
     # only the resume points of this attempt
@@ -404,7 +404,7 @@ def heldout_episodes(model_dir: Path, held: list, max_turns: int, max_new_tokens
 
     if not held:
         return {"n": 0, "success": float("nan"), "well_formed": float("nan"),
-                "grounded": float("nan"), "ended_turns": float("nan"), "trajectories": [],
+                "grounded": float("nan"), "first_turn_ended": float("nan"), "trajectories": [],
                 "rows": []}
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -425,7 +425,8 @@ def heldout_episodes(model_dir: Path, held: list, max_turns: int, max_new_tokens
     return {"n": n, "success": sum(t.outcome.correct for t in trajs) / n,
             "well_formed": sum(r["first_call_well_formed"] for r in rows) / n,
             "grounded": sum(r["first_call_grounded"] for r in rows) / n,
-            "ended_turns": sum(t.details["stop"] != "turn_tokens" for t in trajs) / n,
+            "first_turn_ended": sum(not (t.details["turns"] == 1 and t.details["stop"] ==
+                                         "turn_tokens") for t in trajs) / n,
             "trajectories": trajs, "rows": rows}
 
 
