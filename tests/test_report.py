@@ -82,3 +82,19 @@ def test_eval_rows_read_the_evaluate_table_and_metric_forms():
                                      "eval/sft/calc/success_hi": 0.9}}}
     assert report.eval_rows(flat) == [{"model": "sft", "suite": "calc", "success": 0.8, "n": "",
                                        "ci95": "[0.70, 0.90]"}]
+
+
+def test_the_summary_shows_one_evaluated_episode(tmp_path):
+    from coaflow.schema.io import write_jsonl
+    from tests.conftest import make_trajectory
+
+    wrong, solved = make_trajectory(1), make_trajectory(2)
+    wrong.outcome.correct, solved.outcome.correct = False, True
+    (tmp_path / "transcripts").mkdir()
+    write_jsonl(tmp_path / "transcripts" / "candidate.jsonl", [wrong, solved])
+    stages = {"evaluate": {"outputs": {"transcripts": str(tmp_path / "transcripts")}}}
+    lines = report.sample_episode(stages)
+    assert "Mira Kolb2" in lines[0]  # the solved one is shown
+    assert any(line.startswith("  call   search(") for line in lines)
+    assert lines[-1].startswith("  -> solved")
+    assert report.sample_episode({}) == []

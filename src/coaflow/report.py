@@ -125,6 +125,38 @@ def decision(stages: dict) -> str:
     return f"{verdict}" + (f" (version {version})" if version else "") + (f": {why}" if why else "")
 
 
+def sample_episode(stages: dict, model: str = "candidate", width: int = 100) -> list[str]:
+    """One evaluated episode of ``model`` (a solved one when there is one) as transcript lines:
+    the question, each tool call and what the tool returned, the answer, the verdict."""
+    from coaflow.schema import ApiAction, MessageAction, TextObservation
+    from coaflow.schema.io import read_trajectories
+
+    folder = stages.get("evaluate", {}).get("outputs", {}).get("transcripts")
+    path = Path(folder) / f"{model}.jsonl" if folder else None
+    if path is None or not path.exists():
+        return []
+    trajs = list(read_trajectories(path))
+    if not trajs:
+        return []
+    t = next((t for t in trajs if t.outcome.correct), trajs[0])
+
+    def cut(text: str) -> str:
+        text = " ".join(str(text).split())
+        return text if len(text) <= width else text[:width - 3] + "..."
+
+    lines = [f"sample episode ({model}, {t.task.suite} {t.task.task_id}): {cut(t.task.question)}"]
+    for step in t.content[1:]:
+        if isinstance(step, ApiAction):
+            lines.append(f"  call   {cut(f'{step.function}({json.dumps(step.kwargs)})')}")
+        elif isinstance(step, TextObservation):
+            lines.append(f"  tool   {cut(step.content)}")
+        elif isinstance(step, MessageAction):
+            lines.append(f"  {step.agent or 'model':<6} {cut(step.content)}")
+    verdict = "solved" if t.outcome.correct else "not solved"
+    lines.append(f"  -> {verdict} (answer {t.outcome.final_answer!r}, reference {t.task.answer!r})")
+    return lines
+
+
 def render_text(card: dict) -> str:
     st = card["stages"]
     lines = [f"run {card['run_id']}  ({card['path']})", "", "stage        status      seconds"]
@@ -137,6 +169,8 @@ def render_text(card: dict) -> str:
         cols = list(rows[0])
         lines += ["", "evaluation (test split)", "  " + "  ".join(f"{c:<12}" for c in cols)]
         lines += ["  " + "  ".join(f"{_fmt(r.get(c, '')):<12}" for c in cols) for r in rows]
+    if sample := sample_episode(st):
+        lines += [""] + sample
     lines += ["", f"registry: {decision(st)}"]
     dep = st.get("deploy", {})
     if dep.get("outputs", {}).get("endpoint"):
