@@ -81,7 +81,7 @@ class Config(Section):
 
 def smoke_test(base_url: str, model: str, cfg: Config, seed: int = 0) -> dict:
     """Whole agent episodes on test-split tasks through the endpoint (``coaflow.agent``'s HTTP
-    backend, the suite's tools sent, real tool results): every episode must run without an
+    backend, prompted exactly as training and evaluate prompt the model, real tool results): every episode must run without an
     endpoint error, and enough of them must make a well-formed call to one of the suite's
     tools. Success is recorded, not required (a tiny student solves few whole tasks)."""
     from coaflow.agent import OpenAIBackend, category, run_episodes
@@ -90,7 +90,7 @@ def smoke_test(base_url: str, model: str, cfg: Config, seed: int = 0) -> dict:
     tasks = [t for s in cfg.smoke_suites for t in make_tasks(s, "test", cfg.smoke_tasks, seed=seed)]
     try:
         backend = OpenAIBackend(base_url, model, os.environ.get(cfg.api_key_env) or None,
-                                concurrency=8, timeout_s=120, max_retries=2, send_tools=True)
+                                concurrency=8, timeout_s=120, max_retries=2)
         trajs = run_episodes(backend, tasks, max_turns=cfg.smoke_max_turns,
                              max_new_tokens=cfg.smoke_max_tokens, seed=seed)
     except (CoaflowError, httpx.HTTPError, OSError) as e:  # the endpoint failing: the finding
