@@ -21,19 +21,27 @@ DAGS = ROOT / "dags"
 
 # the trigger form's values for a tiny run (it tests the wiring, not the stages): the knobs
 # through params, the rest through overrides, for the stages that exist
-_SMALL = {
-    "sft": ["sft.max_steps=2", "sft.holdout=0", "sft.batch_size=4", "sft.tiny.vocab_size=300",
-            "sft.log_model_artifact=false"],
-    "gate": ["gate.expectations=false", "gate.data_docs=false", "gate.decontam_test_tasks=0"],
-    "evaluate": ["evaluate.suites={kbqa: 2, calc: 1}", "evaluate.models=[candidate]",
-                 "evaluate.max_turns=2", "evaluate.max_new_tokens=16", "evaluate.bootstrap=100",
-                 "evaluate.transcripts=0"],
-}
+def _smoke_overrides() -> list[str]:
+    """The smoke profile (every stage on a handful of tasks) as ``--set`` lines, the way a person
+    types them into the trigger form; the task counts come from ``tasks_per_suite``."""
+    import yaml
+
+    profile = yaml.safe_load((ROOT / "src/coaflow/configs/smoke.yaml").read_text())
+
+    def flat(prefix: str, value) -> list[str]:
+        if isinstance(value, dict):
+            return [o for k, v in value.items() for o in flat(f"{prefix}.{k}", v)]
+        return [f"{prefix}={yaml.safe_dump(value, default_flow_style=True).strip()}"
+                .removesuffix("\n...").strip()]
+
+    return [o for section, body in profile.items() if section != "base"
+            for o in flat(section, body) if not o.startswith("synthesize.suites.")]
+
+
 SMALL_CONF = {
     "tasks_per_suite": {"kbqa": 16, "calc": 4},
     "seed": 3,
-    "overrides": [o for stage, items in _SMALL.items() if stage in STAGES for o in items]
-    + ["tracking.enabled=false"],
+    "overrides": _smoke_overrides() + ["tracking.enabled=false"],
 }
 SMALL_TASKS = 20
 
