@@ -49,7 +49,9 @@ DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
 
 
 class Config(Section):
-    model: str = Field("tiny", description="base model: 'tiny' (built from sft.tiny), a hub id "
+    model: str = Field("tiny", description="base model: 'tiny' (built from sft.tiny), "
+                       "'champion' (the registry's champion of this run.name: retrain the model "
+                       "in service; 'tiny' when there is none yet), models:/NAME@ALIAS, a hub id "
                        "or a local HF folder")
     tiny: TinyModel = Field(default_factory=TinyModel, description="sizes of the tiny model")
     chat_template: Literal["model", "coaflow"] = Field(
@@ -205,12 +207,54 @@ def _zero_stage(trainer) -> int | None:
     return plugin.zero_stage if trainer.is_deepspeed_enabled and plugin else None
 
 
+def cache_extras(cfg: Config, run) -> dict:
+    """Starting from the champion: which version it is now is part of what sft reads."""
+    if cfg.model != "champion" and not cfg.model.startswith("models:/"):
+        return {}
+    from coaflow.registry import Registry, RegistryError
+    from coaflow.tracking import default_uri
+
+    try:
+        version = Registry(default_uri(run.workdir)).resolve(_registry_uri(cfg, run))
+    except RegistryError:
+        return {"base": None}
+    return {"base": f"{version.name}/{version.version}"}
+
+
+def _registry_uri(cfg: Config, run) -> str:
+    from coaflow.registry import model_name
+
+    return f"models:/{model_name(run.name)}@champion" if cfg.model == "champion" else cfg.model
+
+
+def base_model(cfg: Config, ctx: Context) -> str:
+    """What sft starts from: ``tiny``, a hub id or folder, or a registry model fetched into the
+    stage folder (``champion``: the model in service; ``tiny`` before there is one)."""
+    if cfg.model != "champion" and not cfg.model.startswith("models:/"):
+        return cfg.model
+    from coaflow.registry import Registry, RegistryError
+    from coaflow.tracking import default_uri
+
+    uri = _registry_uri(cfg, ctx.run)
+    try:
+        folder, version = Registry(ctx.tracking_uri or default_uri(ctx.run.workdir)).fetch(
+            uri, ctx.out / "registry")
+    except RegistryError as e:
+        if cfg.model == "champion":
+            print(f"[sft] no champion yet ({e}); starting from the tiny model")
+            return "tiny"
+        raise
+    print(f"[sft] starting from {uri} (version {version.version})")
+    return str(folder)
+
+
 def _load_base(cfg: Config, ctx: Context, examples: list[dict], seed: int):
     from coaflow.models import CHAT_TEMPLATE, load_model_and_tokenizer
     from coaflow.stages.sft_data import render
 
-    corpus = (render(e, CHAT_TEMPLATE) for e in examples) if cfg.model == "tiny" else None
-    return load_model_and_tokenizer(cfg.model, corpus=corpus, out_dir=ctx.out / "base",
+    base = base_model(cfg, ctx)
+    corpus = (render(e, CHAT_TEMPLATE) for e in examples) if base == "tiny" else None
+    return load_model_and_tokenizer(base, corpus=corpus, out_dir=ctx.out / "base",
                                     tiny=cfg.tiny, seed=seed, field="sft.model")
 
 
