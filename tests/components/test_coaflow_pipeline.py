@@ -37,6 +37,14 @@ def _tasks(spec: dict) -> dict:
     return found
 
 
+def _producer(artifact: dict) -> str:
+    """The task an input artifact comes from; inside a condition the sub-DAG receives it as a
+    component input named ``pipelinechannel--<task>-result``."""
+    if "taskOutputArtifact" in artifact:
+        return artifact["taskOutputArtifact"]["producerTask"]
+    return artifact["componentInputArtifact"].removeprefix("pipelinechannel--").rsplit("-", 1)[0]
+
+
 def test_committed_yaml_is_what_the_pipeline_compiles_to(tmp_path):
     fresh = cp.compile_pipeline(tmp_path / "p.yaml").read_text()
     assert fresh == COMPILED.read_text(), (
@@ -57,8 +65,7 @@ def test_every_stage_is_a_task_with_its_image_resources_inputs_and_k8s_settings(
         assert container["resources"]["resourceMemoryRequest"] == memory
         assert "pip install" not in " ".join(container["command"])  # the image holds coaflow
         assert f"run_component({name!r}" in container["command"][-1]
-        upstream = {k: v["taskOutputArtifact"]["producerTask"]
-                    for k, v in task.get("inputs", {}).get("artifacts", {}).items()}
+        upstream = {k: _producer(v) for k, v in task.get("inputs", {}).get("artifacts", {}).items()}
         assert set(module.NEEDS) <= set(upstream) and all(k == v for k, v in upstream.items())
         assert task["cachingOptions"].get("enableCache", False) == getattr(module, "CACHE", True)
         ex = k8s[f"exec-{name}"]
