@@ -12,6 +12,8 @@ import time
 import pytest
 
 STAGES = ("synthesize", "gate", "sft", "rl", "evaluate", "register", "deploy")
+# the shared default run (~5 min on 2 idle cores) counts against the first test's timeout
+pytestmark = pytest.mark.timeout(2700)
 
 
 def _coaflow(*args, env, timeout):
