@@ -106,4 +106,4 @@ def test_a_second_run_with_nothing_changed_reuses_every_stage(default_run):
     # every cacheable stage comes from the first run (deploy always runs: it checks the server)
     assert again.stdout.count("] cached (") == len(STAGES) - 1, again.stdout
     print(f"first run {default_run['seconds']:.0f} s, second run {seconds:.0f} s")
-    assert seconds < default_run["seconds"] / 4
+    assert seconds < default_run["seconds"] / 10  # measured: 5.3 s after 335 s
