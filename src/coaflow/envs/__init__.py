@@ -29,8 +29,21 @@ SPLITS = {"train": range(0, 6), "rl": range(6, 8), "test": range(8, 10)}  # hash
 DEFAULT_MIX = {1: 0.3, 2: 0.4, 3: 0.3}
 KBQA_DEFAULTS = {"world_seed": 0, "n_entities": 400}
 
-__all__ = ["SUITES", "SPLITS", "call_tool", "check_disjoint", "get_suite", "make_env",
+__all__ = ["SUITES", "SPLITS", "call_tool", "check_disjoint", "check_suite_counts", "get_suite", "make_env",
            "make_tasks", "rewards", "task_to_row", "tool_schemas"]
+
+
+def check_suite_counts(counts: dict[str, int], least: int = 0) -> dict[str, int]:
+    """A config's ``{suite: task count}``: known suites, each count at least ``least`` (the one
+    check behind ``synthesize.suites`` and ``evaluate.suites``)."""
+    if not counts and least > 0:
+        raise ValueError("name at least one suite")
+    for name, n in counts.items():
+        if name not in SUITES:
+            raise ValueError(f"unknown suite {name!r} (suites: {', '.join(SUITES)})")
+        if n < least:
+            raise ValueError(f"{name}: a task count is {least} or more, got {n}")
+    return counts
 
 
 def get_suite(name: str):

@@ -74,14 +74,9 @@ class Config(Section):
     @field_validator("suites")
     @classmethod
     def _known_suites(cls, v: dict[str, int]) -> dict[str, int]:
-        from coaflow.envs import SUITES
+        from coaflow.envs import check_suite_counts
 
-        bad = [s for s in v if s not in SUITES]
-        if bad:
-            raise ValueError(f"unknown suite {bad[0]!r}; known suites: {', '.join(SUITES)}")
-        if any(n < 1 for n in v.values()) or not v:
-            raise ValueError("every suite needs at least one test task")
-        return v
+        return check_suite_counts(v, least=1)  # every suite needs a test task
 
 
 def registered_name(run) -> str:

@@ -52,14 +52,9 @@ class Config(Section):
     @field_validator("suites")
     @classmethod
     def _known_suites(cls, v: dict[str, int]) -> dict[str, int]:
-        from coaflow.envs import SUITES
+        from coaflow.envs import check_suite_counts
 
-        for name, n in v.items():
-            if name not in SUITES:
-                raise ValueError(f"unknown suite {name!r} (suites: {', '.join(SUITES)})")
-            if n < 0:
-                raise ValueError(f"{name}: a task count is 0 or more, got {n}")
-        return v
+        return check_suite_counts(v)
 
 
 def load_tasks(cfg: Config, seed: int):
