@@ -389,7 +389,8 @@ def pod_spec(stage: str, settings: Settings, command: Sequence[str], run_id: str
     env = [k8s.V1EnvVar(name="COAFLOW_RUN_ID", value=run_id),
            k8s.V1EnvVar(name="GX_ANALYTICS_ENABLED", value="false")]
     env += [k8s.V1EnvVar(name=s.env, value_from=k8s.V1EnvVarSource(
-        secret_key_ref=k8s.V1SecretKeySelector(name=s.secret, key=s.key))) for s in ks.secrets]
+        secret_key_ref=k8s.V1SecretKeySelector(name=s.secret, key=s.key, optional=True)))
+        for s in ks.secrets]
     env_from = ([k8s.V1EnvFromSource(config_map_ref=k8s.V1ConfigMapEnvSource(
         name=ks.mlflow_configmap))] if ks.mlflow_configmap else None)
     mounts = [k8s.V1VolumeMount(name="work", mount_path=ks.mount_path)]

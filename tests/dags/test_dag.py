@@ -217,7 +217,7 @@ def test_pod_specs_pass_the_kubernetes_schema(stage):
            f"{stage}" in c["command"][2]
     assert "> /airflow/xcom/return.json" in c["command"][2]
     assert {"name": "OPENAI_API_KEY", "valueFrom": {"secretKeyRef": {
-        "name": "coaflow-teacher", "key": "api-key"}}} in c["env"]
+        "name": "coaflow-secrets", "key": "openai-api-key", "optional": True}}} in c["env"]
     assert c["envFrom"] == [{"configMapRef": {"name": "coaflow-mlflow"}}]
     assert {"name": "work", "mountPath": "/data/coaflow"} in c["volumeMounts"]
     assert {"name": "work", "persistentVolumeClaim": {"claimName": "coaflow-work"}} in \
@@ -308,3 +308,18 @@ def test_failure_callback_tags_the_run_in_mlflow(tmp_path, monkeypatch):
     assert tags["coaflow.failed_stage"] == "gate" and tags["coaflow.status"] == "failed"
     assert tags["coaflow.run_id"] == plan["run_id"] and "exited 3" in tags["coaflow.error"]
     af.record_failure({"ti": None})  # a broken context is reported, never raised
+
+
+def test_airflow_and_kubeflow_read_the_same_secret():
+    """One Secret for both orchestrators (helm/coaflow-pipeline creates it): the DAG's stage pods
+    and the KFP components map the same keys to the same variables."""
+    import yaml
+
+    from components.coaflow_pipeline import SECRET, SECRET_ENV
+
+    settings = af.load_settings(env={"COAFLOW_AIRFLOW_MODE": "kubernetes"})
+    dag = {(s.secret, s.key, s.env) for s in settings.kubernetes.secrets}
+    assert dag == {(SECRET, k, v) for k, v in SECRET_ENV.items()}
+    root = __import__("pathlib").Path(__file__).parents[2]
+    chart = yaml.safe_load((root / "helm/coaflow-pipeline/values.yaml").read_text())["secrets"]
+    assert chart["name"] == SECRET and chart["env"] == SECRET_ENV
