@@ -208,3 +208,33 @@ def test_tiny_profile_learns_tool_calls(tmp_path):
     assert m["heldout_first_call_well_formed_share"] >= 0.75, (m, r.summary["samples"][0])
     assert m["heldout_first_turn_ended_share"] >= 0.75, m  # it learned to end a turn
     assert (Path(r.outputs["model"]) / "model.safetensors").exists()
+
+
+def test_length_grouped_batches_hold_similar_lengths_in_a_new_order_each_epoch(
+        tmp_path, tiny_dir, trajectories):
+    """sft.length_grouped: the trainer's sampler batches examples of similar length (little
+    padding) and shuffles the batches differently per epoch (not HF's long-to-short walk)."""
+    cfg, ctx = fast_ctx(tmp_path, trajectories[:24], tiny_dir,
+                        ["sft.length_grouped=true", "sft.batch_size=4"])
+    from coaflow.stages.sft_data import load_trajectories, to_example
+
+    examples = [to_example(t) for t in load_trajectories(ctx.input("gate").path("accepted"))]
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(tiny_dir)
+    model = __import__("transformers").AutoModelForCausalLM.from_pretrained(tiny_dir)
+    trainer, _ = sft.build_trainer(cfg.sft, model, tok, examples, tmp_path / "ckpt")
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, sft.LengthBucketSampler)
+    lengths = sampler.lengths
+    assert lengths == [len(x) for x in trainer.train_dataset["input_ids"]]
+    epoch0 = list(sampler)
+    assert sorted(epoch0) == list(range(len(lengths)))
+    # each batch spans a narrow band of the sorted lengths: at most 2 batches' worth apart
+    ranked = {i: r for r, i in enumerate(sorted(range(len(lengths)), key=lengths.__getitem__))}
+    for b in range(0, len(epoch0), 4):
+        ranks = [ranked[i] for i in epoch0[b:b + 4]]
+        assert max(ranks) - min(ranks) < 12, ranks
+    sampler.set_epoch(1)
+    assert list(sampler) != epoch0
+    plain, _ = sft.build_trainer(cfg.sft.model_copy(update={"length_grouped": False}), model, tok,
+                                 examples, tmp_path / "ckpt2")
+    assert not isinstance(plain._get_train_sampler(), sft.LengthBucketSampler)

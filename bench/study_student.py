@@ -1,0 +1,103 @@
+"""The student study: train SFT with a config, judge snapshots by whole episodes, print the curve.
+
+One row of the issue's table per call: the sft stage runs in process on a gate folder with the
+given overrides, a callback saves the model at the given training minutes, and every snapshot
+(and the final model) plays the test split of each suite through the one agent loop
+(``stages.evaluate``, Wilson 95 % intervals). Intermediate snapshots sit mid-schedule (the
+learning rate has not decayed yet), so they draw a lower bound of what a run that short would
+reach.
+
+    python bench/study_student.py --gate /tmp/st/gate3k --label big-data --marks 5,10 \\
+        --set sft.max_length=2048 --set sft.length_grouped=true --set sft.epochs=4
+
+Appends one JSON line per model to ``--results`` (default bench/results/student_study.jsonl)
+and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import types
+from pathlib import Path
+
+
+def snapshot_callback(marks_min: list[float], out: Path, saved: list):
+    from transformers import TrainerCallback
+
+    class Snapshots(TrainerCallback):
+        """Save the model at each mark (minutes of training)."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0, self.todo = time.time(), sorted(marks_min)
+
+        def on_step_end(self, args, state, control, model=None, processing_class=None, **kw):
+            minutes = (time.time() - self.t0) / 60
+            while self.todo and minutes >= self.todo[0]:
+                mark = self.todo.pop(0)
+                folder = out / f"snap-{mark:g}min"
+                model.save_pretrained(folder)
+                processing_class.save_pretrained(folder)
+                saved.append({"minutes": round(minutes, 2), "step": state.global_step,
+                              "model": str(folder)})
+
+    return Snapshots()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gate", required=True, help="a completed gate stage folder")
+    ap.add_argument("--label", required=True, help="this configuration's name in the table")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="config override, e.g. sft.epochs=4 (repeatable)")
+    ap.add_argument("--marks", default="", help="training minutes to snapshot at, e.g. 5,10")
+    ap.add_argument("--n", type=int, default=60, help="test tasks per suite")
+    ap.add_argument("--out", default="/tmp/student_study", help="work folder")
+    ap.add_argument("--results", default=str(Path(__file__).parent / "results" /
+                                              "student_study.jsonl"))
+    args = ap.parse_args(argv)
+
+    from coaflow.config import load_config
+    from coaflow.pipeline import execute, load_stage
+    from coaflow.stages import evaluate as E
+
+    cfg = load_config("tiny", ["tracking.enabled=false", *args.overrides])
+    out = Path(args.out) / args.label
+    saved: list[dict] = []
+    sft_module = load_stage("sft")
+    wrapped = types.ModuleType(sft_module.__name__)
+    wrapped.__dict__.update(sft_module.__dict__)
+    callbacks = (snapshot_callback([float(m) for m in args.marks.split(",") if m], out, saved),)
+    wrapped.run = lambda section, ctx: sft_module.train(section, ctx, callbacks=callbacks)
+    t0 = time.time()
+    result = execute("sft", cfg, out / "sft", {"gate": args.gate}, module=wrapped,
+                     use_cache=False)
+    sft_minutes = (time.time() - t0) / 60
+    models = [*saved, {"minutes": round(result.metrics["train_seconds"] / 60, 2),
+                       "step": int(result.metrics["global_step"]),
+                       "model": str(result.path("model")), "final": True}]
+
+    ev = cfg.evaluate.model_copy(update={"suites": {s: args.n for s in cfg.evaluate.suites}})
+    tasks = E.load_test_tasks(ev.suites, cfg.run.seed)
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    for m in models:
+        name = f"{args.label}@{m['minutes']:g}min"
+        _, summary = E.evaluate({name: m["model"]}, tasks, ev, out / f"eval-{m['minutes']:g}",
+                                seed=cfg.run.seed)
+        row = {"label": args.label, "overrides": args.overrides, **m,
+               "sft_wall_minutes": round(sft_minutes, 2),
+               "sft_metrics": {k: result.metrics.get(k) for k in (
+                   "examples", "examples_truncated", "train_loss_final", "tokens_per_second",
+                   "decisive_token_accuracy", "heldout_episode_success")},
+               "table": summary["table"][name], "slices": summary["slices"][name],
+               "categories": {s: d["categories"] for s, d in summary["details"][name].items()}}
+        with open(args.results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        cells = "  ".join(f"{s} {c['success']:.1%} [{c['lo']:.1%}, {c['hi']:.1%}]"
+                          for s, c in row["table"].items())
+        print(f"{name:40s} step {m['step']:5d}  {cells}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
