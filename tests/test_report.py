@@ -46,6 +46,14 @@ def test_report_card_has_funnel_eval_decision_and_curves(workdir):
     page = (workdir / "runs/r/report.html").read_text()
     assert "promoted to champion (version 2): beats champion" in page
     assert "rejected: incorrect" in page and "<polyline" in page  # funnel and the loss curve
+    from mlflow.tracking import MlflowClient  # a link (run id) per stage's MLflow run, real ids
+
+    client = MlflowClient(cfg.tracking.uri or f"sqlite:///{workdir}/mlflow.db")
+    ids = {r.data.tags["coaflow.stage"]: r.info.run_id for r in client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "tags.`coaflow.kind` = 'stage'")}
+    assert ids.keys() >= {"sft", "register"}
+    assert all(f"MLflow run of {k}: <code>{v}</code>" in page for k, v in ids.items())
+    assert "mlflow ui --backend-store-uri sqlite:///" in page
     text = report.render_text(report.collect(workdir / "runs/r"))
     assert "candidate" in text and "[0.40, 0.60]" in text
 

@@ -43,27 +43,67 @@ def collect(run_dir: Path) -> dict[str, Any]:
             "written_at": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def curves(tracking_uri: str | None, run_id: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """Metric histories (step, value) of each stage run of pipeline run ``run_id`` in MLflow:
-    the curves logged with a step (loss, token accuracy, reward, success on checkpoints)."""
+def mlflow_runs(tracking_uri: str | None, run_id: str) -> list:
+    """The MLflow runs of pipeline run ``run_id`` (its parent run and one per stage), or []."""
     if not tracking_uri:
-        return {}
+        return []
     try:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri)
         exps = [e.experiment_id for e in client.search_experiments()]
-        runs = client.search_runs(exps, filter_string=f"tags.`coaflow.run_id` = '{run_id}' and "
-                                  "tags.`coaflow.kind` = 'stage'")
-    except Exception:  # the report never fails a run: no MLflow, no curves
+        return client.search_runs(exps, filter_string=f"tags.`coaflow.run_id` = '{run_id}'")
+    except Exception:  # the report never fails a run: no MLflow, no curves, no links
+        return []
+
+
+def run_links(tracking_uri: str | None, runs: list) -> list[tuple[str, str, str | None]]:
+    """``(name, mlflow run id, url or None)`` per MLflow run: a URL when the tracking server
+    serves the UI (http/https); for a SQLite store, ``mlflow ui --backend-store-uri`` opens it.
+
+    >>> class R:  # a stand-in for an MLflow Run
+    ...     class info: run_id, experiment_id, run_name = "abc", "1", "sft"
+    ...     class data: tags = {"coaflow.kind": "stage", "coaflow.stage": "sft"}
+    >>> run_links("http://mlflow:5000/", [R])
+    [('sft', 'abc', 'http://mlflow:5000/#/experiments/1/runs/abc')]
+    >>> run_links("sqlite:///w/mlflow.db", [R])[0][2] is None
+    True
+    """
+    out = []
+    for r in runs:
+        tags = r.data.tags
+        name = ("pipeline" if tags.get("coaflow.kind") == "pipeline"
+                else tags.get("coaflow.stage", r.info.run_name))
+        url = (f"{tracking_uri.rstrip('/')}/#/experiments/{r.info.experiment_id}/runs/"
+               f"{r.info.run_id}" if str(tracking_uri).startswith(("http://", "https://"))
+               else None)
+        out.append((name, r.info.run_id, url))
+    order = {n: i for i, n in enumerate(["pipeline", *STAGES])}
+    return sorted(out, key=lambda x: order.get(x[0], len(order)))
+
+
+def curves(tracking_uri: str | None, run_id: str, runs: list | None = None
+           ) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Metric histories (step, value) of each stage run of pipeline run ``run_id`` in MLflow:
+    the curves logged with a step (loss, token accuracy, reward, success on checkpoints)."""
+    runs = mlflow_runs(tracking_uri, run_id) if runs is None else runs
+    if not runs:
         return {}
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
     out: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for run in runs:
+        if run.data.tags.get("coaflow.kind") != "stage":
+            continue
         stage = run.data.tags.get("coaflow.stage", run.info.run_name)
         for key in run.data.metrics:
             if not key.startswith(CURVE_PREFIXES):
                 continue
-            hist = client.get_metric_history(run.info.run_id, key)
+            try:
+                hist = client.get_metric_history(run.info.run_id, key)
+            except Exception:
+                continue
             if len(hist) >= 2:
                 out.setdefault(stage, {})[key] = sorted((m.step, m.value) for m in hist)
     return out
@@ -241,7 +281,7 @@ text-align:left}th{background:#f4f4f4}.ok{color:#176a2c}.bad{color:#a11}.charts 
 border:1px solid #eee}pre{background:#f7f7f7;padding:8px;overflow:auto;font-size:12px}"""
 
 
-def render_html(card: dict, plots: dict | None = None) -> str:
+def render_html(card: dict, plots: dict | None = None, mlflow: dict | None = None) -> str:
     st = card["stages"]
     timing = [(n, s["status"], _fmt(s.get("metrics", {}).get("wall_seconds", "")))
               for n, s in st.items()]
@@ -276,6 +316,14 @@ def render_html(card: dict, plots: dict | None = None) -> str:
     dep = st.get("deploy", {}).get("outputs", {})
     if dep.get("endpoint"):
         links.append(f"<li>served at <code>{html.escape(dep['endpoint'])}</code></li>")
+    mlflow = mlflow or {}
+    for name, rid, url in mlflow.get("runs", []):
+        target = (f"<a href='{html.escape(url)}'>{html.escape(rid)}</a>" if url
+                  else f"<code>{html.escape(rid)}</code>")
+        links.append(f"<li>MLflow run of {html.escape(name)}: {target}</li>")
+    if mlflow.get("runs") and not any(url for _, _, url in mlflow["runs"]):
+        links.append("<li>open the MLflow UI with <code>mlflow ui --backend-store-uri "
+                     f"{html.escape(mlflow['uri'])}</code></li>")
     if links:
         parts += ["<h2>Links</h2><ul>", *links, "</ul>"]
     parts += ["<h2>Stage metrics</h2>"]
@@ -291,7 +339,10 @@ def write(run_dir: Path, tracking_uri: str | None = None, tracker=None) -> Path:
     when ``tracker`` is active). Returns its path."""
     card = collect(run_dir)
     path = Path(run_dir) / "report.html"
-    path.write_text(render_html(card, curves(tracking_uri, card["run_id"])), encoding="utf-8")
+    runs = mlflow_runs(tracking_uri, card["run_id"])
+    mlflow = {"uri": tracking_uri, "runs": run_links(tracking_uri, runs)} if runs else None
+    path.write_text(render_html(card, curves(tracking_uri, card["run_id"], runs), mlflow),
+                    encoding="utf-8")
     if tracker is not None:
         tracker.log_artifact(path)
     return path
