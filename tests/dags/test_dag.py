@@ -314,7 +314,6 @@ def test_airflow_and_kubeflow_read_the_same_secret():
     """One Secret for both orchestrators (helm/coaflow-pipeline creates it): the DAG's stage pods
     and the KFP components map the same keys to the same variables."""
     import yaml
-
     from components.coaflow_pipeline import SECRET, SECRET_ENV
 
     settings = af.load_settings(env={"COAFLOW_AIRFLOW_MODE": "kubernetes"})
