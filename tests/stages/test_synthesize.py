@@ -92,3 +92,18 @@ def test_unknown_suite_for_scripted_teacher_is_a_failed_attempt(tmp_path):
     log = TeamLog(task=Task(suite="web", task_id="w", question="?"), env=None, suite="web")
     with pytest.raises(ValueError, match="scripted teacher knows suites"):
         scripted.solve(log.task, log, random.Random(0), scripted.Mistakes())
+
+
+def test_threads_change_nothing_but_the_clock(tmp_path):
+    """synthesize.workers solves tasks in threads; the trajectories (order, steps, answers,
+    mistakes) are the same as one worker's, only the timestamps differ."""
+    import json
+    import re
+
+    def load(workers):
+        run_synth(tmp_path / str(workers), suites={"kbqa": 8, "calc": 6}, workers=workers)
+        rows = [t.model_dump(mode="json") for t in read_trajectories(
+            tmp_path / str(workers) / "out" / "trajectories")]
+        return re.sub(r'"\d{4}-\d\d-\d\dT[\d:.]+Z?"', '"<time>"', json.dumps(rows, sort_keys=True))
+
+    assert load(1) == load(4)

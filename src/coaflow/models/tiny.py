@@ -10,8 +10,15 @@ into the answer, a number into a program) only when the copy is token for token.
 breaks that three ways, which ``copy_friendly`` pre-tokenization removes: a name after a space
 (`` Vekmer`` in prose) and after a quote (``"Vekmer`` in a JSON argument) are different tokens, so
 the space before a capitalized word or a digit is split off as its own token; numbers merge
-unevenly (`` 3,737,160`` -> `` 3`` ``,`` ``73`` ``7``...), so digits are single tokens; and the
-team's role tags (``<answer>``...) are single added tokens, like Qwen3's ``<think>``.
+unevenly (`` 3,737,160`` -> `` 3`` ``,`` ``73`` ``7``...), so a number is cut into groups of three
+digits from the right, each one token (``3`` ``,`` ``737`` ``,`` ``160``; ``3737160`` -> ``3``
+``737`` ``160``; all 1,110 groups are in the vocabulary); and the team's role tags
+(``<answer>``...) are single added tokens, like Qwen3's ``<think>``.
+
+Why groups, not single digits: a small model copies by induction (find where the current token
+occurred before, emit what followed it). Ten digit tokens repeat inside every long number, so
+"what followed the last 8" is ambiguous and the copy derails; a group token rarely repeats within
+a number, and a name is one token already.
 
     build_tiny("work/base", corpus_texts, TinyModel())
     AutoModelForCausalLM.from_pretrained("work/base"); AutoTokenizer.from_pretrained("work/base")
@@ -36,6 +43,8 @@ TAG_TOKENS = SPECIAL_TOKENS[3:]
 ROLE_TAGS = ["<plan>", "</plan>", "<reflection>", "</reflection>", "<answer>", "</answer>"]
 # The space before an uppercase letter or a digit becomes its own token (see the module docstring).
 COPY_SPLIT = r" (?=[A-Z0-9])"
+# A run of digits cut into groups of three from the right: 3737160 -> 3 | 737 | 160.
+DIGIT_GROUPS = r"\d{1,3}(?=(?:\d{3})*(?!\d))"
 BUILD_INFO = "coaflow_tiny.json"
 
 
@@ -70,12 +79,15 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int, copy_friendly: bool 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(COPY_SPLIT), behavior="isolated"),
-        pre_tokenizers.Digits(individual_digits=True), byte_level]) if copy_friendly else byte_level
+        pre_tokenizers.Split(Regex(DIGIT_GROUPS), behavior="isolated"),
+        byte_level]) if copy_friendly else byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2,
                                   special_tokens=list(CONTROL_TOKENS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer=trainer)
+    if copy_friendly:
+        tok = _with_digit_groups(tok)
     tags = TAG_TOKENS + (ROLE_TAGS if copy_friendly else [])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in tags])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
@@ -83,6 +95,32 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int, copy_friendly: bool 
                                  clean_up_tokenization_spaces=False)
     hf.chat_template = CHAT_TEMPLATE
     return hf
+
+
+def _with_digit_groups(tok):
+    """``tok`` (a trained BPE) with every digit group of one to three digits a single token:
+    the merges BPE learned between digits are replaced by a complete set (a+b for two digits,
+    ab+c and a+bc for three), so every group, seen in the corpus or not, encodes the same way."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tok.to_str())
+    model = spec["model"]
+    vocab = model["vocab"]
+
+    def pair(m):
+        return m.split(" ") if isinstance(m, str) else m
+
+    model["merges"] = [m for m in model["merges"] if not "".join(pair(m)).isdigit()]
+    digits = [str(d) for d in range(10)]
+    # every two-digit merge ranks before every three-digit one, and a three-digit group has a
+    # merge from either half (BPE may pair "ab" or "bc" first, depending on the digits)
+    new = [[a, b] for a in digits for b in digits] + \
+        [m for a in digits for b in digits for c in digits for m in ([a + b, c], [a, b + c])]
+    for a, b in new:
+        if a + b not in vocab:  # new ids after the learned ones
+            vocab[a + b] = len(vocab)
+    model["merges"] += new
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def tiny_config(cfg: TinyModel, tokenizer):

@@ -103,6 +103,10 @@ class Config(Section):
     decisive_weight: float = Field(1.0, ge=1.0, description="loss weight of the decisive tokens "
                                    "(inside <tool_call> and <answer> spans) relative to the rest "
                                    "of an assistant turn; 1: plain SFT loss")
+    copy_examples: int = Field(0, ge=0, description="echo examples mixed into training: a "
+                               "sentence or three of the environments' own text (questions, tool "
+                               "results) repeated as the reply; they teach a tiny model to copy "
+                               "token for token (sft_data.copy_examples)")
     drop_recovered: bool = Field(False, description="leave out of training the runs in which the "
                                  "teacher made a mistake and recovered (the student copies the "
                                  "mistake, not the recovery)")
@@ -136,6 +140,7 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
     examples = [D.to_example(t, DEFAULT_SYSTEM_PROMPT) for t in train_trajs]
 
     model, tokenizer, base = _load_base(cfg, ctx, examples, seed)
+    echoes = D.copy_examples(examples, cfg.copy_examples, seed)
     template = _training_template(cfg, tokenizer, base)
     stats = D.check_examples(tokenizer, examples, template, cfg.max_length, str(source))
     if stats.no_assistant:
@@ -146,7 +151,7 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
     ckpt_dir = ctx.out / "checkpoints"
     last = get_last_checkpoint(str(ckpt_dir)) if ctx.resume and ckpt_dir.is_dir() else None
     resumed_from = int(Path(last).name.rsplit("-", 1)[-1]) if last else 0
-    trainer, history = build_trainer(cfg, model, tokenizer, examples, ckpt_dir, seed,
+    trainer, history = build_trainer(cfg, model, tokenizer, examples + echoes, ckpt_dir, seed,
                                      tracker=ctx.tracker, callbacks=callbacks)
     ctx.tracker.log_dataset(
         [{"id": t.id, "suite": t.task.suite, "task_id": t.task.task_id, "steps": len(t.content),
@@ -184,6 +189,7 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
         "global_step": float(trainer.state.global_step),
         "resumed_from_step": float(resumed_from),
         "examples": float(len(examples)),
+        "copy_examples": float(len(echoes)),
         "examples_truncated": float(stats.truncated),
         "examples_dropped_no_assistant": float(len(stats.no_assistant)),
         "examples_dropped_recovered": float(recovered if cfg.drop_recovered else 0),

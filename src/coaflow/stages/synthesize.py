@@ -47,6 +47,9 @@ class Config(Section):
     unrecovered_rate: float = Field(0.08, ge=0, le=1, description="scripted: share of tasks whose "
                                     "mistake slips through (wrong answer)")
     shard_size: int = Field(100, ge=1, description="trajectories per shard (resume granularity)")
+    workers: int = Field(4, ge=1, description="scripted: tasks solved at once in threads (calc's "
+                         "sandboxed python calls wait on process start-up); output order and "
+                         "content do not depend on it")
     llm: LlmTeacherConfig = Field(default_factory=LlmTeacherConfig)
 
     @field_validator("suites")
@@ -151,15 +154,21 @@ def synthesize(cfg: Config, out: Path, seed: int, cache_dir: Path | None = None,
     t0 = time.perf_counter()
     try:
         if cfg.teacher == "scripted":
-            for task in todo:
+            def solve(task):
                 log, started = start(task), utcnow()
                 rng = random.Random(f"{seed}-{task.task_id}")
                 try:
-                    answer, error = scripted.solve(task, log, rng, mistakes), None
+                    return log, scripted.solve(task, log, rng, mistakes), None, started
                 except ValueError as e:
-                    answer, error = None, str(e)
-                finish(task, log, answer, error, started)
-                bar.update()
+                    return log, None, str(e), started
+
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(cfg.workers) as pool:  # map keeps the task order
+                for task, (log, answer, error, started) in zip(
+                        todo, pool.map(solve, todo), strict=True):
+                    finish(task, log, answer, error, started)
+                    bar.update()
         else:
             asyncio.run(_run_llm(cfg, todo, client, tool_schemas, start, finish, bar))
     finally:

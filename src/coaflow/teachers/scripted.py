@@ -211,8 +211,25 @@ def _first_line(observation: str) -> str | None:
     return lines[0] if lines else None
 
 
+def as_written(expression: str, question: str) -> str:
+    """The expression with each number spelled as the question spells it: ``1,078`` in the
+    question becomes Python's ``1_078`` (same value), so a student copies it token for token
+    instead of learning to drop separators while copying.
+
+    >>> as_written("sum(i ** 2 for i in range(1, 1078 + 1))", "from 1 to 1,078?")
+    'sum(i ** 2 for i in range(1, 1_078 + 1))'
+    >>> as_written("31801 * 12", "31801 crates")  # not grouped in the question: unchanged
+    '31801 * 12'
+    """
+    def spell(m: re.Match) -> str:
+        n = int(m.group())
+        return f"{n:_}" if f"{n:,}" in question else m.group()
+
+    return re.sub(r"(?<![\w.])\d{4,}(?![\w.])", spell, expression)
+
+
 def solve_calc(task: Task, log: TeamLog, rng: random.Random, mistakes: Mistakes) -> str | None:
-    expression = task.metadata["expression"]
+    expression = as_written(task.metadata["expression"], task.question)
     money = MONEY.fullmatch(expression)
     shown = money.group(1) if money else expression.replace("__import__('datetime').", "datetime.")
     mistake, slips = mistakes.pick(rng, ["arithmetic_slip"])
