@@ -238,3 +238,31 @@ def test_length_grouped_batches_hold_similar_lengths_in_a_new_order_each_epoch(
     plain, _ = sft.build_trainer(cfg.sft.model_copy(update={"length_grouped": False}), model, tok,
                                  examples, tmp_path / "ckpt2")
     assert not isinstance(plain._get_train_sampler(), sft.LengthBucketSampler)
+
+
+def test_copy_examples_train_only_the_echoed_reply(tmp_path, tiny_dir, trajectories):
+    """sft.copy_examples adds echo examples of the environments' text; their loss falls on the
+    reply alone (a copy of the user turn), under a system prompt that is not the agent's."""
+    from transformers import AutoTokenizer
+
+    from coaflow.schema.render import DEFAULT_SYSTEM_PROMPT
+    from coaflow.stages.sft_data import COPY_PROMPT, copy_examples, to_example
+
+    examples = [to_example(t) for t in trajectories[:10]]
+    echoes = copy_examples(examples, 12, seed=1)
+    assert len(echoes) == 12 and COPY_PROMPT != DEFAULT_SYSTEM_PROMPT
+    sources = [m["content"] for e in examples for m in e["messages"]
+               if m["role"] in ("user", "tool")]
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    for e in echoes:
+        sys_, user, reply = e["messages"]
+        assert sys_["content"] == COPY_PROMPT and user["content"] == reply["content"]
+        assert any(reply["content"][:20] in src for src in sources)  # the environments' text
+        out = tok.apply_chat_template(e["messages"], tokenize=True, return_dict=True,
+                                      return_assistant_tokens_mask=True)
+        trained = [i for i, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
+        assert tok.decode(trained).replace("<|im_end|>", "").strip() == reply["content"]
+
+    cfg, ctx = fast_ctx(tmp_path, trajectories[:16], tiny_dir,
+                        ["sft.copy_examples=8", "sft.max_steps=2"])
+    assert sft.train(cfg.sft, ctx).metrics["copy_examples"] == 8
