@@ -264,5 +264,14 @@ def test_copy_examples_train_only_the_echoed_reply(tmp_path, tiny_dir, trajector
         assert tok.decode(trained).replace("<|im_end|>", "").strip() == reply["content"]
 
     cfg, ctx = fast_ctx(tmp_path, trajectories[:16], tiny_dir,
-                        ["sft.copy_examples=8", "sft.max_steps=2"])
-    assert sft.train(cfg.sft, ctx).metrics["copy_examples"] == 8
+                        ["sft.copy_examples=8", "sft.max_steps=2", "sft.copy_warmup_steps=3"])
+    seen = []
+    from transformers import TrainerCallback
+
+    class Steps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            seen.append(state.global_step)
+
+    m = sft.train(cfg.sft, ctx, callbacks=(Steps(),)).metrics
+    assert m["copy_examples"] == 8 and m["global_step"] == 2 and seen == [1, 2]
+    assert m["copy_warmup_seconds"] > 0 and not (ctx.out / "warmup").exists()

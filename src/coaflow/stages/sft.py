@@ -109,6 +109,9 @@ class Config(Section):
                                "sentence or three of the environments' own text (questions, tool "
                                "results) repeated as the reply; they teach a tiny model to copy "
                                "token for token (sft_data.copy_examples)")
+    copy_warmup_steps: int = Field(0, ge=0, description="optimizer steps on echo examples "
+                                   "alone before the task data (a copy curriculum: induction "
+                                   "first, then the format); not repeated on resume")
     drop_recovered: bool = Field(False, description="leave out of training the runs in which the "
                                  "teacher made a mistake and recovered (the student copies the "
                                  "mistake, not the recovery)")
@@ -153,6 +156,19 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
     ckpt_dir = ctx.out / "checkpoints"
     last = get_last_checkpoint(str(ckpt_dir)) if ctx.resume and ckpt_dir.is_dir() else None
     resumed_from = int(Path(last).name.rsplit("-", 1)[-1]) if last else 0
+    warmup_seconds = 0.0
+    if cfg.copy_warmup_steps and last is None:  # a checkpoint already holds the warmed weights
+        start = time.time()
+        n = cfg.copy_warmup_steps * cfg.batch_size * cfg.grad_accum
+        warm_cfg = cfg.model_copy(update={"max_steps": cfg.copy_warmup_steps, "epochs": 1.0,
+                                          "decisive_weight": 1.0, "length_grouped": True,
+                                          "save_steps": cfg.copy_warmup_steps + 1})
+        warm, _ = build_trainer(warm_cfg, model, tokenizer, D.copy_examples(examples, n, seed + 1),
+                                ctx.out / "warmup", seed)
+        warm.train()
+        model = warm.model
+        shutil.rmtree(ctx.out / "warmup", ignore_errors=True)
+        warmup_seconds = time.time() - start
     trainer, history = build_trainer(cfg, model, tokenizer, examples + echoes, ckpt_dir, seed,
                                      tracker=ctx.tracker, callbacks=callbacks)
     ctx.tracker.log_dataset(
@@ -192,6 +208,7 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
         "resumed_from_step": float(resumed_from),
         "examples": float(len(examples)),
         "copy_examples": float(len(echoes)),
+        "copy_warmup_seconds": round(warmup_seconds, 2),
         "examples_truncated": float(stats.truncated),
         "examples_dropped_no_assistant": float(len(stats.no_assistant)),
         "examples_dropped_recovered": float(recovered if cfg.drop_recovered else 0),
