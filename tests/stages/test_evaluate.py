@@ -127,3 +127,16 @@ def test_standalone_cli(tmp_path):
     res = cli("--model", "http://127.0.0.1:9/v1", "-n", "1", "--output", tmp_path / "p")
     assert res.exit_code == 75 and "cannot reach the model endpoint" in res.output
     assert "Traceback" not in res.output and not (tmp_path / "p" / "outcomes.jsonl").exists()
+
+
+def test_an_sft_row_only_when_rl_made_the_candidate(tmp_path, tiny_dir):
+    """With rl's model as the candidate, the table also shows the sft model it started from (what
+    rl changed, on the same tasks); without rl, the candidate is the sft model: no second row."""
+    cfg, ctx = context(tmp_path, tiny_dir)
+    specs, candidate, _ = evaluate.model_specs(cfg.evaluate, ctx)
+    assert "sft" not in specs and candidate["source"] == "sft"
+    ctx.inputs["rl"] = Result(outputs={"model": str(tmp_path / "rl-model")})
+    specs, candidate, _ = evaluate.model_specs(cfg.evaluate, ctx)
+    assert list(specs) == ["base", "sft", "candidate", "teacher"]
+    assert specs["sft"] == str(tiny_dir) and specs["candidate"] == str(tmp_path / "rl-model")
+    assert candidate["source"] == "rl"

@@ -46,14 +46,16 @@ NEEDS = ("sft",)
 OPTIONAL = ("rl", "gate")
 RESUMABLE = False
 
-ROWS = ("base", "candidate", "champion", "teacher")
+ROWS = ("base", "sft", "candidate", "champion", "teacher")
 
 
 class Config(Section):
     suites: dict[str, int] = Field({"kbqa": 60, "calc": 60}, description="test-split tasks per "
                                    "suite; the same tasks for every model")
-    models: list[Literal["base", "candidate", "champion", "teacher"]] = Field(
-        list(ROWS), description="rows of the table (champion only when the registry has one)")
+    models: list[Literal["base", "sft", "candidate", "champion", "teacher"]] = Field(
+        list(ROWS), description="rows of the table: sft only when rl ran (the candidate is then "
+        "rl's model, and the sft row shows what rl changed); champion only when the registry "
+        "has one")
     teacher: str = Field("scripted", description="the ceiling row: 'scripted' (the offline "
                          "team, no mistakes) or a model spec (folder, hub id, models:/, URL)")
     max_turns: int = Field(6, ge=1, description="assistant turns per episode")
@@ -402,6 +404,8 @@ def model_specs(cfg: Config, ctx: Context) -> tuple[dict[str, str], dict, dict |
         if Path(base).is_absolute() and not Path(base).exists():  # the run folder has moved
             base = str(sft.path("model").parent / "base")
         specs["base"] = base
+    if "sft" in cfg.models and rl is not None:
+        specs["sft"] = str(sft.path("model"))
     if "candidate" in cfg.models:
         specs["candidate"] = candidate["model"]
     champion = None
