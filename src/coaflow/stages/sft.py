@@ -235,9 +235,13 @@ def _zero_stage(trainer) -> int | None:
     return plugin.zero_stage if trainer.is_deepspeed_enabled and plugin else None
 
 
+def _from_registry(cfg: Config) -> bool:
+    return cfg.model == "champion" or cfg.model.startswith("models:/")
+
+
 def cache_extras(cfg: Config, run) -> dict:
     """Starting from the champion: which version it is now is part of what sft reads."""
-    if cfg.model != "champion" and not cfg.model.startswith("models:/"):
+    if not _from_registry(cfg):
         return {}
     from coaflow.registry import Registry, RegistryError
     from coaflow.tracking import default_uri
@@ -258,7 +262,7 @@ def _registry_uri(cfg: Config, run) -> str:
 def base_model(cfg: Config, ctx: Context) -> str:
     """What sft starts from: ``tiny``, a hub id or folder, or a registry model fetched into the
     stage folder (``champion``: the model in service; ``tiny`` before there is one)."""
-    if cfg.model != "champion" and not cfg.model.startswith("models:/"):
+    if not _from_registry(cfg):
         return cfg.model
     from coaflow.registry import Registry, RegistryError
     from coaflow.tracking import default_uri
@@ -351,7 +355,7 @@ def build_trainer(cfg: Config, model, tokenizer, examples: list[dict], output_di
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from coaflow.stages.sft_data import decisive_pairs
 
@@ -388,16 +392,13 @@ def build_trainer(cfg: Config, model, tokenizer, examples: list[dict], output_di
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                  lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
                                  target_modules=cfg.lora_target_modules)
-    plain = cfg.decisive_weight == 1.0 and (cfg.packing or not cfg.length_grouped)
-    trainer_class = SFTTrainer if plain else decisive_trainer()
-    trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list(examples),
+    trainer = sft_trainer()(model=model, args=args, train_dataset=Dataset.from_list(examples),
                             processing_class=tokenizer, peft_config=peft_config,
                             callbacks=[LogToTracker(), *callbacks])
     if cfg.decisive_weight != 1.0:
         trainer.decisive_pairs = decisive_pairs(tokenizer)
         trainer.decisive_weight = cfg.decisive_weight
-    if not plain:
-        trainer.length_grouped = cfg.length_grouped and not cfg.packing
+    trainer.length_grouped = cfg.length_grouped and not cfg.packing
     return trainer, history
 
 
@@ -413,17 +414,18 @@ def cpu_bf16() -> bool:
 
 
 @functools.cache
-def decisive_trainer():
-    """``DecisiveSFTTrainer`` (defined on first use: TRL loads only when training)."""
+def sft_trainer():
+    """``CoaflowSFTTrainer`` (defined on first use: TRL loads only when training)."""
     from trl import SFTTrainer
 
-    class DecisiveSFTTrainer(SFTTrainer):
-        """TRL's ``SFTTrainer`` whose training loss weighs the decisive tokens (``<tool_call>``
-        and ``<answer>`` spans, ``sft_data.decisive_mask``) ``decisive_weight`` times the others
-        and logs their token accuracy (``decisive_token_accuracy``) beside the overall one: the
-        number that says whether the student copies arguments and answers, not just the format.
-        Other cases (evaluation, MoE aux loss, padding-free rows, several processes) take TRL's
-        own loss."""
+    class CoaflowSFTTrainer(SFTTrainer):
+        """TRL's ``SFTTrainer`` with two options, each TRL's own behaviour when off.
+        ``decisive_pairs``: the training loss weighs the decisive tokens (``<tool_call>`` and
+        ``<answer>`` spans, ``sft_data.decisive_mask``) ``decisive_weight`` times the others and
+        logs their token accuracy (``decisive_token_accuracy``) beside the overall one: the
+        number that says whether the student copies arguments and answers, not just the format
+        (evaluation, MoE aux loss, padding-free rows, several processes take TRL's own loss).
+        ``length_grouped``: batches from ``LengthBucketSampler`` (one process)."""
 
         decisive_pairs: list[tuple[int, int]] = []
         decisive_weight: float = 1.0
@@ -443,7 +445,7 @@ def decisive_trainer():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return _decisive_loss(self, model, inputs, num_items_in_batch)
 
-    return DecisiveSFTTrainer
+    return CoaflowSFTTrainer
 
 
 class LengthBucketSampler:
