@@ -2,7 +2,7 @@
 
 oneDNN runs bfloat16 matrix products natively on CPUs with AVX-512 BF16 / AMX (``sft.bf16`` uses
 them when ``sft.cpu_bf16()`` says so). The gain grows with the width: the 0.66M default is too
-narrow to profit, a 4M model trains ~1.75x faster.
+narrow to profit (1.19x), a 4M model trains ~1.5x faster.
 
     python bench/bench_cpu_bf16.py            # prints tokens/s and the ratio per shape
 """

@@ -88,7 +88,7 @@ class Config(Section):
     deepspeed: Literal["zero2", "zero3_offload"] | None = Field(
         None, description="DeepSpeed ZeRO config from configs/deepspeed/ (null: plain DDP/CPU)")
     bf16: bool = Field(False, description="bfloat16 mixed precision: on a GPU, or on a CPU whose "
-                       "oneDNN has bf16 kernels (AVX-512 BF16 / AMX: ~1.75x on a 4M-parameter "
+                       "oneDNN has bf16 kernels (AVX-512 BF16 / AMX: ~1.5x on a 4M-parameter "
                        "model); ignored on other CPUs")
     gradient_checkpointing: bool = Field(False, description="recompute activations to save memory")
     logging_steps: int = Field(5, ge=1, description="log loss and token accuracy every N steps")
