@@ -64,6 +64,31 @@ def test_cache_hit_then_miss_on_config_change(workdir):
     assert not (workdir / "runs/r/a/line-2").exists()  # stale output wiped, not mixed in
 
 
+def test_code_change_is_a_cache_miss(workdir, tmp_path, monkeypatch):
+    """The source is in the key: other code (a changed teacher) never reuses a stage folder."""
+    import shutil
+    from pathlib import Path
+
+    from coaflow import pipeline
+
+    src = tmp_path / "pkg"
+    shutil.copytree(Path(pipeline.__file__).parent / "teachers", src)
+    before = pipeline.code_digest(src)
+    (src / "__pycache__").mkdir(exist_ok=True)
+    (src / "__pycache__" / "x.pyc").write_bytes(b"\0")  # bytecode is not source
+    assert pipeline.code_digest.__wrapped__(src) == before  # __wrapped__: not the cached value
+    (src / "scripted.py").write_text((src / "scripted.py").read_text() + "\n# changed\n")
+    assert pipeline.code_digest.__wrapped__(src) != before
+
+    calls = []
+    stages = {"a": make_stage("a", calls=calls)}
+    run_pipeline(config(workdir), run_id="r", stages=stages, log=lambda *_: None)
+    assert run_pipeline(config(workdir), run_id="r", stages=stages, log=lambda *_: None)["a"].cached
+    monkeypatch.setattr(pipeline, "code_digest", lambda: "other-code")
+    res = run_pipeline(config(workdir), run_id="r", stages=stages, log=lambda *_: None)
+    assert not res["a"].cached and [c[0] for c in calls] == ["a", "a"]
+
+
 def test_killed_stage_leaves_no_marker_and_restarts_clean(workdir):
     calls, fail = [], [1]
     stages = {"a": make_stage("a", calls=calls, fail_at=fail)}

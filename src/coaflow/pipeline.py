@@ -33,6 +33,7 @@ so a stage folder copied to another machine or an object store still resolves.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -146,16 +147,29 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@functools.cache
+def code_digest(root: Path = Path(__file__).parent) -> str:
+    """A digest of coaflow's own source under ``root`` (its .py, .yaml, .json and .jinja files):
+    part of every cache key, so a stage folder made by other code is never reused. Without it a
+    changed teacher or tokenizer silently reused the old trajectories or model."""
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.suffix in {".py", ".yaml", ".json", ".jinja"} and "__pycache__" not in path.parts:
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def cache_key(stage: str, module, section: Any, run: Any, input_keys: Mapping[str, str]) -> str:
     """Everything the stage reads: its section, ``run.name``/``run.seed``, its inputs' keys,
-    ``cache_extras`` (outside state, e.g. the champion's version) and the coaflow version."""
+    ``cache_extras`` (outside state, e.g. the champion's version), the coaflow version and its
+    source (``code_digest``)."""
     conf = section.model_dump(mode="json") if hasattr(section, "model_dump") else section
     extras = None
     if hasattr(module, "cache_extras"):
         takes_inputs = len(inspect.signature(module.cache_extras).parameters) >= 3
         extras = (module.cache_extras(section, run, dict(input_keys)) if takes_inputs
                   else module.cache_extras(section, run))
-    return _digest({"stage": stage, "config": conf, "version": __version__,
+    return _digest({"stage": stage, "config": conf, "version": __version__, "code": code_digest(),
                     "run": {"name": getattr(run, "name", None), "seed": getattr(run, "seed", None)},
                     "inputs": dict(sorted(input_keys.items())), "extras": extras})
 
