@@ -2,7 +2,8 @@
 
 The student study's direct test of copying (docs/student.md): ``Repeat the text exactly.`` with a
 sentence or three of questions and tool results (``sft_data.copy_examples``, drawn from the last
-trajectories of a gate folder), the reply compared with the text. A model trained without echo
+trajectories of a gate folder), the reply compared with the text, and each number of the text
+looked for in the reply. A model trained without echo
 examples has never seen the prompt; use it on models trained with ``sft.copy_examples`` or
 ``sft.copy_warmup_steps``.
 
@@ -12,6 +13,7 @@ examples has never seen the prompt; use it on models trained with ``sft.copy_exa
 from __future__ import annotations
 
 import argparse
+import re
 
 
 def main(argv=None) -> None:
@@ -32,7 +34,7 @@ def main(argv=None) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     trajs = D.load_trajectories(f"{args.gate}/accepted")[-200:]  # the end: sft's held-out side
     echoes = D.copy_examples([D.to_example(t) for t in trajs], args.n, seed=123)
-    exact = 0
+    exact = numbers = numbers_copied = 0
     for e in echoes:
         ids = tok.apply_chat_template(e["messages"][:2], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"]
@@ -40,9 +42,12 @@ def main(argv=None) -> None:
         reply = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
         target = e["messages"][2]["content"]
         exact += reply == target
+        for number in re.findall(r"\d[\d,._]*\d|\d", target):  # each number of the text
+            numbers += 1
+            numbers_copied += number in reply
         if args.show:
             print(f"{target!r}\n -> {reply!r}")
-    print(f"echo exact {exact} / {len(echoes)}")
+    print(f"echo exact {exact} / {len(echoes)}; numbers copied {numbers_copied} / {numbers}")
 
 
 if __name__ == "__main__":
