@@ -3,8 +3,8 @@
 The student study's direct test of copying (docs/student.md): ``Repeat the text exactly.`` with a
 sentence or three of questions and tool results (``sft_data.copy_examples``, drawn from the last
 trajectories of a gate folder), the reply compared with the text, and each number of the text
-looked for in the reply. A model trained without echo
-examples has never seen the prompt; use it on models trained with ``sft.copy_examples`` or
+looked for in the reply (as a substring: a loose count). A model trained without echo examples
+has never seen the prompt; use it on models trained with ``sft.copy_examples`` or
 ``sft.copy_warmup_steps``.
 
     python bench/echo_probe.py --model RUN/sft/model --gate RUN/gate --n 40 --show

@@ -73,12 +73,12 @@ def test_code_change_is_a_cache_miss(workdir, tmp_path, monkeypatch):
 
     src = tmp_path / "pkg"
     shutil.copytree(Path(pipeline.__file__).parent / "teachers", src)
-    before = pipeline.code_digest(src)
+    before = pipeline.source_digest(src)
     (src / "__pycache__").mkdir(exist_ok=True)
     (src / "__pycache__" / "x.pyc").write_bytes(b"\0")  # bytecode is not source
-    assert pipeline.code_digest.__wrapped__(src) == before  # __wrapped__: not the cached value
+    assert pipeline.source_digest(src) == before
     (src / "scripted.py").write_text((src / "scripted.py").read_text() + "\n# changed\n")
-    assert pipeline.code_digest.__wrapped__(src) != before
+    assert pipeline.source_digest(src) != before
 
     calls = []
     stages = {"a": make_stage("a", calls=calls)}

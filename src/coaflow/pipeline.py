@@ -147,16 +147,21 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-@functools.cache
-def code_digest(root: Path = Path(__file__).parent) -> str:
-    """A digest of coaflow's own source under ``root`` (its .py, .yaml, .json and .jinja files):
-    part of every cache key, so a stage folder made by other code is never reused. Without it a
-    changed teacher or tokenizer silently reused the old trajectories or model."""
+def source_digest(root: Path) -> str:
+    """A digest of the source files under ``root`` (.py, .yaml, .json; not bytecode)."""
     h = hashlib.sha256()
     for path in sorted(root.rglob("*")):
-        if path.suffix in {".py", ".yaml", ".json", ".jinja"} and "__pycache__" not in path.parts:
+        if path.suffix in {".py", ".yaml", ".json"}:
             h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
+
+
+@functools.cache
+def code_digest() -> str:
+    """coaflow's own source (``source_digest`` of the package, once per process): part of every
+    cache key, so a stage folder made by other code is never reused. Without it a changed teacher
+    or tokenizer silently reused the old trajectories or model."""
+    return source_digest(Path(__file__).parent)
 
 
 def cache_key(stage: str, module, section: Any, run: Any, input_keys: Mapping[str, str]) -> str:
