@@ -67,7 +67,7 @@ def main() -> None:
 
     from coaflow.config import load_config
     from coaflow.models import CHAT_TEMPLATE, build_tiny
-    from coaflow.stages.sft_data import render, to_example
+    from coaflow.models.prompt import render, to_example
 
     cfg = load_config(args.profile, ["tracking.enabled=false", *args.set]).sft
     examples = [to_example(t) for t in make_trajectories(args.trajectories, seed=0)]

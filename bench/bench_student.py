@@ -99,7 +99,7 @@ def teacher_forced(model, tok, trajs: list, max_length: int = 4096) -> dict:
     """Per kind: decisive tokens right / total, spans entirely right / total."""
     import torch
 
-    from coaflow.stages.sft_data import prompt_messages, to_example
+    from coaflow.models.prompt import prompt_messages, to_example
 
     stats: dict[str, list[int]] = {}
     for t in trajs:
@@ -132,7 +132,7 @@ def first_calls(model, tok, trajs: list, max_new_tokens: int, batch_size: int = 
     from coaflow.envs import call_tool, make_env, task_to_row
     from coaflow.envs.rewards import score
     from coaflow.models import parse_tool_calls
-    from coaflow.stages.sft_data import prompt_messages, to_example
+    from coaflow.models.prompt import prompt_messages, to_example
 
     end = tok.convert_tokens_to_ids("<|im_end|>")
     tok.padding_side = "left"

@@ -27,13 +27,14 @@ def main(argv=None) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from coaflow.models.prompt import to_example
     from coaflow.stages import sft_data as D
 
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     trajs = D.load_trajectories(f"{args.gate}/accepted")[-200:]  # the end: sft's held-out side
-    echoes = D.copy_examples([D.to_example(t) for t in trajs], args.n, seed=123)
+    echoes = D.copy_examples([to_example(t) for t in trajs], args.n, seed=123)
     exact = numbers = numbers_copied = 0
     for e in echoes:
         ids = tok.apply_chat_template(e["messages"][:2], add_generation_prompt=True,

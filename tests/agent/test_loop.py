@@ -6,7 +6,7 @@ import pytest
 
 from coaflow.agent import Completion, category, run_episodes
 from coaflow.envs import make_tasks
-from coaflow.stages.sft_data import to_example
+from coaflow.models.prompt import to_example
 
 
 def call(name, **args):
@@ -16,7 +16,7 @@ def call(name, **args):
 class Scripted:
     """A backend whose "model" is a function of the chat so far (same protocol as the real ones)."""
 
-    asynchronous = send_tools = False
+    asynchronous = False
     name = "scripted"
 
     def __init__(self, policy):

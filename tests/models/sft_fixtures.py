@@ -20,7 +20,7 @@ def trajectories():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, trajectories):
     from coaflow.models import CHAT_TEMPLATE, TinyModel, build_tiny
-    from coaflow.stages.sft_data import render, to_example
+    from coaflow.models.prompt import render, to_example
 
     out = tmp_path_factory.mktemp("tiny") / "base"
     corpus = [render(to_example(t), CHAT_TEMPLATE) for t in trajectories]

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from coaflow.models.prompt import render, to_example
 from coaflow.models.tiny import ROLE_TAGS, train_tokenizer
-from coaflow.stages.sft_data import decisive_mask, decisive_pairs, render, to_example
+from coaflow.stages.sft_data import decisive_mask, decisive_pairs
 
 CORPUS = [
     'The capital of Renkorora is Vekmer. <answer>Vekmer</answer>\n{"query": "Renkorora"}'

@@ -42,7 +42,7 @@ def first_turns(n: int = 2) -> list[tuple[list[dict], list[dict]]]:
     from coaflow.agent.loop import Episode
     from coaflow.envs import make_tasks
 
-    return [Episode(t, max_turns=1, model="m").prompt(send_tools=True)
+    return [Episode(t, max_turns=1, model="m").prompt()
             for t in make_tasks("kbqa", "test", n, seed=0)]
 
 

@@ -29,7 +29,6 @@ def _deploy(work, port, register_dir, *overrides):
     cfg = load_config("tiny", [f"run.workdir={work}", f"run.name={NAME}", f"deploy.port={port}",
                                "deploy.engine=transformers", "deploy.smoke_suites=[kbqa]",
                                "deploy.smoke_tasks=2", "deploy.smoke_max_tokens=40", "deploy.smoke_max_turns=2",
-                               "deploy.smoke_send_tools=true",  # the fixture learned with them
                                *overrides])
     return execute("deploy", cfg, work / "runs" / "r" / "deploy", {"register": register_dir},
                    log=lambda *_: None)

@@ -13,8 +13,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
 import sft_fixtures as fx  # noqa: E402
 
+from coaflow.models.prompt import to_example  # noqa: E402
 from coaflow.stages import sft  # noqa: E402
-from coaflow.stages.sft_data import to_example  # noqa: E402
 
 tiny_dir, trajectories = fx.tiny_dir, fx.trajectories  # shared fixtures
 

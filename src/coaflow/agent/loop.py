@@ -1,10 +1,9 @@
 """The one multi-turn agent loop: a chat model acts in a suite's environment, episode by episode.
 
 Each turn the model sees the episode so far rendered exactly as SFT renders a trajectory
-(``sft_data.to_example``: the default system prompt, the question, its own earlier turns with
-their tool calls, every observation as a ``tool`` message, the tool schemas if training shows
-them) and writes one assistant turn. The loop
-reads it back:
+(``models.prompt.to_example``: the default system prompt with the suite's tool schemas, the
+question, its own earlier turns with their tool calls, every observation as a ``tool`` message)
+and writes one assistant turn. The loop reads it back:
 
 - an ``<answer>`` ends the episode (scored with the suite's reward);
 - tool calls (``models.toolcalls.parse_tool_calls``) run with the suite's real tools
@@ -85,15 +84,15 @@ class Episode:
     def done(self) -> bool:
         return self.stop is not None
 
-    def prompt(self, send_tools: bool = False) -> tuple[list[dict], list[dict] | None]:
-        """``(messages, tools)``: the chat so far, rendered as training renders a trajectory, and
-        the tool schemas to show the model: those training shows, else the suite's when
-        ``send_tools`` (a backend option), else none."""
-        from coaflow.stages.sft_data import to_example
+    def prompt(self) -> tuple[list[dict], list[dict] | None]:
+        """``(messages, tools)``: the episode so far as the one prompt layer renders a trajectory
+        (``models.prompt.to_example``: system prompt, question, earlier turns, observations, and
+        the suite's tool schemas)."""
+        from coaflow.models.prompt import to_example
 
         partial = Trajectory.model_construct(id=self.id, task=self.task, content=self.content)
         example = to_example(partial, self.system_prompt)
-        return example["messages"], example.get("tools") or (self.tools if send_tools else None)
+        return example["messages"], example["tools"]
 
     def advance(self, c: Completion) -> None:
         """Take one generated turn: record it, run its tool calls, decide whether to go on."""
@@ -193,16 +192,23 @@ def _run_batched(backend, episodes: list[Episode], gen: dict, tool_workers: int,
                  progress: Callable[[int], None] | None) -> None:
     """Turn by turn: every live episode generates in the same ``backend.generate`` call, then all
     run their tool calls (in threads: the calc sandbox is a subprocess)."""
+    reuse = getattr(backend, "prefix_cache", False)  # the backend keeps each episode's KV cache
+    if reuse:
+        backend.reset()
     with ThreadPoolExecutor(max(1, tool_workers)) as pool:
         live = list(episodes)
         while live:
-            prompts = [e.prompt(backend.send_tools) for e in live]
-            completions = backend.generate([m for m, _ in prompts], [t for _, t in prompts], **gen)
+            prompts = [e.prompt() for e in live]
+            keys = {"keys": [e.id for e in live]} if reuse else {}
+            completions = backend.generate([m for m, _ in prompts], [t for _, t in prompts],
+                                           **gen, **keys)
             list(pool.map(lambda ec: ec[0].advance(ec[1]), zip(live, completions, strict=True)))
             still = [e for e in live if not e.done]
             if progress:
                 progress(len(live) - len(still))
             live = still
+    if reuse:
+        backend.reset()
 
 
 async def _run_async(backend, episodes: list[Episode], gen: dict,
@@ -212,7 +218,7 @@ async def _run_async(backend, episodes: list[Episode], gen: dict,
     async def one(ep: Episode) -> None:
         async with sem:
             while not ep.done:
-                c = await backend.acomplete(*ep.prompt(backend.send_tools), **gen)
+                c = await backend.acomplete(*ep.prompt(), **gen)
                 await asyncio.to_thread(ep.advance, c)
         if progress:
             progress(1)

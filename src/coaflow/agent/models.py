@@ -43,17 +43,17 @@ def resolve_model(spec: str, *, tracking_uri: str | None = None,
 def make_backend(spec: str, *, batch_size: int = 16, concurrency: int = 16,
                  api_key: str | None = None, timeout_s: float = 120.0, max_retries: int = 5,
                  tracking_uri: str | None = None, download_dir: str | Path | None = None,
-                 send_tools: bool = False, threads: int | None = None, field: str = "model"):
+                 dtype: str | None = None, threads: int | None = None, field: str = "model"):
     """``TransformersBackend`` for a folder / hub id / registry URI, ``OpenAIBackend`` for a URL."""
     if is_endpoint(spec):
         from coaflow.agent.openai import OpenAIBackend
 
         url, _, served = spec.partition("#")
         return OpenAIBackend(url, served or None, api_key, concurrency=concurrency,
-                             timeout_s=timeout_s, max_retries=max_retries, send_tools=send_tools)
+                             timeout_s=timeout_s, max_retries=max_retries)
     from coaflow.agent.hf import TransformersBackend
 
     return TransformersBackend(resolve_model(spec, tracking_uri=tracking_uri,
                                              download_dir=download_dir),
-                               batch_size=batch_size, send_tools=send_tools, threads=threads,
+                               batch_size=batch_size, dtype=dtype, threads=threads,
                                field=field)

@@ -204,19 +204,19 @@ class OpenAIBackend:
     """The agent loop's backend for any OpenAI-compatible endpoint (vLLM, ``coaflow serve``, a
     hosted API): ``concurrency`` episodes in flight, each request with a timeout and retries.
 
-    Requests carry the tool schemas when training shows them to the model; ``send_tools`` sends
-    the suite's always (a hosted API needs them to call tools; a vLLM server started without
-    ``--enable-auto-tool-choice`` refuses them)."""
+    Every request carries the suite's tool schemas as ``tools`` (``models.prompt``): ``coaflow
+    serve`` renders them into the prompt exactly as training did, and a hosted API needs them to
+    call tools (a vLLM server must be started with ``--enable-auto-tool-choice``)."""
 
     asynchronous = True
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, *,
                  concurrency: int = 16, timeout_s: float = 120.0, max_retries: int = 5,
-                 backoff_s: float = 1.0, send_tools: bool = False):
+                 backoff_s: float = 1.0):
         self.client = ChatClient(base_url, model, api_key, concurrency=concurrency,
                                  timeout_s=timeout_s, max_retries=max_retries,
                                  backoff_s=backoff_s)
-        self.concurrency, self.send_tools = concurrency, send_tools
+        self.concurrency = concurrency
         self.client.check_endpoint()
         self.name = f"{self.client.url}#{self.client.model}"
 

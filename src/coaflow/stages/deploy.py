@@ -71,9 +71,6 @@ class Config(Section):
         "the suite's tools")
     smoke_max_tokens: int = Field(128, ge=1, description="max_tokens per assistant turn")
     smoke_max_turns: int = Field(3, ge=1, description="assistant turns per smoke episode")
-    smoke_send_tools: bool = Field(False, description="send the suite's tool schemas with each "
-                                   "request (for models trained with tools in the prompt; the "
-                                   "tiny student never saw them and is prompted as in training)")
     api_key_env: str = Field("OPENAI_API_KEY", description="env var holding the endpoint's key "
                              "(kubernetes target; the local server needs none)")
     kubernetes: KubernetesTarget = Field(default_factory=KubernetesTarget,
@@ -84,8 +81,8 @@ class Config(Section):
 
 def smoke_test(base_url: str, model: str, cfg: Config, seed: int = 0) -> dict:
     """Whole agent episodes on test-split tasks through the endpoint (``coaflow.agent``'s HTTP
-    backend, prompted exactly as training and evaluate prompt the model, real tool results): every episode must run without an
-    endpoint error, and enough of them must make a well-formed call to one of the suite's
+    backend, prompted exactly as training and evaluate prompt the model, the tool schemas sent as
+    ``tools``, real tool results): every episode must run without an endpoint error, and enough of them must make a well-formed call to one of the suite's
     tools. Success is recorded, not required (a tiny student solves few whole tasks)."""
     from coaflow.agent import OpenAIBackend, category, run_episodes
     from coaflow.envs import make_tasks
@@ -93,8 +90,7 @@ def smoke_test(base_url: str, model: str, cfg: Config, seed: int = 0) -> dict:
     tasks = [t for s in cfg.smoke_suites for t in make_tasks(s, "test", cfg.smoke_tasks, seed=seed)]
     try:
         backend = OpenAIBackend(base_url, model, os.environ.get(cfg.api_key_env) or None,
-                                concurrency=8, timeout_s=120, max_retries=2,
-                                send_tools=cfg.smoke_send_tools)
+                                concurrency=8, timeout_s=120, max_retries=2)
         trajs = run_episodes(backend, tasks, max_turns=cfg.smoke_max_turns,
                              max_new_tokens=cfg.smoke_max_tokens, seed=seed)
     except (CoaflowError, httpx.HTTPError, OSError) as e:  # the endpoint failing: the finding

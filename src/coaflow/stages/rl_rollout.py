@@ -27,6 +27,7 @@ from typing import Any
 
 from coaflow.envs import rewards
 from coaflow.errors import PipelineError, UserError
+from coaflow.models.prompt import tools_for
 
 REWARD_DOC = (
     "reward = success + format_weight * format + evidence_weight * evidence, where success is "
@@ -52,7 +53,7 @@ class Encoded:
 
 
 def encode_episode(tokenizer, messages: list[dict], chat_template: str | None,
-                   max_completion_length: int) -> Encoded:
+                   max_completion_length: int, tools: list[dict] | None = None) -> Encoded:
     """Tokenize a finished episode with the template the model was trained with.
 
     The prompt is everything before the first assistant turn, rendered with the generation
@@ -64,10 +65,10 @@ def encode_episode(tokenizer, messages: list[dict], chat_template: str | None,
     if first is None:
         raise PipelineError("rl: an episode has no assistant turn (the agent loop produced "
                             "nothing to train on)")
-    prompt = tokenizer.apply_chat_template(messages[:first], tokenize=True, return_dict=True,
-                                           add_generation_prompt=True,
+    prompt = tokenizer.apply_chat_template(messages[:first], tools=tools, tokenize=True,
+                                           return_dict=True, add_generation_prompt=True,
                                            chat_template=chat_template)["input_ids"]
-    full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+    full = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
                                          return_assistant_tokens_mask=True,
                                          chat_template=chat_template)
     ids, mask = list(full["input_ids"]), list(full["assistant_masks"])
@@ -209,11 +210,11 @@ def make_trainer_class():
 
 def from_trajectory(traj) -> tuple[list[dict], str | None, dict]:
     """An agent-loop trajectory as ``(messages, final_answer, info)``: the chat rendered exactly
-    as the loop rendered it for the model (``sft_data.to_example``), and its counts."""
-    from coaflow.schema.render import DEFAULT_SYSTEM_PROMPT
-    from coaflow.stages.sft_data import to_example
+    as the loop rendered it for the model (``models.prompt.to_example``; the tool schemas are
+    ``models.prompt.tools_for(suite)``), and its counts."""
+    from coaflow.models.prompt import to_example
 
-    messages = to_example(traj, DEFAULT_SYSTEM_PROMPT)["messages"]
+    messages = to_example(traj)["messages"]
     d = traj.details
     errors = sum(m["role"] == "tool" and str(m.get("content", "")).startswith("Error")
                  for m in messages)
@@ -230,9 +231,10 @@ class VLLMColocateBackend:
     name = "policy-vllm"
 
     def __init__(self, llm, tokenizer):
+        from coaflow.models.prompt import stop_token_ids
+
         self.llm, self.tok = llm, tokenizer
-        self.stop_ids = [i for i in {tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                                     tokenizer.eos_token_id} if isinstance(i, int)]
+        self.stop_ids = stop_token_ids(tokenizer)
 
     def generate(self, prompts: list[list[dict]], tools=None, *, max_new_tokens: int,
                  temperature: float = 0.0, seed: int = 0) -> list:
@@ -240,8 +242,10 @@ class VLLMColocateBackend:
 
         from coaflow.agent import Completion
 
-        texts = [self.tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
-                 for m in prompts]
+        tools = tools or [None] * len(prompts)
+        texts = [self.tok.apply_chat_template(m, tools=t, tokenize=False,
+                                              add_generation_prompt=True)
+                 for m, t in zip(prompts, tools, strict=True)]
         params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed,
                                 stop_token_ids=self.stop_ids, skip_special_tokens=False)
         out = []
@@ -297,7 +301,7 @@ def make_rollout_func(tasks: Sequence, tokenizer, chat_template: str | None,
                                                 "tool_calls", "tool_errors", "turns")}
         for task, (messages, answer, info) in zip(batch, results, strict=True):
             enc = encode_episode(tokenizer, messages, chat_template,
-                                 settings.max_completion_length)
+                                 settings.max_completion_length, tools_for(task.suite))
             if info.get("stop") == "turn_tokens" and not enc.truncated:
                 # the last turn hit its token budget: the <|im_end|> the template closes it with
                 # was never sampled; drop it, so TRL counts the episode as cut

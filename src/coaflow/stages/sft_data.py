@@ -1,28 +1,20 @@
 """Trajectories -> SFT examples, and the checks that fail a bad dataset before training starts.
 
-An example is ``{"messages": [...]}`` in the chat layout ``coaflow.schema.render.to_messages``
-gives (system, user, assistant turns with ``tool_calls``, ``tool`` observations). TRL's
-``SFTTrainer`` renders it with the chat template and ``assistant_only_loss``: the template's
-``{% generation %}`` spans are the only trained tokens, so tool observations, the system prompt
-and the question get label -100.
-
-Tool-call arguments travel as JSON strings: an Arrow table unifies the argument objects of all
-calls into one struct, which would render every call with every other tool's keys set to null.
-The chat template prints a string argument as is, and ``json.dumps`` gives the same text as the
-template's ``tojson``.
+An example is ``models.prompt.to_example``'s ``{"messages", "tools"}``: the one layout every
+model user renders. TRL's ``SFTTrainer`` renders it with the chat template and
+``assistant_only_loss``: the template's ``{% generation %}`` spans are the only trained tokens, so
+tool observations, the system prompt, the tool schemas and the question get label -100.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coaflow.pipeline import PipelineError
+from coaflow.errors import PipelineError
 from coaflow.schema import DataError, read_trajectories
-from coaflow.schema.render import DEFAULT_SYSTEM_PROMPT, to_messages
 from coaflow.schema.trajectory import Trajectory
 
 
@@ -54,19 +46,6 @@ def split_holdout(trajs: list[Trajectory], n: int, seed: int
     n = min(n, len(trajs) // 5)
     held = set(sorted((t.id for t in trajs), key=lambda i: holdout_key(i, seed))[:n])
     return [t for t in trajs if t.id not in held], [t for t in trajs if t.id in held]
-
-
-def to_example(traj: Trajectory, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> dict:
-    """One training example: chat messages with tool-call arguments as JSON strings."""
-    messages = []
-    for m in to_messages(traj, system_prompt=system_prompt):
-        m = dict(m)
-        if m.get("tool_calls"):
-            m["tool_calls"] = [
-                {**c, "function": {"name": c["function"]["name"], "arguments": json.dumps(
-                    c["function"]["arguments"], ensure_ascii=False)}} for c in m["tool_calls"]]
-        messages.append(m)
-    return {"messages": messages}
 
 
 COPY_PROMPT = "Repeat the text exactly."
@@ -111,28 +90,9 @@ def copy_examples(examples: list[dict], n: int, seed: int, max_chars: int = 240)
     return out
 
 
-def prompt_messages(example: dict) -> list[dict]:
-    """The messages before the first assistant turn: what the model sees at inference."""
-    out = []
-    for m in example["messages"]:
-        if m["role"] == "assistant":
-            break
-        out.append(m)
-    return out
-
-
 def tool_names(trajs: Iterable[Trajectory]) -> set[str]:
     return {("python" if c.class_ == "code_action" else c.function)
             for t in trajs for c in t.tool_calls()}
-
-
-def render(example: dict, chat_template: str) -> str:
-    """The text the chat template makes of one example (the tiny tokenizer's corpus)."""
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    rendered, _ = render_jinja_template(conversations=[example["messages"]],
-                                        chat_template=chat_template)
-    return rendered[0]
 
 
 @dataclass
@@ -157,7 +117,8 @@ def check_examples(tokenizer, examples: list[dict], chat_template: str | None, m
     st = DataStats(examples=len(examples))
     lengths = []
     for i, ex in enumerate(examples):
-        out = tokenizer.apply_chat_template(ex["messages"], tokenize=True, return_dict=True,
+        out = tokenizer.apply_chat_template(ex["messages"], tools=ex.get("tools") or None,
+                                            tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True,
                                             chat_template=chat_template)
         ids, mask = out["input_ids"], out["assistant_masks"]
