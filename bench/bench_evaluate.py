@@ -1,7 +1,9 @@
-"""Benchmark: agent episodes/s, batched across episodes vs one episode at a time (and, with an
+"""Benchmark: agent episodes/s, batched across episodes vs one episode at a time, or with each
+episode's KV cache kept across turns vs the whole prompt re-encoded every turn (and, with an
 endpoint, the HTTP backend at concurrency 1 vs 16).
 
     .venv/bin/python bench/bench_evaluate.py --model work/runs/RUN/sft/model      # ~2 min, 2 cores
+    .venv/bin/python bench/bench_evaluate.py --model M --compare reuse --dtype bfloat16
     .venv/bin/python bench/bench_evaluate.py --model M --endpoint http://127.0.0.1:8000/v1
 
 The same test-split tasks (half kbqa, half calc) run through ``coaflow.agent.run_episodes``
@@ -43,6 +45,9 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=6, help="turn budget per episode")
     ap.add_argument("--tokens", type=int, default=160, help="token budget per turn")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads while generating")
+    ap.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the folder's)")
+    ap.add_argument("--compare", choices=["batch", "reuse"], default="batch",
+                    help="batch: batch --batch vs 1; reuse: KV cache across turns vs re-encoding")
     ap.add_argument("--endpoint", help="also time OpenAIBackend against this /v1 URL")
     args = ap.parse_args()
 
@@ -56,13 +61,24 @@ def main() -> None:
                                                                   args.tasks - half, seed=0)
     print(f"{args.tasks} episodes, <= {args.turns} turns x {args.tokens} tokens, "
           f"torch threads {args.threads or torch.get_num_threads()}")
-    batched_s, batched = timed(TransformersBackend(args.model, batch_size=args.batch,
-                                                         threads=args.threads), tasks, args)
+    def backend(batch: int, reuse: bool = True):
+        b = TransformersBackend(args.model, batch_size=batch, threads=args.threads,
+                                dtype=args.dtype)
+        b.prefix_cache = reuse
+        return b
+
+    batched_s, batched = timed(backend(args.batch), tasks, args)
     print(line(f"transformers batch {args.batch}", batched_s, batched))
-    single_s, single = timed(TransformersBackend(args.model, batch_size=1, threads=args.threads), tasks, args)
-    print(line("transformers batch 1", single_s, single))
-    same = sum(a.content == b.content for a, b in zip(batched, single, strict=True))
-    print(f"batched / sequential: {single_s / batched_s:.2f}x episodes/s; "
+    if args.compare == "batch":
+        other_s, other = timed(backend(1), tasks, args)
+        print(line("transformers batch 1", other_s, other))
+        label = "batched / sequential"
+    else:
+        other_s, other = timed(backend(args.batch, reuse=False), tasks, args)
+        print(line(f"batch {args.batch}, re-encoding", other_s, other))
+        label = "KV reuse / re-encoding"
+    same = sum(a.content == b.content for a, b in zip(batched, other, strict=True))
+    print(f"{label}: {other_s / batched_s:.2f}x episodes/s; "
           f"identical episodes: {same}/{len(tasks)}")
     if args.endpoint:
         one_s, one = timed(OpenAIBackend(args.endpoint, concurrency=1), tasks, args)

@@ -1,11 +1,19 @@
-"""In-process backend: a transformers causal LM generating for many episodes at once.
+"""In-process backend: a transformers causal LM generating for many episodes at once, reusing
+each episode's KV cache from one turn to the next.
 
-All prompts of a turn are rendered with the tokenizer's chat template, sorted by length (less
-padding), left-padded into batches of ``batch_size`` and generated with a static KV cache
-(allocated once per call, no per-step concatenation: 11 s instead of 19 s for the batched run of
-bench/bench_evaluate.py here); a row stops at ``<|im_end|>`` (or the tokenizer's EOS). Episodes that finished leave the batch at the next
-turn, so late turns run on small batches. On CPU this is where the speed is: one thread decodes
-~8x more tokens per second at batch 16 than at batch 1 (docs/design.md).
+An agent episode's prompt grows every turn by the model's own turn and a tool result; re-encoding
+all of it each turn is what dominated evaluation (a 135M student: ~1,000 prompt tokens x ~4 turns
+per episode, prefill-bound on a CPU). So the backend keeps, per episode (``keys``), the keys and
+values of every token it has already run, and the next turn computes only what is new after the
+longest common prefix with them (the re-rendered tool call may differ from the sampled text; the
+cache is cut where they part, as vLLM's prefix caching does).
+
+A turn: prompts are tokenized with the chat template (tools included, ``models.prompt``), sorted by
+length and cut into batches of ``batch_size``. In a batch each row's cached past is left-padded to
+the longest past and its new tokens left-padded to the longest new part; the attention mask zeroes
+the holes and position ids count real tokens only, so a row computes exactly what it would alone.
+Decoding is a plain greedy / temperature loop that stops a row at ``<|im_end|>`` (or EOS) and the
+batch when every row stopped. Episodes that finished drop their cache.
 
 A prompt that with ``max_new_tokens`` no longer fits ``max_context`` (default: the model's
 ``max_position_embeddings``) is not generated; its episode ends with ``context``.
@@ -18,57 +26,63 @@ from coaflow.agent.loop import Completion
 
 class TransformersBackend:
     asynchronous = False
+    prefix_cache = True  # run_episodes passes episode keys
 
     def __init__(self, model: str, *, batch_size: int = 16, device: str | None = None,
                  dtype: str | None = None, max_context: int | None = None,
-                 send_tools: bool = False, threads: int | None = None, field: str = "model"):
-        """``model``: a local HF folder or a hub id. ``send_tools``: show the suite's tool schemas
-        even where training does not (the chat template renders them). ``threads``: torch CPU
-        threads while generating (restored after; None: leave torch's setting). A tiny model
-        gains nothing from intra-op threads, and on a busy CPU their barriers cost: 64 tokens at
-        batch 16 took 4.2 s with 1 thread and 40 s with 2 on this 2-core machine under load."""
+                 threads: int | None = None, field: str = "model"):
+        """``model``: a local HF folder, a hub id or a named PyPI model (``models.sources``);
+        ``dtype``: e.g. ``bfloat16`` (None: the folder's). ``threads``: torch CPU threads while
+        generating (restored after; None: leave torch's setting). A small model gains little from
+        intra-op threads, and on a busy CPU their barriers cost: 64 tokens at batch 16 took 4.2 s
+        with 1 thread and 40 s with 2 on this 2-core machine under load."""
         import torch
 
         from coaflow.models.loading import load_model_and_tokenizer
+        from coaflow.models.prompt import stop_token_ids
 
         self.model, self.tok, self.name = load_model_and_tokenizer(model, dtype=dtype, field=field)
-        self.tok.padding_side = "left"
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
-        self.batch_size, self.send_tools, self.threads = batch_size, send_tools, threads
+        self.batch_size, self.threads = batch_size, threads
         self.max_context = max_context or getattr(self.model.config, "max_position_embeddings",
                                                   None) or 4096
-        end = self.tok.convert_tokens_to_ids("<|im_end|>")
-        ends = [end] if isinstance(end, int) and end != self.tok.unk_token_id else []
-        self.stop_ids = [*ends, *([self.tok.eos_token_id] if self.tok.eos_token_id is not None
-                                  and self.tok.eos_token_id not in ends else [])]
-        if not self.stop_ids:
-            raise ValueError(f"{self.name}: the tokenizer has neither <|im_end|> nor an EOS token")
+        self.stop_ids = stop_token_ids(self.tok)
+        self.pad_id = self.tok.pad_token_id
+        self.past: dict[str, tuple[list[int], list]] = {}  # key -> (tokens, per-layer (k, v))
+        self.stats = {"prompt_tokens": 0, "reused_tokens": 0, "generated_tokens": 0}
+
+    def reset(self) -> None:
+        """Forget every episode's cache (new episodes, or new weights: rl between steps)."""
+        self.past.clear()
 
     def render(self, messages: list[dict], tools: list[dict] | None) -> str:
         return self.tok.apply_chat_template(messages, tools=tools, tokenize=False,
                                             add_generation_prompt=True)
 
     def generate(self, prompts: list[list[dict]], tools: list[list[dict]] | None = None, *,
-                 max_new_tokens: int, temperature: float = 0.0, seed: int = 0
-                 ) -> list[Completion]:
+                 max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+                 keys: list[str] | None = None) -> list[Completion]:
+        """One assistant turn per prompt. ``keys`` name the episodes: a key seen before reuses
+        that episode's cache, and keys absent from this call are dropped (finished)."""
         import torch
 
+        if keys is not None:
+            for gone in set(self.past) - set(keys):
+                del self.past[gone]
         if not self.threads or self.device != "cpu":
-            return self._generate(prompts, tools, max_new_tokens, temperature, seed)
+            return self._generate(prompts, tools, max_new_tokens, temperature, seed, keys)
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
-            return self._generate(prompts, tools, max_new_tokens, temperature, seed)
+            return self._generate(prompts, tools, max_new_tokens, temperature, seed, keys)
         finally:
             torch.set_num_threads(before)
 
-    def _generate(self, prompts, tools, max_new_tokens: int, temperature: float,
-                  seed: int) -> list[Completion]:
-        import torch
-
+    def _generate(self, prompts, tools, max_new_tokens: int, temperature: float, seed: int,
+                  keys: list[str] | None) -> list[Completion]:
         tools = tools or [None] * len(prompts)
         ids = [self.tok(self.render(m, t), add_special_tokens=False)["input_ids"]
                for m, t in zip(prompts, tools, strict=True)]
@@ -76,23 +90,105 @@ class TransformersBackend:
         fits = [i for i, x in enumerate(ids) if len(x) + max_new_tokens <= self.max_context]
         for i in set(range(len(ids))) - set(fits):
             out[i] = Completion("", 0, "context")
+            if keys:
+                self.past.pop(keys[i], None)
         fits.sort(key=lambda i: len(ids[i]))
-        sample = temperature > 0
         for start in range(0, len(fits), self.batch_size):
             chunk = fits[start:start + self.batch_size]
-            batch = self.tok.pad({"input_ids": [ids[i] for i in chunk]}, return_tensors="pt")
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            if sample:
-                torch.manual_seed(seed + start)
-            with torch.no_grad():
-                gen = self.model.generate(
-                    **batch, max_new_tokens=max_new_tokens, do_sample=sample,
-                    temperature=temperature if sample else None, top_p=None, top_k=None,
-                    eos_token_id=self.stop_ids, pad_token_id=self.tok.pad_token_id,
-                    cache_implementation="static")
-            for i, row in zip(chunk, gen[:, batch["input_ids"].shape[1]:].tolist(), strict=True):
+            rows = self._decode([ids[i] for i in chunk],
+                                [keys[i] if keys else None for i in chunk],
+                                max_new_tokens, temperature, seed + start)
+            for i, row in zip(chunk, rows, strict=True):
                 out[i] = self._completion(row)
         return out  # type: ignore[return-value]
+
+    def _reusable(self, key: str | None, ids: list[int]) -> tuple[int, list | None]:
+        """How many leading tokens of ``ids`` the episode's cache holds, and that cache."""
+        if key is None or key not in self.past:
+            return 0, None
+        tokens, kv = self.past[key]
+        n = 0
+        limit = min(len(tokens), len(ids) - 1)  # at least one new token to run
+        while n < limit and tokens[n] == ids[n]:
+            n += 1
+        return n, kv
+
+    def _decode(self, prompts: list[list[int]], keys: list[str | None], max_new_tokens: int,
+                temperature: float, seed: int) -> list[list[int]]:
+        import torch
+        from transformers import DynamicCache
+
+        dev = self.device
+        reuse = [self._reusable(k, p) for k, p in zip(keys, prompts, strict=True)]
+        past_len = max(n for n, _ in reuse)
+        new = [p[n:] for p, (n, _) in zip(prompts, reuse, strict=True)]
+        new_len = max(len(x) for x in new)
+        b = len(prompts)
+        self.stats["prompt_tokens"] += sum(len(p) for p in prompts)
+        self.stats["reused_tokens"] += sum(n for n, _ in reuse)
+
+        # [past (left-padded) | new (left-padded)]: the mask zeroes both holes
+        mask = torch.zeros(b, past_len + new_len, dtype=torch.long)
+        input_ids = torch.full((b, new_len), self.pad_id, dtype=torch.long)
+        for r, ((n, _), x) in enumerate(zip(reuse, new, strict=True)):
+            mask[r, past_len - n:past_len] = 1
+            mask[r, past_len + new_len - len(x):] = 1
+            input_ids[r, new_len - len(x):] = torch.tensor(x)
+        cache = DynamicCache(config=self.model.config)
+        if past_len:
+            for layer in range(self.model.config.num_hidden_layers):
+                ks, vs = [], []
+                for (n, kv) in reuse:
+                    k, v = kv[layer] if kv is not None else (None, None)
+                    ks.append(_left_pad(k, n, past_len, self.model, dev))
+                    vs.append(_left_pad(v, n, past_len, self.model, dev))
+                cache.update(torch.stack(ks), torch.stack(vs), layer)
+        mask, input_ids = mask.to(dev), input_ids.to(dev)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+        gen = torch.Generator(device=dev).manual_seed(seed) if temperature > 0 else None
+        produced = [[] for _ in range(b)]
+        done = torch.zeros(b, dtype=torch.bool, device=dev)
+        stops = torch.tensor(self.stop_ids, device=dev)
+        step_ids, step_pos = input_ids, positions[:, past_len:]
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                logits = self.model(input_ids=step_ids, attention_mask=mask,
+                                    position_ids=step_pos, cache=cache,
+                                    use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+                if gen is None:
+                    nxt = logits.argmax(-1)
+                else:
+                    probs = torch.softmax(logits / temperature, -1)
+                    nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+                nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+                for r in (~done).nonzero().flatten().tolist():
+                    produced[r].append(int(nxt[r]))
+                done |= torch.isin(nxt, stops)
+                if bool(done.all()):
+                    break
+                step_ids = nxt[:, None]
+                step_pos = step_pos[:, -1:] + 1
+                mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+        if any(keys):
+            self._keep(keys, prompts, produced, mask, cache, past_len + new_len)
+        self.stats["generated_tokens"] += sum(len(p) for p in produced)
+        return produced
+
+    def _keep(self, keys, prompts, produced, mask, cache, prompt_cols: int) -> None:
+        """Store each row's real tokens and their keys/values: the prompt's, then the generated
+        ones whose values the cache holds (all but the last sampled token)."""
+        import torch
+
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        for r, key in enumerate(keys):
+            if key is None:
+                continue
+            real = mask[r, :prompt_cols].nonzero().flatten()
+            gen_cols = list(range(prompt_cols, prompt_cols + len(produced[r]) - 1))
+            cols = torch.cat([real, torch.tensor(gen_cols, dtype=torch.long, device=real.device)])
+            kv = [(k[r, :, cols, :].clone(), v[r, :, cols, :].clone()) for k, v in layers]
+            self.past[key] = (prompts[r] + produced[r][:-1], kv)
 
     def _completion(self, row: list[int]) -> Completion:
         end = next((k for k, t in enumerate(row) if t in self.stop_ids), None)
@@ -101,3 +197,14 @@ class TransformersBackend:
         if self.tok.pad_token:
             text = text.replace(self.tok.pad_token, "")
         return Completion(text, len(kept) + (end is not None), "length" if end is None else "stop")
+
+
+def _left_pad(t, n: int, width: int, model, device):
+    """``t`` ([heads, n, dim], or None when ``n`` is 0) left-padded with zeros to ``width``."""
+    import torch
+
+    cfg = model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    pad = torch.zeros(heads, width - n, dim, dtype=model.dtype, device=device)
+    return pad if t is None or n == 0 else torch.cat([pad, t[:, :n, :]], dim=1)
