@@ -168,7 +168,7 @@ def decision(stages: dict) -> str:
 def sample_episode(stages: dict, model: str = "candidate", width: int = 100) -> list[str]:
     """One evaluated episode of ``model`` (a solved one when there is one) as transcript lines:
     the question, each tool call and what the tool returned, the answer, the verdict."""
-    from coaflow.schema import ApiAction, MessageAction, TextObservation
+    from coaflow.schema import ApiAction, CodeAction, MessageAction, TextObservation
     from coaflow.schema.io import read_trajectories
 
     folder = stages.get("evaluate", {}).get("outputs", {}).get("transcripts")
@@ -188,6 +188,8 @@ def sample_episode(stages: dict, model: str = "candidate", width: int = 100) -> 
     for step in t.content[1:]:
         if isinstance(step, ApiAction):
             lines.append(f"  call   {cut(f'{step.function}({json.dumps(step.kwargs)})')}")
+        elif isinstance(step, CodeAction):
+            lines.append(f"  call   {cut(f'python({json.dumps(step.content)})')}")
         elif isinstance(step, TextObservation):
             lines.append(f"  tool   {cut(step.content)}")
         elif isinstance(step, MessageAction):

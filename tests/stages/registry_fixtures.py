@@ -31,17 +31,23 @@ def gate_folder(root: Path, passed: bool = True, key: str = "gate-key") -> Path:
 
 
 def evaluation(success: dict[str, float], champion: int | None = None,
-               diff: dict[str, tuple[float, float, float]] | None = None, n: int = 40) -> dict:
-    """An evaluate summary: candidate success per suite; with a champion, the paired
-    candidate - champion (diff, lo, hi) per suite and for "all"."""
+               diff: dict[str, tuple[float, float, float]] | None = None, n: int = 40,
+               vs_base: tuple[float, float, float] = (0.3, 0.2, 0.4)) -> dict:
+    """An evaluate summary: candidate success per suite; the paired candidate - base (diff, lo,
+    hi) over all tasks; with a champion, the paired candidate - champion per suite and for
+    "all"."""
     table = {"candidate": {s: {"success": v, "lo": max(0.0, v - 0.15), "hi": min(1.0, v + 0.15),
                                "n": n} for s, v in success.items()}}
     summary = {"table": table, "candidate": {"source": "sft", "model": "x"},
                "champion": {"version": champion} if champion else None}
+
+    def paired(rows):
+        return {s: {"diff": d, "lo": lo, "hi": hi, "p_value": 0.01, "n": n}
+                for s, (d, lo, hi) in rows.items()}
+
+    summary["comparison"] = {"candidate_vs_base": paired({"all": vs_base})}
     if diff is not None:
-        summary["comparison"] = {"candidate_vs_champion": {
-            s: {"diff": d, "lo": lo, "hi": hi, "p_value": 0.01, "n": n}
-            for s, (d, lo, hi) in diff.items()}}
+        summary["comparison"]["candidate_vs_champion"] = paired(diff)
     return summary
 
 

@@ -38,7 +38,8 @@ def test_table_outcomes_and_transcripts(tmp_path, tiny_dir):
     r = evaluate.run(cfg.evaluate, ctx)
     table = r.summary["table"]
     assert list(table) == ["base", "candidate", "teacher"]  # no registry: no champion row
-    assert r.summary["champion"] is None and "comparison" not in r.summary
+    assert r.summary["champion"] is None
+    assert list(r.summary["comparison"]) == ["candidate_vs_base"]  # what promotion must beat
     assert r.summary["candidate"] == {"source": "sft", "model": str(tiny_dir)}
     assert table["teacher"]["calc"] == {"success": 1.0, "lo": pytest.approx(0.4385, abs=1e-3),
                                         "hi": 1.0, "n": 3}
@@ -95,7 +96,7 @@ def test_paired_comparison_counts_discordant_tasks():
     a = rows("candidate", [1] * 12 + [0] * 2 + [1] * 6)
     b = rows("champion", [0] * 10 + [1] * 2 + [1] * 2 + [1] * 6)
     c = evaluate.compare(a, b, resamples=500, seed=0)["calc"]
-    assert (c["only_candidate"], c["only_champion"], c["n"]) == (10, 2, 20)
+    assert (c["only_candidate"], c["only_other"], c["n"]) == (10, 2, 20)
     assert c["diff"] == pytest.approx(0.4) and round(c["p_value"], 4) == 0.0386
     assert 0 < c["lo"] < 0.4 < c["hi"]
 

@@ -153,3 +153,20 @@ def test_bad_models_and_uris(tmp_path, monkeypatch, tiny_dir):
         reg.fetch(f"models:/{MODEL}@champion", tmp_path / "x")
     with pytest.raises(RegistryError, match="not a registry URI"):
         reg.resolve("models:/a/b/c")
+
+
+def test_a_first_candidate_that_does_not_beat_its_base_is_never_champion(tmp_path, monkeypatch,
+                                                                         tiny_dir):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    work, data = tmp_path / "work", tmp_path / "stages"
+    same = rf.evaluation({"kbqa": 0.0, "calc": 0.0}, vs_base=(0.0, 0.0, 0.0))
+    with pytest.raises(PromotionRefused, match=r"beats_base: all: diff \+0.000") as e:
+        _register(work, rf.sft_folder(data, tiny_dir, "sft-a"),
+                  rf.evaluate_folder(data, same, "ev-a"), rf.gate_folder(data), "r1")
+    assert exit_code(e.value) == 4 and e.value.result.summary["failed_rules"] == ["beats_base"]
+    assert Registry(f"sqlite:///{work.resolve() / 'mlflow.db'}").champion(MODEL) is None
+    # the smoke profile's wiring switch: the same candidate goes through
+    ok = _register(work, rf.sft_folder(data, tiny_dir, "sft-a"),
+                   rf.evaluate_folder(data, same, "ev-a"), rf.gate_folder(data), "r2",
+                   "register.beats_base=false")
+    assert ok.summary["promoted"]

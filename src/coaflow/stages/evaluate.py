@@ -64,6 +64,9 @@ class Config(Section):
     concurrency: int = Field(16, ge=1, description="episodes in flight (HTTP endpoints)")
     threads: int = Field(1, ge=0, description="torch CPU threads while generating in process; "
                          "0: torch's default (more helps big models, not tiny ones)")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="dtype of in-process models: auto is bfloat16 on a GPU or a CPU with "
+        "native bf16 kernels (AMX / AVX-512 BF16), else the model's own")
     api_key_env: str | None = Field("OPENAI_API_KEY", description="env var with the key for "
                                     "endpoint models")
     pass_k: int = Field(0, ge=0, description="k of pass@k, from k sampled episodes per task; "
@@ -164,12 +167,14 @@ def run_model(spec: str, tasks: list, cfg: Config, *, field: str, tracking_uri: 
 
     from coaflow.agent import run_episodes
     from coaflow.agent.models import make_backend
+    from coaflow.models.loading import inference_dtype
 
     with tempfile.TemporaryDirectory() as download:
         backend = make_backend(spec, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
                                api_key=os.environ.get(cfg.api_key_env or "") or None,
                                tracking_uri=tracking_uri, download_dir=download,
-                               threads=cfg.threads or None, field=field)
+                               dtype=inference_dtype(cfg.dtype), threads=cfg.threads or None,
+                               field=field)
         from tqdm import tqdm
 
         with tqdm(total=len(tasks) * samples, desc=field, unit="episode",
@@ -237,7 +242,7 @@ def compare(a: list[dict], b: list[dict], resamples: int, seed: int) -> dict:
         only_a = sum(x > y for x, y in pairs)
         only_b = sum(y > x for x, y in pairs)
         out[suite] = {"diff": diff, "lo": lo, "hi": hi, "p_value": mcnemar_exact(only_a, only_b),
-                      "n": len(pairs), "only_candidate": only_a, "only_champion": only_b}
+                      "n": len(pairs), "only_candidate": only_a, "only_other": only_b}
     return out
 
 
@@ -253,10 +258,13 @@ def summarize(rows: list[dict], cfg: Config, seed: int, pass_k: dict) -> dict:
                "details": details,
                "slices": {m: {s: slices(pick[m, s]) for s in suites} for m in models},
                "tasks": {s: len(pick[models[0], s]) for s in suites}}
-    if "candidate" in models and "champion" in models:
-        summary["comparison"] = {"candidate_vs_champion": compare(
-            [r for r in rows if r["model"] == "candidate"],
-            [r for r in rows if r["model"] == "champion"], cfg.bootstrap, seed)}
+    # paired on the same tasks: what promotion reads (the champion, the base the candidate must
+    # beat) and what rl changed (the sft model it started from)
+    summary["comparison"] = {
+        f"candidate_vs_{other}": compare([r for r in rows if r["model"] == "candidate"],
+                                         [r for r in rows if r["model"] == other],
+                                         cfg.bootstrap, seed)
+        for other in ("champion", "base", "sft") if "candidate" in models and other in models}
     return summary
 
 
@@ -280,9 +288,10 @@ def metrics_of(summary: dict) -> dict[str, float]:
             for key, value in d.items():
                 if isinstance(value, (int, float)):
                     m[f"eval/{model}/{suite}/{key}"] = float(value)
-    for suite, c in summary.get("comparison", {}).get("candidate_vs_champion", {}).items():
-        for key in ("diff", "lo", "hi", "p_value"):
-            m[f"eval/candidate_vs_champion/{suite}/{key}"] = float(c[key])
+    for name, comp in summary.get("comparison", {}).items():
+        for suite, c in comp.items():
+            for key in ("diff", "lo", "hi", "p_value"):
+                m[f"eval/{name}/{suite}/{key}"] = float(c[key])
     return m
 
 
@@ -314,9 +323,9 @@ def markdown(summary: dict) -> str:
         for suite in suites:
             cats = ", ".join(f"{k} {v}" for k, v in sorted(per[suite]["categories"].items()))
             lines.append(f"| {model} | {suite} | {cats} |")
-    comp = summary.get("comparison", {}).get("candidate_vs_champion")
-    if comp:
-        lines += ["", "| candidate - champion | diff [95 % CI] | McNemar p | n |",
+    for name, comp in summary.get("comparison", {}).items():
+        other = name.removeprefix("candidate_vs_")
+        lines += ["", f"| candidate - {other} | diff [95 % CI] | McNemar p | n |",
                   "|---|---|---|---|"]
         lines += [f"| {s} | {c['diff']:+.1%} [{c['lo']:+.1%}, {c['hi']:+.1%}] | "
                   f"{c['p_value']:.3g} | {c['n']} |" for s, c in comp.items()]

@@ -1,7 +1,7 @@
 """register: the candidate becomes a registry version; it becomes the champion only when it wins.
 
 \b
-    coaflow register --profile tiny --run-id RUN       # after evaluate, in the same run
+    coaflow register --run-id RUN                     # after evaluate, in the same run
     coaflow stage register --out DIR --input evaluate=E --input sft=S [--input gate=G --input rl=R]
     coaflow models list                                # versions, aliases, metrics, lineage
 
@@ -16,12 +16,15 @@ Then the promotion rules, each named in the result when it fails:
 - ``data_gate``: the gate ran on this candidate's data and every expectation passed;
 - ``min_success``: the candidate's success on each suite is at least ``min_success``
   (``min_success_by_suite`` overrides per suite);
+- ``beats_base``: the paired 95 % lower bound of candidate - base (the model sft started from,
+  on the same tasks) on ``compare_on`` is above ``base_margin``: training must have taught it
+  something, even when there is no champion yet;
 - ``beats_champion``: the paired 95 % lower bound of candidate - champion success on ``compare_on``
   is above ``margin``;
 - ``max_regression``: no suite's paired difference is below ``-max_regression``;
 - ``fresh_comparison``: evaluate compared against the version that is champion now.
 
-With no champion yet, the absolute rules (``data_gate``, ``min_success``) decide. When they pass,
+With no champion yet, the absolute rules (``data_gate``, ``min_success``, ``beats_base``) decide. When they pass,
 ``champion`` moves to the new version and the old champion gets ``previous``; when one fails,
 nothing moves and the stage raises ``PromotionRefused`` (exit 4) after recording its result.
 """
@@ -57,6 +60,10 @@ class Config(Section):
                             "clear the margin: 'all' (every task) or a suite name")
     margin: float = Field(0.0, ge=-1, le=1, description="the paired 95 % lower bound of "
                           "candidate - champion success must be above this")
+    beats_base: bool = Field(True, description="require the candidate to beat the base model "
+                             "it was trained from (evaluate's candidate_vs_base row)")
+    base_margin: float = Field(0.0, ge=-1, le=1, description="the paired 95 % lower bound of "
+                               "candidate - base success must be above this")
     max_regression: float = Field(0.05, ge=0, le=1, description="largest drop in success allowed "
                                   "on any one suite (paired difference, in absolute points)")
     require_gate: bool = Field(True, description="refuse a candidate whose data did not pass "
@@ -97,7 +104,7 @@ def judge(cfg: Config, evaluation: dict, gate: dict | None, champion: int | None
     >>> ev = {"table": {"candidate": {"kbqa": {"success": 0.6, "lo": 0.5, "hi": 0.7, "n": 50}}},
     ...       "comparison": {}, "champion": None}
     >>> [r["rule"] for r in judge(Config(), ev, {"expectations": {"rows": True}}, None)]
-    ['data_gate', 'min_success:kbqa']
+    ['data_gate', 'min_success:kbqa', 'beats_base']
     """
     rules = []
     if cfg.require_gate:
@@ -118,28 +125,37 @@ def judge(cfg: Config, evaluation: dict, gate: dict | None, champion: int | None
                            f"success {row['success']:.3f} (95% CI {row['lo']:.3f}-{row['hi']:.3f},"
                            f" n={row['n']}) vs minimum {need:.3f}", value=row["success"],
                            threshold=need))
+    if cfg.beats_base:
+        rules.append(_paired_rule("beats_base", evaluation, "base", cfg.compare_on,
+                                  cfg.base_margin))
     if champion is None:
         return rules
     compared = (evaluation.get("champion") or {}).get("version")
     rules.append(_rule("fresh_comparison", compared == champion,
                        f"evaluated against version {compared}, champion is version {champion}"))
+    rules.append(_paired_rule("beats_champion", evaluation, "champion", cfg.compare_on,
+                              cfg.margin))
     comp = evaluation.get("comparison", {}).get("candidate_vs_champion", {})
-    row = comp.get(cfg.compare_on)
-    if row is None:
-        rules.append(_rule("beats_champion", False, f"no paired comparison on {cfg.compare_on!r}"
-                           f" (rows: {', '.join(comp) or 'none'})"))
-    else:
-        rules.append(_rule("beats_champion", row["lo"] > cfg.margin,
-                           f"{cfg.compare_on}: diff {row['diff']:+.3f}, 95% CI "
-                           f"[{row['lo']:+.3f}, {row['hi']:+.3f}], p={row.get('p_value', 1):.3g},"
-                           f" n={row['n']}; lower bound must be > {cfg.margin:+.3f}",
-                           value=row["lo"], threshold=cfg.margin))
     for suite, r in sorted(comp.items()):
         if suite != "all":
             rules.append(_rule(f"max_regression:{suite}", r["diff"] >= -cfg.max_regression,
                                f"diff {r['diff']:+.3f} vs allowed -{cfg.max_regression:.3f}",
                                value=r["diff"], threshold=-cfg.max_regression))
     return rules
+
+
+def _paired_rule(name: str, evaluation: dict, other: str, on: str, margin: float) -> dict:
+    """The candidate beats ``other``: the paired 95 % lower bound of the difference on ``on``
+    (a suite, or 'all') is above ``margin``."""
+    comp = evaluation.get("comparison", {}).get(f"candidate_vs_{other}", {})
+    row = comp.get(on)
+    if row is None:
+        return _rule(name, False, f"no paired comparison with the {other} on {on!r} (rows: "
+                     f"{', '.join(comp) or 'none'}; is '{other}' in evaluate.models?)")
+    return _rule(name, row["lo"] > margin,
+                 f"{on}: diff {row['diff']:+.3f}, 95% CI [{row['lo']:+.3f}, {row['hi']:+.3f}], "
+                 f"p={row.get('p_value', 1):.3g}, n={row['n']}; lower bound must be > "
+                 f"{margin:+.3f}", value=row["lo"], threshold=margin)
 
 
 # --- the stage ------------------------------------------------------------------------------
@@ -159,9 +175,11 @@ def _eval_tags(evaluation: dict) -> dict[str, str]:
         for suite, r in suites.items():
             tags[f"eval.{model}.{suite}"] = (f"{r['success']:.4f} [{r['lo']:.4f}, {r['hi']:.4f}]"
                                              f" n={r['n']}")
-    for suite, r in evaluation.get("comparison", {}).get("candidate_vs_champion", {}).items():
-        tags[f"eval.vs_champion.{suite}"] = (f"{r['diff']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]"
-                                             f" p={r.get('p_value', float('nan')):.3g}")
+    for name, comp in evaluation.get("comparison", {}).items():
+        for suite, r in comp.items():
+            tags[f"eval.vs_{name.removeprefix('candidate_vs_')}.{suite}"] = (
+                f"{r['diff']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]"
+                f" p={r.get('p_value', float('nan')):.3g}")
     return tags
 
 
