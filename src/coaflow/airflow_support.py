@@ -136,7 +136,10 @@ PARAMS: dict[str, tuple[str | None, str | None, dict, str]] = {
     "base_model": ("sft.model", "sft", {"type": ["null", "string"]},
                    "student to fine-tune: 'tiny', a hub id or a model folder (empty: the profile's)"),
     "teacher": ("synthesize.teacher", "synthesize",
-                {"type": ["null", "string"], "enum": [None, "scripted", "llm"]},
+                {"type": ["null", "string"], "enum": [None, "scripted", "llm"],
+                 # the UI labels a null choice "null" unless told otherwise
+                 "values_display": {"null": "(the profile's)", "scripted": "scripted",
+                                    "llm": "llm"}},
                 "scripted: the offline team; llm: the same roles over an OpenAI-compatible API"),
     "teacher_base_url": ("synthesize.llm.base_url", "synthesize", {"type": ["null", "string"]},
                          "teacher endpoint for teacher=llm, e.g. http://vllm:8000/v1"),
@@ -154,21 +157,34 @@ PARAMS: dict[str, tuple[str | None, str | None, dict, str]] = {
                       {"type": "string", "enum": ["local", "kubernetes", "none"]},
                       "where deploy rolls out the champion"),
 }
-DEFAULTS: dict[str, Any] = {"promote": True, "deploy_target": "none"}
+# tasks_per_suite: {} (not null), because the UI's JSON field shows {} for null and would send
+# null while showing {}; an empty object means the profile's, like null.
+DEFAULTS: dict[str, Any] = {"promote": True, "deploy_target": "none", "tasks_per_suite": {}}
+
+
+def shipped_profiles() -> list[str]:
+    """The profile names coaflow ships (``src/coaflow/configs/*.yaml``)."""
+    from coaflow.config import PROFILE_DIR
+
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
 
 
 def trigger_params(settings: Settings, stages: Sequence[str]) -> dict[str, dict]:
     """Param name -> {default, schema, description} for the DAG's trigger form: ``profile``,
     ``overrides`` and every knob whose stage exists."""
+    profiles = shipped_profiles()
+    if settings.profile not in profiles:  # a site's own profile file, set in the DAG settings
+        profiles.append(settings.profile)
     form = {
-        "profile": {"default": settings.profile, "schema": {"type": "string", "minLength": 1},
-                    "description": "profile name (src/coaflow/configs) or a YAML path on the "
-                                   "worker / in the image"},
+        "profile": {"default": settings.profile, "schema": {"type": "string", "enum": profiles},
+                    "description": "a profile coaflow ships (src/coaflow/configs), or the one "
+                                   "the DAG's settings name"},
     }
     for name, (_key, stage, schema, doc) in PARAMS.items():
         if stage is None or stage in stages:
             form[name] = {"default": DEFAULTS.get(name), "schema": schema, "description": doc}
-    form["overrides"] = {"default": [], "schema": {"type": "array", "items": {"type": "string"}},
+    form["overrides"] = {"default": [], "schema": {"type": ["null", "array"],  # null: optional
+                                                   "items": {"type": "string"}},
                          "description": "more config overrides, one section.key=value each "
                                         "(as coaflow --set), e.g. sft.lr=0.001"}
     return form
@@ -179,7 +195,7 @@ def overrides_from_params(params: Mapping[str, Any], stages: Sequence[str]) -> l
     out = []
     for name, (key, stage, _schema, _doc) in PARAMS.items():
         value = params.get(name)
-        if value is None or value == "" or (stage is not None and stage not in stages):
+        if value in (None, "", {}) or (stage is not None and stage not in stages):
             continue
         out.append(f"{key}={json.dumps(value)}")  # JSON is YAML: 'a', 3, {"kbqa": 2}, true
     extra = params.get("overrides") or []

@@ -142,6 +142,25 @@ def test_trigger_form(info):
     assert all(bad[k] and "ParamValidationError" in bad[k] for k in bad), bad
 
 
+def test_the_form_shows_what_it_sends(info):
+    """What the UI does with the schemas: ``profile`` is a dropdown of the shipped profiles; the
+    teacher's empty choice reads "(the profile's)", not "null"; ``tasks_per_suite`` starts as
+    the {} the JSON field shows; only a param whose type excludes null and whose default is null
+    is marked required, and none is."""
+    params = info["local"]["params"]
+    assert params["profile"]["schema"]["enum"] == af.shipped_profiles()
+    assert {"tiny", "smoke", "qwen3-0.6b-1gpu"} <= set(params["profile"]["schema"]["enum"])
+    assert params["teacher"]["schema"]["values_display"]["null"] == "(the profile's)"
+    assert params["tasks_per_suite"]["default"] == {}
+    for name, p in {**params, **info["full"]["params"]}.items():
+        types = p["schema"].get("type")
+        nullable = isinstance(types, list) and "null" in types
+        assert nullable or p["default"] is not None, f"{name} is required in the form"
+    assert "null" in params["overrides"]["schema"]["type"]
+    assert af.overrides_from_params({"tasks_per_suite": {}, "seed": 0}, ["synthesize"]) == \
+        ["run.seed=0"]  # {} is the profile's, like null; 0 is a value
+
+
 def test_promotion_branch_gates_deploy(info):
     full = info["full"]
     assert [t for t in full["order"] if t in ORDER] == list(ORDER)
