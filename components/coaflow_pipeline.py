@@ -12,10 +12,13 @@ artifacts: ``result`` is the stage folder (``result.json`` + marker), ``metrics`
 A stage's upstream artifacts are its ``NEEDS`` (required) and ``OPTIONAL`` (wired when that
 stage is in the pipeline), so a stage that lands on main appears here after a recompile.
 
-On Kubernetes (``kfp-kubernetes``): GPU stages (sft, rl, evaluate) ask for ``nvidia.com/gpu``,
-select GPU nodes and tolerate their taint; every task mounts the ``coaflow-work`` PVC (workdir,
-model and dataset caches), reads optional secrets as env (API keys, S3 credentials) and records
-the KFP run name as ``COAFLOW_RUN_ID`` for MLflow. Caching follows the stage's ``CACHE`` flag
+On Kubernetes (``kfp-kubernetes``) every setting comes from the Kubernetes settings file the
+Airflow DAG's pods read too (``coaflow.k8s_settings``): GPU stages (sft, rl, evaluate) run the GPU
+image, ask for ``nvidia.com/gpu``, select GPU nodes, tolerate their taint and get a RAM-backed
+/dev/shm; every task has CPU/memory requests = limits, mounts the ``coaflow-work`` PVC (workdir,
+model and dataset caches), reads optional secrets as env (API keys, S3 credentials) and the
+MLflow URI from the ``coaflow-mlflow`` ConfigMap, and records the KFP run name as
+``COAFLOW_RUN_ID`` for MLflow. Caching follows the stage's ``CACHE`` flag
 (deploy always runs); stages after ``register`` run only when it did not refuse the promotion.
 """
 
@@ -27,38 +30,22 @@ from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 
-from coaflow import __version__
+from coaflow import k8s_settings
 from coaflow.pipeline import STAGES, load_stage
 
-REGISTRY = "ghcr.io/coaflow"
-CPU_IMAGE = f"{REGISTRY}/coaflow-cpu:{__version__}"
-GPU_IMAGE = f"{REGISTRY}/coaflow-gpu:{__version__}"
+# Images, resources, GPUs, /dev/shm, the PVC, secrets, the MLflow ConfigMap and the user come from
+# the one Kubernetes settings file the Airflow DAG's pods read too (coaflow's k8s.yaml, or
+# $COAFLOW_K8S_CONFIG at compile time).
+K8S = k8s_settings.load()
 PROMOTION = "register"  # returns "refused" when the candidate lost: later stages are skipped
-
-# stage: (cpu request, memory request, GPUs). Unknown stages get the default.
-RESOURCES = {
-    "synthesize": ("4", "8Gi", 0),
-    "gate": ("2", "8Gi", 0),
-    "sft": ("8", "64Gi", 1),
-    "rl": ("8", "64Gi", 1),
-    "evaluate": ("4", "32Gi", 1),
-    "register": ("1", "2Gi", 0),
-    "deploy": ("1", "1Gi", 0),
-}
-DEFAULT_RESOURCES = ("1", "2Gi", 0)
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")  # set by the NVIDIA GPU operator
-# The PVC and mount the Airflow DAG uses too (run.workdir); helm/coaflow-pipeline creates it.
-CACHE_PVC, CACHE_MOUNT = "coaflow-work", "/data/coaflow"
-UID = 1000  # the images' user; the chart's init job makes the cache PVC group-writable for it
-SECRET = "coaflow-secrets"  # helm/coaflow-pipeline (or you) creates it; optional: a key that is missing leaves its variable unset
-SECRET_ENV = {
-    "openai-api-key": "OPENAI_API_KEY",  # the LLM teacher / evaluation endpoints
-    "hf-token": "HF_TOKEN",  # gated hub models
-    "aws-access-key-id": "AWS_ACCESS_KEY_ID",  # MLflow's S3 artifact store
-    "aws-secret-access-key": "AWS_SECRET_ACCESS_KEY",
-    "mlflow-tracking-token": "MLFLOW_TRACKING_TOKEN",
-}
+CPU_IMAGE, GPU_IMAGE = K8S.images.cpu, K8S.images.gpu
+GPU_RESOURCE = k8s_settings.GPU_RESOURCE
+CACHE_PVC, CACHE_MOUNT = K8S.pvc, K8S.mount_path
+UID = K8S.uid  # the images' user; the chart's init job makes the cache PVC group-writable for it
+SECRET_ENVS = K8S.secret_env()  # Secret -> {key: variable}; optional: a missing key stays unset
+SECRET = next(iter(SECRET_ENVS), "")
+SECRET_ENV = SECRET_ENVS.get(SECRET, {})
+MLFLOW_ENV = "MLFLOW_TRACKING_URI"  # the key of the MLflow ConfigMap every stage reads
 RUN_NAME_FIELD = "metadata.annotations['pipelines.kubeflow.org/run_name']"
 
 # The body of a stage component. KFP ships a function's source to the pod, so each stage gets
@@ -98,32 +85,41 @@ def stage_component(name: str, image: str):
     return dsl.component(scope[name], base_image=image, install_kfp_package=False)
 
 
-COMPONENTS = {n: stage_component(n, GPU_IMAGE if RESOURCES.get(n, DEFAULT_RESOURCES)[2]
-                                 else CPU_IMAGE) for n in STAGES}
+COMPONENTS = {n: stage_component(n, K8S.image_for(n)) for n in STAGES}
 
 
 def _configure(task, name: str) -> None:
-    """Resources, caching and the Kubernetes settings of one stage task."""
-    cpu, memory, gpus = RESOURCES.get(name, DEFAULT_RESOURCES)
+    """Resources (requests = limits), caching and the Kubernetes settings of one stage task,
+    as the Airflow DAG gives the same stage's pod."""
+    res = K8S.for_stage(name)
     task.set_caching_options(getattr(load_stage(name), "CACHE", True))
-    task.set_cpu_request(cpu).set_memory_request(memory)
-    if gpus:
-        task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
-        kubernetes.add_node_selector(task, *GPU_NODE_LABEL)
-        kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
+    task.set_cpu_request(res.cpu).set_cpu_limit(res.cpu)
+    task.set_memory_request(res.memory).set_memory_limit(res.memory)
+    if res.gpus:
+        task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(res.gpus)
+        for label, value in K8S.gpu_node_selector.items():
+            kubernetes.add_node_selector(task, label, value)
+        for toleration in K8S.gpu_tolerations:
+            kubernetes.add_toleration(task, **toleration)
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm",
+                                   medium="Memory", size_limit=K8S.shm_size)
     kubernetes.set_security_context(task, run_as_user=UID, run_as_group=UID, run_as_non_root=True)
     kubernetes.mount_pvc(task, pvc_name=CACHE_PVC, mount_path=CACHE_MOUNT)
-    kubernetes.use_secret_as_env(task, SECRET, SECRET_ENV, optional=True)
+    for secret, key_to_env in SECRET_ENVS.items():
+        kubernetes.use_secret_as_env(task, secret, key_to_env, optional=True)
+    if K8S.mlflow_configmap:
+        kubernetes.use_config_map_as_env(task, K8S.mlflow_configmap, {MLFLOW_ENV: MLFLOW_ENV})
     kubernetes.use_field_path_as_env(task, "COAFLOW_RUN_ID", RUN_NAME_FIELD)
 
 
 @dsl.pipeline(name="coaflow", description="Chain-of-Agents training: " + " -> ".join(STAGES))
 def coaflow_pipeline(profile: str = "tiny", overrides: list = [],  # noqa: B006 - a KFP default
                      seed: int = 0, workdir: str = CACHE_MOUNT,
-                     tracking_uri: str = "http://coaflow-tracking.coaflow:5000",
+                     tracking_uri: str = "",
                      retries: int = 3):
     """``profile``: a profile name or a config file in the image; ``overrides``: SECTION.KEY=VALUE
-    items as ``--set`` takes them; ``retries``: attempts after an exit 75 (service unavailable)."""
+    items as ``--set`` takes them; ``tracking_uri``: empty: the MLflow ConfigMap's (as Airflow's
+    pods); ``retries``: attempts after an exit 75 (service unavailable)."""
     params = dict(profile=profile, overrides=overrides, seed=seed, workdir=workdir,
                   tracking_uri=tracking_uri, retries=retries)
     tasks = {}

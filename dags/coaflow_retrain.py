@@ -15,12 +15,13 @@ point `coaflow stage NAME --out <workdir>/runs/<run id>/NAME --input STAGE=DIR`.
 
 Mode (`COAFLOW_AIRFLOW_MODE`): `local` runs each stage in a subprocess on the worker;
 `kubernetes` runs the same argv in a pod of the coaflow image (GPUs for sft, rl, evaluate).
-Settings: `dags/coaflow_retrain.yaml`. Docs: `docs/airflow.md`.
+Settings: `coaflow_retrain.yaml` beside this file; pods: coaflow's `k8s.yaml`. Docs: `docs/airflow.md`.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import pendulum
 from airflow.sdk import Param, chain, dag, task
@@ -28,7 +29,8 @@ from airflow.sdk import Param, chain, dag, task
 from coaflow import airflow_support as af
 from coaflow.pipeline import STAGES
 
-SETTINGS = af.load_settings()
+# the settings file beside this one, wherever the DAG folder is (/opt/airflow/dags in the image)
+SETTINGS = af.load_settings(default=Path(__file__).with_name("coaflow_retrain.yaml"))
 FORM = af.trigger_params(SETTINGS, list(STAGES))
 
 

@@ -1,18 +1,24 @@
-# coaflow CPU image: the tiny profile, CI and the CPU stages of the Kubeflow pipeline
-# (synthesize, gate, register, deploy). Build from the repository root:
+# coaflow CPU image: the tiny profile, CI and the CPU stages of both orchestrators (synthesize,
+# gate, register, deploy) and the KFP/Airflow tasks that submit Trainer jobs. Build from the
+# repository root:
 #   docker build -f images/cpu.Dockerfile -t ghcr.io/coaflow/coaflow-cpu:0.1.0 .
-FROM python:3.11.14-slim-bookworm AS build
+# Base pinned by tag and by digest (the multi-arch index); packages by images/locks/cpu.txt.
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
+FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# torch first, pinned, from the CPU index: the PyPI default is a multi-GB CUDA build.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+# Dependencies first, exactly as locked (torch's CPU build from the PyTorch index): a change
+# under src/ rebuilds only the layers below, never torch.
+COPY images/locks/cpu.txt /tmp/requirements.txt
+RUN pip install --no-deps --index-url https://download.pytorch.org/whl/cpu \
+        --extra-index-url https://pypi.org/simple -r /tmp/requirements.txt
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src/ src/
-RUN pip install "/src[train,kfp]"
+RUN pip install --no-deps /src
 
-FROM python:3.11.14-slim-bookworm
+FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     GX_ANALYTICS_ENABLED=false \

@@ -1,9 +1,11 @@
 # The MLflow tracking server behind helm/coaflow-tracking: SQLite for a trial, PostgreSQL and an
-# S3-compatible artifact store for real use (both chosen by the chart's values).
-#   docker build -f images/tracking.Dockerfile -t ghcr.io/coaflow/coaflow-tracking:3.17.2 images
-FROM python:3.11.14-slim-bookworm
+# S3-compatible artifact store for real use (both chosen by the chart's values). From the root:
+#   docker build -f images/tracking.Dockerfile -t ghcr.io/coaflow/coaflow-tracking:3.17.2 .
+# Base pinned by tag and digest; packages by images/locks/tracking.txt.
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
-RUN pip install mlflow==3.17.2 psycopg2-binary==2.9.13 boto3==1.44.8 \
+COPY images/locks/tracking.txt /tmp/requirements.txt
+RUN pip install --no-deps -r /tmp/requirements.txt \
     && useradd --create-home --uid 1000 mlflow
 USER 1000
 WORKDIR /home/mlflow

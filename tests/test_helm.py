@@ -21,9 +21,10 @@ def values_sets(chart: Path) -> list[tuple[str, dict]]:
                                 for p in sorted((chart / "ci").glob("*.yaml"))]
 
 
-def render(chart: Path, values: dict) -> list[dict]:
+def render(chart: Path, values: dict, revision: int = 1) -> list[dict]:
     manifests = helm.Chart.load(chart).render(values, name=chart.name, namespace="coaflow",
-                                              is_install=True)
+                                              revision=revision, is_install=revision == 1,
+                                              is_upgrade=revision > 1)
     return [doc for name, text in manifests.items() if name.endswith((".yaml", ".yml"))
             for doc in yaml.safe_load_all(text) if doc]
 
@@ -104,10 +105,98 @@ def test_pipeline_chart_creates_what_the_compiled_pipeline_refers_to():
     chart = ROOT / "helm" / "coaflow-pipeline"
     values = yaml.safe_load((chart / "values.yaml").read_text())
     assert values["cache"]["name"] == cp.CACHE_PVC and values["secrets"]["name"] == cp.SECRET
+    assert values["serviceAccount"]["name"] == cp.K8S.service_account
+    assert values["mlflow"]["configMap"] == cp.K8S.mlflow_configmap
     assert values["secrets"]["env"] == cp.SECRET_ENV and values["uid"] == cp.UID
     docs = render(chart, dict(values_sets(chart))["job-values.yaml"])
     jobs = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Job"}
-    run = jobs["coaflow-pipeline-run"]["spec"]["template"]["spec"]
+    run = jobs["coaflow-pipeline-run-1"]["spec"]["template"]["spec"]
+    assert run["serviceAccountName"] == "coaflow"  # the run's deploy step patches through it
     assert run["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert run["containers"][0]["args"][-2:] == ["--set=sft.epochs=2", "--set=run.seed=3"]
     assert run["volumes"][0]["persistentVolumeClaim"]["claimName"] == cp.CACHE_PVC
+
+
+def test_upgrade_renders_a_new_job_and_keeps_every_other_object():
+    """A Job's pod template is immutable and the run Job's names the revision: an upgrade must
+    render a Job of another name (Helm creates it and removes the old one), never the same
+    name with a changed template; the rest keeps its names."""
+    chart = ROOT / "helm" / "coaflow-pipeline"
+    values = dict(values_sets(chart))["job-values.yaml"]
+    first, second = render(chart, values, revision=1), render(chart, values, revision=2)
+    ids = lambda docs: {(d["kind"], d["metadata"]["name"]) for d in docs}  # noqa: E731
+    jobs = lambda docs: {d["metadata"]["name"]: d["spec"]["template"] for d in docs  # noqa: E731
+                         if d["kind"] == "Job"
+                         and "helm.sh/hook" not in d["metadata"].get("annotations", {})}
+    assert set(jobs(first)) == {"coaflow-pipeline-run-1"}
+    assert set(jobs(second)) == {"coaflow-pipeline-run-2"}
+    assert "--run-id=coaflow-pipeline-2" in jobs(second)["coaflow-pipeline-run-2"]["spec"][
+        "containers"][0]["args"]
+    assert ids(first) - {("Job", "coaflow-pipeline-run-1")} == \
+        ids(second) - {("Job", "coaflow-pipeline-run-2")}
+    for doc in second:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def _stage_pod_refs() -> set[tuple[str, str]]:
+    """(kind, name) of every object the Airflow DAG's stage pods and the compiled KFP YAML
+    refer to: ServiceAccounts, ConfigMaps, Secrets, PVCs."""
+    from coaflow import airflow_support as af
+    from coaflow.pipeline import ORDER
+
+    refs = set()
+    settings = af.load_settings(env={"COAFLOW_AIRFLOW_MODE": "kubernetes"})
+    for stage in ORDER:
+        pod = af.pod_manifest(af.pod_spec(stage, settings, ["true"]))["spec"]
+        refs.add(("ServiceAccount", pod["serviceAccountName"]))
+        for c in pod["containers"]:
+            refs |= {("ConfigMap", e["configMapRef"]["name"]) for e in c.get("envFrom", [])}
+            refs |= {("Secret", e["valueFrom"]["secretKeyRef"]["name"]) for e in c["env"]
+                     if "secretKeyRef" in e.get("valueFrom", {})}
+        refs |= {("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"])
+                 for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    docs = list(yaml.safe_load_all((ROOT / "components" / "coaflow_pipeline.yaml").read_text()))
+    for ex in docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values():
+        refs |= {("PersistentVolumeClaim", m["constant"]) for m in ex.get("pvcMount", [])}
+        refs |= {("Secret", s["secretName"]) for s in ex.get("secretAsEnv", [])}
+        refs |= {("ConfigMap", c["configMapName"]) for c in ex.get("configMapAsEnv", [])}
+    return refs
+
+
+# what the user brings, each documented in docs/cluster.md (a Secret of tokens never belongs in
+# a Helm release: kubectl, external-secrets or sealed-secrets make it)
+USERS_OWN = {("Secret", "coaflow-secrets")}
+
+
+def test_every_object_the_pods_refer_to_is_created_by_a_chart_or_documented():
+    created = set()
+    for chart in CHARTS:
+        created |= {(d["kind"], d["metadata"]["name"]) for d in render(chart, {})}
+    refs = _stage_pod_refs()
+    assert {k for k, _ in refs} >= {"ServiceAccount", "ConfigMap", "Secret",
+                                    "PersistentVolumeClaim"}
+    missing = refs - created - USERS_OWN
+    assert not missing, f"referenced but neither created by a chart nor documented: {missing}"
+    docs = (ROOT / "docs" / "cluster.md").read_text()
+    for kind, name in USERS_OWN:
+        assert f"`{name}`" in docs and "existing Secret" in docs, (kind, name)
+
+
+def test_roles_are_least_privilege():
+    docs = render(ROOT / "helm" / "coaflow-pipeline", {})
+    roles = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Role"}
+    assert set(roles) == {"coaflow-pipeline-airflow-pods", "coaflow-pipeline-deploy"}
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    for role in roles.values():
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
+    pods = roles["coaflow-pipeline-airflow-pods"]["rules"]
+    assert {r for rule in pods for r in rule["resources"]} == {"pods", "pods/log", "pods/exec",
+                                                               "events"}
+    for rule in roles["coaflow-pipeline-deploy"]["rules"]:  # only the serving Deployment
+        assert rule["resourceNames"] == ["coaflow-serving"] and "create" not in rule["verbs"]
+    serving = {d["metadata"]["name"] for d in render(ROOT / "helm" / "coaflow-serving", {})
+               if d["kind"] == "Deployment"}
+    assert serving == {"coaflow-serving"}
+    bindings = {d["metadata"]["name"]: d for d in docs if d["kind"] == "RoleBinding"}
+    assert bindings["coaflow-pipeline-deploy"]["subjects"][0]["name"] == "coaflow"

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from coaflow import k8s_settings
 from coaflow.errors import (
     EXIT_BUG,
     EXIT_GATE,
@@ -44,53 +45,20 @@ from coaflow.errors import (
     RETRYABLE_EXIT_CODES,
     UserError,
 )
+from coaflow.k8s_settings import GPU_RESOURCE, KubernetesSettings, PodResources, SecretEnv
 
+__all__ = ["GPU_RESOURCE", "KubernetesSettings", "PodResources", "SecretEnv", "Settings",
+           "load_settings", "pod_spec", "plan", "stage_argv", "outcome"]
+
+# The DAG passes the file beside itself (in the image: /opt/airflow/dags/); this default is the
+# source tree's, for tests and an editable install.
 DEFAULT_SETTINGS = Path(__file__).resolve().parents[2] / "dags" / "coaflow_retrain.yaml"
 XCOM_FILE = "/airflow/xcom/return.json"  # where KubernetesPodOperator's sidecar reads the XCom
 DECISION_STAGE = "register"  # its refusal (exit 4) skips the stages after it
-GPU_RESOURCE = "nvidia.com/gpu"
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class SecretEnv(_Strict):
-    env: str = Field(description="environment variable the stage reads (e.g. OPENAI_API_KEY)")
-    secret: str = Field(description="Kubernetes Secret name")
-    key: str = Field(description="key inside the Secret")
-
-
-class PodResources(_Strict):
-    cpu: str = Field("2", description="CPU request (and limit)")
-    memory: str = Field("8Gi", description="memory request (and limit)")
-    gpus: int = Field(0, ge=0, description="GPUs (requests = limits); >0 also applies the GPU "
-                      "node selector and tolerations")
-
-
-class KubernetesSettings(_Strict):
-    namespace: str = Field("coaflow", description="namespace the stage pods run in")
-    image: str = Field("ghcr.io/coaflow/coaflow-gpu:0.1.0", description="coaflow image")
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    service_account: str | None = Field("coaflow", description="pods' service account")
-    kubernetes_conn_id: str = Field("kubernetes_default", description="Airflow connection")
-    in_cluster: bool = Field(True, description="Airflow itself runs in the cluster")
-    pvc: str = Field("coaflow-work", description="PersistentVolumeClaim (ReadWriteMany) that holds "
-                     "the stage folders and the cache; every stage pod mounts it")
-    mount_path: str = Field("/data/coaflow", description="where the PVC is mounted: run.workdir")
-    mlflow_configmap: str | None = Field("coaflow-mlflow", description="ConfigMap whose keys become "
-                                         "env vars (MLFLOW_TRACKING_URI=http://...)")
-    secrets: list[SecretEnv] = Field(default_factory=list, description="env vars from Secrets")
-    resources: dict[str, PodResources] = Field(
-        default_factory=lambda: {"default": PodResources()},
-        description="per stage; 'default' for stages not listed")
-    gpu_node_selector: dict[str, str] = Field(default_factory=dict)
-    gpu_tolerations: list[dict[str, Any]] = Field(default_factory=list)
-    shm_size: str = Field("16Gi", description="/dev/shm for GPU pods (NCCL, data loaders)")
-    startup_timeout_s: int = Field(900, ge=1, description="time to pull the image and schedule")
-
-    def for_stage(self, stage: str) -> PodResources:
-        return self.resources.get(stage) or self.resources.get("default") or PodResources()
 
 
 class Settings(_Strict):
@@ -106,7 +74,10 @@ class Settings(_Strict):
     retries: int = Field(3, ge=0, description="retries, only for exit 75 (service unavailable)")
     retry_delay_s: int = Field(60, ge=1)
     max_retry_delay_s: int = Field(1800, ge=1)
-    kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
+    kubernetes_file: str | None = Field(None, description="the pods' Kubernetes settings, shared "
+                                        "with the Kubeflow pipeline; null: coaflow's packaged "
+                                        "k8s.yaml ($COAFLOW_K8S_CONFIG wins)")
+    kubernetes: KubernetesSettings
 
     @property
     def run_workdir(self) -> str:
@@ -117,26 +88,37 @@ class Settings(_Strict):
 
 
 ENV = {"COAFLOW_AIRFLOW_MODE": "mode", "COAFLOW_AIRFLOW_SCHEDULE": "schedule",
-       "COAFLOW_AIRFLOW_WORKDIR": "workdir", "COAFLOW_AIRFLOW_PROFILE": "profile",
-       "COAFLOW_AIRFLOW_IMAGE": "kubernetes.image"}
+       "COAFLOW_AIRFLOW_WORKDIR": "workdir", "COAFLOW_AIRFLOW_PROFILE": "profile"}
 
 
-def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """``path`` (default ``$COAFLOW_AIRFLOW_CONFIG``, else ``dags/coaflow_retrain.yaml``), then
-    the ``COAFLOW_AIRFLOW_*`` env vars; a schedule of ``none`` means trigger-only."""
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None,
+                  default: str | Path = DEFAULT_SETTINGS) -> Settings:
+    """``path`` (else ``$COAFLOW_AIRFLOW_CONFIG``, else ``default``: the DAG passes the file
+    beside itself), then the ``COAFLOW_AIRFLOW_*`` env vars; a schedule of ``none`` means
+    trigger-only. The pods' settings come from the one Kubernetes settings file
+    (``coaflow.k8s_settings``). A missing file is an error naming its path, never a silent
+    fallback to defaults (a GPU stage would get no GPU)."""
     env = os.environ if env is None else env
-    path = Path(path or env.get("COAFLOW_AIRFLOW_CONFIG") or DEFAULT_SETTINGS)
+    path = Path(path or env.get("COAFLOW_AIRFLOW_CONFIG") or default)
+    if not path.is_file():
+        raise UserError(f"{path}: the DAG's settings file is missing (ship it beside the DAG "
+                        "file, or set COAFLOW_AIRFLOW_CONFIG)")
     try:
-        data = yaml.safe_load(path.read_text()) or {} if path.exists() else {}
+        data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML: {e}") from None
+    if "kubernetes" in data:
+        raise UserError(f"{path}: kubernetes: the pod settings moved to one file both engines "
+                        f"read ({k8s_settings.PACKAGED.name}); name yours with kubernetes_file")
     for var, key in ENV.items():
         if env.get(var):
-            section, _, leaf = key.rpartition(".")
-            target = data.setdefault(section, {}) if section else data
-            target[leaf or key] = env[var]
+            data[key] = env[var]
     if str(data.get("schedule")).lower() in ("none", "null", ""):
         data["schedule"] = None
+    k8s_file = env.get(k8s_settings.ENV_VAR) or data.get("kubernetes_file")
+    if k8s_file and not Path(k8s_file).is_absolute():
+        k8s_file = path.parent / k8s_file  # relative to the DAG's settings file
+    data["kubernetes"] = k8s_settings.load(k8s_file, env).model_dump()
     try:
         return Settings.model_validate(data)
     except ValidationError as e:
@@ -154,7 +136,10 @@ PARAMS: dict[str, tuple[str | None, str | None, dict, str]] = {
     "base_model": ("sft.model", "sft", {"type": ["null", "string"]},
                    "student to fine-tune: 'tiny', a hub id or a model folder (empty: the profile's)"),
     "teacher": ("synthesize.teacher", "synthesize",
-                {"type": ["null", "string"], "enum": [None, "scripted", "llm"]},
+                {"type": ["null", "string"], "enum": [None, "scripted", "llm"],
+                 # the UI labels a null choice "null" unless told otherwise
+                 "values_display": {"null": "(the profile's)", "scripted": "scripted",
+                                    "llm": "llm"}},
                 "scripted: the offline team; llm: the same roles over an OpenAI-compatible API"),
     "teacher_base_url": ("synthesize.llm.base_url", "synthesize", {"type": ["null", "string"]},
                          "teacher endpoint for teacher=llm, e.g. http://vllm:8000/v1"),
@@ -172,21 +157,34 @@ PARAMS: dict[str, tuple[str | None, str | None, dict, str]] = {
                       {"type": "string", "enum": ["local", "kubernetes", "none"]},
                       "where deploy rolls out the champion"),
 }
-DEFAULTS: dict[str, Any] = {"promote": True, "deploy_target": "none"}
+# tasks_per_suite: {} (not null), because the UI's JSON field shows {} for null and would send
+# null while showing {}; an empty object means the profile's, like null.
+DEFAULTS: dict[str, Any] = {"promote": True, "deploy_target": "none", "tasks_per_suite": {}}
+
+
+def shipped_profiles() -> list[str]:
+    """The profile names coaflow ships (``src/coaflow/configs/*.yaml``)."""
+    from coaflow.config import PROFILE_DIR
+
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
 
 
 def trigger_params(settings: Settings, stages: Sequence[str]) -> dict[str, dict]:
     """Param name -> {default, schema, description} for the DAG's trigger form: ``profile``,
     ``overrides`` and every knob whose stage exists."""
+    profiles = shipped_profiles()
+    if settings.profile not in profiles:  # a site's own profile file, set in the DAG settings
+        profiles.append(settings.profile)
     form = {
-        "profile": {"default": settings.profile, "schema": {"type": "string", "minLength": 1},
-                    "description": "profile name (src/coaflow/configs) or a YAML path on the "
-                                   "worker / in the image"},
+        "profile": {"default": settings.profile, "schema": {"type": "string", "enum": profiles},
+                    "description": "a profile coaflow ships (src/coaflow/configs), or the one "
+                                   "the DAG's settings name"},
     }
     for name, (_key, stage, schema, doc) in PARAMS.items():
         if stage is None or stage in stages:
             form[name] = {"default": DEFAULTS.get(name), "schema": schema, "description": doc}
-    form["overrides"] = {"default": [], "schema": {"type": "array", "items": {"type": "string"}},
+    form["overrides"] = {"default": [], "schema": {"type": ["null", "array"],  # null: optional
+                                                   "items": {"type": "string"}},
                          "description": "more config overrides, one section.key=value each "
                                         "(as coaflow --set), e.g. sft.lr=0.001"}
     return form
@@ -197,7 +195,7 @@ def overrides_from_params(params: Mapping[str, Any], stages: Sequence[str]) -> l
     out = []
     for name, (key, stage, _schema, _doc) in PARAMS.items():
         value = params.get(name)
-        if value is None or value == "" or (stage is not None and stage not in stages):
+        if value in (None, "", {}) or (stage is not None and stage not in stages):
             continue
         out.append(f"{key}={json.dumps(value)}")  # JSON is YAML: 'a', 3, {"kbqa": 2}, true
     extra = params.get("overrides") or []
@@ -375,10 +373,23 @@ def pod_command(stage: str, the_plan: Mapping[str, Any], inputs: Mapping[str, st
     return ["/bin/sh", "-c", script]
 
 
+def container_security(uid: int | None = None):
+    """What Pod Security "restricted" asks of a container: no privilege escalation, every
+    capability dropped, the runtime's seccomp profile, a non-root user (``uid``)."""
+    from kubernetes.client import models as k8s
+
+    return k8s.V1SecurityContext(
+        allow_privilege_escalation=False, capabilities=k8s.V1Capabilities(drop=["ALL"]),
+        seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"), run_as_non_root=True,
+        run_as_user=uid, run_as_group=uid)
+
+
 def pod_spec(stage: str, settings: Settings, command: Sequence[str], run_id: str = ""):
     """The ``V1Pod`` for one stage: the base container (KubernetesPodOperator's ``base``) runs
-    ``command`` in the coaflow image, with the run's PVC, secrets, MLflow ConfigMap and, for
-    GPU stages, GPU limits, tolerations, a node selector and a RAM-backed /dev/shm."""
+    ``command`` in the stage's image (GPU stages the GPU image, the rest the CPU one), as the
+    images' non-root user, with the run's PVC, secrets, MLflow ConfigMap and, for GPU stages,
+    GPU limits, tolerations, a node selector and a RAM-backed /dev/shm. Every value comes from
+    the Kubernetes settings file the Kubeflow pipeline reads too."""
     from kubernetes.client import models as k8s
 
     ks = settings.kubernetes
@@ -401,9 +412,10 @@ def pod_spec(stage: str, settings: Settings, command: Sequence[str], run_id: str
         volumes.append(k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(
             medium="Memory", size_limit=ks.shm_size)))
     container = k8s.V1Container(
-        name="base", image=ks.image, image_pull_policy=ks.image_pull_policy,
+        name="base", image=ks.image_for(stage), image_pull_policy=ks.image_pull_policy,
         command=list(command), env=env, env_from=env_from, volume_mounts=mounts,
-        resources=k8s.V1ResourceRequirements(requests=dict(limits), limits=limits))
+        resources=k8s.V1ResourceRequirements(requests=dict(limits), limits=limits),
+        security_context=container_security(ks.uid))
     tolerations = [k8s.V1Toleration(**t) for t in ks.gpu_tolerations] if res.gpus else None
     return k8s.V1Pod(
         api_version="v1", kind="Pod",
@@ -412,8 +424,25 @@ def pod_spec(stage: str, settings: Settings, command: Sequence[str], run_id: str
         spec=k8s.V1PodSpec(
             containers=[container], volumes=volumes, restart_policy="Never",
             service_account_name=ks.service_account, tolerations=tolerations,
+            security_context=k8s.V1PodSecurityContext(
+                run_as_non_root=True, run_as_user=ks.uid, run_as_group=ks.uid,
+                seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault")),
             node_selector=dict(ks.gpu_node_selector) if res.gpus and ks.gpu_node_selector
             else None))
+
+
+def harden_sidecar(pod, settings: Settings):
+    """The provider's XCom sidecar as the base container: a pinned image (its default is an
+    untagged ``alpine``), the restricted security context, a memory limit."""
+    from kubernetes.client import models as k8s
+
+    for c in pod.spec.containers:
+        if c.name == "airflow-xcom-sidecar":
+            c.image = settings.kubernetes.xcom_sidecar_image
+            c.security_context = container_security(settings.kubernetes.uid)
+            c.resources = k8s.V1ResourceRequirements(requests={"cpu": "1m", "memory": "10Mi"},
+                                                     limits={"memory": "32Mi"})
+    return pod
 
 
 def pod_manifest(pod) -> dict:
@@ -438,6 +467,9 @@ def pod_operator(stage: str, settings: Settings):
             self.full_pod_spec = pod_spec(stage, settings, command, the_plan["run_id"])
             return super().execute(context)
 
+        def build_pod_request_obj(self, context=None):
+            return harden_sidecar(super().build_pod_request_obj(context), settings)
+
         def cleanup(self, pod, remote_pod):
             try:
                 super().cleanup(pod, remote_pod)
@@ -452,7 +484,7 @@ def pod_operator(stage: str, settings: Settings):
 
     ks = settings.kubernetes
     return CoaflowPodOperator(
-        task_id=stage, name=f"coaflow-{stage}", namespace=ks.namespace, image=ks.image,
+        task_id=stage, name=f"coaflow-{stage}", namespace=ks.namespace, image=ks.image_for(stage),
         kubernetes_conn_id=ks.kubernetes_conn_id, in_cluster=ks.in_cluster,
         do_xcom_push=True, get_logs=True, on_finish_action="delete_succeeded_pod",
         startup_timeout_seconds=ks.startup_timeout_s)

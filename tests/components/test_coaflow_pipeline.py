@@ -59,10 +59,13 @@ def test_every_stage_is_a_task_with_its_image_resources_inputs_and_k8s_settings(
     for name, (task, _) in tasks.items():
         module = coaflow_pipeline.load_stage(name)
         container = executors[f"exec-{name}"]["container"]
-        cpu, memory, gpus = cp.RESOURCES[name]
+        res = cp.K8S.for_stage(name)
+        cpu, memory, gpus = res.cpu, res.memory, res.gpus
         assert container["image"] == (cp.GPU_IMAGE if gpus else cp.CPU_IMAGE)
         assert container["resources"]["resourceCpuRequest"] == cpu
+        assert container["resources"]["resourceCpuLimit"] == cpu
         assert container["resources"]["resourceMemoryRequest"] == memory
+        assert container["resources"]["resourceMemoryLimit"] == memory
         assert "pip install" not in " ".join(container["command"])  # the image holds coaflow
         assert f"run_component({name!r}" in container["command"][-1]
         upstream = {k: _producer(v) for k, v in task.get("inputs", {}).get("artifacts", {}).items()}
@@ -72,11 +75,13 @@ def test_every_stage_is_a_task_with_its_image_resources_inputs_and_k8s_settings(
         assert ex["pvcMount"][0]["mountPath"] == cp.CACHE_MOUNT
         assert ex["secretAsEnv"][0]["secretName"] == cp.SECRET and ex["secretAsEnv"][0]["optional"]
         assert ex["fieldPathAsEnv"][0]["name"] == "COAFLOW_RUN_ID"
+        assert ex["configMapAsEnv"][0]["configMapName"] == cp.K8S.mlflow_configmap
         if gpus:
             assert container["resources"]["accelerator"]["resourceCount"] == str(gpus)
             assert container["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
-            assert ex["nodeSelector"]["labels"] == dict([cp.GPU_NODE_LABEL])
+            assert ex["nodeSelector"]["labels"] == cp.K8S.gpu_node_selector
             assert ex["tolerations"][0]["key"] == "nvidia.com/gpu"
+            assert ex["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
         else:
             assert "accelerator" not in container["resources"]
             assert "nodeSelector" not in ex and "tolerations" not in ex
@@ -92,6 +97,10 @@ def _fake_stage(name, needs=(), optional=(), cache=True):
 
 @pytest.fixture
 def full_pipeline(monkeypatch):
+    return build_full_pipeline(monkeypatch)
+
+
+def build_full_pipeline(monkeypatch):
     """The pipeline module built over all of ORDER (the later stages faked as modules)."""
     fakes = {"rl": _fake_stage("rl", ("sft",)),
              "evaluate": _fake_stage("evaluate", ("sft",), ("rl", "gate")),

@@ -142,6 +142,25 @@ def test_trigger_form(info):
     assert all(bad[k] and "ParamValidationError" in bad[k] for k in bad), bad
 
 
+def test_the_form_shows_what_it_sends(info):
+    """What the UI does with the schemas: ``profile`` is a dropdown of the shipped profiles; the
+    teacher's empty choice reads "(the profile's)", not "null"; ``tasks_per_suite`` starts as
+    the {} the JSON field shows; only a param whose type excludes null and whose default is null
+    is marked required, and none is."""
+    params = info["local"]["params"]
+    assert params["profile"]["schema"]["enum"] == af.shipped_profiles()
+    assert {"tiny", "smoke", "qwen3-0.6b-1gpu"} <= set(params["profile"]["schema"]["enum"])
+    assert params["teacher"]["schema"]["values_display"]["null"] == "(the profile's)"
+    assert params["tasks_per_suite"]["default"] == {}
+    for name, p in {**params, **info["full"]["params"]}.items():
+        types = p["schema"].get("type")
+        nullable = isinstance(types, list) and "null" in types
+        assert nullable or p["default"] is not None, f"{name} is required in the form"
+    assert "null" in params["overrides"]["schema"]["type"]
+    assert af.overrides_from_params({"tasks_per_suite": {}, "seed": 0}, ["synthesize"]) == \
+        ["run.seed=0"]  # {} is the profile's, like null; 0 is a value
+
+
 def test_promotion_branch_gates_deploy(info):
     full = info["full"]
     assert [t for t in full["order"] if t in ORDER] == list(ORDER)
@@ -178,6 +197,18 @@ def test_settings_errors_name_the_field(tmp_path):
     with pytest.raises(af.UserError, match="mode"):
         af.load_settings(bad, env={})
     assert af.load_settings(bad, env={"COAFLOW_AIRFLOW_MODE": "kubernetes"}).mode == "kubernetes"
+    old = tmp_path / "old.yaml"
+    old.write_text("kubernetes: {namespace: x}\n")  # the pod settings live in one shared file
+    with pytest.raises(af.UserError, match="kubernetes: the pod settings moved"):
+        af.load_settings(old, env={})
+
+
+def test_a_missing_settings_file_is_an_error_naming_it(tmp_path):
+    missing = tmp_path / "dags" / "coaflow_retrain.yaml"
+    with pytest.raises(af.UserError, match=f"{missing}: the DAG's settings file is missing"):
+        af.load_settings(env={}, default=missing)
+    with pytest.raises(af.UserError, match="k8s.yaml: Kubernetes settings file not found"):
+        af.load_settings(env={"COAFLOW_K8S_CONFIG": str(tmp_path / "k8s.yaml")})
 
 
 def test_exit_codes_decide_retry_fail_or_success(tmp_path):
@@ -211,7 +242,14 @@ def test_pod_specs_pass_the_kubernetes_schema(stage):
     manifest = af.pod_manifest(af.pod_spec(stage, settings, command, "manual__x"))
     _validate(manifest)
     c = manifest["spec"]["containers"][0]
-    assert c["image"] == settings.kubernetes.image and c["name"] == "base"
+    assert c["image"] == settings.kubernetes.image_for(stage) and c["name"] == "base"
+    assert c["image"] == (settings.kubernetes.images.gpu if stage == "sft"
+                          else settings.kubernetes.images.cpu)  # CPU stages: the CPU image
+    ctx = {**manifest["spec"]["securityContext"], **c["securityContext"]}  # PSS "restricted"
+    assert ctx["runAsNonRoot"] is True and ctx["runAsUser"] == 1000
+    assert ctx["allowPrivilegeEscalation"] is False and ctx["capabilities"] == {"drop": ["ALL"]}
+    assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert c["resources"]["limits"]["cpu"] == c["resources"]["requests"]["cpu"]
     assert c["command"][:2] == ["/bin/sh", "-c"]
     assert f"coaflow stage {stage} --config qwen3-0.6b-1gpu --out /data/coaflow/runs/manual__x/" \
            f"{stage}" in c["command"][2]
@@ -237,6 +275,9 @@ def test_the_operator_renders_a_valid_pod_with_the_xcom_sidecar(info):
     _validate(pod)
     names = [c["name"] for c in pod["spec"]["containers"]]
     assert names == ["base", "airflow-xcom-sidecar"]
+    sidecar = pod["spec"]["containers"][1]
+    assert "@sha256:" in sidecar["image"] and sidecar["image"].startswith("alpine:3.")
+    assert sidecar["securityContext"]["allowPrivilegeEscalation"] is False
     base = pod["spec"]["containers"][0]
     assert base["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert "--input gate=/data/coaflow/runs/r1/gate" in base["command"][2]

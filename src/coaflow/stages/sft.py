@@ -182,6 +182,10 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
     start = time.time()
     out = trainer.train(resume_from_checkpoint=last)
     train_seconds = time.time() - start
+    if not trainer.is_world_process_zero():  # a torchrun worker (coaflow.launch): rank 0 saves,
+        if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:  # checks and reports;
+            trainer.save_model(str(ctx.out / "model.worker"))  # sharded weights gather together
+        return Result(metrics={"global_step": float(trainer.state.global_step)})
 
     final = save_final(trainer, cfg, ctx.out / "model")
     check = heldout_episodes(final, held, cfg.heldout_max_turns, cfg.sample_max_new_tokens,
