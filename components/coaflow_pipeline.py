@@ -113,7 +113,7 @@ def _configure(task, name: str) -> None:
 
 
 @dsl.pipeline(name="coaflow", description="Chain-of-Agents training: " + " -> ".join(STAGES))
-def coaflow_pipeline(profile: str = "tiny", overrides: list = [],  # noqa: B006 - a KFP default
+def coaflow_pipeline(profile: str = "default", overrides: list = [],  # noqa: B006 - a KFP default
                      seed: int = 0, workdir: str = CACHE_MOUNT,
                      tracking_uri: str = "",
                      retries: int = 3):

@@ -64,7 +64,7 @@ class _Strict(BaseModel):
 class Settings(_Strict):
     schedule: str | None = Field("@weekly", description="cron or preset; null: only triggered")
     mode: Literal["local", "kubernetes"] = "local"
-    profile: str = Field("tiny", description="default profile of the trigger form")
+    profile: str = Field("default", description="default profile of the trigger form")
     workdir: str = Field("~/coaflow-airflow", description="local mode: run.workdir (stage folders "
                          "under runs/<airflow run id>/)")
     python: str | None = Field(None, description="local mode: interpreter for `-m coaflow.cli`; "
@@ -134,7 +134,8 @@ PARAMS: dict[str, tuple[str | None, str | None, dict, str]] = {
     "seed": ("run.seed", None, {"type": ["null", "integer"]},
              "seed for data, sampling and training (empty: the profile's)"),
     "base_model": ("sft.model", "sft", {"type": ["null", "string"]},
-                   "student to fine-tune: 'tiny', a hub id or a model folder (empty: the profile's)"),
+                   "student to fine-tune: smollm2-135m-instruct (from PyPI), 'tiny', a hub id "
+                   "or a model folder (empty: the profile's)"),
     "teacher": ("synthesize.teacher", "synthesize",
                 {"type": ["null", "string"], "enum": [None, "scripted", "llm"],
                  # the UI labels a null choice "null" unless told otherwise

@@ -82,7 +82,7 @@ def pipeline_options(fn):
     fn = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
                       help="override a config value; repeatable, e.g. --set sft.epochs=2")(fn)
     fn = click.option("--workdir", help="folder for runs and the MLflow store [run.workdir]")(fn)
-    fn = click.option("--profile", default="tiny", show_default=True, help=PROFILE_HELP)(fn)
+    fn = click.option("--profile", default="default", show_default=True, help=PROFILE_HELP)(fn)
     return fn
 
 
@@ -156,7 +156,7 @@ def _summary(run_dir: Path) -> None:
 
 @main.command("stage", epilog=EXIT_CODES_HELP)
 @click.argument("name")
-@click.option("--config", "config", default="tiny", show_default=True, metavar="FILE|PROFILE",
+@click.option("--config", "config", default="default", show_default=True, metavar="FILE|PROFILE",
               help="resolved config YAML (as `coaflow config` prints it) or a profile name")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
               help="the stage's folder: it ends with result.json and a .complete marker")
@@ -432,7 +432,7 @@ def undeploy_cmd(name, profile, workdir, overrides, run_id):
 # --- config -------------------------------------------------------------------------------------
 
 @main.command("config")
-@click.option("--profile", default="tiny", show_default=True, help=PROFILE_HELP)
+@click.option("--profile", default="default", show_default=True, help=PROFILE_HELP)
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
 @_user_errors
 def config_cmd(profile, overrides):

@@ -154,7 +154,7 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> str:
     return ", ".join(model.model_fields) if hasattr(model, "model_fields") else ""
 
 
-def load_config(profile: str | Path = "tiny", overrides: list[str] | tuple[str, ...] = ()):
+def load_config(profile: str | Path = "default", overrides: list[str] | tuple[str, ...] = ()):
     """Read a profile, apply overrides, validate. Raises ConfigError with a readable message."""
     path = profile_path(profile)
     data = _read_yaml(path)

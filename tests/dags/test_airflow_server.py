@@ -136,7 +136,7 @@ def airflow(tmp_path_factory, shared_workdir):
 def _assert_params_reached_the_stages(workdir: Path, run_id: str) -> None:
     run_dir = workdir / "runs" / safe_run_id(run_id)
     synth = json.loads((run_dir / "synthesize" / "result.json").read_text())
-    assert synth["metrics"]["trajectories"] == SMALL_TASKS  # the profile's default is 1,200
+    assert synth["metrics"]["trajectories"] == SMALL_TASKS  # the profile's default is 600
 
 
 @pytest.mark.slow

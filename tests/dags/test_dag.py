@@ -130,7 +130,7 @@ def test_retries_with_backoff_and_a_failure_callback_on_every_stage(info):
 
 def test_trigger_form(info):
     params = info["local"]["params"]
-    assert params["profile"]["default"] == "tiny"
+    assert params["profile"]["default"] == "default"
     for name in ("seed", "base_model", "teacher", "teacher_base_url", "teacher_model",
                  "tasks_per_suite", "epochs", "overrides"):
         assert name in params and params[name]["description"], name
@@ -149,7 +149,7 @@ def test_the_form_shows_what_it_sends(info):
     is marked required, and none is."""
     params = info["local"]["params"]
     assert params["profile"]["schema"]["enum"] == af.shipped_profiles()
-    assert {"tiny", "smoke", "qwen3-0.6b-1gpu"} <= set(params["profile"]["schema"]["enum"])
+    assert {"default", "tiny", "smoke", "qwen3-0.6b-1gpu"} <= set(params["profile"]["schema"]["enum"])
     assert params["teacher"]["schema"]["values_display"]["null"] == "(the profile's)"
     assert params["tasks_per_suite"]["default"] == {}
     for name, p in {**params, **info["full"]["params"]}.items():

@@ -1,5 +1,6 @@
-"""The README's run command, for real: every stage on the tiny profile, once, shared by the tests
-below (it is the slowest thing CI does); then a second run that must reuse all of it."""
+"""The README's run command, for real: every stage on the default profile (the pretrained
+SmolLM2-135M student), once, shared by the tests below (it is the slowest thing CI does); then a
+second run that must reuse all of it."""
 
 import json
 import os
@@ -12,8 +13,8 @@ import time
 import pytest
 
 STAGES = ("synthesize", "gate", "sft", "rl", "evaluate", "register", "deploy")
-# the shared default run (~5 min on 2 idle cores) counts against the first test's timeout
-pytestmark = pytest.mark.timeout(2700)
+# the shared default run (~25 min on 2 idle cores) counts against the first test's timeout
+pytestmark = pytest.mark.timeout(3600)
 
 
 def _coaflow(*args, env, timeout):
@@ -25,7 +26,7 @@ def _coaflow(*args, env, timeout):
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    """``coaflow run`` on the tiny profile (what ``make run`` does), deploy on a free port; the
+    """``coaflow run`` on the default profile (what ``make run`` does), deploy on a free port; the
     served model is stopped when the module's tests are done."""
     work = tmp_path_factory.mktemp("default")
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -33,7 +34,7 @@ def default_run(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = ("run", "--workdir", str(work), "--set", f"deploy.port={port}")
-    first, seconds = _coaflow(*args, "--run-id", "e2e", env=env, timeout=2400)
+    first, seconds = _coaflow(*args, "--run-id", "e2e", env=env, timeout=3300)
     run = {"work": work, "env": env, "args": args, "first": first, "seconds": seconds,
            "dir": work / "runs" / "e2e"}
     try:
@@ -64,39 +65,43 @@ def test_the_default_run_completes_every_stage_and_says_what_it_made(default_run
 @pytest.mark.slow
 def test_the_student_learns_and_rl_runs_from_it(default_run):
     syn, gate, sft, rl = (_result(default_run, s) for s in ("synthesize", "gate", "sft", "rl"))
-    assert syn["metrics"]["trajectories"] == 1200
-    assert gate["metrics"]["accepted"] >= 1000
+    assert syn["metrics"]["trajectories"] == 600
+    assert gate["metrics"]["accepted"] >= 500
     m = sft["metrics"]
-    assert m["train_loss_final"] < m["train_loss_initial"] / 5  # it really learns
-    # held-out prompts, whole episodes through the agent loop: the student acts in the format
+    assert m["train_loss_final"] < m["train_loss_initial"] / 2  # it really learns
+    # held-out tasks, whole episodes through the agent loop: the student acts in the format
     assert m["heldout_first_call_well_formed_share"] >= 0.6
     assert sft["outputs"]["model"].startswith("./")  # stored relative to the stage folder
     assert (default_run["dir"] / "sft" / sft["outputs"]["model"] / "config.json").exists()
-    assert rl["metrics"]["global_step"] == 4 and rl["metrics"]["tool_calls_mean"] > 0
+    assert rl["metrics"]["global_step"] >= 1 and rl["metrics"]["tool_calls_mean"] > 0
     assert (default_run["dir"] / "rl" / rl["outputs"]["model"] / "config.json").exists()
 
 
 @pytest.mark.slow
-def test_evaluate_registers_and_serves_the_candidate(default_run):
+def test_evaluate_registers_and_serves_a_candidate_that_beats_its_base(default_run):
     ev, reg, dep = (_result(default_run, s) for s in ("evaluate", "register", "deploy"))
     table = ev["summary"]["table"]
     assert list(table) == ["base", "sft", "candidate", "teacher"]  # no champion registered yet
     assert ev["summary"]["candidate"]["source"] == "rl"
     assert {s: r["n"] for s, r in table["candidate"].items()} == {"kbqa": 60, "calc": 60}
-    assert {s: r["n"] for s, r in table["sft"].items()} == {"kbqa": 60, "calc": 60}  # rl's base
     assert table["teacher"]["kbqa"]["success"] == table["teacher"]["calc"]["success"] == 1.0
-    assert table["base"]["kbqa"]["success"] == table["base"]["calc"]["success"] == 0.0
+    # the trained student beats the pretrained model it started from, paired on the same tasks
+    vs_base = ev["summary"]["comparison"]["candidate_vs_base"]
+    assert vs_base["all"]["lo"] > 0, vs_base
     assert reg["summary"]["promoted"] and reg["summary"]["version"] == 1
+    assert "beats_base" in [r["rule"] for r in reg["summary"]["rules"]]
 
-    # the served champion answers a real OpenAI client
+    # the served champion answers a real OpenAI client, with the tool schemas it was trained on
     from openai import OpenAI
+
+    from coaflow.envs import tool_schemas
 
     client = OpenAI(base_url=dep["outputs"]["endpoint"], api_key="none", timeout=120)
     model = client.models.list().data[0].id
     reply = client.chat.completions.create(
-        model=model, max_tokens=32,
-        messages=[{"role": "user", "content": "Where was Mira Kolb born?"}])
-    assert reply.choices[0].message.content or reply.choices[0].message.tool_calls
+        model=model, max_tokens=48, tools=tool_schemas("kbqa"),
+        messages=[{"role": "user", "content": "In what year was Port Berwyn founded?"}])
+    assert reply.choices[0].message.tool_calls or reply.choices[0].message.content
 
 
 @pytest.mark.slow
@@ -107,4 +112,4 @@ def test_a_second_run_with_nothing_changed_reuses_every_stage(default_run):
     # every cacheable stage comes from the first run (deploy always runs: it checks the server)
     assert again.stdout.count("] cached (") == len(STAGES) - 1, again.stdout
     print(f"first run {default_run['seconds']:.0f} s, second run {seconds:.0f} s")
-    assert seconds < default_run["seconds"] / 10  # measured: 5.3 s after 335 s
+    assert seconds < default_run["seconds"] / 10  # tiny measured 5.3 s after 335 s
