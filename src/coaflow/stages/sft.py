@@ -49,10 +49,12 @@ DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
 
 
 class Config(Section):
-    model: str = Field("tiny", description="base model: 'tiny' (built from sft.tiny), "
-                       "'champion' (the registry's champion of this run.name: retrain the model "
-                       "in service; 'tiny' when there is none yet), models:/NAME@ALIAS, a hub id "
-                       "or a local HF folder")
+    model: str = Field("tiny", description="base model: 'tiny' (built from sft.tiny), a named "
+                       "PyPI model (smollm2-135m-instruct), 'champion' (the registry's champion "
+                       "of this run.name: retrain the model in service; first_model when there "
+                       "is none yet), models:/NAME@ALIAS, a hub id or a local HF folder")
+    first_model: str = Field("tiny", description="what sft.model=champion starts from while "
+                             "the registry has no champion (any value sft.model takes)")
     tiny: TinyModel = Field(default_factory=TinyModel, description="sizes of the tiny model")
     chat_template: Literal["model", "coaflow"] = Field(
         "model", description="'model': the tokenizer's own template (TRL swaps in its training "
@@ -269,7 +271,7 @@ def _registry_uri(cfg: Config, run) -> str:
 
 def base_model(cfg: Config, ctx: Context) -> str:
     """What sft starts from: ``tiny``, a hub id or folder, or a registry model fetched into the
-    stage folder (``champion``: the model in service; ``tiny`` before there is one)."""
+    stage folder (``champion``: the model in service; ``first_model`` before there is one)."""
     if not _from_registry(cfg):
         return cfg.model
     from coaflow.registry import Registry, RegistryError
@@ -281,8 +283,8 @@ def base_model(cfg: Config, ctx: Context) -> str:
             uri, ctx.out / "registry")
     except RegistryError as e:
         if cfg.model == "champion":
-            print(f"[sft] no champion yet ({e}); starting from the tiny model")
-            return "tiny"
+            print(f"[sft] no champion yet ({e}); starting from {cfg.first_model}")
+            return cfg.first_model
         raise
     print(f"[sft] starting from {uri} (version {version.version})")
     return str(folder)
