@@ -33,6 +33,7 @@ so a stage folder copied to another machine or an object store still resolves.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import importlib
@@ -51,7 +52,7 @@ from typing import Any
 import yaml
 
 from coaflow import __version__
-from coaflow.errors import PipelineError, PromotionRefused
+from coaflow.errors import PipelineError, PromotionRefused, os_failure
 from coaflow.tracking import Tracker, redact
 
 __all__ = ["ORDER", "STAGES", "Context", "PipelineError", "Result", "execute", "run_pipeline"]
@@ -68,6 +69,8 @@ RESULT = "result.json"
 STARTED = "key"  # the key of the attempt in progress: a resume must match it
 REFUSED = "refused"  # a completed stage that refused a promotion: its reason (kept on cache hits)
 REL = "./"  # prefix of an output path stored relative to its stage folder
+OWNER = ".coaflow-stage"  # the stage name, written when coaflow makes a stage folder: only such
+# a folder (or an empty one) is ever wiped
 
 
 @dataclass
@@ -200,6 +203,43 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _owned_by(path: Path, name: str) -> bool:
+    """Whether coaflow may wipe ``path`` for stage ``name``: it is absent or empty, or coaflow
+    made it for this stage (its ``OWNER`` file names the stage). A folder from before ``OWNER``
+    existed counts when it holds the ``STARTED`` key and nothing but stage files."""
+    if not path.exists() and not path.is_symlink():
+        return True
+    if path.is_symlink() or not path.is_dir():
+        return False
+    if not any(path.iterdir()):
+        return True
+    owner = path / OWNER
+    if owner.is_file() and not owner.is_symlink():
+        return owner.read_text().strip() == name
+    return (path / STARTED).is_file() and not (path / OWNER).exists()
+
+
+def check_out_dir(name: str, out: Path, inputs: Mapping[str, Path | str]) -> None:
+    """Refuse an output folder that would destroy what coaflow did not write: a folder that is
+    not this stage's, or one that is, holds or lies inside an input folder."""
+    out = Path(out)
+    try:
+        real = out.resolve(strict=False)
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise PipelineError(f"--out {out}: cannot resolve ({e})") from None
+    for stage, folder in inputs.items():
+        src = Path(folder).resolve()
+        if real == src or real in src.parents or src in real.parents:
+            raise PipelineError(f"--out {out}: overlaps the input {stage}={folder} (the same "
+                                f"folder, inside it or holding it): pick a separate folder")
+    if real.exists() and not real.is_dir():
+        raise PipelineError(f"--out {out}: exists and is not a folder")
+    if not _owned_by(real, name):
+        raise PipelineError(f"--out {out}: holds files coaflow did not write for stage {name!r} "
+                            f"(no {OWNER} naming it): refusing to wipe it; pick an empty or new "
+                            f"folder")
+
+
 def _wipe(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink()
@@ -265,6 +305,10 @@ def stage_inputs(module, inputs: Mapping[str, Path | str]) -> dict[str, Result]:
         if r is None:
             raise PipelineError(f"input {n}={d}: not a completed stage folder (no {RESULT} and "
                                 f"{MARKER}): the {n} stage did not finish there")
+        owner = Path(d) / OWNER
+        made_by = owner.read_text().strip() if owner.is_file() else n
+        if made_by != n:
+            raise PipelineError(f"input {n}={d}: a folder of stage {made_by!r}, not {n!r}")
         results[n] = r
     missing = [n for n in getattr(module, "NEEDS", ()) if n not in results]
     if missing:
@@ -285,6 +329,7 @@ def execute(name: str, cfg, out_dir: str | Path, inputs: Mapping[str, Path | str
     workdir = Path(run.workdir)
     section = getattr(cfg, name, None)
     results = stage_inputs(module, inputs or {})
+    check_out_dir(name, Path(out_dir), inputs or {})
     key = cache_key(name, module, section, run, {n: r.key or "" for n, r in results.items()})
     out = Path(out_dir).resolve()
     cacheable = use_cache and getattr(module, "CACHE", True)
@@ -309,36 +354,43 @@ def execute(name: str, cfg, out_dir: str | Path, inputs: Mapping[str, Path | str
             raise PromotionRefused((out / REFUSED).read_text(), done)
         return done
 
-    resume = False
-    started = out / STARTED
-    if out.exists():
-        same = started.exists() and started.read_text().strip() == key
-        if getattr(module, "RESUMABLE", False) and same and not (out / MARKER).exists():
-            resume = True
-            log(f"[{name}] resuming an interrupted attempt in {out}")
-        else:
-            _wipe(out)  # stale (other config or inputs) or a killed non-resumable attempt
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(started, key)
-    ctx = Context(run_id=run_id, out=out, inputs=results, run=run, tracker=tracker,
-                  tracking_uri=tracker.uri, resume=resume)
-    params = section.model_dump(mode="json") if hasattr(section, "model_dump") else {}
-    log(f"[{name}] running -> {out}")
-    start, refused = time.time(), None
-    with tracker.stage_run(name, run_id, params):
-        try:
-            result = module.run(section, ctx)
-        except PromotionRefused as e:
-            if e.result is None:
-                raise
-            result, refused = e.result, e
-        result.metrics.setdefault("wall_seconds", round(time.time() - start, 2))
-        tracker.log_metrics(result.metrics)
-        _write_atomic(out / RESULT, json.dumps(redact(result.to_json(base=out)), indent=2))
-        if refused is not None:
-            _write_atomic(out / REFUSED, str(refused))
-        tracker.log_artifact(out / RESULT)
-    _write_atomic(out / MARKER, key)  # last: the stage is complete only now
+    try:
+        resume = False
+        started = out / STARTED
+        if out.exists():
+            same = started.exists() and started.read_text().strip() == key
+            if getattr(module, "RESUMABLE", False) and same and not (out / MARKER).exists():
+                resume = True
+                log(f"[{name}] resuming an interrupted attempt in {out}")
+            else:
+                _wipe(out)  # stale (other config or inputs) or a killed non-resumable attempt
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / OWNER, name)
+        _write_atomic(started, key)
+        ctx = Context(run_id=run_id, out=out, inputs=results, run=run, tracker=tracker,
+                      tracking_uri=tracker.uri, resume=resume)
+        params = section.model_dump(mode="json") if hasattr(section, "model_dump") else {}
+        log(f"[{name}] running -> {out}")
+        start, refused = time.time(), None
+        with tracker.stage_run(name, run_id, params):
+            try:
+                result = module.run(section, ctx)
+            except PromotionRefused as e:
+                if e.result is None:
+                    raise
+                result, refused = e.result, e
+            result.metrics.setdefault("wall_seconds", round(time.time() - start, 2))
+            tracker.log_metrics(result.metrics)
+            _write_atomic(out / RESULT, json.dumps(redact(result.to_json(base=out)), indent=2))
+            if refused is not None:
+                _write_atomic(out / REFUSED, str(refused))
+            tracker.log_artifact(out / RESULT)
+        _write_atomic(out / MARKER, key)  # last: the stage is complete only now
+    except OSError as e:  # read-only, full disk, permissions: one line, and no half output
+        if e.errno in (errno.ENOSPC, errno.EDQUOT) and not getattr(module, "RESUMABLE", False):
+            with contextlib.suppress(OSError):
+                _wipe(out)
+        raise os_failure(e, f"stage {name} in {out}") from None
     result = read_result(out)
     if cacheable:
         _remember(workdir, name, key, out)

@@ -128,7 +128,7 @@ def _result(report: dict, out) -> Result:
 
 
 def run(cfg: Config, ctx: Context) -> Result:
-    source = ctx.input("synthesize").outputs["trajectories"]
+    source = ctx.input("synthesize").path("trajectories")
     try:
         report = gate_folder(cfg, source, ctx.out, seed=ctx.run.seed)
     finally:  # a failed batch's quarantine and Data Docs are what the user needs to look at

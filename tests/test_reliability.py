@@ -1,0 +1,79 @@
+"""Issue 22: nothing deleted that coaflow did not write, no stale cache, no foreign process
+touched, atomic registry moves. Each test failed on the code before its fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from coaflow.errors import EXIT_OK, EXIT_USER
+from tests.test_bad_input import assert_one_error_line, invoke
+
+SMOKE = ["--config", "smoke", "--set", "tracking.enabled=false"]
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory) -> Path:
+    """A completed synthesize stage folder (smoke profile, 20 trajectories)."""
+    root = tmp_path_factory.mktemp("syn")
+    res = invoke("stage", "synthesize", *SMOKE, "--set", f"run.workdir={root / 'w'}",
+                 "--out", root / "synthesize")
+    assert res.exit_code == EXIT_OK, res.output
+    return root / "synthesize"
+
+
+def _gate(out, syn, *extra):
+    return invoke("stage", "gate", *SMOKE, "--set", f"run.workdir={Path(out).parent / 'w'}",
+                  "--set", "gate.expectations=false", "--out", out, "--input",
+                  f"synthesize={syn}", *extra)
+
+
+def _tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+# --- 1. --out never wipes what coaflow did not write ----------------------------------------------
+
+def test_stage_out_with_foreign_files_is_refused_and_kept(syn, tmp_path):
+    out = tmp_path / "P"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("x")
+    res = _gate(out, syn)
+    assert res.exit_code == EXIT_USER, res.output
+    assert_one_error_line(res, str(out), "refusing")
+    assert _tree(out) == ["notes.txt", "sub"]
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "around"])
+def test_stage_out_overlapping_an_input_is_refused(syn, tmp_path, where):
+    before = _tree(syn)
+    out = {"same": syn, "inside": syn / "gate", "around": syn.parent}[where]
+    res = _gate(out, syn)
+    assert res.exit_code == EXIT_USER, res.output
+    assert_one_error_line(res, "overlaps", "synthesize=")
+    assert _tree(syn) == before
+
+
+def test_stage_out_of_another_stage_is_refused_and_its_own_is_rerun(syn, tmp_path):
+    other = tmp_path / "other"
+    res = invoke("stage", "synthesize", *SMOKE, "--set", f"run.workdir={tmp_path / 'w'}",
+                 "--out", other, "--set", "synthesize.suites={kbqa: 2}")
+    assert res.exit_code == EXIT_OK, res.output
+    res = _gate(other, syn)
+    assert res.exit_code == EXIT_USER and "'gate'" in res.stderr
+    assert (other / "result.json").exists()
+    out = tmp_path / "gate"
+    assert _gate(out, syn).exit_code == EXIT_OK
+    # the same stage with another config: its own folder, wiped and redone
+    res = _gate(out, syn, "--set", "gate.min_chars=1")
+    assert res.exit_code == EXIT_OK, res.output
+    assert "running" in res.output
+
+
+def test_input_folder_of_the_wrong_stage_is_one_line(syn, tmp_path):
+    gate = tmp_path / "gate"
+    assert _gate(gate, syn).exit_code == EXIT_OK
+    res = _gate(tmp_path / "gate2", gate)  # a gate folder given as synthesize's
+    assert res.exit_code == EXIT_USER, res.output
+    assert_one_error_line(res, "synthesize=", "'gate'")
