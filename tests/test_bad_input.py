@@ -5,6 +5,7 @@ not bad at all (a byte-order mark, a pretty-printed JSON array, a stage folder) 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,7 @@ def files(tmp_path_factory) -> Path:
     record = {**trajs[0].model_dump(mode="json"), "details": {"x": nested}}
     write_jsonl(d / "deep300.jsonl", [record])
     write_jsonl(d / "good.jsonl", trajs)
+    os.mkfifo(d / "fifo")  # a special file, as /dev/full is: an output must not replace it
     (d / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (d / "good.jsonl").read_bytes())
     (d / "array.jsonl").write_text(json.dumps([t.model_dump(mode="json") for t in trajs],
                                               indent=2))
@@ -96,6 +98,11 @@ CASES = [
      EXIT_USER, ["deep.jsonl:1:", "levels deep"]),
     (["data", "convert", "--from", "coaflow", "--to", "adp", "{d}/bad.jsonl", "{o}/out.json"],
      EXIT_USER, ["bad.jsonl:1:"]),
+    # issue 22: a device or a folder as OUT is refused, never replaced by a file
+    (["data", "convert", "--from", "coaflow", "--to", "coaflow", "{d}/good.jsonl", "{d}/fifo"],
+     EXIT_USER, ["fifo", "not a regular file"]),
+    (["data", "convert", "--from", "coaflow", "--to", "coaflow", "{d}/good.jsonl", "{d}"],
+     EXIT_USER, ["a folder"]),
     (["env", "sample", "web"], EXIT_USER, ["'web'"]),
     (["env", "call", "calc", "nosuch"], EXIT_USER, ["'nosuch'", "python"]),
     (["env", "call", "calc", "python", "--args", "{bad"], EXIT_USER, ["--args", "line 1 column 2"]),

@@ -3,11 +3,12 @@ touched, atomic registry moves. Each test failed on the code before its fix."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from coaflow.errors import EXIT_OK, EXIT_USER
+from coaflow.errors import EXIT_OK, EXIT_RETRY, EXIT_USER
 from tests.test_bad_input import assert_one_error_line, invoke
 
 SMOKE = ["--config", "smoke", "--set", "tracking.enabled=false"]
@@ -77,3 +78,41 @@ def test_input_folder_of_the_wrong_stage_is_one_line(syn, tmp_path):
     res = _gate(tmp_path / "gate2", gate)  # a gate folder given as synthesize's
     assert res.exit_code == EXIT_USER, res.output
     assert_one_error_line(res, "synthesize=", "'gate'")
+
+
+# --- 2. outputs: a temporary file and a rename, a write error is an error --------------------------
+
+def test_convert_onto_a_device_leaves_it_a_device(tmp_path):
+    import stat
+
+    from coaflow.schema import write_jsonl
+    from tests.conftest import make_trajectory
+
+    write_jsonl(tmp_path / "in.jsonl", [make_trajectory(0)])
+    os.mkfifo(tmp_path / "device")  # as /dev/full, without touching the real one
+    res = invoke("data", "convert", "--from", "coaflow", "--to", "coaflow", tmp_path / "in.jsonl",
+                 tmp_path / "device")
+    assert res.exit_code == EXIT_USER and "wrote" not in res.output
+    assert stat.S_ISFIFO(os.stat(tmp_path / "device").st_mode)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from coaflow.schema import io
+    from tests.conftest import make_trajectory
+
+    io.write_jsonl(tmp_path / "in.jsonl", [make_trajectory(0)])
+    real = io._open_write
+
+    def full(path, compress):
+        fh = real(path, compress)
+        fh.write = lambda *_: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left"))
+        return fh
+
+    monkeypatch.setattr(io, "_open_write", full)
+    res = invoke("data", "convert", "--from", "coaflow", "--to", "coaflow", tmp_path / "in.jsonl",
+                 tmp_path / "out" / "o.jsonl")
+    assert res.exit_code == EXIT_RETRY, res.output
+    assert_one_error_line(res, "o.jsonl", "disk is full")
+    assert _tree(tmp_path) == ["in.jsonl"]

@@ -8,7 +8,7 @@ pretty-printed array where JSONL was expected, the way ADP publishes its samples
 elements, each numbered by the line it starts on. A record nested deeper than Python can parse is
 a bad record, never a ``RecursionError``.
 
-Writing goes to ``<name>.tmp`` and is renamed into place on close, so a killed writer never leaves
+Writing goes to a ``.tmp`` file beside the target and is renamed into place on close, so a killed writer never leaves
 a shard that looks whole.
 """
 
@@ -18,6 +18,7 @@ import gzip
 import io
 import json
 import os
+import secrets
 import textwrap
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -27,7 +28,7 @@ from typing import IO, Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from coaflow.errors import UserError
+from coaflow.errors import UserError, os_failure
 from coaflow.schema.trajectory import Trajectory
 
 SHARD_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
@@ -363,24 +364,33 @@ class ShardWriter:
 
 
 def _write_atomically(path: str | Path, write: Callable[[IO[str]], int]) -> int:
-    """Run ``write(handle)`` into ``<path>.tmp`` and rename it to ``path``; when it fails (a bad
-    record half way), remove the ``.tmp`` and any folder made for it: nothing half-written."""
+    """Run ``write(handle)`` into a temporary file beside ``path`` and rename it to ``path``;
+    when it fails (a bad record half way, a full disk), remove the temporary file and any folder
+    made for it: nothing half-written. Only a new path or a regular file is written: a device
+    (``/dev/full``), a folder or a fifo is refused, never replaced by a file."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file"
+        raise UserError(f"{path}: {kind}; write to a new path or a regular file")
     made = [p for p in reversed(path.parents) if not p.exists()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"  # one per writer
         with _open_write(tmp, path.name.endswith(".gz")) as fh:
             n = write(fh)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         for folder in reversed(made):
             try:
                 folder.rmdir()
             except OSError:
                 break
+        if isinstance(e, OSError):
+            raise os_failure(e, str(path)) from None
         raise
-    os.replace(tmp, path)
     return n
 
 
