@@ -103,6 +103,8 @@ CASES = [
      EXIT_USER, ["fifo", "not a regular file"]),
     (["data", "convert", "--from", "coaflow", "--to", "coaflow", "{d}/good.jsonl", "{d}"],
      EXIT_USER, ["a folder"]),
+    (["models", "list", "--workdir", "{o}"], EXIT_USER, ["no registry", "mlflow.db"]),
+    (["models", "rollback", "m", "--reason", " ", "--workdir", "{o}"], EXIT_USER, ["--reason"]),
     (["env", "sample", "web"], EXIT_USER, ["'web'"]),
     (["env", "call", "calc", "nosuch"], EXIT_USER, ["'nosuch'", "python"]),
     (["env", "call", "calc", "python", "--args", "{bad"], EXIT_USER, ["--args", "line 1 column 2"]),

@@ -116,3 +116,66 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     assert res.exit_code == EXIT_RETRY, res.output
     assert_one_error_line(res, "o.jsonl", "disk is full")
     assert _tree(tmp_path) == ["in.jsonl"]
+
+
+# --- 3. promotion: atomic alias moves, a true message ----------------------------------------------
+
+def _fake_model(folder: Path) -> Path:
+    """What ``Registry.register`` checks: a config.json and a non-empty weights file."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"\0" * 8)
+    return folder
+
+
+def test_concurrent_promotions_are_serialized(tmp_path, monkeypatch):
+    import threading
+
+    from coaflow.registry import Registry
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    reg = Registry(uri)
+    for i in range(3):
+        reg.register("m", _fake_model(tmp_path / f"v{i}"), tags={}, info={}, experiment="e")
+    reg.promote("m", 1, "first")
+    barrier, real = threading.Barrier(2, timeout=1.0), Registry.champion
+
+    def champion_then_wait(self, name):  # both read the old champion before either moves it
+        found = real(self, name)
+        if not getattr(local, "waited", False):
+            local.waited = True
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:  # serialized: the other one is blocked
+                pass
+        return found
+
+    local = threading.local()
+    monkeypatch.setattr(Registry, "champion", champion_then_wait)
+    errors: list = []
+
+    def promote(version):
+        try:
+            Registry(uri).promote("m", version, "race")
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=promote, args=(v,)) for v in (2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(type(e).__name__ == "PromotionConflict" for e in errors), errors
+    champion, previous = real(reg, "m").version, reg.alias("m", "previous").version
+    if not errors:  # both moved, one after the other: the first is the second's previous
+        assert {champion, previous} == {2, 3}
+
+
+def test_promote_refuses_an_empty_reason_and_a_huge_version(tmp_path):
+    work = tmp_path / "w"
+    for args, word in ((["m", "1", "--reason", ""], "--reason"),
+                       (["m", "99999999999999999999", "--reason", "x"], "VERSION")):
+        res = invoke("models", "promote", *args, "--workdir", work)
+        assert res.exit_code == EXIT_USER, res.output
+        assert_one_error_line(res, word)
+    assert not work.exists()
