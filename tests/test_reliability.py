@@ -3,6 +3,7 @@ touched, atomic registry moves. Each test failed on the code before its fix."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -179,3 +180,54 @@ def test_promote_refuses_an_empty_reason_and_a_huge_version(tmp_path):
         assert res.exit_code == EXIT_USER, res.output
         assert_one_error_line(res, word)
     assert not work.exists()
+
+
+# --- 4. undeploy signals only the server deploy started -------------------------------------------
+
+def _record(work: Path, state) -> Path:
+    f = work / "serving" / "m" / "server.json"
+    f.parent.mkdir(parents=True)
+    f.write_text(state if isinstance(state, str) else json.dumps(state))
+    return f
+
+
+@pytest.mark.parametrize("identity", [None, "12345 python -m coaflow.cli serve"])
+def test_undeploy_leaves_a_foreign_process_alone(tmp_path, identity):
+    import subprocess
+
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:  # the server exited and `sleep` got its pid: a record pointing at it
+        f = _record(tmp_path, {"pid": sleeper.pid, "identity": identity, "host": "127.0.0.1",
+                               "port": 9, "version": 1})
+        res = invoke("undeploy", "--name", "m", "--workdir", tmp_path)
+        assert res.exit_code == EXIT_OK, res.output
+        assert "no managed server" in res.output and not f.exists()
+        assert sleeper.poll() is None, "undeploy killed a process it did not start"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_undeploy_stops_the_process_it_recorded(tmp_path):
+    import subprocess
+
+    from coaflow.stages.deploy import process_identity
+
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        _record(tmp_path, {"pid": proc.pid, "identity": process_identity(proc.pid),
+                           "host": "127.0.0.1", "port": 9, "version": 1})
+        res = invoke("undeploy", "--name", "m", "--workdir", tmp_path)
+        assert res.exit_code == EXIT_OK and "stopped m version 1" in res.output
+        assert proc.wait(timeout=10) is not None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1]", '{"pid": "x"}', "\xff"])
+def test_a_corrupt_server_record_is_one_line(tmp_path, text):
+    f = _record(tmp_path, text)
+    res = invoke("undeploy", "--name", "m", "--workdir", tmp_path)
+    assert res.exit_code == EXIT_USER, res.output
+    assert_one_error_line(res, str(f))
