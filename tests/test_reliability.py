@@ -214,6 +214,8 @@ def test_undeploy_stops_the_process_it_recorded(tmp_path):
     from coaflow.stages.deploy import process_identity
 
     proc = subprocess.Popen(["sleep", "30"])
+    while not (process_identity(proc.pid) or "").endswith("sleep 30"):  # exec has happened
+        pass
     try:
         _record(tmp_path, {"pid": proc.pid, "identity": process_identity(proc.pid),
                            "host": "127.0.0.1", "port": 9, "version": 1})
@@ -231,3 +233,76 @@ def test_a_corrupt_server_record_is_one_line(tmp_path, text):
     res = invoke("undeploy", "--name", "m", "--workdir", tmp_path)
     assert res.exit_code == EXIT_USER, res.output
     assert_one_error_line(res, str(f))
+
+
+# --- 5. a file a stage reads is in its cache key by contents ---------------------------------------
+
+def test_changing_the_decontam_file_is_a_cache_miss(syn, tmp_path):
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text('{"question": "nothing like the training questions at all here"}\n')
+    args = ("--set", f"gate.decontam_file={test_file}", "--set", "gate.decontam_ngram=3",
+            "--set", "gate.min_accepted_fraction=0")
+    first = _gate(tmp_path / "g1", syn, *args)
+    assert first.exit_code == EXIT_OK and "running" in first.output, first.output
+    questions = [json.loads(x)["task"]["question"] for f in sorted((syn / "trajectories").rglob(
+        "*.jsonl")) for x in f.read_text().splitlines()]
+    test_file.write_text("".join(json.dumps({"question": q}) + "\n" for q in questions))
+    again = _gate(tmp_path / "g2", syn, *args)
+    assert "cached" not in again.output, again.output
+    report = json.loads((tmp_path / "g2" / "gate_report.json").read_text())
+    assert report["accepted"] == 0
+
+
+def test_every_path_valued_config_key_is_declared():
+    """A config key that names a file or folder must be in its stage's PATH_FIELDS, or its
+    contents are not in the cache key. Keys whose help mentions a file/folder but that are not
+    one are listed here, each with why."""
+    from pydantic import BaseModel
+
+    from coaflow.pipeline import STAGES, load_stage
+
+    not_paths = {"synthesize.llm.cache": "a switch", "gate.data_docs": "a switch",
+                 "sft.lora_dropout": "a number", "sft.log_model_artifact": "a switch",
+                 "sft.deepspeed": "a name of a bundled config",
+                 "register.registry_uri": "a URI: its state is cache_extras'"}
+    words = ("file", "folder", "path", "directory")
+    def fields(model: type[BaseModel], prefix: str = ""):
+        for field, info in model.model_fields.items():
+            ann = info.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                yield from fields(ann, f"{prefix}{field}.")
+            elif any(w in (info.description or "").lower() for w in words):
+                yield f"{prefix}{field}"
+
+    missing = [f"{name}.{dotted}" for name in STAGES for dotted in fields(load_stage(name).Config)
+               if dotted not in getattr(load_stage(name), "PATH_FIELDS", ())
+               and f"{name}.{dotted}" not in not_paths]
+    assert missing == []
+
+
+# --- 6. one registry for cache_extras and run() ---------------------------------------------------
+
+def test_champion_lookups_use_the_runs_tracking_uri(tmp_path, monkeypatch):
+    from coaflow.config import load_config
+    from coaflow.pipeline import cache_key, load_stage
+    from coaflow.stages import evaluate
+
+    seen: list[str] = []
+    monkeypatch.setattr(evaluate, "champion_version", lambda name, uri, **_: seen.append(uri))
+
+    class Recorder:
+        def __init__(self, uri):
+            seen.append(uri)
+
+        def resolve(self, uri):
+            from coaflow.registry import RegistryError
+            raise RegistryError("none")
+
+    monkeypatch.setattr("coaflow.registry.Registry", Recorder)
+    uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    cfg = load_config("smoke", [f"run.workdir={tmp_path / 'w'}", f"tracking.uri={uri}",
+                                "sft.model=champion", "evaluate.models=[candidate, champion]"])
+    for name in ("evaluate", "sft"):
+        cache_key(name, load_stage(name), getattr(cfg, name), cfg.run, {"sft": "k"},
+                  tracking_uri=uri)
+    assert seen == [uri, uri]

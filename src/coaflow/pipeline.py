@@ -9,6 +9,8 @@ A stage is a module ``coaflow/stages/<name>.py`` with
     CACHE = True                        # False: always runs (it acts on outside state: deploy)
     def cache_extras(cfg, run[, inputs]) -> dict  # optional: outside state it reads (a champion);
                                         # inputs: {stage: cache key} of its inputs
+    PATH_FIELDS = ("decontam_file",)    # config keys that name local files or folders: their
+                                        # contents enter the cache key (``path_digest``)
     class Config(Section): ...          # its config section
     def run(cfg: Config, ctx: Context) -> Result: ...
 
@@ -53,7 +55,7 @@ import yaml
 
 from coaflow import __version__
 from coaflow.errors import PipelineError, PromotionRefused, os_failure
-from coaflow.tracking import Tracker, redact
+from coaflow.tracking import Tracker, redact, registry_uri
 
 __all__ = ["ORDER", "STAGES", "Context", "PipelineError", "Result", "execute", "run_pipeline"]
 
@@ -167,19 +169,69 @@ def code_digest() -> str:
     return source_digest(Path(__file__).parent)
 
 
-def cache_key(stage: str, module, section: Any, run: Any, input_keys: Mapping[str, str]) -> str:
-    """Everything the stage reads: its section, ``run.name``/``run.seed``, its inputs' keys,
-    ``cache_extras`` (outside state, e.g. the champion's version), the coaflow version and its
-    source (``code_digest``)."""
+_FILE_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256: a file is read once
+
+
+def _file_digest(path: Path) -> str:
+    st = path.stat()
+    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _FILE_DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        _FILE_DIGESTS[memo] = h.hexdigest()
+    return _FILE_DIGESTS[memo]
+
+
+def path_digest(value: Any) -> Any:
+    """The contents of what a path-valued config key names: a file's sha256, a folder's digest
+    over its files (relative name and contents), None for a value that is not a local path (a
+    hub id, 'tiny', a URL); a list of paths digests each. Changing a file a stage reads changes
+    its cache key, as a changed config value does."""
+    if isinstance(value, (list, tuple)):
+        return [path_digest(v) for v in value]
+    if not isinstance(value, str) or not value or "://" in value:
+        return None
+    p = Path(value).expanduser()
+    try:
+        if p.is_file():
+            return _file_digest(p)
+        if p.is_dir():
+            h = hashlib.sha256()
+            for f in sorted(x for x in p.rglob("*") if x.is_file()):
+                h.update(f.relative_to(p).as_posix().encode() + b"\0" + _file_digest(f).encode())
+            return h.hexdigest()
+    except OSError as e:
+        raise PipelineError(f"{value}: cannot read it for the cache key ({e.strerror})") from None
+    return None
+
+
+def _field(section: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        section = getattr(section, part, None)
+    return section
+
+
+def cache_key(stage: str, module, section: Any, run: Any, input_keys: Mapping[str, str],
+              tracking_uri: str | None = None) -> str:
+    """Everything the stage reads: its section, the contents of the files its ``PATH_FIELDS``
+    name, ``run.name``/``run.seed``, its inputs' keys, ``cache_extras`` (outside state, e.g. the
+    champion's version), the coaflow version and its source (``code_digest``)."""
     conf = section.model_dump(mode="json") if hasattr(section, "model_dump") else section
+    files = {f: path_digest(_field(section, f)) for f in getattr(module, "PATH_FIELDS", ())}
     extras = None
-    if hasattr(module, "cache_extras"):
-        takes_inputs = len(inspect.signature(module.cache_extras).parameters) >= 3
-        extras = (module.cache_extras(section, run, dict(input_keys)) if takes_inputs
-                  else module.cache_extras(section, run))
+    if hasattr(module, "cache_extras"):  # (cfg, run[, inputs][, tracking_uri=]): what it takes
+        params = inspect.signature(module.cache_extras).parameters
+        args = [section, run] + ([dict(input_keys)] if len(set(params) - {"tracking_uri"}) >= 3
+                                 else [])
+        kw = {"tracking_uri": registry_uri(run.workdir, tracking_uri)} \
+            if "tracking_uri" in params else {}
+        extras = module.cache_extras(*args, **kw)
     return _digest({"stage": stage, "config": conf, "version": __version__, "code": code_digest(),
                     "run": {"name": getattr(run, "name", None), "seed": getattr(run, "seed", None)},
-                    "inputs": dict(sorted(input_keys.items())), "extras": extras})
+                    "inputs": dict(sorted(input_keys.items())), "extras": extras,
+                    **({"files": files} if files else {})})
 
 
 def read_result(stage_dir: Path) -> Result | None:
@@ -330,11 +382,12 @@ def execute(name: str, cfg, out_dir: str | Path, inputs: Mapping[str, Path | str
     section = getattr(cfg, name, None)
     results = stage_inputs(module, inputs or {})
     check_out_dir(name, Path(out_dir), inputs or {})
-    key = cache_key(name, module, section, run, {n: r.key or "" for n, r in results.items()})
-    out = Path(out_dir).resolve()
-    cacheable = use_cache and getattr(module, "CACHE", True)
     tracker = tracker or Tracker(workdir, uri=cfg.tracking.uri, enabled=cfg.tracking.enabled,
                                  experiment=cfg.tracking.experiment or cfg.run.name)
+    key = cache_key(name, module, section, run, {n: r.key or "" for n, r in results.items()},
+                    tracking_uri=tracker.uri)
+    out = Path(out_dir).resolve()
+    cacheable = use_cache and getattr(module, "CACHE", True)
     run_id = run_id or os.environ.get("COAFLOW_RUN_ID") or new_run_id()
 
     done = read_result(out) if cacheable else None

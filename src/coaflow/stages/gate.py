@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 NAME = "gate"
 NEEDS = ("synthesize",)
 RESUMABLE = False
+PATH_FIELDS = ("tokenizer", "decontam_file")  # local files/folders: their contents are in the cache key
 
 
 class Config(Section):

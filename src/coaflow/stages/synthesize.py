@@ -31,6 +31,7 @@ from coaflow.teachers.llm import LlmTeacherConfig
 NAME = "synthesize"
 NEEDS: tuple[str, ...] = ()
 RESUMABLE = True
+PATH_FIELDS = ("task_files",)  # local files/folders: their contents are in the cache key
 
 
 class Config(Section):
