@@ -306,3 +306,51 @@ def test_champion_lookups_use_the_runs_tracking_uri(tmp_path, monkeypatch):
         cache_key(name, load_stage(name), getattr(cfg, name), cfg.run, {"sft": "k"},
                   tracking_uri=uri)
     assert seen == [uri, uri]
+
+
+# --- 10-12. bad input: one line and its exit code ------------------------------------------------
+
+def test_out_as_a_symlink_loop_is_one_line(syn, tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    res = _gate(tmp_path / "loop", syn)
+    assert res.exit_code == EXIT_USER, res.output
+    assert_one_error_line(res, "loop")
+
+
+def test_a_full_disk_in_a_stage_leaves_no_marker_and_no_output(syn, tmp_path, monkeypatch):
+    import errno
+
+    from coaflow.stages import gate
+
+    def full(*_a, **_k):
+        (tmp_path / "g" / "half.jsonl").write_text("{")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gate, "gate_folder", full)
+    res = _gate(tmp_path / "g", syn)
+    assert res.exit_code == EXIT_RETRY, res.output
+    assert_one_error_line(res, "disk is full")
+    assert _tree(tmp_path / "g") == []
+
+
+@pytest.mark.parametrize("name,line,teacher,words", [
+    ("web.jsonl", '{"question": "q?", "answer": "a"}', "llm", ["web.jsonl", "'web'", "kbqa"]),
+    ("calc.jsonl", '{"question": "What is 2+2?", "answer": "4"}', "scripted",
+     ["calc.jsonl", "synthesize.teacher=llm"]),
+    ("kbqa.jsonl", '{"q": "x"}', "llm", ["kbqa.jsonl:1", "question"]),
+])
+def test_a_wrong_task_file_is_one_line(tmp_path, name, line, teacher, words):
+    (tmp_path / name).write_text(line + "\n")
+    res = invoke("synthesize", "--profile", "smoke", "--workdir", tmp_path / "w",
+                 "--set", "tracking.enabled=false", "--set", f"synthesize.teacher={teacher}",
+                 "--set", f"synthesize.task_files=[{tmp_path / name}]")
+    assert res.exit_code == EXIT_USER, res.output
+    assert_one_error_line(res, *words)
+
+
+def test_the_accepted_fraction_rule_holds_with_expectations_off(syn, tmp_path):
+    res = _gate(tmp_path / "g", syn, "--set",
+                "gate.max_chars=1", "--set", "gate.min_accepted_fraction=0.5")
+    assert res.exit_code == 3, res.output
+    assert_one_error_line(res, "0/20 accepted", "min_accepted_fraction")
+    assert not (tmp_path / "g" / "accepted").exists()

@@ -119,10 +119,10 @@ def run_cmd(profile, workdir, overrides, run_id, start_from, only, no_cache, eng
     or resumes. Results land in <workdir>/runs/<run_id>/<stage>/result.json and in MLflow (one
     parent run, one nested run per stage).
     """
-    from coaflow.pipeline import new_run_id, run_pipeline
+    from coaflow.pipeline import check_run_id, new_run_id, run_pipeline
 
     cfg = _load(profile, workdir, overrides)
-    run_id = run_id or new_run_id()
+    run_id = check_run_id(run_id) if run_id else new_run_id()
     if engine == "kfp":
         if start_from or only or no_cache:
             raise UserError("--from, --only and --no-cache work with --engine local only: a KFP "

@@ -43,6 +43,7 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 import secrets
 import shutil
 import time
@@ -142,6 +143,18 @@ def load_stage(name: str):
     if name not in STAGES:
         raise PipelineError(f"unknown stage {name!r} (stages: {', '.join(STAGES) or 'none'})")
     return importlib.import_module(STAGES[name])
+
+
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id is a folder name under ``<workdir>/runs``: letters, digits and ``-_.``, never a
+    path (``../../x`` or ``/abs`` would write outside the workdir)."""
+    if not isinstance(run_id, str) or not RUN_ID.match(run_id):
+        raise PipelineError(f"--run-id {run_id!r}: a run id is a name of letters, digits and "
+                            "'-_.' (at most 128, starting with a letter or digit)")
+    return run_id
 
 
 def new_run_id() -> str:
@@ -299,6 +312,13 @@ def _wipe(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def _clear(folder: Path) -> None:
+    """Empty ``folder`` but keep it: it may be a mount point (a Kubernetes volume), which
+    cannot be removed, only emptied."""
+    for child in folder.iterdir() if folder.is_dir() else []:
+        _wipe(child)
+
+
 # --- the cross-run cache: <workdir>/cache/stages/<stage>-<key> holds the folder that has it ----
 
 def _index(workdir: Path, name: str, key: str) -> Path:
@@ -416,7 +436,7 @@ def execute(name: str, cfg, out_dir: str | Path, inputs: Mapping[str, Path | str
                 resume = True
                 log(f"[{name}] resuming an interrupted attempt in {out}")
             else:
-                _wipe(out)  # stale (other config or inputs) or a killed non-resumable attempt
+                _clear(out)  # stale (other config or inputs) or a killed non-resumable attempt
         out.mkdir(parents=True, exist_ok=True)
         _write_atomic(out / OWNER, name)
         _write_atomic(started, key)
@@ -442,7 +462,7 @@ def execute(name: str, cfg, out_dir: str | Path, inputs: Mapping[str, Path | str
     except OSError as e:  # read-only, full disk, permissions: one line, and no half output
         if e.errno in (errno.ENOSPC, errno.EDQUOT) and not getattr(module, "RESUMABLE", False):
             with contextlib.suppress(OSError):
-                _wipe(out)
+                _clear(out)
         raise os_failure(e, f"stage {name} in {out}") from None
     result = read_result(out)
     if cacheable:
@@ -472,7 +492,7 @@ def run_pipeline(cfg, run_id: str | None = None, only: list[str] | None = None,
         selected = [n for n in selected if names.index(n) >= names.index(start_from)]
 
     workdir = Path(cfg.run.workdir).resolve()
-    run_id = run_id or new_run_id()
+    run_id = check_run_id(run_id) if run_id else new_run_id()
     run_dir = workdir / "runs" / run_id
     # Set-up is checked before anything is written: a run that cannot start leaves no trace.
     earlier = {n: r for n in names if n not in selected and (r := read_result(run_dir / n))}
@@ -543,6 +563,7 @@ def list_runs(workdir: str | Path) -> list[dict]:
 
 
 def show_run(workdir: str | Path, run_id: str) -> dict:
+    check_run_id(run_id)
     run_dir = Path(workdir) / "runs" / run_id
     if not run_dir.is_dir():
         raise PipelineError(f"no run {run_id!r} under {Path(workdir) / 'runs'}")
