@@ -354,3 +354,81 @@ def test_the_accepted_fraction_rule_holds_with_expectations_off(syn, tmp_path):
     assert res.exit_code == 3, res.output
     assert_one_error_line(res, "0/20 accepted", "min_accepted_fraction")
     assert not (tmp_path / "g" / "accepted").exists()
+
+
+# --- 15-17. secrets and outages ------------------------------------------------------------------
+
+def test_no_secret_in_any_file_of_a_run_or_the_mlflow_store(tmp_path, monkeypatch):
+    from coaflow.teachers import scripted
+
+    password, key = "pw-Zq81xx", "KEYVALUE-7781"
+    monkeypatch.setenv("MY_LLM_KEY", key)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    real = scripted.solve
+
+    def echoing(task, log, rng, mistakes):  # an endpoint that echoes the key in its error
+        if task.task_id.endswith(("0", "1", "2")):
+            raise ValueError(f"401 from https://me:{password}@llm.example/v1: bad key {key}")
+        return real(task, log, rng, mistakes)
+
+    monkeypatch.setattr(scripted, "solve", echoing)
+    work = tmp_path / "w"
+    res = invoke("run", "--only", "synthesize", "--profile", "smoke", "--workdir", work,
+                 "--run-id", "r1", "--set", "synthesize.llm.api_key_env=MY_LLM_KEY",
+                 "--set", f"synthesize.llm.base_url=https://me:{password}@llm.example/v1")
+    assert res.exit_code == EXIT_OK, res.output
+    assert list((work / "runs" / "r1" / "synthesize" / "failed").rglob("*.jsonl"))
+    leaks = [str(p) for p in work.rglob("*") if p.is_file()
+             and (password.encode() in p.read_bytes() or key.encode() in p.read_bytes())]
+    assert leaks == [] and password not in res.output and key not in res.output
+
+
+def test_an_unreachable_registry_is_a_75_within_30_seconds(tmp_path, monkeypatch):
+    import time
+
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"):
+        monkeypatch.delenv(name, raising=False)
+    start = time.time()
+    res = invoke("models", "list", "--registry-uri", "http://me:pw-secret@127.0.0.1:9")
+    assert time.time() - start < 30
+    assert res.exit_code == EXIT_RETRY, res.output
+    assert_one_error_line(res, "127.0.0.1:9")
+    assert "pw-secret" not in res.output
+
+
+def test_a_stage_stopped_by_sigterm_is_killed_in_mlflow(tmp_path):
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    work = tmp_path / "w"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([sys.executable, "-m", "coaflow.cli", "stage", "synthesize",
+                             "--config", "smoke", "--out", str(tmp_path / "syn"),
+                             "--set", f"run.workdir={work}",
+                             "--set", "synthesize.suites={kbqa: 200000}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    def statuses() -> list[str]:
+        try:
+            with sqlite3.connect(work / "mlflow.db") as db:
+                return [s for (s,) in db.execute("select status from runs")]
+        except sqlite3.Error:  # not created yet
+            return []
+
+    try:
+        deadline = time.time() + 400  # importing MLflow takes minutes on a loaded machine
+        while statuses() != ["RUNNING"] and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert statuses() == ["RUNNING"], proc.stdout.read() if proc.poll() is not None else ""
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert statuses() == ["KILLED"]
+    assert not (tmp_path / "syn" / ".complete").exists()

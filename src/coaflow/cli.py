@@ -50,16 +50,17 @@ def _user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         from coaflow.errors import CoaflowError, PromotionRefused
+        from coaflow.tracking import redact  # a URL's password or an echoed key: never shown
 
         try:
             return fn(*a, **kw)
         except PromotionRefused as e:
-            click.echo(f"promotion refused: {e}", err=True)
+            click.echo(f"promotion refused: {redact(str(e))}", err=True)
             sys.exit(e.exit_code)
         except CoaflowError as e:
-            raise UserError(str(e), e.exit_code) from None
+            raise UserError(redact(str(e)), e.exit_code) from None
         except FileNotFoundError as e:
-            raise UserError(str(e)) from None
+            raise UserError(redact(str(e))) from None
 
     return wrapper
 
@@ -75,6 +76,9 @@ def main():
     evaluation scores it on held-out tasks; MLflow tracks every stage. Each stage is also a subcommand, and `coaflow stage` is the
     entry point containers, Airflow and Kubeflow call.
     """
+    from coaflow.tracking import terminate_as_interrupt
+
+    terminate_as_interrupt()  # SIGTERM unwinds: MLflow runs end KILLED, not RUNNING
 
 
 def pipeline_options(fn):

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from coaflow.errors import ServiceUnavailable, UserError
+from coaflow.tracking import bounded_http, safe_url
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 MODEL_INFO = "coaflow_model.json"
@@ -94,6 +95,7 @@ class Registry:
 
     def __init__(self, uri: str, artifact_root: str | Path | None = None):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        bounded_http()
         from mlflow import MlflowClient
 
         self.uri = uri
@@ -114,17 +116,17 @@ class Registry:
             if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 raise RegistryError(f"{what}: {e.message}") from None
             if _unreachable(self.uri, e):
-                raise ServiceUnavailable(f"MLflow registry {self.uri} did not answer ({what}): "
+                raise ServiceUnavailable(f"MLflow registry {safe_url(self.uri)} did not answer ({what}): "
                                          f"{str(e).splitlines()[0][:200]}") from None
             raise
         except OSError as e:
             if _unreachable(self.uri, e):
-                raise ServiceUnavailable(f"MLflow registry {self.uri} did not answer ({what}): "
+                raise ServiceUnavailable(f"MLflow registry {safe_url(self.uri)} did not answer ({what}): "
                                          f"{e}") from None
             raise
         except Exception as e:  # SQLAlchemy's, when two writers meet on one SQLite store
             if "IntegrityError" in type(e).__name__ or "database is locked" in str(e):
-                raise PromotionConflict(f"MLflow registry {self.uri}: another process changed "
+                raise PromotionConflict(f"MLflow registry {safe_url(self.uri)}: another process changed "
                                         f"{what} at the same time; retry") from None
             raise
 
@@ -153,7 +155,7 @@ class Registry:
                                                 "INVALID_PARAMETER_VALUE"):
                 return None
             if _unreachable(self.uri, e):
-                raise ServiceUnavailable(f"MLflow registry {self.uri} did not answer: "
+                raise ServiceUnavailable(f"MLflow registry {safe_url(self.uri)} did not answer: "
                                          f"{str(e).splitlines()[0][:200]}") from None
             raise
 

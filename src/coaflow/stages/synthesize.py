@@ -27,6 +27,7 @@ from pydantic import Field, ValidationError, field_validator
 from coaflow.config import Section
 from coaflow.pipeline import Context, PipelineError, Result
 from coaflow.teachers.llm import LlmTeacherConfig
+from coaflow.tracking import redact, secret_values
 
 NAME = "synthesize"
 NEEDS: tuple[str, ...] = ()
@@ -147,14 +148,15 @@ def synthesize(cfg: Config, out: Path, seed: int, cache_dir: Path | None = None,
                             if cfg.teacher == "llm" else "coaflow-scripted-team",
                             tool_versions={"coaflow": __import__("coaflow").__version__})
     mistakes = scripted.Mistakes(cfg.mistake_rate, cfg.unrecovered_rate)
+    secrets = secret_values(cfg.llm.api_key_env)
 
     def start(task) -> TeamLog:
         return TeamLog(task=task, env=env_for(task), suite=task.suite)
 
     def finish(task, log: TeamLog, answer, error: str | None, started):
         if error is not None:
-            fails.write({"task_id": task.task_id, "suite": task.suite, "reason": error,
-                         "log": log.to_json()})
+            fails.write(redact({"task_id": task.task_id, "suite": task.suite, "reason": error,
+                                "log": log.to_json()}, secrets))  # an endpoint may echo the key
             return
         reward = score(task.suite, answer, task.answer)
         recovered = any(ev["type"] == "note" and ev.get("caught") for ev in log.events)
