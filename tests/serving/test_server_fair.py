@@ -6,6 +6,7 @@ generation."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -106,7 +107,7 @@ def test_a_short_request_starts_while_another_client_streams(server):
         r = httpx.post(f"{server}/v1/chat/completions", json=_chat(max_tokens=4), timeout=120)
         latencies.append(time.time() - t)
         assert r.status_code == 200
-    p95 = sorted(latencies)[int(0.95 * len(latencies)) - 1]
+    p95 = sorted(latencies)[math.ceil(0.95 * len(latencies)) - 1]  # nearest rank
     print(f"short request p95 {p95:.3f}s (max {max(latencies):.3f}s) while another client "
           f"streams {LONG} tokens")
     assert not done, "the short requests waited for the whole stream"
