@@ -432,3 +432,70 @@ def test_a_stage_stopped_by_sigterm_is_killed_in_mlflow(tmp_path):
         proc.wait()
     assert statuses() == ["KILLED"]
     assert not (tmp_path / "syn" / ".complete").exists()
+
+
+# --- 13-14. resource bombs in data files ----------------------------------------------------------
+
+def test_a_json_array_reads_in_linear_time(tmp_path):
+    """The same records as one array and as JSONL, side by side (bench/bench_io_array.py)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    from bench_io_array import measure
+
+    r = measure(50_000, tmp_path)
+    assert r["ratio"] < 2.0, r
+
+
+LIMIT_MB = 700  # the address space a reader gets: the bombs below hold 300 MB each
+
+
+@pytest.fixture(scope="module")
+def bombs(tmp_path_factory) -> Path:
+    """line.jsonl.gz: 300 MB of 'x' and no newline; spaces.jsonl.gz: '[' and 300 MB of spaces;
+    zero.jsonl: a symlink to /dev/zero."""
+    import gzip
+
+    d = tmp_path_factory.mktemp("bombs")
+    for name, head, byte in (("line.jsonl.gz", b"", b"x"), ("spaces.jsonl.gz", b"[", b" ")):
+        with gzip.open(d / name, "wb", compresslevel=1) as fh:
+            fh.write(head)
+            chunk = byte * (1 << 20)
+            for _ in range(300):
+                fh.write(chunk)
+    (d / "zero.jsonl").symlink_to("/dev/zero")
+    return d
+
+
+def _limited(args: list[str]) -> tuple[int, str]:
+    """``coaflow ARGS`` in a subprocess whose address space is capped at LIMIT_MB."""
+    import subprocess
+    import sys
+
+    code = (f"import resource, sys; lim = {LIMIT_MB} << 20; "
+            "resource.setrlimit(resource.RLIMIT_AS, (lim, lim)); "
+            "sys.argv = ['coaflow'] + sys.argv[1:]; "
+            "from coaflow.cli import main; main()")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("command,name,words", [
+    (["data", "validate"], "line.jsonl.gz", ["record larger than"]),
+    (["data", "stats"], "spaces.jsonl.gz", ["no closing ']'"]),
+    (["data", "validate"], "zero.jsonl", ["not a regular file"]),
+    (["data", "stats"], "zero.jsonl", ["not a regular file"]),
+])
+def test_memory_stays_flat_on_a_bomb(bombs, command, name, words):
+    rc, out = _limited([*command, str(bombs / name)])
+    assert rc == EXIT_USER, out[-2000:]
+    assert "Traceback" not in out and "MemoryError" not in out
+    assert all(w in out for w in words), out[-2000:]
+
+
+def test_the_gate_refuses_a_device(bombs, tmp_path):
+    res = invoke("gate", "--input", bombs / "zero.jsonl", "--output", tmp_path / "g")
+    assert res.exit_code == EXIT_USER, res.output
+    assert_one_error_line(res, "not a regular file")

@@ -55,6 +55,8 @@ def _read_reason(message: str) -> str:
         return "invalid_utf8"
     if message.startswith("invalid JSON"):
         return "invalid_json"
+    if message.startswith("record larger than"):  # past io.MAX_RECORD_BYTES: never parsed
+        return "too_long"
     return "unreadable"
 
 
