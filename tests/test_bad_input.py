@@ -5,6 +5,7 @@ not bad at all (a byte-order mark, a pretty-printed JSON array, a stage folder) 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,10 @@ def files(tmp_path_factory) -> Path:
     record = {**trajs[0].model_dump(mode="json"), "details": {"x": nested}}
     write_jsonl(d / "deep300.jsonl", [record])
     write_jsonl(d / "good.jsonl", trajs)
+    os.mkfifo(d / "fifo")  # a special file, as /dev/full is: an output must not replace it
+    (d / "latin1.yaml").write_bytes(b"run:\n  name: caf\xe9\n")
+    (d / "base5.yaml").write_text("base: 5\n")
+    (d / "baselist.yaml").write_text("base: [a]\n")
     (d / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (d / "good.jsonl").read_bytes())
     (d / "array.jsonl").write_text(json.dumps([t.model_dump(mode="json") for t in trajs],
                                               indent=2))
@@ -96,6 +101,24 @@ CASES = [
      EXIT_USER, ["deep.jsonl:1:", "levels deep"]),
     (["data", "convert", "--from", "coaflow", "--to", "adp", "{d}/bad.jsonl", "{o}/out.json"],
      EXIT_USER, ["bad.jsonl:1:"]),
+    # issue 22: a device or a folder as OUT is refused, never replaced by a file
+    (["data", "convert", "--from", "coaflow", "--to", "coaflow", "{d}/good.jsonl", "{d}/fifo"],
+     EXIT_USER, ["fifo", "not a regular file"]),
+    (["data", "convert", "--from", "coaflow", "--to", "coaflow", "{d}/good.jsonl", "{d}"],
+     EXIT_USER, ["a folder"]),
+    (["config", "--profile", "{d}"], EXIT_USER, ["a folder"]),
+    (["config", "--profile", "{d}/latin1.yaml"], EXIT_USER, ["latin1.yaml", "not UTF-8"]),
+    (["config", "--profile", "{d}/base5.yaml"], EXIT_USER, ["base5.yaml", "base", "5"]),
+    (["config", "--profile", "{d}/baselist.yaml"], EXIT_USER, ["baselist.yaml", "base"]),
+    (["config", "--set", f"run.seed={10**26}"], EXIT_USER, ["run.seed"]),
+    (["config", "--set", f"sft.max_steps={10**29}"], EXIT_USER, ["sft.max_steps", "range"]),
+    (["config", "--set", f"synthesize.suites={{kbqa: {10**14}}}"], EXIT_USER,
+     ["synthesize.suites", "range"]),
+    (["run", "--run-id", "../../x", "--workdir", "{o}"], EXIT_USER, ["--run-id", "../../x"]),
+    (["run", "--run-id", "{o}/abs", "--workdir", "{o}"], EXIT_USER, ["--run-id"]),
+    (["runs", "show", "../..", "--workdir", "{o}"], EXIT_USER, ["--run-id"]),
+    (["models", "list", "--workdir", "{o}"], EXIT_USER, ["no registry", "mlflow.db"]),
+    (["models", "rollback", "m", "--reason", " ", "--workdir", "{o}"], EXIT_USER, ["--reason"]),
     (["env", "sample", "web"], EXIT_USER, ["'web'"]),
     (["env", "call", "calc", "nosuch"], EXIT_USER, ["'nosuch'", "python"]),
     (["env", "call", "calc", "python", "--args", "{bad"], EXIT_USER, ["--args", "line 1 column 2"]),
@@ -129,7 +152,7 @@ def test_bad_input_is_one_line_with_its_exit_code(files, tmp_path, monkeypatch, 
 def test_gate_quarantines_a_deeply_nested_line_and_leaves_no_partial_output(files, tmp_path, name):
     out = tmp_path / "gated"
     res = invoke("gate", "--input", files / name, "--output", out,
-                 "--set", "gate.expectations=false")
+                 "--set", "gate.expectations=false", "--set", "gate.min_accepted_fraction=0")
     assert res.exit_code == EXIT_OK, res.output
     [q] = [json.loads(x) for x in (out / "quarantine.jsonl").read_text().splitlines()]
     assert q["line"] == 1 and "levels deep" in q["details"][0]

@@ -50,16 +50,17 @@ def _user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         from coaflow.errors import CoaflowError, PromotionRefused
+        from coaflow.tracking import redact  # a URL's password or an echoed key: never shown
 
         try:
             return fn(*a, **kw)
         except PromotionRefused as e:
-            click.echo(f"promotion refused: {e}", err=True)
+            click.echo(f"promotion refused: {redact(str(e))}", err=True)
             sys.exit(e.exit_code)
         except CoaflowError as e:
-            raise UserError(str(e), e.exit_code) from None
+            raise UserError(redact(str(e)), e.exit_code) from None
         except FileNotFoundError as e:
-            raise UserError(str(e)) from None
+            raise UserError(redact(str(e))) from None
 
     return wrapper
 
@@ -75,6 +76,9 @@ def main():
     evaluation scores it on held-out tasks; MLflow tracks every stage. Each stage is also a subcommand, and `coaflow stage` is the
     entry point containers, Airflow and Kubeflow call.
     """
+    from coaflow.tracking import terminate_as_interrupt
+
+    terminate_as_interrupt()  # SIGTERM unwinds: MLflow runs end KILLED, not RUNNING
 
 
 def pipeline_options(fn):
@@ -119,10 +123,10 @@ def run_cmd(profile, workdir, overrides, run_id, start_from, only, no_cache, eng
     or resumes. Results land in <workdir>/runs/<run_id>/<stage>/result.json and in MLflow (one
     parent run, one nested run per stage).
     """
-    from coaflow.pipeline import new_run_id, run_pipeline
+    from coaflow.pipeline import check_run_id, new_run_id, run_pipeline
 
     cfg = _load(profile, workdir, overrides)
-    run_id = run_id or new_run_id()
+    run_id = check_run_id(run_id) if run_id else new_run_id()
     if engine == "kfp":
         if start_from or only or no_cache:
             raise UserError("--from, --only and --no-cache work with --engine local only: a KFP "
@@ -286,6 +290,28 @@ def _registry_uri(workdir: str, registry_uri: str | None) -> str:
     return registry_uri or default_uri(workdir)
 
 
+def _registry(workdir: str, registry_uri: str | None):
+    """The registry a `models` command reads or moves. A SQLite store that does not exist is
+    an error, not a new empty one: looking must not create state (a mistyped --workdir)."""
+    from coaflow.registry import Registry
+
+    uri = _registry_uri(workdir, registry_uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise UserError(f"no registry at {uri[len('sqlite:///'):]} (--workdir {workdir}): "
+                        "nothing registered there yet")
+    return Registry(uri)
+
+
+def _reason(ctx, param, value: str) -> str:
+    """A promotion or rollback is recorded with why: an empty reason is refused."""
+    if not value or not value.strip():
+        raise click.BadParameter("a reason is required (why this version?)")
+    return value.strip()
+
+
+VERSION = click.IntRange(1, 2**31 - 1)  # MLflow stores versions as 32-bit integers
+
+
 def registry_options(fn):
     fn = click.option("--registry-uri", help="MLflow registry [$MLFLOW_TRACKING_URI, else "
                       "sqlite:///<workdir>/mlflow.db]")(fn)
@@ -346,9 +372,7 @@ def models_list(name, as_json, workdir, registry_uri):
     """Versions of NAME (default: every registered model): aliases, evaluation, lineage."""
     from dataclasses import asdict
 
-    from coaflow.registry import Registry
-
-    reg = Registry(_registry_uri(workdir, registry_uri))
+    reg = _registry(workdir, registry_uri)
     names = [name] if name else reg.models()
     if name and not reg.exists(name):
         raise UserError(f"no registered model {name!r} in {reg.uri} "
@@ -370,30 +394,29 @@ def models_list(name, as_json, workdir, registry_uri):
 
 @models_group.command("promote")
 @click.argument("name")
-@click.argument("version", type=int)
-@click.option("--reason", required=True, help="why (recorded as a tag on the version)")
+@click.argument("version", type=VERSION)
+@click.option("--reason", required=True, callback=_reason,
+              help="why (recorded as a tag on the version)")
 @registry_options
 @_user_errors
 def models_promote(name, version, reason, workdir, registry_uri):
     """Make VERSION of NAME the champion by hand; the old champion becomes previous."""
-    from coaflow.registry import Registry
 
-    old = Registry(_registry_uri(workdir, registry_uri)).promote(name, version,
-                                                                  f"by hand: {reason}")
+    old = _registry(workdir, registry_uri).promote(name, version, f"by hand: {reason}")
     click.echo(f"{name}: champion is version {version}"
                + (f" (previous: version {old.version})" if old and old.version != version else ""))
 
 
 @models_group.command("rollback")
 @click.argument("name")
-@click.option("--reason", required=True, help="why (recorded as a tag on both versions)")
+@click.option("--reason", required=True, callback=_reason,
+              help="why (recorded as a tag on both versions)")
 @registry_options
 @_user_errors
 def models_rollback(name, reason, workdir, registry_uri):
     """Move NAME's champion back to its previous version."""
-    from coaflow.registry import Registry
 
-    now, was = Registry(_registry_uri(workdir, registry_uri)).rollback(name, reason)
+    now, was = _registry(workdir, registry_uri).rollback(name, reason)
     click.echo(f"{name}: champion is version {now.version} again (rolled back from "
                f"version {was.version})")
 
@@ -405,9 +428,8 @@ def models_rollback(name, reason, workdir, registry_uri):
 @_user_errors
 def models_fetch(uri, dst, workdir, registry_uri):
     """Download a registered model (an HF folder) and print its path."""
-    from coaflow.registry import Registry
 
-    folder, v = Registry(_registry_uri(workdir, registry_uri)).fetch(
+    folder, v = _registry(workdir, registry_uri).fetch(
         uri, dst or Path(workdir).resolve() / "serving" / "models")
     click.echo(str(folder))
 

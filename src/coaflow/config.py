@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from coaflow.errors import UserError
 
 PROFILE_DIR = Path(__file__).parent / "configs"
+MAX_INT = 2**31 - 1  # the largest integer a config value may have (seeds, counts, steps, sizes)
 
 
 class ConfigError(UserError, ValueError):
@@ -36,12 +37,25 @@ class Section(BaseModel):
     # inf/nan are never a sensible knob value (`--set sft.lr=.inf` is a typo, not a choice)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
+    @field_validator("*")
+    @classmethod
+    def _bounded_ints(cls, v: Any) -> Any:
+        """Every integer knob (also inside a dict or list: ``synthesize.suites``) fits in 32
+        bits: ``run.seed=10**26`` or ``sft.max_steps=10**29`` is a typo that would otherwise pass
+        here and overflow in torch or numpy an hour later."""
+        values = v.values() if isinstance(v, dict) else v if isinstance(v, list) else [v]
+        for x in values:
+            if isinstance(x, int) and not isinstance(x, bool) and not -MAX_INT <= x <= MAX_INT:
+                raise ValueError(f"{x} is out of range (at most {MAX_INT:,} in size)")
+        return v
+
 
 class RunSection(Section):
     name: str = Field("coaflow", min_length=1, max_length=100, pattern=r"^[^/:%\s][^/:%\n]*$",
                       description="pipeline name: MLflow experiment and registered-model prefix "
                       "(no '/', ':' or '%': the registry refuses them)")
-    seed: int = Field(0, description="seed for data generation, sampling and training")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed for data generation, sampling "
+                      "and training (0 to 2**32-1: numpy's range)")
     workdir: str = Field("work", min_length=1, description="where runs, caches and the MLflow "
                          "store live (resolved to an absolute path when a run starts)")
 
@@ -95,13 +109,21 @@ def profile_path(profile: str | Path) -> Path:
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base' chain loops back on itself")
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a config file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a profile is a mapping of sections, got {type(data).__name__}")
     base = data.pop("base", None)
+    if base is not None and (not isinstance(base, str) or not base.strip()):
+        raise ConfigError(f"{path}: base: expected a profile name or a .yaml path, got {base!r}")
     if base:
         parent = _read_yaml(profile_path(base), seen + (path.resolve(),))
         data = deep_merge(parent, data)

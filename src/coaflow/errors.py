@@ -63,6 +63,24 @@ class ServiceUnavailable(CoaflowError):
     exit_code = EXIT_RETRY
 
 
+def os_failure(e: OSError, where: str) -> CoaflowError:
+    """An ``OSError`` met while reading or writing ``where`` as the one-line error a user acts
+    on: a full disk or quota is worth a retry once space is freed (75); a read-only file system,
+    a missing permission, a symlink loop or a path that is not what it should be is bad input (2).
+
+    >>> import errno
+    >>> e = os_failure(OSError(errno.ENOSPC, "No space left on device"), "/out")
+    >>> type(e).__name__, str(e)
+    ('ServiceUnavailable', '/out: the disk is full (No space left on device): free space and retry')
+    """
+    import errno
+
+    reason = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ServiceUnavailable(f"{where}: the disk is full ({reason}): free space and retry")
+    return UserError(f"{where}: {reason}")
+
+
 def exit_code(exc: BaseException) -> int:
     """The exit code for ``exc``: its own for coaflow errors, 2 for the library errors that mean
     bad input, 1 (a bug) otherwise.

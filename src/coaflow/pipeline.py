@@ -9,6 +9,8 @@ A stage is a module ``coaflow/stages/<name>.py`` with
     CACHE = True                        # False: always runs (it acts on outside state: deploy)
     def cache_extras(cfg, run[, inputs]) -> dict  # optional: outside state it reads (a champion);
                                         # inputs: {stage: cache key} of its inputs
+    PATH_FIELDS = ("decontam_file",)    # config keys that name local files or folders: their
+                                        # contents enter the cache key (``path_digest``)
     class Config(Section): ...          # its config section
     def run(cfg: Config, ctx: Context) -> Result: ...
 
@@ -33,6 +35,7 @@ so a stage folder copied to another machine or an object store still resolves.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import importlib
@@ -40,6 +43,7 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 import secrets
 import shutil
 import time
@@ -51,8 +55,8 @@ from typing import Any
 import yaml
 
 from coaflow import __version__
-from coaflow.errors import PipelineError, PromotionRefused
-from coaflow.tracking import Tracker, redact
+from coaflow.errors import PipelineError, PromotionRefused, os_failure
+from coaflow.tracking import Tracker, redact, registry_uri
 
 __all__ = ["ORDER", "STAGES", "Context", "PipelineError", "Result", "execute", "run_pipeline"]
 
@@ -68,6 +72,8 @@ RESULT = "result.json"
 STARTED = "key"  # the key of the attempt in progress: a resume must match it
 REFUSED = "refused"  # a completed stage that refused a promotion: its reason (kept on cache hits)
 REL = "./"  # prefix of an output path stored relative to its stage folder
+OWNER = ".coaflow-stage"  # the stage name, written when coaflow makes a stage folder: only such
+# a folder (or an empty one) is ever wiped
 
 
 @dataclass
@@ -139,6 +145,18 @@ def load_stage(name: str):
     return importlib.import_module(STAGES[name])
 
 
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id is a folder name under ``<workdir>/runs``: letters, digits and ``-_.``, never a
+    path (``../../x`` or ``/abs`` would write outside the workdir)."""
+    if not isinstance(run_id, str) or not RUN_ID.match(run_id):
+        raise PipelineError(f"--run-id {run_id!r}: a run id is a name of letters, digits and "
+                            "'-_.' (at most 128, starting with a letter or digit)")
+    return run_id
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
@@ -164,19 +182,69 @@ def code_digest() -> str:
     return source_digest(Path(__file__).parent)
 
 
-def cache_key(stage: str, module, section: Any, run: Any, input_keys: Mapping[str, str]) -> str:
-    """Everything the stage reads: its section, ``run.name``/``run.seed``, its inputs' keys,
-    ``cache_extras`` (outside state, e.g. the champion's version), the coaflow version and its
-    source (``code_digest``)."""
+_FILE_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256: a file is read once
+
+
+def _file_digest(path: Path) -> str:
+    st = path.stat()
+    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _FILE_DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        _FILE_DIGESTS[memo] = h.hexdigest()
+    return _FILE_DIGESTS[memo]
+
+
+def path_digest(value: Any) -> Any:
+    """The contents of what a path-valued config key names: a file's sha256, a folder's digest
+    over its files (relative name and contents), None for a value that is not a local path (a
+    hub id, 'tiny', a URL); a list of paths digests each. Changing a file a stage reads changes
+    its cache key, as a changed config value does."""
+    if isinstance(value, (list, tuple)):
+        return [path_digest(v) for v in value]
+    if not isinstance(value, str) or not value or "://" in value:
+        return None
+    p = Path(value).expanduser()
+    try:
+        if p.is_file():
+            return _file_digest(p)
+        if p.is_dir():
+            h = hashlib.sha256()
+            for f in sorted(x for x in p.rglob("*") if x.is_file()):
+                h.update(f.relative_to(p).as_posix().encode() + b"\0" + _file_digest(f).encode())
+            return h.hexdigest()
+    except OSError as e:
+        raise PipelineError(f"{value}: cannot read it for the cache key ({e.strerror})") from None
+    return None
+
+
+def _field(section: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        section = getattr(section, part, None)
+    return section
+
+
+def cache_key(stage: str, module, section: Any, run: Any, input_keys: Mapping[str, str],
+              tracking_uri: str | None = None) -> str:
+    """Everything the stage reads: its section, the contents of the files its ``PATH_FIELDS``
+    name, ``run.name``/``run.seed``, its inputs' keys, ``cache_extras`` (outside state, e.g. the
+    champion's version), the coaflow version and its source (``code_digest``)."""
     conf = section.model_dump(mode="json") if hasattr(section, "model_dump") else section
+    files = {f: path_digest(_field(section, f)) for f in getattr(module, "PATH_FIELDS", ())}
     extras = None
-    if hasattr(module, "cache_extras"):
-        takes_inputs = len(inspect.signature(module.cache_extras).parameters) >= 3
-        extras = (module.cache_extras(section, run, dict(input_keys)) if takes_inputs
-                  else module.cache_extras(section, run))
+    if hasattr(module, "cache_extras"):  # (cfg, run[, inputs][, tracking_uri=]): what it takes
+        params = inspect.signature(module.cache_extras).parameters
+        args = [section, run] + ([dict(input_keys)] if len(set(params) - {"tracking_uri"}) >= 3
+                                 else [])
+        kw = {"tracking_uri": registry_uri(run.workdir, tracking_uri)} \
+            if "tracking_uri" in params else {}
+        extras = module.cache_extras(*args, **kw)
     return _digest({"stage": stage, "config": conf, "version": __version__, "code": code_digest(),
                     "run": {"name": getattr(run, "name", None), "seed": getattr(run, "seed", None)},
-                    "inputs": dict(sorted(input_keys.items())), "extras": extras})
+                    "inputs": dict(sorted(input_keys.items())), "extras": extras,
+                    **({"files": files} if files else {})})
 
 
 def read_result(stage_dir: Path) -> Result | None:
@@ -200,11 +268,55 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _owned_by(path: Path, name: str) -> bool:
+    """Whether coaflow may wipe ``path`` for stage ``name``: it is absent or empty, or coaflow
+    made it for this stage (its ``OWNER`` file names the stage). A folder from before ``OWNER``
+    existed counts when it holds the ``STARTED`` key and nothing but stage files."""
+    if not path.exists() and not path.is_symlink():
+        return True
+    if path.is_symlink() or not path.is_dir():
+        return False
+    if not any(path.iterdir()):
+        return True
+    owner = path / OWNER
+    if owner.is_file() and not owner.is_symlink():
+        return owner.read_text().strip() == name
+    return (path / STARTED).is_file() and not (path / OWNER).exists()
+
+
+def check_out_dir(name: str, out: Path, inputs: Mapping[str, Path | str]) -> None:
+    """Refuse an output folder that would destroy what coaflow did not write: a folder that is
+    not this stage's, or one that is, holds or lies inside an input folder."""
+    out = Path(out)
+    try:
+        real = out.resolve(strict=False)
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise PipelineError(f"--out {out}: cannot resolve ({e})") from None
+    for stage, folder in inputs.items():
+        src = Path(folder).resolve()
+        if real == src or real in src.parents or src in real.parents:
+            raise PipelineError(f"--out {out}: overlaps the input {stage}={folder} (the same "
+                                f"folder, inside it or holding it): pick a separate folder")
+    if real.exists() and not real.is_dir():
+        raise PipelineError(f"--out {out}: exists and is not a folder")
+    if not _owned_by(real, name):
+        raise PipelineError(f"--out {out}: holds files coaflow did not write for stage {name!r} "
+                            f"(no {OWNER} naming it): refusing to wipe it; pick an empty or new "
+                            f"folder")
+
+
 def _wipe(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink()
     elif path.exists():
         shutil.rmtree(path)
+
+
+def _clear(folder: Path) -> None:
+    """Empty ``folder`` but keep it: it may be a mount point (a Kubernetes volume), which
+    cannot be removed, only emptied."""
+    for child in folder.iterdir() if folder.is_dir() else []:
+        _wipe(child)
 
 
 # --- the cross-run cache: <workdir>/cache/stages/<stage>-<key> holds the folder that has it ----
@@ -265,6 +377,10 @@ def stage_inputs(module, inputs: Mapping[str, Path | str]) -> dict[str, Result]:
         if r is None:
             raise PipelineError(f"input {n}={d}: not a completed stage folder (no {RESULT} and "
                                 f"{MARKER}): the {n} stage did not finish there")
+        owner = Path(d) / OWNER
+        made_by = owner.read_text().strip() if owner.is_file() else n
+        if made_by != n:
+            raise PipelineError(f"input {n}={d}: a folder of stage {made_by!r}, not {n!r}")
         results[n] = r
     missing = [n for n in getattr(module, "NEEDS", ()) if n not in results]
     if missing:
@@ -285,11 +401,13 @@ def execute(name: str, cfg, out_dir: str | Path, inputs: Mapping[str, Path | str
     workdir = Path(run.workdir)
     section = getattr(cfg, name, None)
     results = stage_inputs(module, inputs or {})
-    key = cache_key(name, module, section, run, {n: r.key or "" for n, r in results.items()})
-    out = Path(out_dir).resolve()
-    cacheable = use_cache and getattr(module, "CACHE", True)
+    check_out_dir(name, Path(out_dir), inputs or {})
     tracker = tracker or Tracker(workdir, uri=cfg.tracking.uri, enabled=cfg.tracking.enabled,
                                  experiment=cfg.tracking.experiment or cfg.run.name)
+    key = cache_key(name, module, section, run, {n: r.key or "" for n, r in results.items()},
+                    tracking_uri=tracker.uri)
+    out = Path(out_dir).resolve()
+    cacheable = use_cache and getattr(module, "CACHE", True)
     run_id = run_id or os.environ.get("COAFLOW_RUN_ID") or new_run_id()
 
     done = read_result(out) if cacheable else None
@@ -309,36 +427,43 @@ def execute(name: str, cfg, out_dir: str | Path, inputs: Mapping[str, Path | str
             raise PromotionRefused((out / REFUSED).read_text(), done)
         return done
 
-    resume = False
-    started = out / STARTED
-    if out.exists():
-        same = started.exists() and started.read_text().strip() == key
-        if getattr(module, "RESUMABLE", False) and same and not (out / MARKER).exists():
-            resume = True
-            log(f"[{name}] resuming an interrupted attempt in {out}")
-        else:
-            _wipe(out)  # stale (other config or inputs) or a killed non-resumable attempt
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(started, key)
-    ctx = Context(run_id=run_id, out=out, inputs=results, run=run, tracker=tracker,
-                  tracking_uri=tracker.uri, resume=resume)
-    params = section.model_dump(mode="json") if hasattr(section, "model_dump") else {}
-    log(f"[{name}] running -> {out}")
-    start, refused = time.time(), None
-    with tracker.stage_run(name, run_id, params):
-        try:
-            result = module.run(section, ctx)
-        except PromotionRefused as e:
-            if e.result is None:
-                raise
-            result, refused = e.result, e
-        result.metrics.setdefault("wall_seconds", round(time.time() - start, 2))
-        tracker.log_metrics(result.metrics)
-        _write_atomic(out / RESULT, json.dumps(redact(result.to_json(base=out)), indent=2))
-        if refused is not None:
-            _write_atomic(out / REFUSED, str(refused))
-        tracker.log_artifact(out / RESULT)
-    _write_atomic(out / MARKER, key)  # last: the stage is complete only now
+    try:
+        resume = False
+        started = out / STARTED
+        if out.exists():
+            same = started.exists() and started.read_text().strip() == key
+            if getattr(module, "RESUMABLE", False) and same and not (out / MARKER).exists():
+                resume = True
+                log(f"[{name}] resuming an interrupted attempt in {out}")
+            else:
+                _clear(out)  # stale (other config or inputs) or a killed non-resumable attempt
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / OWNER, name)
+        _write_atomic(started, key)
+        ctx = Context(run_id=run_id, out=out, inputs=results, run=run, tracker=tracker,
+                      tracking_uri=tracker.uri, resume=resume)
+        params = section.model_dump(mode="json") if hasattr(section, "model_dump") else {}
+        log(f"[{name}] running -> {out}")
+        start, refused = time.time(), None
+        with tracker.stage_run(name, run_id, params):
+            try:
+                result = module.run(section, ctx)
+            except PromotionRefused as e:
+                if e.result is None:
+                    raise
+                result, refused = e.result, e
+            result.metrics.setdefault("wall_seconds", round(time.time() - start, 2))
+            tracker.log_metrics(result.metrics)
+            _write_atomic(out / RESULT, json.dumps(redact(result.to_json(base=out)), indent=2))
+            if refused is not None:
+                _write_atomic(out / REFUSED, str(refused))
+            tracker.log_artifact(out / RESULT)
+        _write_atomic(out / MARKER, key)  # last: the stage is complete only now
+    except OSError as e:  # read-only, full disk, permissions: one line, and no half output
+        if e.errno in (errno.ENOSPC, errno.EDQUOT) and not getattr(module, "RESUMABLE", False):
+            with contextlib.suppress(OSError):
+                _clear(out)
+        raise os_failure(e, f"stage {name} in {out}") from None
     result = read_result(out)
     if cacheable:
         _remember(workdir, name, key, out)
@@ -367,7 +492,7 @@ def run_pipeline(cfg, run_id: str | None = None, only: list[str] | None = None,
         selected = [n for n in selected if names.index(n) >= names.index(start_from)]
 
     workdir = Path(cfg.run.workdir).resolve()
-    run_id = run_id or new_run_id()
+    run_id = check_run_id(run_id) if run_id else new_run_id()
     run_dir = workdir / "runs" / run_id
     # Set-up is checked before anything is written: a run that cannot start leaves no trace.
     earlier = {n: r for n in names if n not in selected and (r := read_result(run_dir / n))}
@@ -438,6 +563,7 @@ def list_runs(workdir: str | Path) -> list[dict]:
 
 
 def show_run(workdir: str | Path, run_id: str) -> dict:
+    check_run_id(run_id)
     run_dir = Path(workdir) / "runs" / run_id
     if not run_dir.is_dir():
         raise PipelineError(f"no run {run_id!r} under {Path(workdir) / 'runs'}")

@@ -17,6 +17,7 @@ so a crash in between leaves the champion where it was.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from coaflow.errors import ServiceUnavailable, UserError
+from coaflow.tracking import bounded_http, safe_url
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 MODEL_INFO = "coaflow_model.json"
@@ -34,6 +36,10 @@ MODEL_URI_RE = re.compile(r"^models:/(?P<name>[^@/]+)(?:@(?P<alias>[\w-]+)|/(?P<
 
 class RegistryError(UserError):
     """Unknown model, version or alias, or a model folder that cannot be registered."""
+
+
+class PromotionConflict(ServiceUnavailable):
+    """Another promotion moved the champion at the same time (exit 75: look, then retry)."""
 
 
 @dataclass
@@ -89,6 +95,7 @@ class Registry:
 
     def __init__(self, uri: str, artifact_root: str | Path | None = None):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        bounded_http()
         from mlflow import MlflowClient
 
         self.uri = uri
@@ -109,13 +116,18 @@ class Registry:
             if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 raise RegistryError(f"{what}: {e.message}") from None
             if _unreachable(self.uri, e):
-                raise ServiceUnavailable(f"MLflow registry {self.uri} did not answer ({what}): "
+                raise ServiceUnavailable(f"MLflow registry {safe_url(self.uri)} did not answer ({what}): "
                                          f"{str(e).splitlines()[0][:200]}") from None
             raise
         except OSError as e:
             if _unreachable(self.uri, e):
-                raise ServiceUnavailable(f"MLflow registry {self.uri} did not answer ({what}): "
+                raise ServiceUnavailable(f"MLflow registry {safe_url(self.uri)} did not answer ({what}): "
                                          f"{e}") from None
+            raise
+        except Exception as e:  # SQLAlchemy's, when two writers meet on one SQLite store
+            if "IntegrityError" in type(e).__name__ or "database is locked" in str(e):
+                raise PromotionConflict(f"MLflow registry {safe_url(self.uri)}: another process changed "
+                                        f"{what} at the same time; retry") from None
             raise
 
     # --- reading -----------------------------------------------------------------------------
@@ -143,7 +155,7 @@ class Registry:
                                                 "INVALID_PARAMETER_VALUE"):
                 return None
             if _unreachable(self.uri, e):
-                raise ServiceUnavailable(f"MLflow registry {self.uri} did not answer: "
+                raise ServiceUnavailable(f"MLflow registry {safe_url(self.uri)} did not answer: "
                                          f"{str(e).splitlines()[0][:200]}") from None
             raise
 
@@ -255,26 +267,59 @@ class Registry:
         self._call(f"{name} version {version}", self.client.set_model_version_tag, name,
                    str(version), key, str(value)[:5000])
 
+    @contextlib.contextmanager
+    def _moving(self, name: str):
+        """Hold the registry's alias lock while aliases of ``name`` are read, checked and moved.
+        A SQLite store is a local file: an exclusive ``flock`` on ``<db>.aliases.lock`` beside
+        it serializes ``coaflow models promote``/``rollback`` of every process on the machine.
+        A server store has no lock to take; ``promote`` checks the alias afterwards instead."""
+        if not self.uri.startswith("sqlite:///"):
+            yield
+            return
+        import fcntl
+
+        lock = Path(self.uri[len("sqlite:///"):]).with_suffix(".aliases.lock")
+        with open(lock, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
     def promote(self, name: str, version: int, reason: str) -> Version | None:
         """Make ``version`` the champion; the old champion (if another) becomes ``previous``.
-        Returns the old champion. The reason and time are recorded as tags on ``version``."""
-        self.get(name, version)  # an unknown version fails here, before anything moves
-        old = self.champion(name)
-        if old is not None and old.version == version:
-            return old
-        if old is not None:
-            self.set_alias(name, PREVIOUS, old.version)
-            self.tag(name, version, "coaflow.replaced", old.version)
-        self.tag(name, version, "coaflow.promoted_reason", reason)
-        self.tag(name, version, "coaflow.promoted_at", time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                     time.gmtime()))
-        self.set_alias(name, CHAMPION, version)
+        Returns the old champion. The reason and time are recorded as tags on ``version``.
+
+        The read-check-move runs under ``_moving``'s lock, and the champion is read again
+        afterwards: a concurrent promotion that moved it in between is a ``PromotionConflict``
+        (exit 75), never a success message that is no longer true."""
+        with self._moving(name):
+            self.get(name, version)  # an unknown version fails here, before anything moves
+            old = self.champion(name)
+            if old is not None and old.version == version:
+                return old
+            if old is not None:
+                self.set_alias(name, PREVIOUS, old.version)
+                self.tag(name, version, "coaflow.replaced", old.version)
+            self.tag(name, version, "coaflow.promoted_reason", reason)
+            self.tag(name, version, "coaflow.promoted_at", time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                         time.gmtime()))
+            self.set_alias(name, CHAMPION, version)
+            now = self.champion(name)
+        if now is None or now.version != version:
+            raise PromotionConflict(f"{name}: another promotion ran at the same time: champion "
+                                    f"is version {now.version if now else 'none'}, not "
+                                    f"{version}; check `coaflow models list {name}` and retry")
         return old
 
     def rollback(self, name: str, reason: str) -> tuple[Version, Version]:
         """Champion back to ``previous``; the version rolled back from keeps a tag saying why.
         Returns (now champion, rolled back from). ``previous`` then points at the version before
         it, if the registry recorded one, so a second rollback goes further back."""
+        with self._moving(name):
+            return self._rollback(name, reason)
+
+    def _rollback(self, name: str, reason: str) -> tuple[Version, Version]:
         current = self.champion(name)
         prev = self.alias(name, PREVIOUS)
         if current is None or prev is None:

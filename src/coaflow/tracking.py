@@ -33,21 +33,50 @@ REDACTED = "***"
 SAFE_SUFFIXES = ("_env", "_env_var")
 
 
-def _secret_env_values() -> list[str]:
-    return [v for k, v in os.environ.items() if SECRET_KEY_RE.search(k) and len(v) >= 6]
+# the user:password@ of a URL (https://user:pass@host/v1): kept out of every file and log line
+URL_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/\s@]+@")
+
+
+def secret_values(*env_names: str | None) -> list[str]:
+    """Values to redact wherever they turn up: every environment variable with a secret-looking
+    name, and the variables named (``api_key_env: MY_KEY``) by the config."""
+    named = [os.environ.get(n or "", "") for n in env_names]
+    found = [v for k, v in os.environ.items() if SECRET_KEY_RE.search(k)] + named
+    return sorted({v for v in found if len(v) >= 6}, key=len, reverse=True)
+
+
+def _env_names(obj: Any) -> list[str]:
+    """The environment variables a config names in its ``*_env`` keys."""
+    if isinstance(obj, Mapping):
+        return [v for k, v in obj.items() if str(k).endswith(SAFE_SUFFIXES) and isinstance(v, str)
+                ] + [n for v in obj.values() for n in _env_names(v)]
+    if isinstance(obj, (list, tuple)):
+        return [n for v in obj for n in _env_names(v)]
+    return []
+
+
+def safe_url(url: str) -> str:
+    """``url`` without a password or user in it, for messages.
+
+    >>> safe_url("https://user:pass@host/v1")
+    'https://***@host/v1'
+    """
+    return URL_USERINFO.sub(rf"\g<1>{REDACTED}@", url)
 
 
 def redact(obj: Any, _secrets: list[str] | None = None) -> Any:
-    """A copy of ``obj`` with secrets replaced by ``***``.
+    """A copy of ``obj`` with secrets replaced by ``***``: values under secret-looking keys,
+    values of secret environment variables (and of those the config names in ``*_env`` keys),
+    token-shaped strings and the user:password of URLs.
 
     >>> redact({"api_key": "abc", "lr": 0.1, "api_key_env": "OPENAI_API_KEY"})
     {'api_key': '***', 'lr': 0.1, 'api_key_env': 'OPENAI_API_KEY'}
     >>> redact({"hf_token": "x", "max_tokens": 512, "mean_token_accuracy": 0.8, "tokenizer": "t"})
     {'hf_token': '***', 'max_tokens': 512, 'mean_token_accuracy': 0.8, 'tokenizer': 't'}
-    >>> redact("Bearer sk-abcdefghijklmnop1234")
-    'Bearer ***'
+    >>> redact("Bearer sk-abcdefghijklmnop1234 at https://me:pw@host/v1")
+    'Bearer *** at https://***@host/v1'
     """
-    secrets = _secret_env_values() if _secrets is None else _secrets
+    secrets = secret_values(*_env_names(obj)) if _secrets is None else _secrets
     if isinstance(obj, Mapping):
         out = {}
         for k, v in obj.items():
@@ -60,7 +89,7 @@ def redact(obj: Any, _secrets: list[str] | None = None) -> Any:
         for s in secrets:
             if s in obj:
                 obj = obj.replace(s, REDACTED)
-        return TOKEN_SHAPES.sub(REDACTED, obj)
+        return safe_url(TOKEN_SHAPES.sub(REDACTED, obj))
     return obj
 
 
@@ -108,9 +137,49 @@ def scoped_uri(uri: str | None) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = env
 
 
+# MLflow's own defaults: 7 retries with backoff factor 2 and 120 s per request: 253 s before a
+# dead registry is reported. coaflow's: about 30 s in all; a variable the user set wins.
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def bounded_http() -> None:
+    """Bound MLflow's HTTP retries and timeouts (``HTTP_LIMITS``) unless the user set them: an
+    unreachable tracking server or registry is a 75 within ~30 s, not after four minutes. Large
+    artifact uploads over a slow link may need ``MLFLOW_HTTP_REQUEST_TIMEOUT`` raised."""
+    for name, value in HTTP_LIMITS.items():
+        os.environ.setdefault(name, value)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Airflow, Kubernetes and KFP stop a task with it), raised like Ctrl-C so that
+    every ``finally`` runs: the MLflow runs end KILLED and no half output looks complete."""
+
+
+def terminate_as_interrupt() -> None:
+    """Turn SIGTERM into ``Terminated`` in this process (main thread only, and only where
+    nobody else installed a handler: an Airflow worker keeps its own)."""
+    import signal
+    import threading
+
+    def raise_terminated(signum, frame):
+        raise Terminated(f"terminated by signal {signum}")
+
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, raise_terminated)
+
+
 def default_uri(workdir: str | Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or \
         f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def registry_uri(workdir: str | Path, tracking_uri: str | None = None) -> str:
+    """The MLflow store (tracking and registry) a stage of a run uses: the run's
+    ``tracking.uri``, else ``default_uri``. The one answer for both a stage's ``run()`` and its
+    ``cache_extras``: a champion looked up elsewhere than where it is moved is a stale cache."""
+    return tracking_uri or default_uri(workdir)
 
 
 class Tracker:
@@ -120,7 +189,7 @@ class Tracker:
                  enabled: bool = True):
         self.enabled = enabled
         self.workdir = Path(workdir)
-        self.uri = uri or default_uri(workdir)
+        self.uri = registry_uri(workdir, uri)
         self.experiment = redact(experiment)
         self._mlflow = None
         self._experiment_id: str | None = None
@@ -132,6 +201,7 @@ class Tracker:
         KFP's local runner in one process) must not write into each other's stores. Runs are
         started with an explicit experiment id, never the process-wide "active experiment"."""
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        bounded_http()
         import mlflow
 
         user_uri = os.environ.get("MLFLOW_TRACKING_URI")
@@ -159,7 +229,7 @@ class Tracker:
 
                 if "sqlite" in self.uri or not _looks_unreachable(e):
                     raise
-                raise ServiceUnavailable(f"MLflow tracking server {self.uri} did not answer: "
+                raise ServiceUnavailable(f"MLflow tracking server {safe_url(self.uri)} did not answer: "
                                          f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                                          ) from None
             self._mlflow = mlflow
@@ -169,6 +239,23 @@ class Tracker:
     def experiment_id(self) -> str:
         self.mlflow  # noqa: B018 (creates the experiment on first use)
         return self._experiment_id
+
+    @contextlib.contextmanager
+    def _killable(self, **start_run) -> Iterator[Any]:
+        """``mlflow.start_run`` whose run ends KILLED, not RUNNING or FAILED, when the process
+        is interrupted or terminated (``Terminated``, from ``terminate_as_interrupt``)."""
+        run_id = None
+        try:
+            with self.mlflow.start_run(**start_run) as run:
+                run_id = run.info.run_id
+                yield run
+        except KeyboardInterrupt:
+            if run_id is not None:
+                with contextlib.suppress(Exception):
+                    from mlflow import MlflowClient
+
+                    MlflowClient(self.uri).set_terminated(run_id, "KILLED")
+            raise
 
     @contextlib.contextmanager
     def pipeline_run(self, run_id: str, config: Mapping | None = None) -> Iterator[str | None]:
@@ -181,7 +268,7 @@ class Tracker:
                                    "tags.`coaflow.kind` = 'pipeline'", output_format="list")
         kw = {"run_id": found[0].info.run_id} if found else {"run_name": run_id}
         kw["experiment_id"] = self.experiment_id
-        with mlflow.start_run(**kw) as run:
+        with self._killable(**kw) as run:
             mlflow.set_tags({"coaflow.run_id": run_id, "coaflow.kind": "pipeline"})
             if config is not None and not found:
                 self.log_params(config)
@@ -194,8 +281,8 @@ class Tracker:
             yield None
             return
         mlflow = self.mlflow
-        with mlflow.start_run(run_name=stage, nested=mlflow.active_run() is not None,
-                              experiment_id=self.experiment_id) as run:
+        with self._killable(run_name=stage, nested=mlflow.active_run() is not None,
+                            experiment_id=self.experiment_id) as run:
             mlflow.set_tags({"coaflow.run_id": run_id, "coaflow.kind": "stage",
                              "coaflow.stage": stage})
             if params:

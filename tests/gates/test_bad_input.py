@@ -14,7 +14,9 @@ from coaflow.schema.io import write_jsonl
 from coaflow.stages.gate import Config
 from tests.gates.factory import batch, dump, kbqa
 
-FAST = {"expectations": False, "decontam_test_tasks": 0}
+# mostly bad batches on purpose: the accepted-fraction rule (which holds with expectations off)
+# would refuse them before the quarantine is looked at
+FAST = {"expectations": False, "decontam_test_tasks": 0, "min_accepted_fraction": 0}
 
 
 def quarantine(out: Path) -> list[dict]:
@@ -99,7 +101,7 @@ def test_a_folder_of_mixed_files(tmp_path):
     (src / "notes.txt").write_text("not a shard")
     (src / "table.parquet").write_bytes(b"PAR1\x00")
     (src / "model.bin.gz").write_bytes(gzip.compress(b"\x00\x01"))
-    report = gate(src, tmp_path / "out", Config(**FAST, min_accepted_fraction=0.1))
+    report = gate(src, tmp_path / "out", Config(**{**FAST, "min_accepted_fraction": 0.1}))
     q = quarantine(tmp_path / "out")
     assert {Path(r["source"]).name for r in q} == {"c.ndjson", "corrupt.jsonl.gz",
                                                      "truncated.jsonl.gz"}

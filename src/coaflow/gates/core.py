@@ -55,6 +55,8 @@ def _read_reason(message: str) -> str:
         return "invalid_utf8"
     if message.startswith("invalid JSON"):
         return "invalid_json"
+    if message.startswith("record larger than"):  # past io.MAX_RECORD_BYTES: never parsed
+        return "too_long"
     return "unreadable"
 
 
@@ -399,6 +401,10 @@ def _gate(input_path: str | Path, out_dir: str | Path, cfg, seed: int = 0, log=p
         raise GateRefusedError(f"gate: {len(gx_result['failed'])} expectation(s) failed on "
                         f"{input_path} ({n_acc}/{n_in} accepted; quarantine {quarantine}; "
                         f"Data Docs {gx_result['docs']}):\n  {lines}")
+    if n_acc / n_in < cfg.min_accepted_fraction:  # the gate's own rule, whatever is switched off
+        raise GateRefusedError(f"gate: {n_acc}/{n_in} accepted ({n_acc / n_in:.1%}) on "
+                               f"{input_path}, below gate.min_accepted_fraction "
+                               f"{cfg.min_accepted_fraction:g} (quarantine {quarantine})")
     os.replace(partial, final)
     report["accepted_dir"] = str(final)
     (out / "gate_report.json").write_text(json.dumps(report, indent=2, default=str))

@@ -8,16 +8,18 @@ pretty-printed array where JSONL was expected, the way ADP publishes its samples
 elements, each numbered by the line it starts on. A record nested deeper than Python can parse is
 a bad record, never a ``RecursionError``.
 
-Writing goes to ``<name>.tmp`` and is renamed into place on close, so a killed writer never leaves
+Writing goes to a ``.tmp`` file beside the target and is renamed into place on close, so a killed writer never leaves
 a shard that looks whole.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import json
 import os
+import secrets
 import textwrap
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -27,7 +29,7 @@ from typing import IO, Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from coaflow.errors import UserError
+from coaflow.errors import UserError, os_failure
 from coaflow.schema.trajectory import Trajectory
 
 SHARD_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
@@ -35,6 +37,10 @@ DOCUMENT_SUFFIXES = (".json",)  # one JSON document: an array of records, or one
 BOM = b"\xef\xbb\xbf"
 MAX_DEPTH = 200  # JSON nesting levels a record may have: pydantic serializes up to ~250
 TOO_DEEP = f"nested more than {MAX_DEPTH} levels deep"
+MAX_RECORD_BYTES = 64 << 20  # one record (a line, an array element) may be this large: a longer
+# one is a bad record, and memory stays flat whatever the input (a gzip bomb, /dev/zero)
+TOO_LARGE = f"record larger than {MAX_RECORD_BYTES >> 20} MiB"
+CHUNK = 1 << 20  # bytes read at a time from a JSON document
 
 
 class DataError(UserError, ValueError):
@@ -75,6 +81,8 @@ def shard_files(path: str | Path) -> list[Path]:
         return sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(SHARD_SUFFIXES))
     if not path.exists():
         raise DataError(path, None, None, "no such file or folder")
+    if not path.is_file():  # a device (/dev/zero), a fifo, a socket: it may never end
+        raise DataError(path, None, None, "not a regular file")
     return [path]
 
 
@@ -121,8 +129,10 @@ def _is_document(file: Path) -> bool:
                 first = fh.readline(1 << 16)
             if not first.lstrip().startswith(b"["):
                 return False
-            if not first.endswith(b"\n"):  # a long line: read all of it
-                first += fh.readline()
+            if not first.endswith(b"\n"):  # a long line: read it, up to one record's size
+                first += fh.readline(MAX_RECORD_BYTES)
+                if not first.endswith(b"\n") and len(first) >= MAX_RECORD_BYTES:
+                    return True  # "[" and no end in sight: an array, read as a stream
     except (OSError, EOFError, zlib.error):
         return False
     try:
@@ -153,7 +163,11 @@ def iter_records(
             lineno = 0
             while True:
                 try:
-                    raw = handle.readline()
+                    raw = handle.readline(MAX_RECORD_BYTES + 1)
+                    too_long = len(raw) > MAX_RECORD_BYTES
+                    rest = raw if too_long else b"\n"
+                    while rest and not rest.endswith(b"\n"):
+                        rest = handle.readline(CHUNK)  # skip the rest of the line, unread
                 except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt gzip
                     bad = BadRecord(str(file), lineno + 1, f"unreadable: {e}")
                     if errors == "raise":
@@ -163,6 +177,11 @@ def iter_records(
                 if not raw:
                     break
                 lineno += 1
+                if too_long:
+                    if errors == "raise":
+                        raise DataError(file, lineno, None, TOO_LARGE)
+                    report(BadRecord(str(file), lineno, TOO_LARGE))
+                    continue
                 if lineno == 1:
                     raw = raw.removeprefix(BOM)
                 if not raw.strip():
@@ -177,70 +196,137 @@ def iter_records(
                 yield str(file), lineno, record
 
 
+class _Text:
+    """A JSON document read as a stream: decoded text in a window ``buf`` that grows by ``CHUNK``
+    bytes and drops what was consumed, with the line number of ``pos`` counted as it advances.
+    Linear in the size of the document; memory is one chunk plus the largest record."""
+
+    def __init__(self, fh: IO[bytes]):
+        self.fh, self.decoder = fh, codecs.getincrementaldecoder("utf-8")()
+        self.buf, self.pos, self.eof = "", 0, False
+        self.line, self.counted = 1, 0  # line of buf[counted]
+        self.first = True
+
+    def fill(self) -> bool:
+        """Read one more chunk (dropping what was consumed first); False at the end."""
+        if self.eof:
+            return False
+        self.line_at(self.pos)
+        self.buf, self.counted, self.pos = self.buf[self.pos:], 0, 0
+        raw = self.fh.read(CHUNK)
+        if self.first:
+            raw, self.first = raw.removeprefix(BOM), False
+        self.eof = not raw
+        self.buf += self.decoder.decode(raw, final=self.eof)
+        return not self.eof
+
+    def line_at(self, pos: int) -> int:
+        self.line += self.buf.count("\n", self.counted, pos)
+        self.counted = pos
+        return self.line
+
+    def skip_space(self) -> None:
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
+                self.pos += 1
+            if self.pos < len(self.buf) or not self.fill():
+                return
+
+    def peek(self) -> str:
+        self.skip_space()
+        return self.buf[self.pos] if self.pos < len(self.buf) else ""
+
+    def value(self, decoder: json.JSONDecoder) -> tuple[Any, str]:
+        """The next JSON value and its text, reading more while it may be cut off by the end of
+        the window. Raises JSONDecodeError, RecursionError or DataError (too large)."""
+        while True:
+            try:
+                obj, end = decoder.raw_decode(self.buf, self.pos)
+                if end < len(self.buf) or self.eof:  # a number may go on past the window
+                    text, self.pos = self.buf[self.pos:end], end
+                    return obj, text
+            except json.JSONDecodeError:
+                if self.eof:
+                    raise
+            if len(self.buf) - self.pos > MAX_RECORD_BYTES:
+                raise DataError("", None, None, TOO_LARGE)
+            self.fill()
+
+
 def _iter_document(file: Path, parse, errors: str, report) -> Iterator[tuple[str, int, Any]]:
     """The records of one JSON document: each element of an array (numbered by the line it
-    starts on), or the document itself when it is an object. Elements are decoded one by one,
-    so a bad one is reported at its own line and, when skipping, reading goes on after it."""
+    starts on), or the document itself when it is an object. The document is read as a stream
+    and elements are decoded one by one, so a 1 GB array takes the memory of one element and
+    time linear in its size; a bad element is reported at its own line and, when skipping,
+    reading goes on after it."""
     def fail(line: int, message: str, field: str | None = None):
         if errors == "raise":
             raise DataError(file, line, field, message)
         report(BadRecord(str(file), line, message, field))
 
-    try:
-        with _open_read(file) as fh:
-            text = fh.read().removeprefix(BOM).decode("utf-8")
-    except UnicodeDecodeError as e:
-        fail(1, f"invalid UTF-8 at byte {e.start}")
-        return
-    except (OSError, EOFError, zlib.error) as e:
-        fail(1, f"unreadable: {e}")
-        return
-    decoder = json.JSONDecoder()
-    pos = _skip_space(text, 0)
-    if pos == len(text):
-        return
-    if text[pos] != "[":
-        line = text.count("\n", 0, pos) + 1
+    def next_value(text: _Text, line: int):
+        """(value, its text), or None once the failure is reported."""
         try:
-            yield str(file), line, _parse_line(file, line, text.encode("utf-8"), parse)
-        except DataError as e:
-            fail(line, e.message, e.field)
-        return
-    pos, line, first = _skip_space(text, pos + 1), text.count("\n", 0, pos) + 1, True
-    while pos < len(text) and text[pos] != "]":
-        if not first:
-            if text[pos] != ",":
-                fail(text.count("\n", 0, pos) + 1, f"invalid JSON array (expected ',' or ']' at column "
-                           f"{pos - text.rfind(chr(10), 0, pos)})")
-                return
-            pos = _skip_space(text, pos + 1)
-        first = False
-        line = text.count("\n", 0, pos) + 1
-        try:
-            obj, end = decoder.raw_decode(text, pos)
+            return text.value(decoder)
         except json.JSONDecodeError as e:
-            fail(e.lineno, f"invalid JSON ({e.msg} at column {e.colno})")
-            return
+            fail(line + e.lineno - 1 - text.buf.count("\n", 0, text.pos),
+                 f"invalid JSON ({e.msg})")
         except RecursionError:
             fail(line, TOO_DEEP)
-            return
-        try:
-            yield str(file), line, _parse_obj(file, line, obj, parse, text[pos:end])
         except DataError as e:
-            if errors == "raise":
-                raise
-            report(BadRecord(e.path, line, e.message, e.field))
-        pos = _skip_space(text, end)
-    if pos >= len(text):
-        fail(text.count("\n") + 1, "invalid JSON array (no closing ']')")
-    elif _skip_space(text, pos + 1) != len(text):
-        fail(text.count("\n", 0, pos) + 1, "extra data after the JSON array")
+            fail(line, e.message)
+        return None
 
-
-def _skip_space(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in " \t\r\n":
-        pos += 1
-    return pos
+    decoder = json.JSONDecoder()
+    try:
+        with _open_read(file) as fh:
+            text = _Text(fh)
+            first = text.peek()
+            if not first:
+                return
+            if first != "[":  # one record
+                line = text.line_at(text.pos)
+                got = next_value(text, line)
+                if got is None:
+                    return
+                try:
+                    yield str(file), line, _parse_obj(file, line, got[0], parse, got[1])
+                except DataError as e:
+                    fail(line, e.message, e.field)
+                if text.peek():
+                    fail(text.line_at(text.pos), "extra data after the JSON document")
+                return
+            text.pos += 1
+            first_element = True
+            while (c := text.peek()) != "]":
+                if not c:
+                    fail(text.line_at(text.pos), "invalid JSON array (no closing ']')")
+                    return
+                if not first_element:
+                    if c != ",":
+                        fail(text.line_at(text.pos), f"invalid JSON array (expected ',' or ']', "
+                             f"got {c!r})")
+                        return
+                    text.pos += 1
+                    text.peek()
+                first_element = False
+                line = text.line_at(text.pos)
+                got = next_value(text, line)
+                if got is None:
+                    return
+                try:
+                    yield str(file), line, _parse_obj(file, line, got[0], parse, got[1])
+                except DataError as e:
+                    if errors == "raise":
+                        raise
+                    report(BadRecord(e.path, line, e.message, e.field))
+            text.pos += 1
+            if text.peek():
+                fail(text.line_at(text.pos), "extra data after the JSON array")
+    except UnicodeDecodeError as e:
+        fail(1, f"invalid UTF-8 at byte {e.start}")
+    except (OSError, EOFError, zlib.error) as e:
+        fail(1, f"unreadable: {e}")
 
 
 def _parse_line(file: Path, lineno: int, raw: bytes, parse) -> Any:
@@ -363,24 +449,33 @@ class ShardWriter:
 
 
 def _write_atomically(path: str | Path, write: Callable[[IO[str]], int]) -> int:
-    """Run ``write(handle)`` into ``<path>.tmp`` and rename it to ``path``; when it fails (a bad
-    record half way), remove the ``.tmp`` and any folder made for it: nothing half-written."""
+    """Run ``write(handle)`` into a temporary file beside ``path`` and rename it to ``path``;
+    when it fails (a bad record half way, a full disk), remove the temporary file and any folder
+    made for it: nothing half-written. Only a new path or a regular file is written: a device
+    (``/dev/full``), a folder or a fifo is refused, never replaced by a file."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file"
+        raise UserError(f"{path}: {kind}; write to a new path or a regular file")
     made = [p for p in reversed(path.parents) if not p.exists()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"  # one per writer
         with _open_write(tmp, path.name.endswith(".gz")) as fh:
             n = write(fh)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         for folder in reversed(made):
             try:
                 folder.rmdir()
             except OSError:
                 break
+        if isinstance(e, OSError):
+            raise os_failure(e, str(path)) from None
         raise
-    os.replace(tmp, path)
     return n
 
 

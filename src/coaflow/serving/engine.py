@@ -4,8 +4,15 @@ Requests arrive from many HTTP handlers; a single thread owns the model. It take
 waiting request, gathers the others that arrive within ``batch_wait_ms`` (up to ``max_batch``
 sequences, same sampling settings), left-pads them into one ``generate`` call and streams each
 row's tokens back to its own handler as they come. A row ends on its own: end-of-turn token,
-a stop string, or its ``max_tokens``; ``generate`` stops when every row has. On a CPU batching is
-what matters (DESIGN.md: 242 tokens/s at batch 1, 2,078 at batch 16 for the tiny student).
+a stop string, its ``max_tokens``, or its client going away (``Sequence.cancel``); ``generate``
+stops when every row has. On a CPU batching is what matters (DESIGN.md: 242 tokens/s at batch 1,
+2,078 at batch 16 for the tiny student).
+
+No head-of-line blocking: when a request arrives while a batch decodes, the batch stops after
+the current step, and its unfinished rows join the newcomer in the next batch, resuming from
+their prompt plus what they generated so far (token ids, never re-tokenized). A short request
+so waits one decode step and one prefill, not a whole 4,000-token stream: interleaving, the
+poor man's continuous batching (vLLM does it without the second prefill).
 """
 
 from __future__ import annotations
@@ -34,9 +41,23 @@ class Sequence:
     text: str = ""
     sent: int = 0  # characters of text already sent
     finished: str | None = None
+    ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks; vLLM's)
 
     def emit(self, *event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    def cancel(self) -> None:
+        """The client went away: the row stops at the next decode step (or is never started),
+        and whoever waits on ``events`` gets ``("done", "cancelled")``."""
+        if self.finished is None:
+            self.finished = "cancelled"
+            self.emit("done", "cancelled")
+
+    @property
+    def context_ids(self) -> list[int]:
+        """What the model reads to continue this sequence: the prompt and the tokens so far."""
+        return self.prompt_ids + self.ids
 
 
 class EngineError(ValueError):
@@ -69,7 +90,8 @@ class TransformersEngine:
         self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         self.max_batch, self.batch_wait = max_batch, batch_wait_ms / 1000
         self.pending: queue.Queue[Sequence] = queue.Queue()
-        self.stats = {"batches": 0, "batched_sequences": 0, "max_batch_seen": 0}
+        self.stats = {"batches": 0, "batched_sequences": 0, "max_batch_seen": 0,
+                      "decode_steps": 0, "preemptions": 0}
         self._held: list[Sequence] = []
         self._thread = threading.Thread(target=self._loop, name="coaflow-engine", daemon=True)
         self._thread.start()
@@ -92,19 +114,28 @@ class TransformersEngine:
         return (True, float(temperature), float(top_p if top_p is not None else 1.0))
 
     def submit(self, prompt_ids: list[int], n: int, max_tokens: int, sampling, stop: list[str],
-               loop: asyncio.AbstractEventLoop) -> list[Sequence]:
+               loop: asyncio.AbstractEventLoop, ignore_eos: bool = False) -> list[Sequence]:
         if len(prompt_ids) + max_tokens > self.context:
             raise EngineError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens "
                               f"({max_tokens}) exceeds the model's context ({self.context})")
-        seqs = [Sequence(list(prompt_ids), max_tokens, sampling, stop, loop) for _ in range(n)]
+        seqs = [Sequence(list(prompt_ids), max_tokens, sampling, stop, loop, ignore_eos=ignore_eos)
+                for _ in range(n)]
         for s in seqs:
             self.pending.put(s)
         return seqs
 
     # --- the generation thread -----------------------------------------------------------------
 
+    def _first(self) -> Sequence:
+        """A newcomer first (it is why a batch stopped), then rows held back, else wait."""
+        if not self.pending.empty() or not self._held:
+            return self.pending.get()
+        return self._held.pop(0)
+
     def _next_batch(self) -> list[Sequence]:
-        first = self._held.pop(0) if self._held else self.pending.get()
+        first = self._first()
+        while first.finished is not None:  # cancelled while it waited
+            first = self._first()
         batch, deadline = [first], time.monotonic() + self.batch_wait
         for s in list(self._held):  # held back earlier for other sampling settings
             if len(batch) < self.max_batch and s.sampling == first.sampling:
@@ -115,7 +146,8 @@ class TransformersEngine:
                 s = self.pending.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            (batch if s.sampling == first.sampling else self._held).append(s)
+            if s.finished is None:
+                (batch if s.sampling == first.sampling else self._held).append(s)
         return batch
 
     def _loop(self) -> None:
@@ -137,13 +169,14 @@ class TransformersEngine:
         self.stats["batches"] += 1
         self.stats["batched_sequences"] += len(batch)
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
-        width = max(len(s.prompt_ids) for s in batch)
+        rows = [s.context_ids for s in batch]  # a resumed row continues where it stopped
+        width = max(len(r) for r in rows)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, s in enumerate(batch):
-            ids[i, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
-            mask[i, width - len(s.prompt_ids):] = 1
-        engine = self
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        engine, steps, yielded = self, [0], [False]
 
         class Rows(BaseStreamer):
             prompt_seen = False
@@ -152,33 +185,47 @@ class TransformersEngine:
                 if not self.prompt_seen:  # the first call hands over the prompts
                     self.prompt_seen = True
                     return
+                steps[0] += 1
+                engine.stats["decode_steps"] += 1
                 for s, tok in zip(batch, value.view(-1).tolist(), strict=True):
                     if s.finished is None:
                         engine._step(s, int(tok))
 
             def end(self):
+                if yielded[0]:  # stopped for a newcomer: the rows go on in the next batch
+                    return
                 for s in batch:
                     if s.finished is None:
                         engine._finish(s, "length")
 
         class RowsDone(StoppingCriteria):
             def __call__(self, input_ids, scores, **kw):
-                return torch.tensor([s.finished is not None for s in batch],
-                                    device=input_ids.device)
+                done = [s.finished is not None for s in batch]
+                if (steps[0] and not engine.pending.empty()
+                        and 0 < done.count(False) < engine.max_batch):
+                    if not yielded[0]:
+                        engine.stats["preemptions"] += 1
+                    yielded[0] = True  # a request waits: stop after this step, let it in
+                    return torch.ones(len(batch), dtype=torch.bool, device=input_ids.device)
+                return torch.tensor(done, device=input_ids.device)
 
+        # rows end on end-of-turn in _step; generate stops on it only when no row ignores it
+        eos = [self.pad_id] if any(s.ignore_eos for s in batch) else list(self.eos_ids)
         do_sample, temperature, top_p = batch[0].sampling
         kw: dict[str, Any] = {"do_sample": do_sample}
         if do_sample:
             kw.update(temperature=temperature, top_p=top_p)
         with torch.no_grad():
             self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                max_new_tokens=max(s.max_tokens for s in batch),
-                                eos_token_id=list(self.eos_ids), pad_token_id=self.pad_id,
+                                max_new_tokens=max(s.max_tokens - len(s.ids) for s in batch),
+                                eos_token_id=eos, pad_token_id=self.pad_id,
                                 streamer=Rows(), stopping_criteria=StoppingCriteriaList([RowsDone()]),
                                 **kw)
+        if yielded[0]:  # unfinished rows go on in the next batch, with the newcomer
+            self._held[:0] = [s for s in batch if s.finished is None]
 
     def _step(self, s: Sequence, tok: int) -> None:
-        if tok in self.eos_ids:
+        if tok in self.eos_ids and not s.ignore_eos:
             self._finish(s, "stop")
             return
         s.ids.append(tok)

@@ -71,6 +71,14 @@ class Metrics:
                     "# HELP coaflow_batched_sequences_total Sequences generated in batches.",
                     "# TYPE coaflow_batched_sequences_total counter",
                     f"coaflow_batched_sequences_total {stats['batched_sequences']}",
+                    "# HELP coaflow_decode_steps_total Decode steps of the engine (one token "
+                    "per row of the batch).",
+                    "# TYPE coaflow_decode_steps_total counter",
+                    f"coaflow_decode_steps_total {stats.get('decode_steps', 0)}",
+                    "# HELP coaflow_preemptions_total Batches stopped early to let a waiting "
+                    "request in.",
+                    "# TYPE coaflow_preemptions_total counter",
+                    f"coaflow_preemptions_total {stats.get('preemptions', 0)}",
                     "# HELP coaflow_queue_depth Sequences waiting for a batch.",
                     "# TYPE coaflow_queue_depth gauge",
                     f"coaflow_queue_depth {self.engine.pending.qsize()}"]

@@ -136,12 +136,49 @@ def _health(url: str) -> dict | None:
         return None
 
 
-def read_state(workdir, name: str) -> dict | None:
-    f = state_file(workdir, name)
+def process_identity(pid: int) -> str | None:
+    """What tells process ``pid`` apart from a later one that reuses its number: its start time
+    (clock ticks since boot, field 22 of ``/proc/<pid>/stat``) and its command line. None when
+    the process is gone or ``/proc`` is not there."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    start = stat.rsplit(")", 1)[-1].split()[19]  # the name in (...) may hold spaces
+    argv = cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
+    return f"{start} {argv}"
+
+
+def _ours(state: dict) -> bool:
+    """Whether the pid in ``state`` is still the server ``deploy`` started: the identity
+    recorded at launch matches, or (a record without one) the server at its port says so."""
+    pid = state.get("pid")
+    if not isinstance(pid, int) or pid <= 1 or not _alive(pid):
+        return False
+    if state.get("identity"):
+        return process_identity(pid) == state["identity"]
+    h = _health(f"http://{state.get('host')}:{state.get('port')}")
+    return bool(h) and h.get("pid") == pid
+
+
+def _load_state(f: Path) -> dict | None:
+    """``server.json``, or None when absent; a corrupt one is one line naming the file."""
     if not f.exists():
         return None
-    state = json.loads(f.read_text())
-    return state if _alive(state["pid"]) else None
+    try:
+        state = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{f}: not a server record ({e}); remove it if no server runs") from None
+    if not isinstance(state, dict) or not isinstance(state.get("pid"), int):
+        raise UserError(f"{f}: not a server record (no pid); remove it if no server runs")
+    return state
+
+
+def read_state(workdir, name: str) -> dict | None:
+    """The record of the managed server of ``name`` while that very process runs."""
+    state = _load_state(state_file(workdir, name))
+    return state if state and _ours(state) else None
 
 
 def stop(pid: int, timeout_s: float = 30) -> None:
@@ -202,7 +239,8 @@ def start_local(cfg: Config, workdir: Path, name: str, version: int, registry_ur
             raise ServiceUnavailable(f"deploy: {name} version {version} not healthy on {url} "
                                      f"after {cfg.startup_timeout_s:.0f}s (log: {log})")
         time.sleep(0.3)
-    state = {"pid": proc.pid, "host": cfg.host, "port": cfg.port, "version": version,
+    state = {"pid": proc.pid, "identity": process_identity(proc.pid),
+             "host": cfg.host, "port": cfg.port, "version": version,
              "model": f"models:/{name}/{version}", "log": str(log), "endpoint": f"{url}/v1",
              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     tmp = state_file(workdir, name).with_suffix(".tmp")
@@ -213,13 +251,20 @@ def start_local(cfg: Config, workdir: Path, name: str, version: int, registry_ur
     return state
 
 
-def undeploy(workdir: str | Path, name: str) -> dict | None:
-    """Stop the managed local server of ``name``; returns its state (None if none ran)."""
+def undeploy(workdir: str | Path, name: str, log=print) -> dict | None:
+    """Stop the managed local server of ``name``; returns its state (None if none ran). A pid
+    that is no longer the server deploy started (it exited and the number was reused) is never
+    signalled: the record is removed and None returned."""
     f = state_file(workdir, name)
-    state = json.loads(f.read_text()) if f.exists() else None
-    if state:
+    state = _load_state(f)
+    if state is None:
+        return None
+    if _ours(state):
         stop(state["pid"])
-        f.unlink()
+    else:
+        log(f"the server of {name} (pid {state['pid']}) is gone; removing its record {f}")
+        state = None
+    f.unlink(missing_ok=True)
     return state
 
 

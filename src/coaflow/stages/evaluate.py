@@ -45,6 +45,7 @@ NAME = "evaluate"
 NEEDS = ("sft",)
 OPTIONAL = ("rl", "gate")
 RESUMABLE = False
+PATH_FIELDS = ("teacher",)  # local files/folders: their contents are in the cache key
 
 ROWS = ("base", "sft", "candidate", "champion", "teacher")
 
@@ -108,14 +109,14 @@ def champion_version(name: str, uri: str, candidate_key: str | None = None) -> i
     return int(mv.version)
 
 
-def cache_extras(cfg: Config, run, inputs: dict[str, str]) -> dict:
+def cache_extras(cfg: Config, run, inputs: dict[str, str], tracking_uri: str | None = None) -> dict:
     """A new champion changes the table: its version is part of the cache key (none when the
     champion is this very candidate: a rerun with nothing changed stays a cache hit)."""
-    from coaflow.tracking import default_uri
+    from coaflow.tracking import registry_uri
 
     if "champion" not in cfg.models:
         return {}
-    version = champion_version(registered_name(run), default_uri(run.workdir),
+    version = champion_version(registered_name(run), registry_uri(run.workdir, tracking_uri),
                                candidate_key=inputs.get("rl") or inputs.get("sft"))
     return {"champion": version}
 

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 NAME = "gate"
 NEEDS = ("synthesize",)
 RESUMABLE = False
+PATH_FIELDS = ("tokenizer", "decontam_file")  # local files/folders: their contents are in the cache key
 
 
 class Config(Section):
@@ -128,7 +129,7 @@ def _result(report: dict, out) -> Result:
 
 
 def run(cfg: Config, ctx: Context) -> Result:
-    source = ctx.input("synthesize").outputs["trajectories"]
+    source = ctx.input("synthesize").path("trajectories")
     try:
         report = gate_folder(cfg, source, ctx.out, seed=ctx.run.seed)
     finally:  # a failed batch's quarantine and Data Docs are what the user needs to look at

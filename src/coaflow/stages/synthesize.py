@@ -27,10 +27,12 @@ from pydantic import Field, ValidationError, field_validator
 from coaflow.config import Section
 from coaflow.pipeline import Context, PipelineError, Result
 from coaflow.teachers.llm import LlmTeacherConfig
+from coaflow.tracking import redact, secret_values
 
 NAME = "synthesize"
 NEEDS: tuple[str, ...] = ()
 RESUMABLE = True
+PATH_FIELDS = ("task_files",)  # local files/folders: their contents are in the cache key
 
 
 class Config(Section):
@@ -40,8 +42,10 @@ class Config(Section):
                                    description="tasks per built-in suite")
     split: Literal["train", "rl"] = Field("train", description="task split to solve: train "
                                           "(SFT data) or rl; never test, which only evaluate reads")
-    task_files: list[str] = Field([], description="extra task files (JSONL question/answer or AFM "
-                                  "RL parquet); solved with the llm teacher")
+    task_files: list[str] = Field([], description="extra task files, solved with the llm "
+                                  "teacher: JSONL lines {\"question\": str, \"answer\": str or "
+                                  "[str], \"id\"?, \"difficulty\"?} or AFM RL parquet; the file's "
+                                  "name is its suite (kbqa.jsonl: kbqa's tools and verifier)")
     mistake_rate: float = Field(0.3, ge=0, le=1, description="scripted: share of tasks with one "
                                 "realistic mistake (caught by the critic/verifier)")
     unrecovered_rate: float = Field(0.08, ge=0, le=1, description="scripted: share of tasks whose "
@@ -67,8 +71,26 @@ def load_tasks(cfg: Config, seed: int):
     tasks = [t for suite, n in cfg.suites.items() if n > 0
              for t in make_tasks(suite, cfg.split, n, seed=seed)]
     for path in cfg.task_files:
-        tasks += load_file(path)
+        tasks += _file_tasks(cfg, path, load_file)
     return tasks
+
+
+def _file_tasks(cfg: Config, path: str, load_file) -> list:
+    """The tasks of one task file, checked here so that a wrong file is one line naming it, not
+    a traceback in a teacher: the file's name is the suite whose tools and verifier solve it
+    (``kbqa.jsonl``), and only the llm teacher solves tasks it did not generate itself."""
+    from coaflow.envs import SUITES
+
+    suite = Path(path).name.split(".")[0]
+    if suite not in SUITES:
+        raise PipelineError(f"synthesize.task_files: {path}: the file's name is its suite and "
+                            f"{suite!r} is not one (suites: {', '.join(SUITES)}); rename it, "
+                            f"e.g. {'kbqa' + ''.join(Path(path).suffixes)}")
+    if cfg.teacher != "llm":
+        raise PipelineError(f"synthesize.task_files: {path}: file tasks are solved by the llm "
+                            "teacher (the scripted one only solves the tasks it generates); "
+                            "set synthesize.teacher=llm")
+    return load_file(path)
 
 
 def _resume_point(folder: Path) -> tuple[set[str], int]:
@@ -126,14 +148,15 @@ def synthesize(cfg: Config, out: Path, seed: int, cache_dir: Path | None = None,
                             if cfg.teacher == "llm" else "coaflow-scripted-team",
                             tool_versions={"coaflow": __import__("coaflow").__version__})
     mistakes = scripted.Mistakes(cfg.mistake_rate, cfg.unrecovered_rate)
+    secrets = secret_values(cfg.llm.api_key_env)
 
     def start(task) -> TeamLog:
         return TeamLog(task=task, env=env_for(task), suite=task.suite)
 
     def finish(task, log: TeamLog, answer, error: str | None, started):
         if error is not None:
-            fails.write({"task_id": task.task_id, "suite": task.suite, "reason": error,
-                         "log": log.to_json()})
+            fails.write(redact({"task_id": task.task_id, "suite": task.suite, "reason": error,
+                                "log": log.to_json()}, secrets))  # an endpoint may echo the key
             return
         reward = score(task.suite, answer, task.answer)
         recovered = any(ev["type"] == "note" and ev.get("caught") for ev in log.events)
