@@ -81,7 +81,7 @@ def test_the_student_learns_and_rl_runs_from_it(default_run):
 def test_evaluate_registers_and_serves_a_candidate_that_beats_its_base(default_run):
     ev, reg, dep = (_result(default_run, s) for s in ("evaluate", "register", "deploy"))
     table = ev["summary"]["table"]
-    assert list(table) == ["base", "sft", "candidate", "teacher"]  # no champion registered yet
+    assert list(table) == ["base", "candidate", "teacher"]  # no champion yet; no sft row (default)
     assert ev["summary"]["candidate"]["source"] == "rl"
     assert {s: r["n"] for s, r in table["candidate"].items()} == {"kbqa": 60, "calc": 60}
     assert table["teacher"]["kbqa"]["success"] == table["teacher"]["calc"]["success"] == 1.0
