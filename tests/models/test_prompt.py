@@ -26,7 +26,7 @@ def test_every_model_user_renders_the_same_prompt(tiny_dir, trajectories, tmp_pa
     from coaflow.agent.loop import Episode
     from coaflow.agent.openai import to_openai
     from coaflow.config import load_config
-    from coaflow.serving.app import ChatRequest
+    from coaflow.serving.app import ChatRequest, request_tools
     from coaflow.serving.app import to_messages as served_messages
     from coaflow.stages import sft
     from coaflow.stages.rl_rollout import encode_episode
@@ -67,7 +67,7 @@ def test_every_model_user_renders_the_same_prompt(tiny_dir, trajectories, tmp_pa
     # the server: an OpenAI request with the same messages and tools
     request = ChatRequest(model="m", messages=to_openai(history[1:]), tools=ex["tools"])
     system = history[0]["content"]
-    served = tok.apply_chat_template(served_messages(request, system), tools=request.tools,
+    served = tok.apply_chat_template(served_messages(request, system), tools=request_tools(request),
                                      tokenize=False, add_generation_prompt=True)
     assert served == expected
     assert stop_token_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>")]

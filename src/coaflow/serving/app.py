@@ -138,6 +138,13 @@ def to_messages(req: ChatRequest, system_prompt: str | None) -> list[dict]:
     return [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
 
 
+def request_tools(req: ChatRequest) -> list[dict] | None:
+    """The request's tool schemas as the chat template renders them (as training did)."""
+    if req.tool_choice == "none":
+        return None
+    return [t.model_dump(exclude_none=True) for t in req.tools or []]
+
+
 def split_tool_calls(text: str, tools_given: bool) -> tuple[str | None, list[dict]]:
     """The reply's text without its ``<tool_call>`` blocks, and those blocks as OpenAI
     ``tool_calls`` (a block that does not parse stays in the text: the client sees what the
@@ -221,8 +228,7 @@ def create_app(engine, model_name: str, system_prompt: str | None = None,
             metrics.request("chat", 404, 0)
             return error(404, f"The model `{req.model}` does not exist (serving: {model_name})",
                          "not_found_error")
-        tools = [t.model_dump(exclude_none=True) for t in req.tools or []] \
-            if req.tool_choice != "none" else None
+        tools = request_tools(req)
         try:  # rendering and tokenizing a long prompt is CPU work: off the event loop
             ids = await asyncio.to_thread(engine.prompt_ids, to_messages(req, system_prompt),
                                           tools)
