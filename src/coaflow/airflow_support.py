@@ -122,9 +122,7 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     try:
         return Settings.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(x) for x in err["loc"])
-        raise UserError(f"{path}: {field}: {err['msg']}") from None
+        raise k8s_settings.invalid(path, e) from None
 
 
 # --- the trigger form ----------------------------------------------------------------------

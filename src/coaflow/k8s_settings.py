@@ -105,6 +105,10 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None
     try:
         return KubernetesSettings.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(x) for x in err["loc"])
-        raise UserError(f"{path}: {field}: {err['msg']}") from None
+        raise invalid(path, e) from None
+
+
+def invalid(path, e: ValidationError) -> UserError:
+    """One line naming the settings file, the field and what is wrong with it."""
+    err = e.errors()[0]
+    return UserError(f"{path}: {'.'.join(str(x) for x in err['loc'])}: {err['msg']}")

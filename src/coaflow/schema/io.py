@@ -277,6 +277,19 @@ def _iter_document(file: Path, parse, errors: str, report) -> Iterator[tuple[str
             fail(line, e.message)
         return None
 
+    def element(text: _Text):
+        """(line, record) of the value at the cursor, (line, None) for a bad record (reported),
+        or None when the text cannot be read on."""
+        line = text.line_at(text.pos)
+        got = next_value(text, line)
+        if got is None:
+            return None
+        try:
+            return line, _parse_obj(file, line, got[0], parse, got[1])
+        except DataError as e:
+            fail(line, e.message, e.field)
+            return line, None
+
     decoder = json.JSONDecoder()
     try:
         with _open_read(file) as fh:
@@ -285,14 +298,11 @@ def _iter_document(file: Path, parse, errors: str, report) -> Iterator[tuple[str
             if not first:
                 return
             if first != "[":  # one record
-                line = text.line_at(text.pos)
-                got = next_value(text, line)
+                got = element(text)
                 if got is None:
                     return
-                try:
-                    yield str(file), line, _parse_obj(file, line, got[0], parse, got[1])
-                except DataError as e:
-                    fail(line, e.message, e.field)
+                if got[1] is not None:
+                    yield str(file), got[0], got[1]
                 if text.peek():
                     fail(text.line_at(text.pos), "extra data after the JSON document")
                 return
@@ -310,16 +320,11 @@ def _iter_document(file: Path, parse, errors: str, report) -> Iterator[tuple[str
                     text.pos += 1
                     text.peek()
                 first_element = False
-                line = text.line_at(text.pos)
-                got = next_value(text, line)
+                got = element(text)
                 if got is None:
                     return
-                try:
-                    yield str(file), line, _parse_obj(file, line, got[0], parse, got[1])
-                except DataError as e:
-                    if errors == "raise":
-                        raise
-                    report(BadRecord(e.path, line, e.message, e.field))
+                if got[1] is not None:
+                    yield str(file), got[0], got[1]
             text.pos += 1
             if text.peek():
                 fail(text.line_at(text.pos), "extra data after the JSON array")

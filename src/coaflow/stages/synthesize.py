@@ -187,11 +187,14 @@ def synthesize(cfg: Config, out: Path, seed: int, cache_dir: Path | None = None,
 
             from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(cfg.workers) as pool:  # map keeps the task order
+            pool = ThreadPoolExecutor(cfg.workers)
+            try:  # map keeps the task order
                 for task, (log, answer, error, started) in zip(
                         todo, pool.map(solve, todo), strict=True):
                     finish(task, log, answer, error, started)
                     bar.update()
+            finally:  # stopped (SIGTERM, Ctrl-C, an error): drop the queued tasks, not solve them
+                pool.shutdown(wait=True, cancel_futures=True)
         else:
             asyncio.run(_run_llm(cfg, todo, client, tool_schemas, start, finish, bar))
     finally:
