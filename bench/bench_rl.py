@@ -61,7 +61,7 @@ def main() -> None:
 
     from coaflow import envs
     from coaflow.config import load_config
-    from coaflow.pipeline import Context, Result
+    from coaflow.contract import Context, Result
     from coaflow.stages import rl
     from coaflow.tracking import Tracker
 

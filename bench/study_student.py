@@ -59,7 +59,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     from coaflow.config import load_config
-    from coaflow.pipeline import execute, load_stage
+    from coaflow.contract import load_stage
+    from coaflow.runner import execute
     from coaflow.stages import evaluate as E
 
     cfg = load_config("tiny", ["tracking.enabled=false", *args.overrides])

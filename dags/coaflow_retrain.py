@@ -2,7 +2,7 @@
 ### coaflow retraining
 
 Retrains the coaflow agent on a schedule or on demand: one task per pipeline stage
-(`coaflow.pipeline.ORDER`, the stages whose module exists), each running the one stage entry
+(`coaflow.contract.ORDER`, the stages whose module exists), each running the one stage entry
 point `coaflow stage NAME --out <workdir>/runs/<run id>/NAME --input STAGE=DIR`.
 
 - **configure** checks the trigger form against the config model (a bad value fails here, before
@@ -26,8 +26,8 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import Param, chain, dag, task
 
-from coaflow import airflow_support as af
-from coaflow.pipeline import STAGES
+from coaflow.contract import PROMOTION, STAGES
+from coaflow.orchestrate import airflow as af
 
 # the settings file beside this one, wherever the DAG folder is (/opt/airflow/dags in the image)
 SETTINGS = af.load_settings(default=Path(__file__).with_name("coaflow_retrain.yaml"))
@@ -76,14 +76,14 @@ def coaflow_retrain():
     stages = {n: local_stage(n) if SETTINGS.mode == "local" else af.pod_operator(n, SETTINGS)
               for n in STAGES}
     names = list(stages)
-    cut = names.index(af.DECISION_STAGE) + 1 if af.DECISION_STAGE in names else len(names)
+    cut = names.index(PROMOTION) + 1 if PROMOTION in names else len(names)
     chain(configure(), *[stages[n] for n in names[:cut]])
     if cut < len(names):  # the stages after a promotion decision run only when it promoted
         from airflow.providers.standard.operators.empty import EmptyOperator
 
         @task.branch(retries=0)
         def promotion(**context):
-            decision = context["ti"].xcom_pull(task_ids=af.DECISION_STAGE) or {}
+            decision = context["ti"].xcom_pull(task_ids=PROMOTION) or {}
             return names[cut] if decision.get("promoted") else "not_promoted"
 
         branch = promotion()

@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from coaflow.cli import main
+from coaflow.contract import STAGES, load_stage
 from coaflow.errors import EXIT_OK, EXIT_RETRY, EXIT_USER
-from coaflow.pipeline import STAGES, load_stage
 from coaflow.schema import write_jsonl
 from tests.conftest import make_trajectory
 

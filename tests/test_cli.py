@@ -84,7 +84,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_help_and_package_description_name_only_stages_that_exist(cli):
-    from coaflow.pipeline import ORDER, STAGES
+    from coaflow.contract import ORDER, STAGES
 
     out = cli("--help").output
     assert f"Stages, in order: {', '.join(STAGES)}." in out

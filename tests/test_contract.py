@@ -12,9 +12,10 @@ import types
 
 import pytest
 
+from coaflow.contract import MARKER, PipelineError, Result, read_result
 from coaflow.errors import GateRefused, PromotionRefused, ServiceUnavailable
-from coaflow.pipeline import MARKER, PipelineError, Result, execute, read_result, run_pipeline
-from tests.test_pipeline import Cfg, config, make_stage
+from coaflow.runner import execute, run_pipeline
+from tests.test_runner import Cfg, config, make_stage
 
 quiet = dict(log=lambda *_: None)
 

@@ -100,21 +100,23 @@ def test_tracking_refuses_replicas_over_sqlite():
 
 
 def test_pipeline_chart_creates_what_the_compiled_pipeline_refers_to():
-    from components import coaflow_pipeline as cp
+    from coaflow.orchestrate import k8s
 
+    ks = k8s.load()
+    ((secret, secret_env),) = ks.secret_env().items()
     chart = ROOT / "helm" / "coaflow-pipeline"
     values = yaml.safe_load((chart / "values.yaml").read_text())
-    assert values["cache"]["name"] == cp.CACHE_PVC and values["secrets"]["name"] == cp.SECRET
-    assert values["serviceAccount"]["name"] == cp.K8S.service_account
-    assert values["mlflow"]["configMap"] == cp.K8S.mlflow_configmap
-    assert values["secrets"]["env"] == cp.SECRET_ENV and values["uid"] == cp.UID
+    assert values["cache"]["name"] == ks.pvc and values["secrets"]["name"] == secret
+    assert values["serviceAccount"]["name"] == ks.service_account
+    assert values["mlflow"]["configMap"] == ks.mlflow_configmap
+    assert values["secrets"]["env"] == secret_env and values["uid"] == ks.uid
     docs = render(chart, dict(values_sets(chart))["job-values.yaml"])
     jobs = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Job"}
     run = jobs["coaflow-pipeline-run-1"]["spec"]["template"]["spec"]
     assert run["serviceAccountName"] == "coaflow"  # the run's deploy step patches through it
     assert run["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert run["containers"][0]["args"][-2:] == ["--set=sft.epochs=2", "--set=run.seed=3"]
-    assert run["volumes"][0]["persistentVolumeClaim"]["claimName"] == cp.CACHE_PVC
+    assert run["volumes"][0]["persistentVolumeClaim"]["claimName"] == ks.pvc
 
 
 def test_upgrade_renders_a_new_job_and_keeps_every_other_object():
@@ -141,8 +143,8 @@ def test_upgrade_renders_a_new_job_and_keeps_every_other_object():
 def _stage_pod_refs() -> set[tuple[str, str]]:
     """(kind, name) of every object the Airflow DAG's stage pods and the compiled KFP YAML
     refer to: ServiceAccounts, ConfigMaps, Secrets, PVCs."""
-    from coaflow import airflow_support as af
-    from coaflow.pipeline import ORDER
+    from coaflow.contract import ORDER
+    from coaflow.orchestrate import airflow as af
 
     refs = set()
     settings = af.load_settings(env={"COAFLOW_AIRFLOW_MODE": "kubernetes"})

@@ -5,20 +5,19 @@ node selector and tolerations, PVC, secrets, MLflow ConfigMap and user."""
 import pytest
 import yaml
 
-from coaflow import airflow_support as af
-from coaflow import k8s_settings
-from coaflow.pipeline import ORDER
+from coaflow.contract import ORDER
+from coaflow.orchestrate import airflow as af
+from coaflow.orchestrate import k8s as k8s_settings
 
 
 @pytest.fixture(scope="module")
 def kfp(tmp_path_factory):
     """The KFP pipeline compiled over every stage of ORDER (later stages faked as modules)."""
-    from tests.components.test_coaflow_pipeline import _docs, _tasks, build_full_pipeline
+    from tests.components.test_coaflow_pipeline import _docs, _tasks, compile_full_pipeline
 
     mp = pytest.MonkeyPatch()
     try:
-        module = build_full_pipeline(mp)
-        spec, executors = _docs(module.compile_pipeline(tmp_path_factory.mktemp("kfp") / "p.yaml"))
+        spec, executors = _docs(compile_full_pipeline(mp, tmp_path_factory.mktemp("kfp") / "p.yaml"))
     finally:
         mp.undo()
     return spec, executors, _tasks(spec)
@@ -75,7 +74,7 @@ def test_the_settings_ship_with_the_package_and_name_this_version():
     ks = k8s_settings.load()
     assert ks.images.cpu.endswith(f":{coaflow.__version__}")
     assert ks.images.gpu.endswith(f":{coaflow.__version__}")
-    assert "k8s.yaml" in (k8s_settings.PACKAGED.parents[2] / "pyproject.toml").read_text()
+    assert "orchestrate/k8s.yaml" in (k8s_settings.PACKAGED.parents[3] / "pyproject.toml").read_text()
     assert yaml.safe_load(text)["resources"]["sft"]["gpus"] >= 1
 
 

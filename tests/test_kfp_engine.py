@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from coaflow import kfp_engine
+from coaflow.orchestrate import kfp as kfp_engine
 
 
 class Metrics:
@@ -51,7 +51,8 @@ def test_exit_75_is_retried_with_backoff_then_metrics_are_logged(tmp_path, fake_
     argv, env = calls[0]
     assert argv[argv.index("stage") + 1] == "sft"
     assert f"gate={tmp_path / 'gate'}" in argv and not any(a.startswith("rl=") for a in argv)
-    assert argv[-4:] == ["--set", "run.seed=7", "--set", "run.workdir=/w"]
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    assert sets == ["sft.epochs=1", "run.seed=7", "run.workdir=/w"]
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert metrics.logged == {"loss": 0.5, "steps": 3.0}
 

@@ -37,7 +37,7 @@ TOLERANCE = 0.03  # relative, per logged step
 def gate(tmp_path_factory) -> tuple[Path, list[str]]:
     """Smoke synthesize + gate (seconds); the folder sft reads and the common argv."""
     from coaflow.config import load_config
-    from coaflow.pipeline import execute
+    from coaflow.runner import execute
 
     root = tmp_path_factory.mktemp("launch")
     common = COMMON + ["--set", f"run.workdir={root / 'w'}"]

@@ -259,7 +259,7 @@ def test_every_path_valued_config_key_is_declared():
     one are listed here, each with why."""
     from pydantic import BaseModel
 
-    from coaflow.pipeline import STAGES, load_stage
+    from coaflow.contract import STAGES, load_stage
 
     not_paths = {"synthesize.llm.cache": "a switch", "gate.data_docs": "a switch",
                  "sft.lora_dropout": "a number", "sft.log_model_artifact": "a switch",
@@ -284,7 +284,8 @@ def test_every_path_valued_config_key_is_declared():
 
 def test_champion_lookups_use_the_runs_tracking_uri(tmp_path, monkeypatch):
     from coaflow.config import load_config
-    from coaflow.pipeline import cache_key, load_stage
+    from coaflow.contract import load_stage
+    from coaflow.runner import cache_key
     from coaflow.stages import evaluate
 
     seen: list[str] = []

@@ -11,8 +11,9 @@ import pytest
 
 from coaflow import report
 from coaflow.config import Section
-from coaflow.pipeline import Result, run_pipeline
-from tests.test_pipeline import config
+from coaflow.contract import Result
+from coaflow.runner import run_pipeline
+from tests.test_runner import config
 
 
 class C(Section):

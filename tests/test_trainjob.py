@@ -5,8 +5,9 @@ stage's single pod (one Kubernetes settings file)."""
 
 import pytest
 
-from coaflow import airflow_support as af
-from coaflow import k8s_settings, trainjob
+from coaflow.orchestrate import airflow as af
+from coaflow.orchestrate import k8s as k8s_settings
+from coaflow.orchestrate import trainjob
 
 api = pytest.importorskip("kubeflow_trainer_api", reason="pip install -e '.[dev]'")
 

@@ -123,7 +123,8 @@ def run_cmd(profile, workdir, overrides, run_id, start_from, only, no_cache, eng
     or resumes. Results land in <workdir>/runs/<run_id>/<stage>/result.json and in MLflow (one
     parent run, one nested run per stage).
     """
-    from coaflow.pipeline import check_run_id, new_run_id, run_pipeline
+    from coaflow.contract import check_run_id, new_run_id
+    from coaflow.runner import run_pipeline
 
     cfg = _load(profile, workdir, overrides)
     run_id = check_run_id(run_id) if run_id else new_run_id()
@@ -131,7 +132,7 @@ def run_cmd(profile, workdir, overrides, run_id, start_from, only, no_cache, eng
         if start_from or only or no_cache:
             raise UserError("--from, --only and --no-cache work with --engine local only: a KFP "
                             "run is the whole pipeline (KFP and the stage cache reuse stages)")
-        from coaflow.kfp_engine import run_local
+        from coaflow.orchestrate.kfp import run_local
         from coaflow.tracking import default_uri
 
         try:
@@ -183,7 +184,7 @@ def stage_cmd(name, config, out, inputs, overrides, run_id, no_cache):
     .complete marker; rerunning with the same config and inputs is a cache hit.
     """
     from coaflow.config import load_config
-    from coaflow.pipeline import execute
+    from coaflow.runner import execute
 
     pairs = {}
     for item in inputs:
@@ -197,7 +198,7 @@ def stage_cmd(name, config, out, inputs, overrides, run_id, no_cache):
 
 
 def _stage_command(name: str):
-    from coaflow.pipeline import load_stage
+    from coaflow.contract import load_stage
 
     module = load_stage(name)
     doc = (module.__doc__ or name).strip()
@@ -205,7 +206,7 @@ def _stage_command(name: str):
     @pipeline_options
     @_user_errors
     def cmd(profile, workdir, overrides, run_id, **extra):
-        from coaflow.pipeline import run_pipeline
+        from coaflow.runner import run_pipeline
 
         standalone = getattr(module, "standalone", None)
         if standalone is not None and any(v not in (None, (), False) for v in extra.values()):
@@ -221,7 +222,7 @@ def _stage_command(name: str):
 
 def _register_stages() -> None:
     """One subcommand per stage module that exists; ``coaflow --help`` names them in order."""
-    from coaflow.pipeline import STAGES
+    from coaflow.contract import STAGES
 
     for name in STAGES:
         main.add_command(_stage_command(name))
@@ -239,7 +240,7 @@ def runs_group():
 @click.option("--workdir", default="work", show_default=True)
 def runs_list(workdir):
     """One line per run: id and the status of each stage."""
-    from coaflow.pipeline import list_runs
+    from coaflow.runner import list_runs
 
     rows = list_runs(workdir)
     if not rows:
@@ -255,8 +256,8 @@ def runs_list(workdir):
 @_user_errors
 def runs_show(run_id, workdir, as_json):
     """The report card of RUN_ID: stage timings, data funnel, eval table, registry decision."""
-    from coaflow.pipeline import show_run
     from coaflow.report import collect, render_text
+    from coaflow.runner import show_run
 
     info = show_run(workdir, run_id)  # one clear error for an unknown run
     if as_json:
@@ -274,8 +275,8 @@ def runs_show(run_id, workdir, as_json):
 @_user_errors
 def runs_report(run_id, workdir):
     """(Re)write RUN_ID's self-contained HTML report card and print its path."""
-    from coaflow.pipeline import show_run
     from coaflow.report import write
+    from coaflow.runner import show_run
     from coaflow.tracking import default_uri
 
     info = show_run(workdir, run_id)

@@ -98,7 +98,7 @@ def wait_for_rank0(out: Path, key: str, since: float, timeout: float = WAIT_S,
     """``"train"`` once rank 0 has started this attempt (its key file, written after it decided
     resume or wipe, is newer than ``since``), ``"done"`` when the stage is already complete with
     ``key`` (rank 0 will not train); a ``PipelineError`` after ``timeout``."""
-    from coaflow.pipeline import MARKER, STARTED
+    from coaflow.contract import MARKER, STARTED
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -115,7 +115,8 @@ def wait_for_rank0(out: Path, key: str, since: float, timeout: float = WAIT_S,
 def worker(argv: list[str], since: float) -> int:
     """Run the stage as a non-zero rank: training only, in a scratch folder."""
     from coaflow.config import load_config
-    from coaflow.pipeline import Context, cache_key, load_stage, stage_inputs
+    from coaflow.contract import Context, load_stage
+    from coaflow.runner import cache_key, stage_inputs
     from coaflow.tracking import Tracker
 
     args = parse(argv)

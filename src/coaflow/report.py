@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from coaflow.pipeline import MARKER, STAGES, read_result
+from coaflow.contract import MARKER, STAGES, read_result
 
 CURVE_PREFIXES = ("train/", "rl/", "reward", "success")
 

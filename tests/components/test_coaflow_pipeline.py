@@ -1,16 +1,15 @@
 """The compiled pipeline: committed YAML up to date, every stage a task with its image,
 resources, dependencies and Kubernetes settings; the full stage list wires the promotion gate."""
 
-import importlib.util
 import sys
 import types
 from pathlib import Path
 
-import pytest
 import yaml
 
-from coaflow import pipeline as coaflow_pipeline
-from components import coaflow_pipeline as cp
+from coaflow import contract
+from coaflow.orchestrate import k8s
+from coaflow.orchestrate.kfp import compile_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPILED = ROOT / "components" / "coaflow_pipeline.yaml"
@@ -46,47 +45,51 @@ def _producer(artifact: dict) -> str:
 
 
 def test_committed_yaml_is_what_the_pipeline_compiles_to(tmp_path):
-    fresh = cp.compile_pipeline(tmp_path / "p.yaml").read_text()
+    fresh = compile_pipeline(tmp_path / "p.yaml", k8s.load()).read_text()
     assert fresh == COMPILED.read_text(), (
         "components/coaflow_pipeline.yaml is stale: run python -m components.coaflow_pipeline")
 
 
 def test_every_stage_is_a_task_with_its_image_resources_inputs_and_k8s_settings():
-    spec, k8s = _docs(COMPILED)
+    spec, platform = _docs(COMPILED)
     tasks = _tasks(spec)
-    assert sorted(tasks) == sorted(coaflow_pipeline.STAGES)  # stage names = task names
+    assert sorted(tasks) == sorted(contract.STAGES)  # stage names = task names
     executors = spec["deploymentSpec"]["executors"]
+    ks = k8s.load()
+    ((secret, _),) = ks.secret_env().items()
     for name, (task, _) in tasks.items():
-        module = coaflow_pipeline.load_stage(name)
+        module = contract.load_stage(name)
         container = executors[f"exec-{name}"]["container"]
-        res = cp.K8S.for_stage(name)
+        res = ks.for_stage(name)
         cpu, memory, gpus = res.cpu, res.memory, res.gpus
-        assert container["image"] == (cp.GPU_IMAGE if gpus else cp.CPU_IMAGE)
+        assert container["image"] == (ks.images.gpu if gpus else ks.images.cpu)
         assert container["resources"]["resourceCpuRequest"] == cpu
         assert container["resources"]["resourceCpuLimit"] == cpu
         assert container["resources"]["resourceMemoryRequest"] == memory
         assert container["resources"]["resourceMemoryLimit"] == memory
         assert "pip install" not in " ".join(container["command"])  # the image holds coaflow
-        assert f"run_component({name!r}" in container["command"][-1]
+        assert "run_component(stage" in container["command"][-1]
+        assert task["inputs"]["parameters"]["stage"]["runtimeValue"]["constant"] == name
         upstream = {k: _producer(v) for k, v in task.get("inputs", {}).get("artifacts", {}).items()}
         assert set(module.NEEDS) <= set(upstream) and all(k == v for k, v in upstream.items())
         assert task["cachingOptions"].get("enableCache", False) == getattr(module, "CACHE", True)
-        ex = k8s[f"exec-{name}"]
-        assert ex["pvcMount"][0]["mountPath"] == cp.CACHE_MOUNT
-        assert ex["secretAsEnv"][0]["secretName"] == cp.SECRET and ex["secretAsEnv"][0]["optional"]
+        ex = platform[f"exec-{name}"]
+        assert ex["pvcMount"][0]["mountPath"] == ks.mount_path
+        assert ex["secretAsEnv"][0]["secretName"] == secret and ex["secretAsEnv"][0]["optional"]
         assert ex["fieldPathAsEnv"][0]["name"] == "COAFLOW_RUN_ID"
-        assert ex["configMapAsEnv"][0]["configMapName"] == cp.K8S.mlflow_configmap
+        assert ex["configMapAsEnv"][0]["configMapName"] == ks.mlflow_configmap
         if gpus:
             assert container["resources"]["accelerator"]["resourceCount"] == str(gpus)
             assert container["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
-            assert ex["nodeSelector"]["labels"] == cp.K8S.gpu_node_selector
+            assert ex["nodeSelector"]["labels"] == ks.gpu_node_selector
             assert ex["tolerations"][0]["key"] == "nvidia.com/gpu"
             assert ex["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
         else:
             assert "accelerator" not in container["resources"]
             assert "nodeSelector" not in ex and "tolerations" not in ex
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert {"profile", "overrides", "seed", "workdir", "tracking_uri", "retries"} <= set(params)
+    assert {"profile", "overrides", "seed", "workdir", "tracking_uri", "run_id",
+            "retries"} <= set(params)
 
 
 def _fake_stage(name, needs=(), optional=(), cache=True):
@@ -95,31 +98,24 @@ def _fake_stage(name, needs=(), optional=(), cache=True):
     return mod
 
 
-@pytest.fixture
-def full_pipeline(monkeypatch):
-    return build_full_pipeline(monkeypatch)
-
-
-def build_full_pipeline(monkeypatch):
-    """The pipeline module built over all of ORDER (the later stages faked as modules)."""
+def compile_full_pipeline(monkeypatch, path: Path) -> Path:
+    """The pipeline compiled over all of ORDER, whatever stages exist (the later ones faked as
+    modules, with their real NEEDS and OPTIONAL)."""
     fakes = {"rl": _fake_stage("rl", ("sft",)),
              "evaluate": _fake_stage("evaluate", ("sft",), ("rl", "gate")),
              "register": _fake_stage("register", ("evaluate", "sft"), ("rl", "gate")),
              "deploy": _fake_stage("deploy", ("register",), cache=False)}
     for mod in fakes.values():
-        monkeypatch.setitem(sys.modules, mod.__name__, mod)
-    monkeypatch.setattr(coaflow_pipeline, "STAGES",
-                        {n: f"coaflow.stages.{n}" for n in coaflow_pipeline.ORDER})
-    spec = importlib.util.spec_from_file_location("full_pipeline", cp.__file__)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+        if mod.NAME not in contract.STAGES:
+            monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    monkeypatch.setattr(contract, "STAGES", {n: f"coaflow.stages.{n}" for n in contract.ORDER})
+    return compile_pipeline(path, k8s.load())
 
 
-def test_all_stages_wire_optional_inputs_and_deploy_only_after_a_promotion(full_pipeline, tmp_path):
-    spec, k8s = _docs(full_pipeline.compile_pipeline(tmp_path / "full.yaml"))
+def test_all_stages_wire_optional_inputs_and_deploy_only_after_a_promotion(monkeypatch, tmp_path):
+    spec, platform = _docs(compile_full_pipeline(monkeypatch, tmp_path / "full.yaml"))
     tasks = _tasks(spec)
-    assert sorted(tasks) == sorted(coaflow_pipeline.ORDER)
+    assert sorted(tasks) == sorted(contract.ORDER)
     inputs = {n: set(t.get("inputs", {}).get("artifacts", {})) for n, (t, _) in tasks.items()}
     assert inputs["evaluate"] == {"sft", "rl", "gate"}
     assert inputs["register"] == {"evaluate", "sft", "rl", "gate"}
@@ -127,5 +123,5 @@ def test_all_stages_wire_optional_inputs_and_deploy_only_after_a_promotion(full_
     assert list(conditions) == ["deploy"]
     assert "register" in conditions["deploy"] and "refused" in conditions["deploy"]
     assert not tasks["deploy"][0]["cachingOptions"].get("enableCache", False)
-    gpu = {n for n in tasks if "nodeSelector" in k8s[f"exec-{n}"]}
+    gpu = {n for n in tasks if "nodeSelector" in platform[f"exec-{n}"]}
     assert gpu == {"sft", "rl", "evaluate"}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from coaflow.pipeline import STAGES
+from coaflow.contract import STAGES
 
 ROOT = Path(__file__).resolve().parents[2]
 DAGS = ROOT / "dags"
@@ -98,9 +98,9 @@ def artifacts(tmp_path_factory) -> Path:
 
 def assert_run_succeeded(states: dict[str, str]) -> None:
     """Every stage task succeeded, except the branch's untaken side (skipped)."""
-    from coaflow.airflow_support import DECISION_STAGE
+    from coaflow.contract import PROMOTION
 
     names = list(STAGES)
-    cut = names.index(DECISION_STAGE) + 1 if DECISION_STAGE in names else len(names)
+    cut = names.index(PROMOTION) + 1 if PROMOTION in names else len(names)
     assert all(states[n] == "success" for n in ["configure", *names[:cut]]), states
     assert set(states.values()) <= {"success", "skipped"}, states

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from coaflow.airflow_support import safe_run_id
+from coaflow.orchestrate.airflow import safe_run_id
 from tests.dags.conftest import ROOT, SMALL_CONF, SMALL_TASKS, airflow_env, assert_run_succeeded
 
 DAG_ID = "coaflow_retrain"

@@ -8,14 +8,14 @@ import json
 
 import pytest
 
-from coaflow import airflow_support as af
-from coaflow.pipeline import ORDER, STAGES
+from coaflow.contract import ORDER, STAGES
+from coaflow.orchestrate import airflow as af
 from tests.dags.conftest import airflow_env, python
 
 INSPECT = r"""
 import json, os, time
 from airflow.dag_processing.dagbag import DagBag
-import coaflow.pipeline as p
+import coaflow.contract as p
 
 def load(**env):
     os.environ.update(env)
@@ -53,7 +53,7 @@ def load(**env):
     info["bad"] = bad
     if os.environ.get("COAFLOW_AIRFLOW_MODE") == "kubernetes":  # the pod as the operator sends it
         from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
-        from coaflow import airflow_support as af
+        from coaflow.orchestrate import airflow as af
         KubernetesHook.is_in_cluster = property(lambda self: True)  # a label; asks the cluster
         plan = {"profile": "tiny", "overrides": ["run.workdir=/data/coaflow"], "run_id": "r1",
                 "run_dir": "/data/coaflow/runs/r1"}
@@ -180,7 +180,7 @@ def test_params_become_overrides_checked_against_the_config():
                                  'synthesize.suites={"kbqa": 5, "calc": 1}', "sft.epochs=1.5",
                                  "sft.lr=0.001"]  # promote: no register stage, no override
     assert plan["run_dir"] == "/srv/w/runs/manual__2026-11-30T20-40-00-00-00"
-    argv = af.stage_argv("sft", plan, {"gate": plan["run_dir"] + "/gate"})
+    argv = af.task_argv("sft", plan, {"gate": plan["run_dir"] + "/gate"})
     assert argv[:5] == ["coaflow", "stage", "sft", "--config", "tiny"]
     assert argv[-2:] == ["--input", f"gate={plan['run_dir']}/gate"]
     for params, words in [({"overrides": ["sft.epochz=2"]}, "sft.epochz"),
@@ -212,7 +212,7 @@ def test_a_missing_settings_file_is_an_error_naming_it(tmp_path):
 
 
 def test_exit_codes_decide_retry_fail_or_success(tmp_path):
-    from coaflow.pipeline import Result
+    from coaflow.contract import Result
 
     assert [af.outcome(c) for c in (0, 4, 75, 1, 2, 3)] == ["ok", "refused", "retry", "fail",
                                                             "fail", "fail"]
@@ -355,8 +355,10 @@ def test_airflow_and_kubeflow_read_the_same_secret():
     """One Secret for both orchestrators (helm/coaflow-pipeline creates it): the DAG's stage pods
     and the KFP components map the same keys to the same variables."""
     import yaml
-    from components.coaflow_pipeline import SECRET, SECRET_ENV
 
+    from coaflow.orchestrate import k8s
+
+    ((SECRET, SECRET_ENV),) = k8s.load().secret_env().items()
     settings = af.load_settings(env={"COAFLOW_AIRFLOW_MODE": "kubernetes"})
     dag = {(s.secret, s.key, s.env) for s in settings.kubernetes.secrets}
     assert dag == {(SECRET, k, v) for k, v in SECRET_ENV.items()}

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from coaflow.airflow_support import safe_run_id
-from coaflow.pipeline import STAGES
+from coaflow.contract import STAGES
+from coaflow.orchestrate.airflow import safe_run_id
 from tests.dags.conftest import (
     ROOT,
     SMALL_CONF,

@@ -21,8 +21,8 @@ bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
 dag = bag.dags.get("coaflow_retrain")
 out = {"coaflow": coaflow.__file__, "errors": {k: str(v) for k, v in bag.import_errors.items()}}
 if dag is not None:
-    from coaflow import airflow_support as af
-    from coaflow.k8s_settings import PACKAGED
+    from coaflow.orchestrate import airflow as af
+    from coaflow.orchestrate.k8s import PACKAGED
     settings = af.load_settings(default=os.path.join(os.environ["AIRFLOW__CORE__DAGS_FOLDER"],
                                                      "coaflow_retrain.yaml"))
     pod = af.pod_manifest(af.pod_spec("sft", settings, ["true"]))

@@ -21,7 +21,7 @@ def test_kfp_local_run_matches_the_cli_runner(tmp_path):
     assert kfp.returncode == 0, kfp.stdout[-3000:] + kfp.stderr[-3000:]
     run_dir = tmp_path / "runs" / "kfp"
     assert (run_dir / "report.html").exists()
-    from coaflow.pipeline import STAGES
+    from coaflow.contract import STAGES
 
     stages = list(STAGES)  # every stage on main runs as a task
     for s in stages:  # each task's result artifact is a complete stage folder
@@ -35,7 +35,7 @@ def test_kfp_local_run_matches_the_cli_runner(tmp_path):
     cli = subprocess.run(base + ["--run-id", "cli"], env=env, capture_output=True, text=True,
                          timeout=600)
     assert cli.returncode == 0, cli.stdout[-3000:] + cli.stderr[-3000:]
-    from coaflow.pipeline import load_stage
+    from coaflow.contract import load_stage
 
     cacheable = [s for s in stages if getattr(load_stage(s), "CACHE", True)]  # not deploy
     assert cli.stdout.count("] cached (") == len(cacheable), cli.stdout

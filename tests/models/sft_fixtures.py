@@ -36,7 +36,7 @@ def accepted_dir(path, trajs):
 def make_ctx(root, accepted, overrides=(), resume=False, tracking=False):
     """``(cfg, ctx)`` for calling the sft stage by hand, as the runner would."""
     from coaflow.config import load_config
-    from coaflow.pipeline import Context, Result
+    from coaflow.contract import Context, Result
     from coaflow.tracking import Tracker
 
     cfg = load_config("tiny", [f"tracking.enabled={str(tracking).lower()}", f"run.workdir={root}",

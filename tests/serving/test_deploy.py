@@ -17,9 +17,10 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "stages"))
 import registry_fixtures as rf  # noqa: E402
 
 from coaflow.config import load_config  # noqa: E402
+from coaflow.contract import Result  # noqa: E402
 from coaflow.errors import ServiceUnavailable, UserError  # noqa: E402
-from coaflow.pipeline import Result, execute  # noqa: E402
 from coaflow.registry import Registry  # noqa: E402
+from coaflow.runner import execute  # noqa: E402
 from coaflow.stages import deploy  # noqa: E402
 
 NAME, MODEL = "d", "d-agent"

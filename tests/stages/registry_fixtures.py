@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-from coaflow.pipeline import MARKER, RESULT, Result
+from coaflow.contract import MARKER, RESULT, Result
 
 
 def stage_folder(path: Path, result: Result, key: str) -> Path:

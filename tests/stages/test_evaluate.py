@@ -11,8 +11,8 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
 import sft_fixtures as fx  # noqa: E402
 
 from coaflow.config import load_config  # noqa: E402
+from coaflow.contract import Context, Result  # noqa: E402
 from coaflow.errors import PipelineError  # noqa: E402
-from coaflow.pipeline import Context, Result  # noqa: E402
 from coaflow.schema import read_trajectories  # noqa: E402
 from coaflow.stages import evaluate  # noqa: E402
 from coaflow.tracking import Tracker  # noqa: E402

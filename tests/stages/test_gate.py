@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from coaflow.config import load_config
-from coaflow.pipeline import MARKER, PipelineError, Result, run_pipeline
+from coaflow.contract import MARKER, PipelineError, Result
+from coaflow.runner import run_pipeline
 from coaflow.schema import ShardWriter, Trajectory, read_trajectories
 from coaflow.stages import gate as gate_stage
 from tests.gates.factory import batch

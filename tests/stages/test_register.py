@@ -18,8 +18,8 @@ import sft_fixtures as fx  # noqa: E402
 
 from coaflow.config import load_config  # noqa: E402
 from coaflow.errors import PromotionRefused, exit_code  # noqa: E402
-from coaflow.pipeline import execute  # noqa: E402
 from coaflow.registry import Registry, RegistryError  # noqa: E402
+from coaflow.runner import execute  # noqa: E402
 from coaflow.stages import register  # noqa: E402
 
 tiny_dir, trajectories = fx.tiny_dir, fx.trajectories

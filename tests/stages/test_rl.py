@@ -120,7 +120,7 @@ def test_zero_variance_groups():
 
 def make_ctx(root: Path, model_dir, overrides=(), resume=False):
     from coaflow.config import load_config
-    from coaflow.pipeline import Context, Result
+    from coaflow.contract import Context, Result
     from coaflow.tracking import Tracker
 
     cfg = load_config("tiny", ["tracking.enabled=false", f"run.workdir={root}",
@@ -218,7 +218,8 @@ def test_one_step_with_the_agent_loop_tracked(tmp_path, tiny_dir):
     from mlflow.tracking import MlflowClient
 
     from coaflow.config import load_config
-    from coaflow.pipeline import Result, run_pipeline
+    from coaflow.contract import Result
+    from coaflow.runner import run_pipeline
 
     sft = types.SimpleNamespace(NAME="sft", NEEDS=(), RESUMABLE=False, Config=None,
                                 run=lambda cfg, ctx: Result(outputs={"model": str(tiny_dir)}))

@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
 import sft_fixtures as fx  # noqa: E402
 
-from coaflow.pipeline import PipelineError  # noqa: E402
+from coaflow.contract import PipelineError  # noqa: E402
 from coaflow.schema import TextObservation, Trajectory  # noqa: E402
 from coaflow.stages import sft  # noqa: E402
 
@@ -122,7 +122,8 @@ def test_tracking_and_lora(tmp_path, tiny_dir, trajectories):
     from transformers import AutoModelForCausalLM
 
     from coaflow.config import load_config
-    from coaflow.pipeline import Result, run_pipeline
+    from coaflow.contract import Result
+    from coaflow.runner import run_pipeline
 
     acc = accepted_dir(tmp_path / "accepted", trajectories[:12])
     gate = types.SimpleNamespace(NAME="gate", NEEDS=(), RESUMABLE=False, Config=None,

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from coaflow.agent.openai import EndpointError
+from coaflow.contract import PipelineError
 from coaflow.envs import make_tasks
-from coaflow.pipeline import PipelineError
 from coaflow.schema import read_trajectories
 from coaflow.stages.synthesize import Config, synthesize
 from tests.teachers.openai_server import MODEL, FakeModel, serve

@@ -30,8 +30,8 @@ import httpx
 from pydantic import Field
 
 from coaflow.config import Section
+from coaflow.contract import Context, PipelineError, Result
 from coaflow.errors import CoaflowError, ServiceUnavailable, UserError
-from coaflow.pipeline import Context, PipelineError, Result
 
 NAME = "deploy"
 NEEDS = ("register",)

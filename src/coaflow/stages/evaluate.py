@@ -39,7 +39,7 @@ import click
 from pydantic import Field, field_validator
 
 from coaflow.config import Section
-from coaflow.pipeline import Context, PipelineError, Result
+from coaflow.contract import Context, PipelineError, Result
 
 NAME = "evaluate"
 NEEDS = ("sft",)

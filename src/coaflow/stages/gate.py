@@ -28,7 +28,7 @@ from pydantic import Field
 from coaflow.config import Section
 
 if TYPE_CHECKING:
-    from coaflow.pipeline import Context, Result
+    from coaflow.contract import Context, Result
 
 NAME = "gate"
 NEEDS = ("synthesize",)
@@ -112,7 +112,7 @@ def gate_folder(cfg: Config, input_path, out_dir, seed: int = 0, log=print) -> d
 
 
 def _result(report: dict, out) -> Result:
-    from coaflow.pipeline import Result
+    from coaflow.contract import Result
 
     metrics = {"in": report["in"], "accepted": report["accepted"],
                "rejected": report["rejected"],
@@ -144,7 +144,7 @@ def run(cfg: Config, ctx: Context) -> Result:
 def standalone(cfg, input=None, output=None) -> dict:
     """``coaflow gate --input FILE_OR_DIR --output DIR``: the same gate, outside a pipeline run.
     ``cfg`` is the whole config (``cfg.gate`` its section, ``cfg.run.seed`` the test-split seed)."""
-    from coaflow.pipeline import PipelineError
+    from coaflow.contract import PipelineError
 
     if not input or not output:
         raise PipelineError("coaflow gate: --input and --output go together (a trajectory file "

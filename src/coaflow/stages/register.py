@@ -39,8 +39,8 @@ from typing import Any
 from pydantic import Field
 
 from coaflow.config import Section
+from coaflow.contract import Context, PipelineError, Result
 from coaflow.errors import PromotionRefused
-from coaflow.pipeline import Context, PipelineError, Result
 
 NAME = "register"
 NEEDS = ("evaluate", "sft")

@@ -36,7 +36,7 @@ from typing import Literal
 from pydantic import Field
 
 from coaflow.config import Section
-from coaflow.pipeline import Context, PipelineError, Result
+from coaflow.contract import Context, PipelineError, Result
 
 NAME = "rl"
 NEEDS = ("sft",)

@@ -36,9 +36,9 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from coaflow.config import Section
+from coaflow.contract import Context, PipelineError, Result
 from coaflow.models.tiny import TinyModel
 from coaflow.models.toolcalls import grounded_tool_call
-from coaflow.pipeline import Context, PipelineError, Result
 from coaflow.schema import write_jsonl
 
 NAME = "sft"

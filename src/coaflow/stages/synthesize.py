@@ -25,7 +25,7 @@ import click
 from pydantic import Field, ValidationError, field_validator
 
 from coaflow.config import Section
-from coaflow.pipeline import Context, PipelineError, Result
+from coaflow.contract import Context, PipelineError, Result
 from coaflow.teachers.llm import LlmTeacherConfig
 from coaflow.tracking import redact, secret_values
 

@@ -6,7 +6,8 @@ import types
 import pytest
 
 from coaflow.config import Section
-from coaflow.pipeline import MARKER, PipelineError, Result, list_runs, run_pipeline, show_run
+from coaflow.contract import MARKER, PipelineError, Result
+from coaflow.runner import list_runs, run_pipeline, show_run
 
 
 class Cfg(Section):
@@ -69,22 +70,22 @@ def test_code_change_is_a_cache_miss(workdir, tmp_path, monkeypatch):
     import shutil
     from pathlib import Path
 
-    from coaflow import pipeline
+    from coaflow import runner
 
     src = tmp_path / "pkg"
-    shutil.copytree(Path(pipeline.__file__).parent / "teachers", src)
-    before = pipeline.source_digest(src)
+    shutil.copytree(Path(runner.__file__).parent / "teachers", src)
+    before = runner.source_digest(src)
     (src / "__pycache__").mkdir(exist_ok=True)
     (src / "__pycache__" / "x.pyc").write_bytes(b"\0")  # bytecode is not source
-    assert pipeline.source_digest(src) == before
+    assert runner.source_digest(src) == before
     (src / "scripted.py").write_text((src / "scripted.py").read_text() + "\n# changed\n")
-    assert pipeline.source_digest(src) != before
+    assert runner.source_digest(src) != before
 
     calls = []
     stages = {"a": make_stage("a", calls=calls)}
     run_pipeline(config(workdir), run_id="r", stages=stages, log=lambda *_: None)
     assert run_pipeline(config(workdir), run_id="r", stages=stages, log=lambda *_: None)["a"].cached
-    monkeypatch.setattr(pipeline, "code_digest", lambda: "other-code")
+    monkeypatch.setattr(runner, "code_digest", lambda: "other-code")
     res = run_pipeline(config(workdir), run_id="r", stages=stages, log=lambda *_: None)
     assert not res["a"].cached and [c[0] for c in calls] == ["a", "a"]
 

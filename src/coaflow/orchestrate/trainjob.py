@@ -7,7 +7,7 @@ torchrun (``torchrun -m coaflow.launch stage sft ...``, see ``coaflow.launch``),
 ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK`` and the master address, which torchrun reads. The
 image, CPU/memory, secrets, MLflow ConfigMap, PVC, ``/dev/shm``, GPU node selector and
 tolerations come from the same Kubernetes settings file as every other stage pod
-(``coaflow.k8s_settings``); the runtime's own pod template is patched through
+(``coaflow.orchestrate.k8s``); the runtime's own pod template is patched through
 ``runtimePatches`` (the runtime's replicated job and container are both named ``node``).
 
 Checked here: the manifest against the Trainer's API models (``kubeflow-trainer-api`` 2.3.0,
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from coaflow.k8s_settings import GPU_RESOURCE, KubernetesSettings
+from coaflow.orchestrate.k8s import GPU_RESOURCE, KubernetesSettings
 
 API_VERSION = "trainer.kubeflow.org/v1alpha1"
 RUNTIME = "torch-distributed"

@@ -8,9 +8,9 @@ here and imports no Airflow at module level:
 - ``trigger_params`` / ``overrides_from_params``: the trigger form (one entry per knob people
   change between runs) and its translation into ``--set section.key=value`` overrides, checked
   against the real config model so a bad value fails the run's first task with one clear line.
-- ``stage_argv``: the one command every task runs, ``coaflow stage NAME --config PROFILE --set ...
-  --out <workdir>/runs/<run id>/NAME --input STAGE=DIR``, in a subprocess on the worker (``local``
-  mode) or as a Kubernetes pod in the coaflow image (``kubernetes`` mode).
+- ``task_argv``: the one command every task runs (``orchestrate.command``), with
+  ``--out <workdir>/runs/<run id>/NAME``, in a subprocess on the worker (``local`` mode) or as a
+  Kubernetes pod in the coaflow image (``kubernetes`` mode).
 - ``outcome``: the exit code -> what Airflow does (75 retries; 2, 3 and bugs fail without retries;
   4, a refused promotion, is a decision and the task succeeds with ``promoted: false``).
 - ``pod_spec``: the pod for a stage (GPU requests, tolerations, node selector, the shared PVC,
@@ -34,7 +34,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from coaflow import k8s_settings
+from coaflow import contract
 from coaflow.errors import (
     EXIT_BUG,
     EXIT_GATE,
@@ -45,16 +45,17 @@ from coaflow.errors import (
     RETRYABLE_EXIT_CODES,
     UserError,
 )
-from coaflow.k8s_settings import GPU_RESOURCE, KubernetesSettings, PodResources, SecretEnv
+from coaflow.orchestrate import k8s
+from coaflow.orchestrate.command import local, stage_argv
+from coaflow.orchestrate.k8s import GPU_RESOURCE, KubernetesSettings, PodResources, SecretEnv
 
 __all__ = ["GPU_RESOURCE", "KubernetesSettings", "PodResources", "SecretEnv", "Settings",
-           "load_settings", "pod_spec", "plan", "stage_argv", "outcome"]
+           "load_settings", "pod_spec", "plan", "task_argv", "outcome"]
 
 # The DAG passes the file beside itself (in the image: /opt/airflow/dags/); this default is the
 # source tree's, for tests and an editable install.
-DEFAULT_SETTINGS = Path(__file__).resolve().parents[2] / "dags" / "coaflow_retrain.yaml"
+DEFAULT_SETTINGS = Path(__file__).resolve().parents[3] / "dags" / "coaflow_retrain.yaml"
 XCOM_FILE = "/airflow/xcom/return.json"  # where KubernetesPodOperator's sidecar reads the XCom
-DECISION_STAGE = "register"  # its refusal (exit 4) skips the stages after it
 
 
 class _Strict(BaseModel):
@@ -96,7 +97,7 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     """``path`` (else ``$COAFLOW_AIRFLOW_CONFIG``, else ``default``: the DAG passes the file
     beside itself), then the ``COAFLOW_AIRFLOW_*`` env vars; a schedule of ``none`` means
     trigger-only. The pods' settings come from the one Kubernetes settings file
-    (``coaflow.k8s_settings``). A missing file is an error naming its path, never a silent
+    (``coaflow.orchestrate.k8s``). A missing file is an error naming its path, never a silent
     fallback to defaults (a GPU stage would get no GPU)."""
     env = os.environ if env is None else env
     path = Path(path or env.get("COAFLOW_AIRFLOW_CONFIG") or default)
@@ -109,20 +110,20 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         raise UserError(f"{path}: not valid YAML: {e}") from None
     if "kubernetes" in data:
         raise UserError(f"{path}: kubernetes: the pod settings moved to one file both engines "
-                        f"read ({k8s_settings.PACKAGED.name}); name yours with kubernetes_file")
+                        f"read ({k8s.PACKAGED.name}); name yours with kubernetes_file")
     for var, key in ENV.items():
         if env.get(var):
             data[key] = env[var]
     if str(data.get("schedule")).lower() in ("none", "null", ""):
         data["schedule"] = None
-    k8s_file = env.get(k8s_settings.ENV_VAR) or data.get("kubernetes_file")
+    k8s_file = env.get(k8s.ENV_VAR) or data.get("kubernetes_file")
     if k8s_file and not Path(k8s_file).is_absolute():
         k8s_file = path.parent / k8s_file  # relative to the DAG's settings file
-    data["kubernetes"] = k8s_settings.load(k8s_file, env).model_dump()
+    data["kubernetes"] = k8s.load(k8s_file, env).model_dump()
     try:
         return Settings.model_validate(data)
     except ValidationError as e:
-        raise k8s_settings.invalid(path, e) from None
+        raise k8s.invalid(path, e) from None
 
 
 # --- the trigger form ----------------------------------------------------------------------
@@ -235,25 +236,16 @@ def plan(params: Mapping[str, Any], airflow_run_id: str, settings: Settings,
             "run_dir": str(run_dir / "runs" / run_id)}
 
 
-def stage_argv(stage: str, the_plan: Mapping[str, Any], inputs: Mapping[str, str]) -> list[str]:
+def task_argv(stage: str, the_plan: Mapping[str, Any], inputs: Mapping[str, str]) -> list[str]:
     """``coaflow stage`` for one stage of a planned run: the argv of both modes."""
-    argv = ["coaflow", "stage", stage, "--config", the_plan["profile"],
-            "--out", f"{the_plan['run_dir']}/{stage}", "--run-id", the_plan["run_id"]]
-    for item in the_plan["overrides"]:
-        argv += ["--set", item]
-    for name, folder in sorted(inputs.items()):
-        argv += ["--input", f"{name}={folder}"]
-    return argv
+    return stage_argv(stage, profile=the_plan["profile"], out=f"{the_plan['run_dir']}/{stage}",
+                      inputs=inputs, overrides=the_plan["overrides"], run_id=the_plan["run_id"])
 
 
 def stage_inputs(stage: str, done: Mapping[str, Mapping | None]) -> dict[str, str]:
     """Input folders for ``stage`` from its upstream tasks' XComs (``None``: skipped or absent):
     every NEEDS and the OPTIONAL stages that ran."""
-    from coaflow.pipeline import load_stage
-
-    module = load_stage(stage)
-    wanted = tuple(getattr(module, "NEEDS", ())) + tuple(getattr(module, "OPTIONAL", ()))
-    return {n: done[n]["dir"] for n in wanted if done.get(n)}
+    return {n: done[n]["dir"] for n in contract.reads(stage) if done.get(n)}
 
 
 # --- exit codes -> what Airflow does -------------------------------------------------------
@@ -319,8 +311,8 @@ def run_local(stage: str, the_plan: Mapping[str, Any], inputs: Mapping[str, str]
               python: str | None = None) -> dict[str, Any]:
     """Run the stage's argv in a subprocess on this worker (output streamed to the task log);
     return its XCom, or raise what Airflow retries / fails on."""
-    argv = stage_argv(stage, the_plan, inputs)
-    cmd = [python or sys.executable, "-m", "coaflow.cli"] + argv[1:]
+    argv = task_argv(stage, the_plan, inputs)
+    cmd = local(argv, python)
     print("+ " + shlex.join(argv), flush=True)
     env = {**os.environ, "COAFLOW_RUN_ID": the_plan["run_id"], "PYTHONUNBUFFERED": "1"}
     tail: list[str] = []
@@ -365,8 +357,8 @@ def pod_command(stage: str, the_plan: Mapping[str, Any], inputs: Mapping[str, st
     """The pod's command: the stage argv, then its XCom for the sidecar; a refused promotion
     (4) exits 0 so the branch after it decides, every other code is the stage's own."""
     out = f"{the_plan['run_dir']}/{stage}"
-    script = (f"{shlex.join(stage_argv(stage, the_plan, inputs))}; rc=$?; "
-              f"mkdir -p {Path(XCOM_FILE).parent} && python -m coaflow.airflow_support xcom "
+    script = (f"{shlex.join(task_argv(stage, the_plan, inputs))}; rc=$?; "
+              f"mkdir -p {Path(XCOM_FILE).parent} && python -m coaflow.orchestrate.airflow xcom "
               f"{shlex.quote(stage)} {shlex.quote(out)} $rc > {XCOM_FILE}; "
               f"if [ $rc -eq {EXIT_PROMOTION} ]; then exit 0; fi; exit $rc")
     return ["/bin/sh", "-c", script]
@@ -375,11 +367,11 @@ def pod_command(stage: str, the_plan: Mapping[str, Any], inputs: Mapping[str, st
 def container_security(uid: int | None = None):
     """What Pod Security "restricted" asks of a container: no privilege escalation, every
     capability dropped, the runtime's seccomp profile, a non-root user (``uid``)."""
-    from kubernetes.client import models as k8s
+    from kubernetes.client import models as km
 
-    return k8s.V1SecurityContext(
-        allow_privilege_escalation=False, capabilities=k8s.V1Capabilities(drop=["ALL"]),
-        seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"), run_as_non_root=True,
+    return km.V1SecurityContext(
+        allow_privilege_escalation=False, capabilities=km.V1Capabilities(drop=["ALL"]),
+        seccomp_profile=km.V1SeccompProfile(type="RuntimeDefault"), run_as_non_root=True,
         run_as_user=uid, run_as_group=uid)
 
 
@@ -389,43 +381,43 @@ def pod_spec(stage: str, settings: Settings, command: Sequence[str], run_id: str
     images' non-root user, with the run's PVC, secrets, MLflow ConfigMap and, for GPU stages,
     GPU limits, tolerations, a node selector and a RAM-backed /dev/shm. Every value comes from
     the Kubernetes settings file the Kubeflow pipeline reads too."""
-    from kubernetes.client import models as k8s
+    from kubernetes.client import models as km
 
     ks = settings.kubernetes
     res = ks.for_stage(stage)
     limits = {"cpu": res.cpu, "memory": res.memory}
     if res.gpus:
         limits[GPU_RESOURCE] = str(res.gpus)
-    env = [k8s.V1EnvVar(name="COAFLOW_RUN_ID", value=run_id),
-           k8s.V1EnvVar(name="GX_ANALYTICS_ENABLED", value="false")]
-    env += [k8s.V1EnvVar(name=s.env, value_from=k8s.V1EnvVarSource(
-        secret_key_ref=k8s.V1SecretKeySelector(name=s.secret, key=s.key, optional=True)))
+    env = [km.V1EnvVar(name="COAFLOW_RUN_ID", value=run_id),
+           km.V1EnvVar(name="GX_ANALYTICS_ENABLED", value="false")]
+    env += [km.V1EnvVar(name=s.env, value_from=km.V1EnvVarSource(
+        secret_key_ref=km.V1SecretKeySelector(name=s.secret, key=s.key, optional=True)))
         for s in ks.secrets]
-    env_from = ([k8s.V1EnvFromSource(config_map_ref=k8s.V1ConfigMapEnvSource(
+    env_from = ([km.V1EnvFromSource(config_map_ref=km.V1ConfigMapEnvSource(
         name=ks.mlflow_configmap))] if ks.mlflow_configmap else None)
-    mounts = [k8s.V1VolumeMount(name="work", mount_path=ks.mount_path)]
-    volumes = [k8s.V1Volume(name="work", persistent_volume_claim=(
-        k8s.V1PersistentVolumeClaimVolumeSource(claim_name=ks.pvc)))]
+    mounts = [km.V1VolumeMount(name="work", mount_path=ks.mount_path)]
+    volumes = [km.V1Volume(name="work", persistent_volume_claim=(
+        km.V1PersistentVolumeClaimVolumeSource(claim_name=ks.pvc)))]
     if res.gpus:
-        mounts.append(k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"))
-        volumes.append(k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(
+        mounts.append(km.V1VolumeMount(name="dshm", mount_path="/dev/shm"))
+        volumes.append(km.V1Volume(name="dshm", empty_dir=km.V1EmptyDirVolumeSource(
             medium="Memory", size_limit=ks.shm_size)))
-    container = k8s.V1Container(
+    container = km.V1Container(
         name="base", image=ks.image_for(stage), image_pull_policy=ks.image_pull_policy,
         command=list(command), env=env, env_from=env_from, volume_mounts=mounts,
-        resources=k8s.V1ResourceRequirements(requests=dict(limits), limits=limits),
+        resources=km.V1ResourceRequirements(requests=dict(limits), limits=limits),
         security_context=container_security(ks.uid))
-    tolerations = [k8s.V1Toleration(**t) for t in ks.gpu_tolerations] if res.gpus else None
-    return k8s.V1Pod(
+    tolerations = [km.V1Toleration(**t) for t in ks.gpu_tolerations] if res.gpus else None
+    return km.V1Pod(
         api_version="v1", kind="Pod",
-        metadata=k8s.V1ObjectMeta(namespace=ks.namespace, labels={
+        metadata=km.V1ObjectMeta(namespace=ks.namespace, labels={
             "app.kubernetes.io/name": "coaflow", "coaflow/stage": stage}),
-        spec=k8s.V1PodSpec(
+        spec=km.V1PodSpec(
             containers=[container], volumes=volumes, restart_policy="Never",
             service_account_name=ks.service_account, tolerations=tolerations,
-            security_context=k8s.V1PodSecurityContext(
+            security_context=km.V1PodSecurityContext(
                 run_as_non_root=True, run_as_user=ks.uid, run_as_group=ks.uid,
-                seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault")),
+                seccomp_profile=km.V1SeccompProfile(type="RuntimeDefault")),
             node_selector=dict(ks.gpu_node_selector) if res.gpus and ks.gpu_node_selector
             else None))
 
@@ -433,13 +425,13 @@ def pod_spec(stage: str, settings: Settings, command: Sequence[str], run_id: str
 def harden_sidecar(pod, settings: Settings):
     """The provider's XCom sidecar as the base container: a pinned image (its default is an
     untagged ``alpine``), the restricted security context, a memory limit."""
-    from kubernetes.client import models as k8s
+    from kubernetes.client import models as km
 
     for c in pod.spec.containers:
         if c.name == "airflow-xcom-sidecar":
             c.image = settings.kubernetes.xcom_sidecar_image
             c.security_context = container_security(settings.kubernetes.uid)
-            c.resources = k8s.V1ResourceRequirements(requests={"cpu": "1m", "memory": "10Mi"},
+            c.resources = km.V1ResourceRequirements(requests={"cpu": "1m", "memory": "10Mi"},
                                                      limits={"memory": "32Mi"})
     return pod
 
@@ -492,10 +484,8 @@ def pod_operator(stage: str, settings: Settings):
 def pull_inputs(ti, stage: str, task_ids) -> dict[str, str]:
     """Input folders for ``stage`` from the XComs of the stage tasks it reads (``ti``: the
     running task instance; a skipped or absent stage is left out)."""
-    from coaflow.pipeline import STAGES
-
     return stage_inputs(stage, {n: ti.xcom_pull(task_ids=n) for n in task_ids
-                                if n in STAGES and n != stage})
+                                if n in contract.STAGES and n != stage})
 
 
 def container_exit_code(remote_pod, container: str = "base") -> int | None:
@@ -508,9 +498,10 @@ def container_exit_code(remote_pod, container: str = "base") -> int | None:
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m coaflow.airflow_support xcom STAGE DIR RC``: print a stage's XCom (in a pod)."""
+    """``python -m coaflow.orchestrate.airflow xcom STAGE DIR RC``: print a stage's XCom (in a pod)."""
     if len(argv) != 4 or argv[0] != "xcom":
-        print("usage: python -m coaflow.airflow_support xcom STAGE DIR EXIT_CODE", file=sys.stderr)
+        print("usage: python -m coaflow.orchestrate.airflow xcom STAGE DIR EXIT_CODE",
+              file=sys.stderr)
         return EXIT_USER
     print(json.dumps(xcom_value(argv[1], argv[2], int(argv[3]))))
     return EXIT_OK

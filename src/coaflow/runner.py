@@ -1,35 +1,18 @@
-"""The stage contract and the pipeline runner: stages in order, each cached, resumable and tracked.
+"""The runner: every stage through one entry point, each cached, resumable and tracked.
 
-A stage is a module ``coaflow/stages/<name>.py`` with
-
-    NAME = "evaluate"                   # = CLI subcommand = config section = Airflow task id
-    NEEDS = ("sft",)                    # stages whose results it must read (ctx.input)
-    OPTIONAL = ("rl",)                  # stages it reads when they ran (ctx.optional)
-    RESUMABLE = False                   # True: a killed attempt's files are kept for run() to resume
-    CACHE = True                        # False: always runs (it acts on outside state: deploy)
-    def cache_extras(cfg, run[, inputs]) -> dict  # optional: outside state it reads (a champion);
-                                        # inputs: {stage: cache key} of its inputs
-    PATH_FIELDS = ("decontam_file",)    # config keys that name local files or folders: their
-                                        # contents enter the cache key (``path_digest``)
-    class Config(Section): ...          # its config section
-    def run(cfg: Config, ctx: Context) -> Result: ...
-
-Every engine calls one entry point, ``execute(name, cfg, out_dir, inputs)``: the ``coaflow run``
-runner below, ``coaflow stage NAME --out DIR --input STAGE=DIR`` in a container, an Airflow task
-and a KFP component. ``execute`` runs the stage in ``out_dir`` and ends by writing ``result.json``
-and then, last, the completion marker ``.complete`` holding the stage's **cache key**: a hash of
-its config section, the run values it reads (``run.name``, ``run.seed``), the cache keys of its
-inputs, ``cache_extras`` and the coaflow version. So a key names everything a stage reads, and two
-stage folders with the same key hold the same result.
+Every engine calls ``execute(name, cfg, out_dir, inputs)``: ``coaflow run`` (``run_pipeline``
+below), ``coaflow stage NAME --out DIR --input STAGE=DIR`` in a container, an Airflow task and a
+KFP component. ``execute`` runs the stage (``coaflow.contract``) in ``out_dir`` and ends by
+writing ``result.json`` and then, last, the completion marker holding the stage's **cache key**:
+a hash of its config section, the run values it reads (``run.name``, ``run.seed``), the cache
+keys of its inputs, ``cache_extras`` and coaflow's version and source. So a key names everything
+a stage reads, and two stage folders with the same key hold the same result.
 
 - Same key in ``out_dir`` already: a cache hit, nothing runs.
 - Same key completed anywhere under the workdir (another run): its folder is hard-linked into
   ``out_dir`` (a cross-run hit, as KFP caches executions); ``use_cache=False`` forces work.
 - A killed attempt (no marker) of a ``RESUMABLE`` stage whose started key matches is resumed
   (``ctx.resume``); any other leftover is wiped and the stage starts clean.
-
-Paths in ``result.json`` that lie inside the stage folder are stored relative to it (``./model``),
-so a stage folder copied to another machine or an object store still resolves.
 """
 
 from __future__ import annotations
@@ -38,127 +21,39 @@ import contextlib
 import errno
 import functools
 import hashlib
-import importlib
-import importlib.util
 import inspect
 import json
 import os
-import re
-import secrets
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from coaflow import __version__
+from coaflow.contract import (
+    MARKER,
+    ORDER,
+    OWNER,
+    REFUSED,
+    RESULT,
+    STAGES,
+    STARTED,
+    Context,
+    Result,
+    check_run_id,
+    load_stage,
+    needs,
+    new_run_id,
+    read_result,
+    reads,
+)
 from coaflow.errors import PipelineError, PromotionRefused, os_failure
 from coaflow.tracking import Tracker, redact, registry_uri
 
-__all__ = ["ORDER", "STAGES", "Context", "PipelineError", "Result", "execute", "run_pipeline"]
-
-# Pipeline order. A stage is listed (CLI, config, runner) once its module exists: nothing here
-# pretends to work before it does.
-ORDER = ("synthesize", "gate", "sft", "rl", "evaluate", "register", "deploy")
-STAGES: dict[str, str] = {
-    n: f"coaflow.stages.{n}" for n in ORDER if importlib.util.find_spec(f"coaflow.stages.{n}")
-}
-
-MARKER = ".complete"
-RESULT = "result.json"
-STARTED = "key"  # the key of the attempt in progress: a resume must match it
-REFUSED = "refused"  # a completed stage that refused a promotion: its reason (kept on cache hits)
-REL = "./"  # prefix of an output path stored relative to its stage folder
-OWNER = ".coaflow-stage"  # the stage name, written when coaflow makes a stage folder: only such
-# a folder (or an empty one) is ever wiped
-
-
-@dataclass
-class Result:
-    """What a stage hands to the next ones: artifact paths, metrics and a small summary."""
-
-    outputs: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-    summary: dict[str, Any] = field(default_factory=dict)
-    cached: bool = False
-    key: str | None = None  # the cache key of the stage folder it came from
-
-    def path(self, name: str) -> Path:
-        if name not in self.outputs:
-            raise PipelineError(f"the stage result has no output {name!r} "
-                                f"(outputs: {', '.join(self.outputs) or 'none'})")
-        return Path(self.outputs[name])
-
-    def to_json(self, base: Path | None = None) -> dict:
-        """JSON for ``result.json``; outputs inside ``base`` become ``./relative`` paths."""
-        outputs = {k: _relative(v, base) for k, v in self.outputs.items()}
-        return {"outputs": outputs, "metrics": self.metrics, "summary": self.summary}
-
-    @classmethod
-    def from_json(cls, d: Mapping, base: Path | None = None) -> Result:
-        outputs = {k: str(base / v[len(REL):]) if base is not None and isinstance(v, str)
-                   and v.startswith(REL) else v for k, v in dict(d.get("outputs", {})).items()}
-        return cls(outputs=outputs, metrics=dict(d.get("metrics", {})),
-                   summary=dict(d.get("summary", {})))
-
-
-def _relative(value: Any, base: Path | None) -> Any:
-    """``/w/runs/r/sft/model`` -> ``./model`` when under ``base``; anything else unchanged."""
-    if base is None or not isinstance(value, str) or "://" in value or ":/" in value[:12]:
-        return value
-    p = Path(value)
-    if not p.is_absolute():
-        p = Path.cwd() / p
-    try:
-        rel = p.resolve().relative_to(base.resolve())
-    except ValueError:
-        return value
-    return REL + rel.as_posix() if str(rel) != "." else REL
-
-
-@dataclass
-class Context:
-    run_id: str
-    out: Path  # this stage's folder
-    inputs: dict[str, Result]
-    run: Any  # the ``run`` config section (name, seed, workdir as an absolute path)
-    tracker: Tracker
-    tracking_uri: str = ""
-    resume: bool = False
-
-    def input(self, stage: str) -> Result:
-        if stage not in self.inputs:
-            raise PipelineError(f"this stage needs the output of {stage!r}, which is not among "
-                                f"its inputs in run {self.run_id}: run {stage} first")
-        return self.inputs[stage]
-
-    def optional(self, stage: str) -> Result | None:
-        return self.inputs.get(stage)
-
-
-def load_stage(name: str):
-    if name not in STAGES:
-        raise PipelineError(f"unknown stage {name!r} (stages: {', '.join(STAGES) or 'none'})")
-    return importlib.import_module(STAGES[name])
-
-
-RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def check_run_id(run_id: str) -> str:
-    """A run id is a folder name under ``<workdir>/runs``: letters, digits and ``-_.``, never a
-    path (``../../x`` or ``/abs`` would write outside the workdir)."""
-    if not isinstance(run_id, str) or not RUN_ID.match(run_id):
-        raise PipelineError(f"--run-id {run_id!r}: a run id is a name of letters, digits and "
-                            "'-_.' (at most 128, starting with a letter or digit)")
-    return run_id
-
-
-def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+__all__ = ["cache_key", "execute", "list_runs", "run_pipeline", "show_run"]
 
 
 def _digest(obj: Any) -> str:
@@ -245,21 +140,6 @@ def cache_key(stage: str, module, section: Any, run: Any, input_keys: Mapping[st
                     "run": {"name": getattr(run, "name", None), "seed": getattr(run, "seed", None)},
                     "inputs": dict(sorted(input_keys.items())), "extras": extras,
                     **({"files": files} if files else {})})
-
-
-def read_result(stage_dir: Path) -> Result | None:
-    """The result of a completed stage folder, or None if it never completed."""
-    stage_dir = Path(stage_dir)
-    marker = stage_dir / MARKER
-    if not marker.exists() or not (stage_dir / RESULT).exists():
-        return None
-    try:
-        data = json.loads((stage_dir / RESULT).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    result = Result.from_json(data, base=stage_dir.resolve())
-    result.key = marker.read_text().strip()
-    return result
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -382,11 +262,11 @@ def stage_inputs(module, inputs: Mapping[str, Path | str]) -> dict[str, Result]:
         if made_by != n:
             raise PipelineError(f"input {n}={d}: a folder of stage {made_by!r}, not {n!r}")
         results[n] = r
-    missing = [n for n in getattr(module, "NEEDS", ()) if n not in results]
+    missing = [n for n in needs(module) if n not in results]
     if missing:
         raise PipelineError(f"stage {module.NAME!r} needs the output of {', '.join(missing)} "
                             f"(pass --input {missing[0]}=DIR)")
-    wanted = set(getattr(module, "NEEDS", ())) | set(getattr(module, "OPTIONAL", ()))
+    wanted = reads(module, present=results)
     return {n: r for n, r in results.items() if n in wanted}
 
 
@@ -497,7 +377,7 @@ def run_pipeline(cfg, run_id: str | None = None, only: list[str] | None = None,
     # Set-up is checked before anything is written: a run that cannot start leaves no trace.
     earlier = {n: r for n in names if n not in selected and (r := read_result(run_dir / n))}
     for n in selected:
-        need = [d for d in getattr(modules[n], "NEEDS", ()) if d not in selected
+        need = [d for d in needs(modules[n]) if d not in selected
                 and d not in earlier]
         if need:
             raise PipelineError(f"stage {n!r} needs {', '.join(need)}, which has not completed "
@@ -513,8 +393,7 @@ def run_pipeline(cfg, run_id: str | None = None, only: list[str] | None = None,
     with tracker.pipeline_run(run_id, config_json), _report_card(run_dir, tracker):
         for name in selected:
             mod = modules[name]
-            wanted = set(getattr(mod, "NEEDS", ())) | set(getattr(mod, "OPTIONAL", ()))
-            inputs = {n: run_dir / n for n in wanted if n in results}
+            inputs = {n: run_dir / n for n in reads(mod, modules) if n in results}
             try:
                 results[name] = execute(name, cfg, run_dir / name, inputs, tracker=tracker,
                                         run_id=run_id, module=mod, use_cache=use_cache, log=log)

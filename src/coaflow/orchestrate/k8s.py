@@ -1,12 +1,12 @@
 """The Kubernetes settings of every stage pod, one file for both engines.
 
-``src/coaflow/k8s.yaml`` (package data, so an installed coaflow finds it too; another file with
-``COAFLOW_K8S_CONFIG``) says, per stage, the image, CPU/memory (requests = limits), GPUs, and
+``k8s.yaml`` beside this module (package data, so an installed coaflow finds it too; another file
+with ``COAFLOW_K8S_CONFIG``) says, per stage, the image, CPU/memory (requests = limits), GPUs, and
 for every pod the PVC, the secrets, the MLflow ConfigMap, the GPU node selector and tolerations,
 the /dev/shm size, the user and the service account. The Airflow DAG builds its pods from it
-(``coaflow.airflow_support.pod_spec``) and the Kubeflow pipeline its tasks
-(``components/coaflow_pipeline.py``): they agreed by hand before and drifted (synthesize had
-4 CPU / 8Gi on KFP, 8 / 16Gi on Airflow); ``tests/test_k8s_settings.py`` checks every stage.
+(``orchestrate.airflow.pod_spec``), the Kubeflow pipeline its tasks (``orchestrate.kfp``) and a
+Trainer TrainJob its nodes (``orchestrate.trainjob``); ``tests/test_k8s_settings.py`` checks that
+Airflow's pods and KFP's tasks agree for every stage.
 """
 
 from __future__ import annotations

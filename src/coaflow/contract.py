@@ -1,0 +1,195 @@
+"""The stage contract: what a stage is, what it hands on, and the graph the stages make.
+
+Everything above it (the stages, the runner, the report, the Airflow DAG and the Kubeflow
+pipeline) reads the stages through this module, and it imports nothing of coaflow but ``errors``.
+
+A stage is a module ``coaflow/stages/<name>.py`` with
+
+    NAME = "evaluate"                   # = CLI subcommand = config section = Airflow task id
+    NEEDS = ("sft",)                    # stages whose results it must read (ctx.input)
+    OPTIONAL = ("rl",)                  # stages it reads when they ran (ctx.optional)
+    RESUMABLE = False                   # True: a killed attempt's files are kept for run() to resume
+    CACHE = True                        # False: always runs (it acts on outside state: deploy)
+    def cache_extras(cfg, run[, inputs]) -> dict  # optional: outside state it reads (a champion);
+                                        # inputs: {stage: cache key} of its inputs
+    PATH_FIELDS = ("decontam_file",)    # config keys that name local files or folders: their
+                                        # contents enter the cache key
+    class Config(Section): ...          # its config section
+    def run(cfg: Config, ctx: Context) -> Result: ...
+
+A completed stage folder holds ``result.json`` (``Result.to_json``) and, written last, the
+completion marker ``.complete`` holding the stage's cache key (``coaflow.runner`` computes it).
+Paths in ``result.json`` that lie inside the stage folder are stored relative to it (``./model``),
+so a stage folder copied to another machine or an object store still resolves.
+
+The graph: ``ORDER`` is the pipeline order; ``reads(name)`` the stages whose folders a stage gets
+(its NEEDS, then the OPTIONAL ones that exist); ``PROMOTION`` the stage whose refusal (exit 4)
+skips the stages after it. The CLI runner, the Airflow DAG and the Kubeflow pipeline all wire
+their tasks from these.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import re
+import secrets
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from coaflow.errors import PipelineError, PromotionRefused
+
+if TYPE_CHECKING:
+    from coaflow.tracking import Tracker
+
+__all__ = ["MARKER", "ORDER", "PROMOTION", "RESULT", "STAGES", "Context", "PipelineError",
+           "PromotionRefused", "Result", "load_stage", "read_result", "reads"]
+
+# Pipeline order. A stage is listed (CLI, config, runner) once its module exists: nothing here
+# pretends to work before it does.
+ORDER = ("synthesize", "gate", "sft", "rl", "evaluate", "register", "deploy")
+STAGES: dict[str, str] = {
+    n: f"coaflow.stages.{n}" for n in ORDER if importlib.util.find_spec(f"coaflow.stages.{n}")
+}
+PROMOTION = "register"  # its refusal (exit 4, PromotionRefused) skips the stages after it
+
+MARKER = ".complete"
+RESULT = "result.json"
+STARTED = "key"  # the key of the attempt in progress: a resume must match it
+REFUSED = "refused"  # a completed stage that refused a promotion: its reason (kept on cache hits)
+REL = "./"  # prefix of an output path stored relative to its stage folder
+OWNER = ".coaflow-stage"  # the stage name, written when coaflow makes a stage folder: only such
+# a folder (or an empty one) is ever wiped
+
+
+def load_stage(name: str):
+    if name not in STAGES:
+        raise PipelineError(f"unknown stage {name!r} (stages: {', '.join(STAGES) or 'none'})")
+    return importlib.import_module(STAGES[name])
+
+
+def needs(stage) -> tuple[str, ...]:
+    """The stages ``stage`` (a name or a stage module) cannot run without."""
+    module = load_stage(stage) if isinstance(stage, str) else stage
+    return tuple(getattr(module, "NEEDS", ()))
+
+
+def reads(stage, present: Iterable[str] | None = None) -> tuple[str, ...]:
+    """Every stage whose folder ``stage`` (a name or a stage module) gets: its NEEDS, then its
+    OPTIONAL stages among ``present`` (default: every stage that exists)."""
+    module = load_stage(stage) if isinstance(stage, str) else stage
+    required = needs(module)
+    present = set(STAGES if present is None else present)
+    return required + tuple(s for s in getattr(module, "OPTIONAL", ())
+                            if s in present and s not in required)
+
+
+# --- what a stage hands on ----------------------------------------------------------------------
+
+def resolve_output(value: Any, base: Path | None) -> Any:
+    """An output path of ``result.json`` as a path: ``./model`` lies in ``base`` (the stage
+    folder); anything else (an absolute path, a URI, a number) is kept as it is."""
+    if base is not None and isinstance(value, str) and value.startswith(REL):
+        return str(Path(base) / value[len(REL):])
+    return value
+
+
+def _relative(value: Any, base: Path | None) -> Any:
+    """``/w/runs/r/sft/model`` -> ``./model`` when under ``base``; anything else unchanged."""
+    if base is None or not isinstance(value, str) or "://" in value or ":/" in value[:12]:
+        return value
+    p = Path(value)
+    if not p.is_absolute():
+        p = Path.cwd() / p
+    try:
+        rel = p.resolve().relative_to(base.resolve())
+    except ValueError:
+        return value
+    return REL + rel.as_posix() if str(rel) != "." else REL
+
+
+@dataclass
+class Result:
+    """What a stage hands to the next ones: artifact paths, metrics and a small summary."""
+
+    outputs: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    cached: bool = False
+    key: str | None = None  # the cache key of the stage folder it came from
+
+    def path(self, name: str) -> Path:
+        if name not in self.outputs:
+            raise PipelineError(f"the stage result has no output {name!r} "
+                                f"(outputs: {', '.join(self.outputs) or 'none'})")
+        return Path(self.outputs[name])
+
+    def to_json(self, base: Path | None = None) -> dict:
+        """JSON for ``result.json``; outputs inside ``base`` become ``./relative`` paths."""
+        outputs = {k: _relative(v, base) for k, v in self.outputs.items()}
+        return {"outputs": outputs, "metrics": self.metrics, "summary": self.summary}
+
+    @classmethod
+    def from_json(cls, d: Mapping, base: Path | None = None) -> Result:
+        outputs = {k: resolve_output(v, base) for k, v in dict(d.get("outputs", {})).items()}
+        return cls(outputs=outputs, metrics=dict(d.get("metrics", {})),
+                   summary=dict(d.get("summary", {})))
+
+
+def read_result(stage_dir: Path) -> Result | None:
+    """The result of a completed stage folder, or None if it never completed."""
+    stage_dir = Path(stage_dir)
+    marker = stage_dir / MARKER
+    if not marker.exists() or not (stage_dir / RESULT).exists():
+        return None
+    try:
+        data = json.loads((stage_dir / RESULT).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    result = Result.from_json(data, base=stage_dir.resolve())
+    result.key = marker.read_text().strip()
+    return result
+
+
+@dataclass
+class Context:
+    """What a running stage knows of its run."""
+
+    run_id: str
+    out: Path  # this stage's folder
+    inputs: dict[str, Result]
+    run: Any  # the ``run`` config section (name, seed, workdir as an absolute path)
+    tracker: Tracker
+    tracking_uri: str = ""
+    resume: bool = False
+
+    def input(self, stage: str) -> Result:
+        if stage not in self.inputs:
+            raise PipelineError(f"this stage needs the output of {stage!r}, which is not among "
+                                f"its inputs in run {self.run_id}: run {stage} first")
+        return self.inputs[stage]
+
+    def optional(self, stage: str) -> Result | None:
+        return self.inputs.get(stage)
+
+
+# --- run ids ----------------------------------------------------------------------------------
+
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id is a folder name under ``<workdir>/runs``: letters, digits and ``-_.``, never a
+    path (``../../x`` or ``/abs`` would write outside the workdir)."""
+    if not isinstance(run_id, str) or not RUN_ID.match(run_id):
+        raise PipelineError(f"--run-id {run_id!r}: a run id is a name of letters, digits and "
+                            "'-_.' (at most 128, starting with a letter or digit)")
+    return run_id
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)

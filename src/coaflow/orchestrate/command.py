@@ -1,0 +1,37 @@
+"""The one command every orchestrated task runs: ``coaflow stage NAME ...``.
+
+An Airflow task (a subprocess on the worker or a pod), a Kubeflow task and a Kubeflow Trainer
+node all run the same argv; only how they start it differs (``local``: this interpreter).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+
+
+def stage_argv(stage: str, *, profile: str, out: str, inputs: Mapping[str, str | None] = {},  # noqa: B006
+               overrides: Sequence[str] = (), run_id: str | None = None) -> list[str]:
+    """``coaflow stage`` for one stage: its profile, its folder, its overrides and the folders
+    of the stages it reads (``None``: that stage did not run).
+
+    >>> stage_argv("sft", profile="tiny", out="/o", inputs={"gate": "/g", "rl": None},
+    ...            overrides=["sft.epochs=1"], run_id="r1")
+    ['coaflow', 'stage', 'sft', '--config', 'tiny', '--out', '/o', '--run-id', 'r1', \
+'--set', 'sft.epochs=1', '--input', 'gate=/g']
+    """
+    argv = ["coaflow", "stage", stage, "--config", profile, "--out", out]
+    if run_id:
+        argv += ["--run-id", run_id]
+    for item in overrides:
+        argv += ["--set", item]
+    for name, folder in sorted(inputs.items()):
+        if folder is not None:
+            argv += ["--input", f"{name}={folder}"]
+    return argv
+
+
+def local(argv: Sequence[str], python: str | None = None) -> list[str]:
+    """``argv`` run by ``python`` (default: this interpreter) rather than the ``coaflow``
+    script, which a worker's PATH may not hold."""
+    return [python or sys.executable, "-m", "coaflow.cli", *argv[1:]]
