@@ -1,7 +1,4 @@
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
-import sft_fixtures as fx  # noqa: E402
+from tests.models import sft_fixtures as fx
 
 tiny_dir, trajectories = fx.tiny_dir, fx.trajectories  # shared fixtures

@@ -1,5 +1,2 @@
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from sft_fixtures import tiny_dir, trajectories  # noqa: E402,F401
+from tests.models.sft_fixtures import tiny_dir, trajectories  # noqa: E402,F401

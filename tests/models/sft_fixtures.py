@@ -4,9 +4,9 @@ of accepted shards, a hand-built stage context and one tiny model (small sizes: 
 from __future__ import annotations
 
 import pytest
-from coa_trajectories import make_trajectories
 
 from coaflow.schema import write_jsonl
+from tests.models.coa_trajectories import make_trajectories
 
 TINY_TEST_SIZES = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                        num_attention_heads=2, num_key_value_heads=1, head_dim=16)

@@ -83,9 +83,8 @@ def test_decisive_mask_covers_calls_and_answers_only(tiny_dir, trajectories):
 
 
 def test_decisive_weight_trains_and_logs_decisive_accuracy(tmp_path, tiny_dir, trajectories):
-    from sft_fixtures import accepted_dir, make_ctx
-
     from coaflow.stages import sft
+    from tests.models.sft_fixtures import accepted_dir, make_ctx
 
     acc = accepted_dir(tmp_path / "accepted", trajectories)
     cfg, ctx = make_ctx(tmp_path, acc, [f"sft.model={tiny_dir}", "sft.batch_size=4",

@@ -49,10 +49,9 @@ def test_generation_prompt_and_tool_calls_render_like_qwen3(tiny_dir, trajectori
 
 
 def test_tiny_is_reused_not_rebuilt(tmp_path, trajectories):
-    from sft_fixtures import TINY_TEST_SIZES
-
     from coaflow.models import CHAT_TEMPLATE, TinyModel
     from coaflow.models.prompt import render
+    from tests.models.sft_fixtures import TINY_TEST_SIZES
 
     corpus = [render(to_example(t), CHAT_TEMPLATE) for t in trajectories[:10]]
     _, _, path = load_model_and_tokenizer("tiny", corpus=corpus, out_dir=tmp_path / "b",

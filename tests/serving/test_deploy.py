@@ -5,16 +5,10 @@ through the OpenAI endpoint, rolled back to ``previous`` when the smoke test fai
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import pytest
-from serve_fixtures import SYSTEM, free_port
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "stages"))
-import registry_fixtures as rf  # noqa: E402
 
 from coaflow.config import load_config  # noqa: E402
 from coaflow.contract import Result  # noqa: E402
@@ -22,6 +16,8 @@ from coaflow.errors import ServiceUnavailable, UserError  # noqa: E402
 from coaflow.registry import Registry  # noqa: E402
 from coaflow.runner import execute  # noqa: E402
 from coaflow.stages import deploy  # noqa: E402
+from tests.serving.serve_fixtures import SYSTEM, free_port
+from tests.stages import registry_fixtures as rf
 
 NAME, MODEL = "d", "d-agent"
 

@@ -10,7 +10,8 @@ import socket
 
 import httpx
 import pytest
-from serve_fixtures import QUESTION, kbqa_tools
+
+from tests.serving.serve_fixtures import QUESTION, kbqa_tools
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow  # a real server process per module (~1 min to start on 2 busy cores)

@@ -23,7 +23,7 @@ def server(tiny_dir, tmp_path_factory):
     import subprocess
     import sys
 
-    from serve_fixtures import env, free_port, wait_healthy
+    from tests.serving.serve_fixtures import env, free_port, wait_healthy
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "coaflow.cli", "serve", str(tiny_dir),

@@ -2,13 +2,9 @@
 paired comparison, bad input."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
-import sft_fixtures as fx  # noqa: E402
 
 from coaflow.config import load_config  # noqa: E402
 from coaflow.contract import Context, Result  # noqa: E402
@@ -16,6 +12,7 @@ from coaflow.errors import PipelineError  # noqa: E402
 from coaflow.schema import read_trajectories  # noqa: E402
 from coaflow.stages import evaluate  # noqa: E402
 from coaflow.tracking import Tracker  # noqa: E402
+from tests.models import sft_fixtures as fx
 
 tiny_dir, trajectories = fx.tiny_dir, fx.trajectories  # shared fixtures
 

@@ -6,21 +6,17 @@ and fetch work, and each refusal names its rule with its numbers."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
-sys.path.insert(0, str(Path(__file__).parent))
-import registry_fixtures as rf  # noqa: E402
-import sft_fixtures as fx  # noqa: E402
 
 from coaflow.config import load_config  # noqa: E402
 from coaflow.errors import PromotionRefused, exit_code  # noqa: E402
 from coaflow.registry import Registry, RegistryError  # noqa: E402
 from coaflow.runner import execute  # noqa: E402
 from coaflow.stages import register  # noqa: E402
+from tests.models import sft_fixtures as fx
+from tests.stages import registry_fixtures as rf
 
 tiny_dir, trajectories = fx.tiny_dir, fx.trajectories
 
@@ -170,3 +166,20 @@ def test_a_first_candidate_that_does_not_beat_its_base_is_never_champion(tmp_pat
                    rf.evaluate_folder(data, same, "ev-a"), rf.gate_folder(data), "r2",
                    "register.beats_base=false")
     assert ok.summary["promoted"]
+
+
+def test_the_cache_key_looks_for_the_champion_where_run_moves_it(tmp_path, monkeypatch, tiny_dir):
+    """With ``tracking.uri`` set, ``cache_extras`` reads the champion from that store, as ``run()``
+    moves it there (it used to read the workdir's store: a stale key after a promotion)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    work, data = tmp_path / "work", tmp_path / "stages"
+    other = f"sqlite:///{(tmp_path / 'other.db').resolve()}"
+    first = _register(work, rf.sft_folder(data, tiny_dir, "sft-a"),
+                      rf.evaluate_folder(data, rf.evaluation({"kbqa": .4, "calc": .5}), "ev-a"),
+                      rf.gate_folder(data), "r1", f"tracking.uri={other}")
+    assert first.summary["promoted"] and first.summary["registry_uri"] == other
+    cfg = _cfg(work, f"tracking.uri={other}")
+    run = cfg.run.model_copy(update={"workdir": str(work.resolve())})
+    assert register.cache_extras(cfg.register, run, {"sft": "sft-b"}, tracking_uri=other) == \
+        {"champion": 1}
+    assert register.cache_extras(cfg.register, run, {"sft": "sft-b"}) == {"champion": None}

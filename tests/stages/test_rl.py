@@ -9,19 +9,16 @@ what a tiny random model happens to sample."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
-import sft_fixtures as fx  # noqa: E402
 
 from coaflow import envs  # noqa: E402
 from coaflow.errors import PipelineError  # noqa: E402
 from coaflow.schema.render import DEFAULT_SYSTEM_PROMPT  # noqa: E402
 from coaflow.stages import rl  # noqa: E402
 from coaflow.stages import rl_rollout as R  # noqa: E402
+from tests.models import sft_fixtures as fx
 
 tiny_dir, trajectories = fx.tiny_dir, fx.trajectories  # shared fixtures
 

@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
-import sft_fixtures as fx  # noqa: E402
-
 from coaflow.contract import PipelineError  # noqa: E402
 from coaflow.schema import TextObservation, Trajectory  # noqa: E402
 from coaflow.stages import sft  # noqa: E402
+from tests.models import sft_fixtures as fx
 
 tiny_dir, trajectories = fx.tiny_dir, fx.trajectories  # shared fixtures
 accepted_dir, make_ctx = fx.accepted_dir, fx.make_ctx
@@ -148,10 +146,10 @@ def test_tracking_and_lora(tmp_path, tiny_dir, trajectories):
 
 DS_SCRIPT = """
 import sys
-sys.path.insert(0, {models!r})
+sys.path.insert(0, {repo!r})  # the tests package
 from pathlib import Path
-from coa_trajectories import make_trajectories
-from sft_fixtures import accepted_dir, make_ctx
+from tests.models.coa_trajectories import make_trajectories
+from tests.models.sft_fixtures import accepted_dir, make_ctx
 from coaflow.stages import sft
 
 root = Path({root!r})
@@ -175,7 +173,7 @@ def test_deepspeed_zero_on_cpu_gloo(tmp_path, tiny_dir, stage):
     import os
     import subprocess
 
-    script = DS_SCRIPT.format(models=str(Path(__file__).parents[1] / "models"), root=str(tmp_path),
+    script = DS_SCRIPT.format(repo=str(Path(__file__).parents[2]), root=str(tmp_path),
                               model=tiny_dir, stage=stage)
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0",
            "WORLD_SIZE": "1", "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}
@@ -196,7 +194,7 @@ def test_tiny_profile_learns_tool_calls(tmp_path):
     epochs give 0.42 well-formed first calls, 5 give >= 0.75; with a third of the steps the loss
     falls too, but the held-out answers are not yet tool calls.) The default profile, a pretrained
     student on real teacher data, is checked by tests/e2e."""
-    from coa_trajectories import make_trajectories
+    from tests.models.coa_trajectories import make_trajectories
 
     acc = accepted_dir(tmp_path / "accepted", make_trajectories(300, seed=11))
     cfg, ctx = make_ctx(tmp_path, acc, ["sft.holdout=12", "sft.sample_max_new_tokens=120",

@@ -5,16 +5,12 @@ every assistant token, each turn's <|im_end|> included, is trained."""
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
-import sft_fixtures as fx  # noqa: E402
-
 from coaflow.models.prompt import to_example  # noqa: E402
 from coaflow.stages import sft  # noqa: E402
+from tests.models import sft_fixtures as fx
 
 tiny_dir, trajectories = fx.tiny_dir, fx.trajectories  # shared fixtures
 

@@ -94,14 +94,15 @@ def trajectory_source(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         return path
+    from coaflow.contract import RESULT, resolve_output
+
     try:
-        outputs = json.loads((path / "result.json").read_text()).get("outputs", {})
+        outputs = json.loads((path / RESULT).read_text()).get("outputs", {})
     except (OSError, ValueError, AttributeError):
         outputs = {}
     for name in ("accepted", "trajectories"):
         if isinstance(outputs.get(name), str):
-            where = outputs[name]
-            where = path / where[2:] if where.startswith("./") else Path(where)
+            where = Path(resolve_output(outputs[name], path))
             if where.is_dir():
                 return where
     if (path / "trajectories").is_dir() and (path / "raw").is_dir():  # synthesize --output

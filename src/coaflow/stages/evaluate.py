@@ -85,10 +85,6 @@ class Config(Section):
         return check_suite_counts(v, least=1)  # every suite needs a test task
 
 
-def registered_name(run) -> str:
-    return f"{run.name}-agent"
-
-
 def champion_version(name: str, uri: str, candidate_key: str | None = None) -> int | None:
     """The version behind ``name@champion`` in the registry at ``uri``, or None (no registry,
     no such model, no such alias, or the champion is the candidate itself: the version that
@@ -116,7 +112,9 @@ def cache_extras(cfg: Config, run, inputs: dict[str, str], tracking_uri: str | N
 
     if "champion" not in cfg.models:
         return {}
-    version = champion_version(registered_name(run), registry_uri(run.workdir, tracking_uri),
+    from coaflow.registry import model_name
+
+    version = champion_version(model_name(run.name), registry_uri(run.workdir, tracking_uri),
                                candidate_key=inputs.get("rl") or inputs.get("sft"))
     return {"champion": version}
 
@@ -402,8 +400,6 @@ def evaluate(specs: dict[str, str], tasks: list, cfg: Config, out: Path, *, seed
 
 def model_specs(cfg: Config, ctx: Context) -> tuple[dict[str, str], dict, dict | None]:
     """``(specs, candidate, champion)``: the rows to evaluate and where they come from."""
-    from coaflow.tracking import default_uri
-
     sft = ctx.input("sft")
     rl = ctx.optional("rl")
     candidate = {"source": "rl" if rl else "sft",
@@ -420,8 +416,11 @@ def model_specs(cfg: Config, ctx: Context) -> tuple[dict[str, str], dict, dict |
         specs["candidate"] = candidate["model"]
     champion = None
     if "champion" in cfg.models:
-        name = registered_name(ctx.run)
-        version = champion_version(name, ctx.tracking_uri or default_uri(ctx.run.workdir),
+        from coaflow.registry import model_name
+        from coaflow.tracking import registry_uri
+
+        name = model_name(ctx.run.name)
+        version = champion_version(name, registry_uri(ctx.run.workdir, ctx.tracking_uri),
                                    candidate_key=(rl or sft).key)
         if version is not None:
             specs["champion"] = f"models:/{name}@champion"

@@ -72,18 +72,20 @@ class Config(Section):
                                      "URI ($MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
 
 
-def _registry_uri(cfg: Config, run, tracking_uri: str = "") -> str:
-    from coaflow.tracking import default_uri
+def _registry_uri(cfg: Config, run, tracking_uri: str | None = None) -> str:
+    """``register.registry_uri``, else the run's store: the same for ``cache_extras`` and
+    ``run()`` (a champion looked up elsewhere than where it is moved is a stale cache)."""
+    from coaflow.tracking import registry_uri
 
-    return cfg.registry_uri or tracking_uri or default_uri(run.workdir)
+    return cfg.registry_uri or registry_uri(run.workdir, tracking_uri)
 
 
-def cache_extras(cfg: Config, run, inputs: dict[str, str]) -> dict:
+def cache_extras(cfg: Config, run, inputs: dict[str, str], tracking_uri: str | None = None) -> dict:
     """The champion now: a decision taken against another champion is not this one. A champion
     made from this very candidate counts as none, so a rerun with nothing changed is a hit."""
     from coaflow.registry import Registry, model_name
 
-    uri = _registry_uri(cfg, run)
+    uri = _registry_uri(cfg, run, tracking_uri)
     champ = Registry(uri).champion(model_name(run.name))
     if champ is None or champ.tags.get("coaflow.candidate_key") == (inputs.get("rl")
                                                                     or inputs.get("sft")):

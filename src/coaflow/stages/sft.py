@@ -258,13 +258,13 @@ def cache_extras(cfg: Config, run, tracking_uri: str | None = None) -> dict:
     from coaflow.tracking import registry_uri
 
     try:
-        version = Registry(registry_uri(run.workdir, tracking_uri)).resolve(_registry_uri(cfg, run))
+        version = Registry(registry_uri(run.workdir, tracking_uri)).resolve(_model_uri(cfg, run))
     except RegistryError:
         return {"base": None}
     return {"base": f"{version.name}/{version.version}"}
 
 
-def _registry_uri(cfg: Config, run) -> str:
+def _model_uri(cfg: Config, run) -> str:
     from coaflow.registry import model_name
 
     return f"models:/{model_name(run.name)}@champion" if cfg.model == "champion" else cfg.model
@@ -276,11 +276,11 @@ def base_model(cfg: Config, ctx: Context) -> str:
     if not _from_registry(cfg):
         return cfg.model
     from coaflow.registry import Registry, RegistryError
-    from coaflow.tracking import default_uri
+    from coaflow.tracking import registry_uri
 
-    uri = _registry_uri(cfg, ctx.run)
+    uri = _model_uri(cfg, ctx.run)
     try:
-        folder, version = Registry(ctx.tracking_uri or default_uri(ctx.run.workdir)).fetch(
+        folder, version = Registry(registry_uri(ctx.run.workdir, ctx.tracking_uri)).fetch(
             uri, ctx.out / "registry")
     except RegistryError as e:
         if cfg.model == "champion":
