@@ -82,8 +82,8 @@ def os_failure(e: OSError, where: str) -> CoaflowError:
 
 
 def exit_code(exc: BaseException) -> int:
-    """The exit code for ``exc``: its own for coaflow errors, 2 for the library errors that mean
-    bad input, 1 (a bug) otherwise.
+    """The exit code for ``exc``: its own for coaflow errors, 1 (a bug) for anything else (a
+    library error that means bad input is turned into a ``UserError`` where it is raised).
 
     >>> exit_code(GateRefused("x")), exit_code(ServiceUnavailable("x")), exit_code(KeyError("x"))
     (3, 75, 1)

@@ -53,7 +53,9 @@ def mlflow_runs(tracking_uri: str | None, run_id: str) -> list:
         client = MlflowClient(tracking_uri)
         exps = [e.experiment_id for e in client.search_experiments()]
         return client.search_runs(exps, filter_string=f"tags.`coaflow.run_id` = '{run_id}'")
-    except Exception:  # the report never fails a run: no MLflow, no curves, no links
+    except Exception as e:  # noqa: BLE001 - the report never fails a run: no MLflow, no curves
+        print(f"(report: no MLflow runs from {tracking_uri}: {type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''})")
         return []
 
 
@@ -100,10 +102,7 @@ def curves(tracking_uri: str | None, run_id: str, runs: list | None = None
         for key in run.data.metrics:
             if not key.startswith(CURVE_PREFIXES):
                 continue
-            try:
-                hist = client.get_metric_history(run.info.run_id, key)
-            except Exception:
-                continue
+            hist = client.get_metric_history(run.info.run_id, key)  # the runs were just read
             if len(hist) >= 2:
                 out.setdefault(stage, {})[key] = sorted((m.step, m.value) for m in hist)
     return out

@@ -63,10 +63,10 @@ class TinyModel(Section):
                                          "tables cover")
     tie_word_embeddings: bool = Field(True, description="share input and output embeddings "
                                       "(most of a tiny model's weights are the embeddings)")
-    copy_friendly: bool = Field(True, description="digits as single tokens, the space before a "
-                                "capitalized word or a number as its own token and role tags as "
-                                "single tokens, so copied names and numbers are the same tokens "
-                                "everywhere")
+    copy_friendly: bool = Field(True, description="numbers cut into groups of three digits from "
+                                "the right, the space before a capitalized word or a number as "
+                                "its own token and role tags as single tokens, so copied names "
+                                "and numbers are the same tokens everywhere")
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int, copy_friendly: bool = False):

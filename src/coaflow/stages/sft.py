@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -108,13 +109,6 @@ class Config(Section):
     decisive_weight: float = Field(1.0, ge=1.0, description="loss weight of the decisive tokens "
                                    "(inside <tool_call> and <answer> spans) relative to the rest "
                                    "of an assistant turn; 1: plain SFT loss")
-    copy_examples: int = Field(0, ge=0, description="echo examples mixed into training: a "
-                               "sentence or three of the environments' own text (questions, tool "
-                               "results) repeated as the reply; they teach a tiny model to copy "
-                               "token for token (sft_data.copy_examples)")
-    copy_warmup_steps: int = Field(0, ge=0, description="optimizer steps on echo examples "
-                                   "alone before the task data (a copy curriculum: induction "
-                                   "first, then the format); not repeated on resume")
     drop_recovered: bool = Field(False, description="leave out of training the runs in which the "
                                  "teacher made a mistake and recovered (the student copies the "
                                  "mistake, not the recovery)")
@@ -133,52 +127,18 @@ def train(cfg: Config, ctx: Context, callbacks: tuple = ()) -> Result:
 def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
     from transformers.trainer_utils import get_last_checkpoint
 
-    from coaflow.models.prompt import to_example
-    from coaflow.stages import sft_data as D
-
-    seed = ctx.run.seed
-    source = ctx.input("gate").outputs.get("accepted")
-    if not source:
-        raise PipelineError("sft: the gate result has no 'accepted' output")
-    trajs = D.load_trajectories(source)
-    train_trajs, held = D.split_holdout(trajs, cfg.holdout, seed)
-    recovered = sum(t.outcome.recovered for t in train_trajs)
-    if cfg.drop_recovered:
-        train_trajs = [t for t in train_trajs if not t.outcome.recovered]
-    examples = [to_example(t) for t in train_trajs]
-
-    model, tokenizer, base = _load_base(cfg, ctx, examples, seed)
-    echoes = D.copy_examples(examples, cfg.copy_examples, seed)
-    template = _training_template(cfg, tokenizer, base)
-    stats = D.check_examples(tokenizer, examples, template, cfg.max_length, str(source))
-    if stats.no_assistant:
-        drop = set(stats.no_assistant)
-        train_trajs = [t for i, t in enumerate(train_trajs) if i not in drop]
-        examples = [e for i, e in enumerate(examples) if i not in drop]
-
+    data = _training_data(cfg, ctx)
+    model, tokenizer, base = _load_base(cfg, ctx, data.examples, ctx.run.seed)
+    stats = data.check(tokenizer, _training_template(cfg, tokenizer, base), cfg.max_length)
     ckpt_dir = ctx.out / "checkpoints"
     last = get_last_checkpoint(str(ckpt_dir)) if ctx.resume and ckpt_dir.is_dir() else None
-    resumed_from = int(Path(last).name.rsplit("-", 1)[-1]) if last else 0
-    warmup_seconds = 0.0
-    if cfg.copy_warmup_steps and last is None:  # a checkpoint already holds the warmed weights
-        start = time.time()
-        n = cfg.copy_warmup_steps * cfg.batch_size * cfg.grad_accum
-        warm_cfg = cfg.model_copy(update={"max_steps": cfg.copy_warmup_steps, "epochs": 1.0,
-                                          "decisive_weight": 1.0, "length_grouped": True,
-                                          "save_steps": cfg.copy_warmup_steps + 1})
-        warm, _ = build_trainer(warm_cfg, model, tokenizer, D.copy_examples(examples, n, seed + 1),
-                                ctx.out / "warmup", seed)
-        warm.train()
-        model = warm.model
-        shutil.rmtree(ctx.out / "warmup", ignore_errors=True)
-        warmup_seconds = time.time() - start
-    trainer, history = build_trainer(cfg, model, tokenizer, examples + echoes, ckpt_dir, seed,
+    trainer, history = build_trainer(cfg, model, tokenizer, data.examples, ckpt_dir, ctx.run.seed,
                                      tracker=ctx.tracker, callbacks=callbacks)
     ctx.tracker.log_dataset(
         [{"id": t.id, "suite": t.task.suite, "task_id": t.task.task_id, "steps": len(t.content),
-          "tool_calls": len(t.tool_calls())} for t in train_trajs],
-        name="sft-train", source=str(source), context="training")
-    ctx.tracker.log_params({"data.examples": len(examples), "data.tokens": stats.tokens,
+          "tool_calls": len(t.tool_calls())} for t in data.train],
+        name="sft-train", source=str(data.source), context="training")
+    ctx.tracker.log_params({"data.examples": len(data.examples), "data.tokens": stats.tokens,
                             "data.trained_tokens": stats.trained_tokens, "base_model": base,
                             "data.truncated": stats.truncated})
 
@@ -191,7 +151,7 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
         return Result(metrics={"global_step": float(trainer.state.global_step)})
 
     final = save_final(trainer, cfg, ctx.out / "model")
-    check = heldout_episodes(final, held, cfg.heldout_max_turns, cfg.sample_max_new_tokens,
+    check = heldout_episodes(final, data.held, cfg.heldout_max_turns, cfg.sample_max_new_tokens,
                              threads=1)  # 1 thread: see evaluate.threads
     write_jsonl(ctx.out / "heldout.jsonl", check["trajectories"])
     (ctx.out / "samples.jsonl").write_text(
@@ -199,11 +159,64 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
     ctx.tracker.log_artifact(ctx.out / "samples.jsonl")
     if cfg.log_model_artifact:
         ctx.tracker.log_artifact(final, "model")
+    metrics = _metrics(cfg, data, stats, history, out, trainer, train_seconds, check)
+    metrics["resumed_from_step"] = float(int(Path(last).name.rsplit("-", 1)[-1]) if last else 0)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the final model is in model/; checkpoints were
+    # only the resume points of this attempt
+    from coaflow.stages.sft_data import tool_names
 
+    return Result(outputs={"model": str(final)}, metrics=metrics,
+                  summary={"base_model": base, "deepspeed": cfg.deepspeed, "lora": cfg.lora,
+                           "zero_stage": _zero_stage(trainer),
+                           "packing": cfg.packing, "tools": sorted(tool_names(data.all)),
+                           "samples": check["rows"][:3]})
+
+
+@dataclass
+class TrainingData:
+    """The gate's accepted runs as sft trains on them: ``train`` (as ``examples``) and ``held``
+    (kept out for the held-out episodes), from ``source``."""
+
+    source: str
+    all: list
+    train: list
+    held: list
+    examples: list[dict]
+    recovered: int  # training runs in which the teacher erred and recovered
+
+    def check(self, tokenizer, template: str, max_length: int):
+        """The dataset checks (``sft_data.check_examples``); runs with no trained token go."""
+        from coaflow.stages.sft_data import check_examples
+
+        stats = check_examples(tokenizer, self.examples, template, max_length, self.source)
+        if stats.no_assistant:
+            drop = set(stats.no_assistant)
+            self.train = [t for i, t in enumerate(self.train) if i not in drop]
+            self.examples = [e for i, e in enumerate(self.examples) if i not in drop]
+        return stats
+
+
+def _training_data(cfg: Config, ctx: Context) -> TrainingData:
+    from coaflow.models.prompt import to_example
+    from coaflow.stages.sft_data import load_trajectories, split_holdout
+
+    source = ctx.input("gate").outputs.get("accepted")
+    if not source:
+        raise PipelineError("sft: the gate result has no 'accepted' output")
+    trajs = load_trajectories(source)
+    train, held = split_holdout(trajs, cfg.holdout, ctx.run.seed)
+    recovered = sum(t.outcome.recovered for t in train)
+    if cfg.drop_recovered:
+        train = [t for t in train if not t.outcome.recovered]
+    return TrainingData(str(source), trajs, train, held, [to_example(t) for t in train], recovered)
+
+
+def _metrics(cfg: Config, data: TrainingData, stats, history: list[dict], out, trainer,
+             train_seconds: float, check: dict) -> dict[str, float]:
     losses = [h["loss"] for h in history if "loss" in h]
     accs = [h["mean_token_accuracy"] for h in history if "mean_token_accuracy" in h]
     num_tokens = max((h.get("num_tokens", 0) for h in history), default=0)
-    metrics = {
+    return {
         "train_loss_initial": losses[0] if losses else float("nan"),
         "train_loss_final": losses[-1] if losses else float("nan"),
         "train_loss_mean": float(out.training_loss),
@@ -212,13 +225,10 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
         "train_tokens": float(num_tokens),
         "train_seconds": round(train_seconds, 2),
         "global_step": float(trainer.state.global_step),
-        "resumed_from_step": float(resumed_from),
-        "examples": float(len(examples)),
-        "copy_examples": float(len(echoes)),
-        "copy_warmup_seconds": round(warmup_seconds, 2),
+        "examples": float(len(data.examples)),
         "examples_truncated": float(stats.truncated),
         "examples_dropped_no_assistant": float(len(stats.no_assistant)),
-        "examples_dropped_recovered": float(recovered if cfg.drop_recovered else 0),
+        "examples_dropped_recovered": float(data.recovered if cfg.drop_recovered else 0),
         "decisive_token_accuracy": next((h["decisive_token_accuracy"] for h in reversed(history)
                                          if "decisive_token_accuracy" in h), float("nan")),
         "heldout_episodes": float(check["n"]),
@@ -227,13 +237,6 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
         "heldout_first_call_grounded_share": check["grounded"],
         "heldout_first_turn_ended_share": check["first_turn_ended"],
     }
-    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the final model is in model/; checkpoints were
-    # only the resume points of this attempt
-    return Result(outputs={"model": str(final)}, metrics=metrics,
-                  summary={"base_model": base, "deepspeed": cfg.deepspeed, "lora": cfg.lora,
-                           "zero_stage": _zero_stage(trainer),
-                           "packing": cfg.packing, "tools": sorted(D.tool_names(trajs)),
-                           "samples": check["rows"][:3]})
 
 
 def _zero_stage(trainer) -> int | None:

@@ -48,48 +48,6 @@ def split_holdout(trajs: list[Trajectory], n: int, seed: int
     return [t for t in trajs if t.id not in held], [t for t in trajs if t.id in held]
 
 
-COPY_PROMPT = "Repeat the text exactly."
-
-
-def copy_examples(examples: list[dict], n: int, seed: int, max_chars: int = 240) -> list[dict]:
-    r"""``n`` echo examples made of the environments' own text: one to three consecutive sentences
-    of a question or a tool result in the user turn, the same text as the assistant's reply.
-
-    Copying token for token (a name into a search, a page's value into the answer, a number into
-    a program) needs induction heads; a two-layer model trained minutes on the trajectories alone
-    copies single-token names but never a digit string. Echoes are short (cheap) and make every
-    reply token a copy. Their system prompt differs from the agent's, so they never look like an
-    agent turn.
-
-    >>> ex = [{"messages": [{"role": "user", "content": "What is 12 + 30?"},
-    ...                     {"role": "tool", "content": "1. Ada: Ada was born in 1852. She lives in "
-    ...                      "Ul.\n2. Ul: a city."}]}]
-    >>> out = copy_examples(ex, 3, seed=0)
-    >>> all(e["messages"][1]["content"] == e["messages"][2]["content"] for e in out), len(out)
-    (True, 3)
-    """
-    import random
-    import re
-
-    texts = [m["content"] for e in examples for m in e["messages"]
-             if m["role"] in ("user", "tool") and isinstance(m.get("content"), str)]
-    # sentences (a period after a word, not a list number "4."), and lines (search results)
-    split = re.compile(r"(?<=[a-z0-9)][.?!])\s+(?=[A-Z#0-9])|\n+")
-    units = [u for t in texts if (u := [x for x in split.split(t) if len(x.strip()) >= 8])]
-    if n <= 0 or not units:
-        return []
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        sents = rng.choice(units)
-        i = rng.randrange(len(sents))
-        span = " ".join(sents[i:i + rng.randint(1, 3)])[:max_chars].strip()
-        out.append({"messages": [{"role": "system", "content": COPY_PROMPT},
-                                 {"role": "user", "content": span},
-                                 {"role": "assistant", "content": span}]})
-    return out
-
-
 def tool_names(trajs: Iterable[Trajectory]) -> set[str]:
     return {("python" if c.class_ == "code_action" else c.function)
             for t in trajs for c in t.tool_calls()}
