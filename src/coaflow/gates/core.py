@@ -184,88 +184,97 @@ def input_files(path: str | Path) -> tuple[list[Path], list[str]]:
     return files, skipped
 
 
-_STATE: dict[str, Any] = {}  # per process: cfg, suites, token counter (built once per worker)
+class Checker:
+    """Everything one process needs to check records: the gate config, the suites' answers,
+    the token counter and the MinHash permutations (built once per process)."""
 
+    def __init__(self, cfg, seed: int, log=None):
+        self.cfg, self.seed = cfg, seed
+        self.suites = _Suites(cfg, seed, log or (lambda *a: None))
+        self.count_tokens = (validators.token_counter(cfg.tokenizer, self.suites.schema)
+                             if cfg.tokenizer else None)
+        self.perms = filters.permutations(cfg.minhash_perm) if cfg.dedup else None
 
-def _init_state(cfg, seed: int, log=None) -> None:
-    suites = _Suites(cfg, seed, log or (lambda *a: None))
-    count_tokens = None
-    if cfg.tokenizer:
-        count_tokens = validators.token_counter(cfg.tokenizer, suites.schema)
-    perms = filters.permutations(cfg.minhash_perm) if cfg.dedup else None
-    _STATE.update(cfg=cfg, suites=suites, count_tokens=count_tokens, perms=perms)
+    def process_file(self, file: str) -> tuple[list[dict], dict]:
+        """Read, parse and check every line of one shard.
 
+        Returns (items in line order, CPU seconds per phase). An item is ``{"source", "line",
+        "id", "suite", "problems", "row"}`` plus, for a trajectory that passed every check, its
+        JSON line and dedup keys (``digest``, ``sig``); deduplication itself happens in the
+        caller, in order."""
+        cfg = self.cfg
+        items: list[dict] = []
+        clean: list[tuple[dict, str]] = []  # (item, dedup text) of runs that passed every check
+        timings: Counter = Counter()
 
-def process_file(file: str) -> tuple[list[dict], dict]:
-    """Read, parse and check every line of one shard (in a worker process or in the caller).
+        def on_bad(bad: BadRecord):
+            items.append({"source": bad.path, "line": bad.line, "id": None, "suite": None,
+                          "problems": [(_read_reason(bad.reason), bad.reason)], "row": None})
 
-    Returns (items in line order, CPU seconds per phase). An item is ``{"source", "line", "id",
-    "suite", "problems", "row"}`` plus, for a trajectory that passed every check, its JSON line
-    and dedup keys (``digest``, ``sig``); deduplication itself happens in the caller, in order."""
-    cfg, suites = _STATE["cfg"], _STATE["suites"]
-    items: list[dict] = []
-    clean: list[tuple[dict, str]] = []  # (item, dedup text) of runs that passed every check
-    timings: Counter = Counter()
-
-    def on_bad(bad: BadRecord):
-        items.append({"source": bad.path, "line": bad.line, "id": None, "suite": None,
-                      "problems": [(_read_reason(bad.reason), bad.reason)], "row": None})
-
-    t0 = time.perf_counter()
-    for source, line, raw in iter_records(file, None, errors="skip", on_error=on_bad):
-        traj, problems = _parse(raw)
-        t1 = time.perf_counter()
-        timings["read_parse"] += t1 - t0
-        if traj is None:
-            rid = raw.get("id") if isinstance(raw, dict) else None
-            items.append({"source": source, "line": line, "id": rid if isinstance(rid, str)
-                          else None, "suite": _raw_suite(raw), "problems": problems,
-                          "row": None})
-            t0 = time.perf_counter()
-            continue
-        problems, row = check(traj, cfg, suites, _STATE["count_tokens"])
-        item = {"source": source, "line": line, "id": traj.id, "suite": traj.task.suite,
-                "problems": problems, "row": row}
-        t2 = time.perf_counter()
-        timings["validate_filter"] += t2 - t1
-        if not problems:
-            if cfg.dedup:
-                clean.append((item, filters.dedup_text(traj)))
-            t3 = time.perf_counter()
-            timings["dedup"] += t3 - t2
-            item["json"] = traj.model_dump_json()
-            t2 = time.perf_counter()
-            timings["write"] += t2 - t3
-        items.append(item)
         t0 = time.perf_counter()
-    t0 = time.perf_counter()
-    for i in range(0, len(clean), 512):  # batches: numpy does the shingles x permutations work
-        chunk = clean[i:i + 512]
-        digests, sigs = filters.signatures([t for _, t in chunk], cfg.shingle, _STATE["perms"])
-        for (item, _), digest, sig in zip(chunk, digests, sigs, strict=True):
-            item["digest"], item["sig"] = digest, sig
-    timings["dedup"] += time.perf_counter() - t0
-    return items, dict(timings)
+        for source, line, raw in iter_records(file, None, errors="skip", on_error=on_bad):
+            traj, problems = _parse(raw)
+            t1 = time.perf_counter()
+            timings["read_parse"] += t1 - t0
+            if traj is None:
+                rid = raw.get("id") if isinstance(raw, dict) else None
+                items.append({"source": source, "line": line, "id": rid if isinstance(rid, str)
+                              else None, "suite": _raw_suite(raw), "problems": problems,
+                              "row": None})
+                t0 = time.perf_counter()
+                continue
+            problems, row = check(traj, cfg, self.suites, self.count_tokens)
+            item = {"source": source, "line": line, "id": traj.id, "suite": traj.task.suite,
+                    "problems": problems, "row": row}
+            t2 = time.perf_counter()
+            timings["validate_filter"] += t2 - t1
+            if not problems:
+                if cfg.dedup:
+                    clean.append((item, filters.dedup_text(traj)))
+                t3 = time.perf_counter()
+                timings["dedup"] += t3 - t2
+                item["json"] = traj.model_dump_json()
+                t2 = time.perf_counter()
+                timings["write"] += t2 - t3
+            items.append(item)
+            t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        for i in range(0, len(clean), 512):  # batches: numpy does the shingles x permutations
+            chunk = clean[i:i + 512]
+            digests, sigs = filters.signatures([t for _, t in chunk], cfg.shingle, self.perms)
+            for (item, _), digest, sig in zip(chunk, digests, sigs, strict=True):
+                item["digest"], item["sig"] = digest, sig
+        timings["dedup"] += time.perf_counter() - t0
+        return items, dict(timings)
+
+
+_worker: Checker | None = None  # the Checker of a spawned worker process (never the caller's)
 
 
 def _worker_init(cfg, seed) -> None:
+    global _worker
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    _init_state(cfg, seed)
+    _worker = Checker(cfg, seed)
 
 
-def _process_all(files: list[Path], cfg, seed: int):
-    """Yield ``process_file`` results in file order, with ``cfg.workers`` processes (this one
-    when 1; its state must be initialized)."""
+def _worker_process_file(file: str) -> tuple[list[dict], dict]:
+    return _worker.process_file(file)
+
+
+def _process_all(files: list[Path], checker: Checker):
+    """Yield ``Checker.process_file`` results in file order, with ``cfg.workers`` processes
+    (this one, with ``checker``, when 1)."""
+    cfg = checker.cfg
     if cfg.workers <= 1 or len(files) <= 1:
         for f in files:
-            yield process_file(str(f))
+            yield checker.process_file(str(f))
         return
     import multiprocessing as mp
 
     # spawn, not fork: the caller may hold MLflow/sqlite threads and connections.
     with mp.get_context("spawn").Pool(min(cfg.workers, len(files)), _worker_init,
-                                       (cfg, seed)) as pool:
-        yield from pool.imap(process_file, [str(f) for f in files])
+                                       (cfg, checker.seed)) as pool:
+        yield from pool.imap(_worker_process_file, [str(f) for f in files])
 
 
 class _LineShards:
@@ -290,15 +299,6 @@ class _LineShards:
 
 
 def gate(input_path: str | Path, out_dir: str | Path, cfg, seed: int = 0, log=print) -> dict:
-    """``_gate`` with the per-process state dropped afterwards: several stages (Airflow's local
-    mode, KFP's local runner) may run in one process, and none may see another's gate config."""
-    try:
-        return _gate(input_path, out_dir, cfg, seed, log)
-    finally:
-        _STATE.clear()
-
-
-def _gate(input_path: str | Path, out_dir: str | Path, cfg, seed: int = 0, log=print) -> dict:
     """Gate every trajectory under ``input_path`` into ``out_dir``; returns the report.
 
     Raises ``GateError`` when the input holds no records or an expectation fails (the report,
@@ -310,23 +310,56 @@ def _gate(input_path: str | Path, out_dir: str | Path, cfg, seed: int = 0, log=p
     files, skipped = input_files(input_path)
     if cfg.expectations:  # GX takes seconds to import: do it while the records are checked
         threading.Thread(target=_import_gx, args=(timings,), daemon=True).start()
+    try:  # here, not in the workers: a bad tokenizer or test file fails once, clearly
+        checker = Checker(cfg, seed, log)
+    except ValueError as e:
+        raise GateError(str(e)) from None
+    partial, quarantine = out / "accepted.partial", out / "quarantine.jsonl"
+    rows, reasons = _sort(files, checker, partial, quarantine, timings)
+    timings["python_total"] = time.perf_counter() - t_start
+    if not rows:
+        shutil.rmtree(partial, ignore_errors=True)
+        where = f"{len(files)} shard file(s)" + (f"; ignored {len(skipped)} other file(s): "
+                                                 f"{', '.join(skipped[:5])}" if skipped else "")
+        raise GateError(f"gate: no trajectories in {input_path} ({where}): empty input, "
+                        f"nothing to train on")
+    frame = _frame(rows)
+    report = _report(input_path, files, skipped, frame, reasons, quarantine)
+    t_gx = time.perf_counter()
+    gx_result = {"success": True, "results": [], "failed": [], "docs": None}
+    if cfg.expectations:
+        from coaflow.gates.expectations import run_suite
+
+        gx_result = run_suite(frame, cfg, out / "data_docs" if cfg.data_docs else None)
+    timings["great_expectations"] = time.perf_counter() - t_gx
+    timings["total"] = time.perf_counter() - t_start
+    report.update(expectations=gx_result["results"], data_docs=gx_result["docs"],
+                  timings={k: round(v, 3) for k, v in timings.items()})
+    (out / "gate_report.json").write_text(json.dumps(report, indent=2, default=str))
+    _refuse_a_bad_batch(report, gx_result, cfg, input_path)
+    os.replace(partial, out / "accepted")
+    report["accepted_dir"] = str(out / "accepted")
+    (out / "gate_report.json").write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def _sort(files: list[Path], checker: Checker, partial: Path, quarantine: Path,
+          timings: Counter) -> tuple[list[dict], Counter]:
+    """Every record into the accepted shards (``partial``) or the quarantine, in input order
+    (duplicates decided here, first seen kept); returns (one row per record, reason counts).
+    A crash half way leaves neither partial output nor a half-written quarantine."""
+    cfg = checker.cfg
     deduper = filters.Deduper(cfg.near_duplicate_threshold, cfg.minhash_perm,
                               near=cfg.near_duplicates) if cfg.dedup else None
-    partial, final = out / "accepted.partial", out / "accepted"
-    for stale in (partial, final):
+    for stale in (partial, partial.with_name("accepted")):
         shutil.rmtree(stale, ignore_errors=True)
-    quarantine = out / "quarantine.jsonl"
     q_tmp = quarantine.with_name(quarantine.name + ".tmp")
     reasons: Counter = Counter()
     rows: list[dict] = []
-    try:  # here, not in the workers: a bad tokenizer or test file fails once, clearly
-        _init_state(cfg, seed, log)
-    except ValueError as e:
-        raise GateError(str(e)) from None
     shards = _LineShards(partial, cfg.shard_size)
     try:
         with open(q_tmp, "w", encoding="utf-8") as qfh:
-            for items, worker_times in _process_all(files, cfg, seed):
+            for items, worker_times in _process_all(files, checker):
                 timings.update(worker_times)
                 t0 = time.perf_counter()
                 for it in sorted(items, key=lambda x: x["line"]):
@@ -349,66 +382,54 @@ def _gate(input_path: str | Path, out_dir: str | Path, cfg, seed: int = 0, log=p
                         shards.write(it["json"])
                         rows.append({**row, "accepted": 1, "duplicate": 0, "reasons": ""})
                 timings["merge_dedup_write"] += time.perf_counter() - t0
-    except BaseException:  # a crash half way leaves neither partial output nor a .tmp
+    except BaseException:
         shards.close()
         shutil.rmtree(partial, ignore_errors=True)
         q_tmp.unlink(missing_ok=True)
         raise
     shards.close()
     os.replace(q_tmp, quarantine)
-    timings["python_total"] = time.perf_counter() - t_start
+    return rows, reasons
 
-    n_in = len(rows)
-    if n_in == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        where = f"{len(files)} shard file(s)" + (f"; ignored {len(skipped)} other file(s): "
-                                                 f"{', '.join(skipped[:5])}" if skipped else "")
-        raise GateError(f"gate: no trajectories in {input_path} ({where}): empty input, "
-                        f"nothing to train on")
+
+def _frame(rows: list[dict]):
+    """The rows as the table the expectations read (numeric columns numeric)."""
     import pandas as pd
 
     frame = pd.DataFrame(rows)
     for col in ("steps", "turns", "tool_calls", "chars", "answer_present"):
         frame[col] = pd.to_numeric(frame[col] if col in frame else None, errors="coerce")
-    n_acc = int(frame["accepted"].sum())
+    return frame
+
+
+def _report(input_path, files: list[Path], skipped: list[str], frame, reasons: Counter,
+            quarantine: Path) -> dict[str, Any]:
+    n_in, n_acc = len(frame), int(frame["accepted"].sum())
     per_suite = {}
     for suite, g in frame[frame["suite"].notna()].groupby("suite"):
         per_suite[str(suite)] = {"in": len(g), "accepted": int(g["accepted"].sum()),
                                  "rejected": dict(Counter(r for rs in g["reasons"] for r in
                                                           rs.split(",") if r))}
-    report: dict[str, Any] = {
-        "input": str(input_path), "files": [str(f) for f in files], "skipped_files": skipped,
-        "in": n_in, "accepted": n_acc, "rejected": n_in - n_acc,
-        "accepted_fraction": n_acc / n_in, "reasons": dict(reasons.most_common()),
-        "suites": per_suite, "quarantine": str(quarantine),
-    }
+    return {"input": str(input_path), "files": [str(f) for f in files], "skipped_files": skipped,
+            "in": n_in, "accepted": n_acc, "rejected": n_in - n_acc,
+            "accepted_fraction": n_acc / n_in, "reasons": dict(reasons.most_common()),
+            "suites": per_suite, "quarantine": str(quarantine)}
 
-    t_gx = time.perf_counter()
-    gx_result = {"success": True, "results": [], "failed": [], "docs": None}
-    if cfg.expectations:
-        from coaflow.gates.expectations import run_suite
 
-        gx_result = run_suite(frame, cfg, out / "data_docs" if cfg.data_docs else None)
-    timings["great_expectations"] = time.perf_counter() - t_gx
-    timings["total"] = time.perf_counter() - t_start
-    report.update(expectations=gx_result["results"], data_docs=gx_result["docs"],
-                  timings={k: round(v, 3) for k, v in timings.items()})
-    (out / "gate_report.json").write_text(json.dumps(report, indent=2, default=str))
+def _refuse_a_bad_batch(report: dict, gx_result: dict, cfg, input_path) -> None:
+    """``GateRefusedError`` when an expectation failed or too few runs were accepted."""
+    n_in, n_acc, quarantine = report["in"], report["accepted"], report["quarantine"]
     if not gx_result["success"]:
         from coaflow.gates.expectations import describe_failure
 
         lines = "\n  ".join(describe_failure(r) for r in gx_result["failed"])
         raise GateRefusedError(f"gate: {len(gx_result['failed'])} expectation(s) failed on "
-                        f"{input_path} ({n_acc}/{n_in} accepted; quarantine {quarantine}; "
-                        f"Data Docs {gx_result['docs']}):\n  {lines}")
+                               f"{input_path} ({n_acc}/{n_in} accepted; quarantine {quarantine}; "
+                               f"Data Docs {gx_result['docs']}):\n  {lines}")
     if n_acc / n_in < cfg.min_accepted_fraction:  # the gate's own rule, whatever is switched off
         raise GateRefusedError(f"gate: {n_acc}/{n_in} accepted ({n_acc / n_in:.1%}) on "
                                f"{input_path}, below gate.min_accepted_fraction "
                                f"{cfg.min_accepted_fraction:g} (quarantine {quarantine})")
-    os.replace(partial, final)
-    report["accepted_dir"] = str(final)
-    (out / "gate_report.json").write_text(json.dumps(report, indent=2, default=str))
-    return report
 
 
 def _import_gx(timings: Counter) -> None:
