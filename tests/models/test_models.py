@@ -10,7 +10,7 @@ import pytest
 from coaflow.contract import PipelineError
 from coaflow.models import load_model_and_tokenizer, parse_tool_calls, well_formed_tool_call
 from coaflow.models.prompt import to_example
-from coaflow.models.template import SPECIAL_TOKENS
+from coaflow.models.tiny import SPECIAL_TOKENS
 
 
 def test_tiny_folder_loads_with_auto_classes(tiny_dir, trajectories):

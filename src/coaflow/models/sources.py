@@ -122,7 +122,8 @@ def convert_gguf(gguf: Path, out: Path, info: dict) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from coaflow.models.template import CHAT_TEMPLATE, EOS_TOKEN
+    from coaflow.models.prompt import END_OF_TURN as EOS_TOKEN
+    from coaflow.models.template import CHAT_TEMPLATE
 
     print(f"[models] converting {gguf.name} into {out} (once; ~30 s)")
     try:

@@ -9,11 +9,6 @@ the assistant's own tokens, ``<|im_end|>`` included, so assistant-only loss trai
 and never trains it on tool observations.
 """
 
-# Special tokens a Qwen3 chat template needs (ids 0.. in this order in a tiny tokenizer).
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>",
-                  "<tool_response>", "</tool_response>", "<think>", "</think>"]
-EOS_TOKEN = "<|im_end|>"
-PAD_TOKEN = "<|endoftext|>"
 
 CHAT_TEMPLATE = r'''{%- if tools %}
     {{- '<|im_start|>system\n' }}

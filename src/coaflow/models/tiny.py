@@ -33,7 +33,14 @@ from pathlib import Path
 from pydantic import Field
 
 from coaflow.config import Section
-from coaflow.models.template import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
+from coaflow.models.prompt import END_OF_TURN as EOS_TOKEN
+from coaflow.models.template import CHAT_TEMPLATE
+
+# The tokens the chat template writes, each one id in a tiny tokenizer (ids 0.. in this order); a
+# pretrained tokenizer brings its own (SmolLM2's spells the tags out in several tokens).
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>",
+                  "<tool_response>", "</tool_response>", "<think>", "</think>"]
+PAD_TOKEN = "<|endoftext|>"
 
 # Qwen3 treats im_start/im_end/endoftext as special (dropped by skip_special_tokens) and the
 # tool/think tags as plain added tokens (kept in decoded text, so tool calls stay parseable).

@@ -188,6 +188,42 @@ class BodyLimit:
         await self.app(scope, receive, send)
 
 
+async def _drain(s) -> str:
+    """Wait for one generated sequence to end; its finish reason (or "error")."""
+    while True:
+        event = await s.events.get()
+        if event[0] in ("done", "error"):
+            return "error" if event[0] == "error" else event[1]
+
+
+async def _watch(request: Request, seqs) -> None:
+    """Cancel the generation of ``seqs`` when their client goes away. A task of its own: a
+    streaming response whose send failed no longer runs its generator's code, and tokens
+    arriving every millisecond must not starve the check."""
+    while any(s.finished is None for s in seqs):
+        await asyncio.sleep(0.25)
+        if await request.is_disconnected():
+            for s in seqs:
+                s.cancel()
+            return
+
+
+async def _choices(seqs, tools_given: bool) -> list[dict] | str:
+    """The ``choices`` of a finished (non-streamed) completion, or "cancelled"/"error"."""
+    choices = []
+    for i, s in enumerate(seqs):
+        reason = await _drain(s)
+        if reason in ("cancelled", "error"):
+            return reason
+        content, calls = split_tool_calls(s.text, tools_given)
+        message = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        choices.append({"index": i, "message": message, "logprobs": None,
+                        "finish_reason": "tool_calls" if calls else reason})
+    return choices
+
+
 def create_app(engine, model_name: str, system_prompt: str | None = None,
                max_tokens_default: int = 512, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="coaflow serving", version="1")
@@ -248,48 +284,23 @@ def create_app(engine, model_name: str, system_prompt: str | None = None,
         if req.stream:
             return StreamingResponse(_stream(rid, seqs, len(ids), bool(tools), start),
                                      media_type="text/event-stream")
-        choices = []
         try:
-            for i, s in enumerate(seqs):
-                reason = await _drain(s)
-                if reason == "cancelled":  # the client is gone: nobody reads an answer
-                    metrics.request("chat", 499, time.perf_counter() - start)
-                    return error(499, "client closed the request")
-                if reason == "error":
-                    metrics.request("chat", 500, time.perf_counter() - start)
-                    return error(500, "generation failed", "server_error")
-                content, calls = split_tool_calls(s.text, bool(tools))
-                message = {"role": "assistant", "content": content}
-                if calls:
-                    message["tool_calls"] = calls
-                choices.append({"index": i, "message": message, "logprobs": None,
-                                "finish_reason": "tool_calls" if calls else reason})
+            choices = await _choices(seqs, bool(tools))
         finally:
             for s in seqs:
                 s.cancel()  # a no-op for finished rows; stops the rest if the handler ends
+        if choices == "cancelled":  # the client is gone: nobody reads an answer
+            metrics.request("chat", 499, time.perf_counter() - start)
+            return error(499, "client closed the request")
+        if choices == "error":
+            metrics.request("chat", 500, time.perf_counter() - start)
+            return error(500, "generation failed", "server_error")
         completion = sum(len(s.ids) for s in seqs)
         metrics.request("chat", 200, time.perf_counter() - start, len(ids), completion)
         return {"id": rid, "object": "chat.completion", "created": int(time.time()),
                 "model": model_name, "choices": choices,
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": completion,
                           "total_tokens": len(ids) + completion}}
-
-    async def _drain(s) -> str:
-        while True:
-            event = await s.events.get()
-            if event[0] in ("done", "error"):
-                return "error" if event[0] == "error" else event[1]
-
-    async def _watch(request: Request, seqs) -> None:
-        """Cancel the generation of ``seqs`` when their client goes away. A task of its own:
-        a streaming response whose send failed no longer runs its generator's code, and tokens
-        arriving every millisecond must not starve the check."""
-        while any(s.finished is None for s in seqs):
-            await asyncio.sleep(0.25)
-            if await request.is_disconnected():
-                for s in seqs:
-                    s.cancel()
-                return
 
     async def _stream(rid: str, seqs, prompt_tokens: int, tools_given: bool, start: float):
         """Server-sent events: a role chunk, text deltas as they are generated (text from the

@@ -72,6 +72,8 @@ class TransformersEngine:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from coaflow.models.prompt import stop_token_ids
+
         if threads > 0:  # on a shared CPU one thread is often faster than contended ones
             torch.set_num_threads(threads)
 
@@ -81,8 +83,7 @@ class TransformersEngine:
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kw).to(self.device)
         self.model.eval()
         gen = self.model.generation_config
-        eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.eos_ids = set(stop_token_ids(self.tokenizer))  # the agent's and rl's end of turn
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else next(iter(self.eos_ids))
         self.default_sampling = (bool(gen.do_sample), float(gen.temperature or 1.0),
