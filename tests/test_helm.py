@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.pods import pod_manifest
+
 helm = pytest.importorskip("helm_python", reason="pip install -e '.[dev]' (helm-python-sdk)")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
@@ -149,7 +151,7 @@ def _stage_pod_refs() -> set[tuple[str, str]]:
     refs = set()
     settings = af.load_settings(env={"COAFLOW_AIRFLOW_MODE": "kubernetes"})
     for stage in ORDER:
-        pod = af.pod_manifest(af.pod_spec(stage, settings, ["true"]))["spec"]
+        pod = pod_manifest(af.pod_spec(stage, settings, ["true"]))["spec"]
         refs.add(("ServiceAccount", pod["serviceAccountName"]))
         for c in pod["containers"]:
             refs |= {("ConfigMap", e["configMapRef"]["name"]) for e in c.get("envFrom", [])}

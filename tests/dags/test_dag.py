@@ -11,6 +11,7 @@ import pytest
 from coaflow.contract import ORDER, STAGES
 from coaflow.orchestrate import airflow as af
 from tests.dags.conftest import airflow_env, python
+from tests.pods import pod_manifest
 
 INSPECT = r"""
 import json, os, time
@@ -60,7 +61,8 @@ def load(**env):
         op = dag.get_task("sft")
         op.full_pod_spec = af.pod_spec("sft", af.load_settings(),
                                        af.pod_command("sft", plan, {"gate": plan["run_dir"] + "/gate"}), "r1")
-        info["pod"] = af.pod_manifest(op.build_pod_request_obj())
+        from kubernetes.client import ApiClient
+        info["pod"] = ApiClient().sanitize_for_serialization(op.build_pod_request_obj())
         # a failed pod as the provider reports it, without a cluster: which codes are retried
         from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
         from airflow.sdk.exceptions import AirflowException
@@ -239,7 +241,7 @@ def test_pod_specs_pass_the_kubernetes_schema(stage):
     plan = {"profile": "qwen3-0.6b-1gpu", "overrides": ["run.workdir=/data/coaflow"],
             "run_id": "manual__x", "run_dir": "/data/coaflow/runs/manual__x"}
     command = af.pod_command(stage, plan, {"gate": "/data/coaflow/runs/manual__x/gate"})
-    manifest = af.pod_manifest(af.pod_spec(stage, settings, command, "manual__x"))
+    manifest = pod_manifest(af.pod_spec(stage, settings, command, "manual__x"))
     _validate(manifest)
     c = manifest["spec"]["containers"][0]
     assert c["image"] == settings.kubernetes.image_for(stage) and c["name"] == "base"
@@ -293,7 +295,7 @@ def test_a_broken_pod_spec_is_caught_by_the_schema():
     import kubernetes_validate
 
     settings = af.load_settings(env={"COAFLOW_AIRFLOW_MODE": "kubernetes"})
-    manifest = af.pod_manifest(af.pod_spec("sft", settings, ["true"]))
+    manifest = pod_manifest(af.pod_spec("sft", settings, ["true"]))
     manifest["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] = ["1"]
     with pytest.raises(kubernetes_validate.ValidationError):
         _validate(manifest)

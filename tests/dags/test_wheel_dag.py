@@ -25,7 +25,8 @@ if dag is not None:
     from coaflow.orchestrate.k8s import PACKAGED
     settings = af.load_settings(default=os.path.join(os.environ["AIRFLOW__CORE__DAGS_FOLDER"],
                                                      "coaflow_retrain.yaml"))
-    pod = af.pod_manifest(af.pod_spec("sft", settings, ["true"]))
+    from kubernetes.client import ApiClient
+    pod = ApiClient().sanitize_for_serialization(af.pod_spec("sft", settings, ["true"]))
     out.update(schedule=str(dag.schedule), mode=settings.mode, k8s=str(PACKAGED),
                sft=pod["spec"]["containers"][0]["resources"]["limits"],
                tolerations=pod["spec"].get("tolerations"),

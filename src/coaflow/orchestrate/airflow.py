@@ -436,13 +436,6 @@ def harden_sidecar(pod, settings: Settings):
     return pod
 
 
-def pod_manifest(pod) -> dict:
-    """A ``V1Pod`` as the JSON the API server receives."""
-    from kubernetes.client import ApiClient
-
-    return ApiClient().sanitize_for_serialization(pod)
-
-
 def pod_operator(stage: str, settings: Settings):
     """A KubernetesPodOperator for ``stage``: its pod is built at run time from the run's plan
     and its inputs' XComs; a failed pod is retried only for the retryable exit codes."""
