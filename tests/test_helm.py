@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import requires
 from tests.pods import pod_manifest
 
-helm = pytest.importorskip("helm_python", reason="pip install -e '.[dev]' (helm-python-sdk)")
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
+helm = requires.module("helm_python")
+kubernetes_validate = requires.module("kubernetes_validate")
 
 ROOT = Path(__file__).resolve().parents[1]
 CHARTS = sorted(p.parent for p in (ROOT / "helm").glob("*/Chart.yaml"))

@@ -1,18 +1,16 @@
 """The report card reads what stages left behind: timings, funnel, curves from MLflow."""
 
 import os
-import shutil
 import struct
 import subprocess
 import types
 from pathlib import Path
 
-import pytest
-
 from coaflow import report
 from coaflow.config import Section
 from coaflow.contract import Result
 from coaflow.runner import run_pipeline
+from tests import requires
 from tests.test_runner import config
 
 
@@ -59,14 +57,12 @@ def test_report_card_has_funnel_eval_decision_and_curves(workdir):
     assert "candidate" in text and "[0.40, 0.60]" in text
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None and shutil.which("chromium-browser") is None,
-                    reason="headless Chromium (Debian package chromium) is not installed")
 def test_report_card_renders_in_a_real_browser(workdir, tmp_path):
     """Headless Chromium loads the card and paints it: a screenshot that is not blank."""
     test_report_card_has_funnel_eval_decision_and_curves(workdir)
     out = Path(os.environ.get("COAFLOW_TEST_ARTIFACTS", tmp_path)) / "report-card.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    browser = requires.chromium()
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                     f"--screenshot={out}", "--window-size=1200,1400",
                     (workdir / "runs/r/report.html").as_uri()],

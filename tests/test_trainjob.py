@@ -8,9 +8,10 @@ import pytest
 from coaflow.orchestrate import airflow as af
 from coaflow.orchestrate import k8s as k8s_settings
 from coaflow.orchestrate import trainjob
+from tests import requires
 from tests.pods import pod_manifest
 
-api = pytest.importorskip("kubeflow_trainer_api", reason="pip install -e '.[dev]'")
+api = requires.module("kubeflow_trainer_api")
 
 ARGS = ["--config", "qwen3-0.6b-1gpu", "--out", "/data/coaflow/runs/r1/sft",
         "--input", "gate=/data/coaflow/runs/r1/gate", "--set", "sft.batch_size=2"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,10 +19,10 @@ import httpx
 import pytest
 
 from coaflow.orchestrate.airflow import safe_run_id
+from tests import requires
 from tests.dags.conftest import ROOT, SMALL_CONF, SMALL_TASKS, airflow_env, assert_run_succeeded
 
 DAG_ID = "coaflow_retrain"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def _free_port() -> int:
@@ -170,12 +169,11 @@ def _ui_overrides() -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
 def test_browser_triggers_from_the_form_and_shows_the_grid(airflow, artifacts):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=requires.chromium(), args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.goto(f"{airflow.url}/dags/{DAG_ID}", timeout=120_000)
         page.fill("input[name=username]", "admin")  # the login page comes first

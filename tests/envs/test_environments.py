@@ -5,6 +5,7 @@ import pytest
 
 from coaflow import envs
 from coaflow.envs.environments import CalcEnv, KBQAEnv, answer_reward
+from tests import requires
 
 
 def _trl_tools(env):
@@ -34,7 +35,7 @@ def test_grpo_trainer_accepts_the_environment_factory():
 
     spec = importlib.util.find_spec("trl")  # read the source: importing trl takes ~10 s
     if spec is None:
-        pytest.skip("trl not installed")
+        requires.module("trl")
     src = (Path(spec.origin).parent / "trainer" / "grpo_trainer.py").read_text()
     assert "inspect.getmembers(type(instance), predicate=inspect.isfunction)" in src
     factory = functools.partial(envs.make_env, "kbqa", n_entities=60)
@@ -88,8 +89,8 @@ def test_grpo_trainer_trains_one_step_with_our_environment(tmp_path, monkeypatch
     """The real thing: TRL 1.16's GRPOTrainer takes ``partial(make_env, "kbqa")`` as its
     environment_factory, resets one env per rollout from the dataset rows, and logs both
     ``answer_reward`` and the env's ``get_reward`` (column ``KBQAEnv``). ~30 s on 2 cores."""
-    pytest.importorskip("trl")
-    tiny = pytest.importorskip("coaflow.models.tiny")
+    requires.module("trl")
+    from coaflow.models import tiny
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -7,6 +7,7 @@ import pytest
 from coaflow.errors import PipelineError
 from coaflow.models import sources
 from coaflow.models.sources import PYPI_MODELS, PypiGGUF, resolve, source_digest
+from tests import requires
 
 NAME = "smollm2-135m-instruct"
 
@@ -26,7 +27,7 @@ def test_a_missing_package_is_one_line_naming_the_pip_command(monkeypatch):
 
 
 def test_the_cache_folder_is_named_by_the_wheels_file_hash(tmp_path, monkeypatch):
-    pytest.importorskip("gguf")
+    requires.module("gguf")
     path, sha = sources._locate(NAME, PYPI_MODELS[NAME])
     assert path.name.endswith(".gguf") and len(sha) == 64 and source_digest(NAME) == sha
     done = tmp_path / f"{NAME}-{sha[:16]}"

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-helm = pytest.importorskip("helm_python", reason="pip install helm-python-sdk")
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
+from tests import requires
+
+helm = requires.module("helm_python")
+kubernetes_validate = requires.module("kubernetes_validate")
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "coaflow-serving"
 KUBE_VERSION = "1.33.0"

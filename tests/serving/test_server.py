@@ -11,9 +11,10 @@ import socket
 import httpx
 import pytest
 
+from tests import requires
 from tests.serving.serve_fixtures import QUESTION, kbqa_tools
 
-openai = pytest.importorskip("openai")
+openai = requires.module("openai")
 pytestmark = pytest.mark.slow  # a real server process per module (~1 min to start on 2 busy cores)
 
 
