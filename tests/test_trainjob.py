@@ -172,21 +172,24 @@ def test_a_launched_stage_is_submitted_waited_for_and_its_folder_comes_back(tmp_
                            run_id="r1", ks=_settings(mount), nodes=2, gpus_per_node=8,
                            apis=(fake, fake), log=said.append, sleep=lambda s: None)
     assert code == 0
-    job = fake.jobs.get("coaflow-r1-sft") or {}
-    assert ("create", "coaflow-r1-sft") in fake.calls and ("delete", "coaflow-r1-sft") in fake.calls
-    assert not job  # deleted once it succeeded
-    assert [c for c in said if c.startswith("submitted")] == [
-        "submitted TrainJob coaflow/coaflow-r1-sft"]
+    name = trainjob.job_name("r1", "sft", str(pod / "sft-out"))
+    assert ("create", name) in fake.calls and ("delete", name) in fake.calls
+    assert not fake.jobs  # deleted once it succeeded
+    assert [c for c in said if c.startswith("submitted")] == [f"submitted TrainJob coaflow/{name}"]
     # the nodes read the input from the volume and wrote the stage folder there
-    staged = mount / "runs" / "r1" / ".launch" / "sft" / "gate" / "result.json"
-    assert staged.exists()
+    staged = mount / "runs" / "r1" / ".launch" / name / "inputs" / "gate" / "result.json"
+    assert staged.exists() and (mount / "runs" / "r1" / ".launch" / name / "sft").is_dir()
     assert (pod / "sft-out" / "result.json").exists() and (pod / "sft-out" / ".complete").exists()
     # rank 0's log surfaced once, line by line, in order; the other node's at the end
     logged = [s.split("] ", 1)[1] for s in said if s.startswith("[job-node-0-0]")]
     assert logged == lines.splitlines()
     assert "[job-node-0-1] rank 1 ok" in said
-    assert "TrainJob coaflow/coaflow-r1-sft: running" in said
-    assert "TrainJob coaflow/coaflow-r1-sft: succeeded" in said
+    assert f"TrainJob coaflow/{name}: running" in said
+    assert f"TrainJob coaflow/{name}: succeeded" in said
+
+
+def _name(tmp_path):
+    return trainjob.job_name("r1", "sft", str(tmp_path / "pvc" / "runs" / "r1" / "sft"))
 
 
 def _launch(fake, tmp_path, said=None):
@@ -226,7 +229,7 @@ def test_a_failed_job_exits_with_the_failed_ranks_own_code_and_shows_every_nodes
     assert "[job-node-0-1] rank 1 was stopped" in said
     assert any("config error" in s for s in said)
     assert any("failed (FailedJobs: jobset failed): the stage exits 2" in s for s in said)
-    assert ("delete", "coaflow-r1-sft") not in fake.calls  # kept for kubectl describe
+    assert ("delete", _name(tmp_path)) not in fake.calls  # kept for kubectl describe
     assert not (tmp_path / "pvc" / ".launch").exists()  # inputs on the volume: not copied
 
 
@@ -241,19 +244,19 @@ def test_without_torchruns_summary_the_node_containers_code_counts_else_1(tmp_pa
 
 
 def test_a_retried_task_attaches_to_its_running_job_and_replaces_a_finished_one(tmp_path):
-    job = {"metadata": {"name": "coaflow-r1-sft", "namespace": "coaflow"}}
+    name = _name(tmp_path)
+    job = {"metadata": {"name": name, "namespace": "coaflow"}}
     running = FakeCluster(["running", "succeeded"], existing=dict(job))
     assert _launch(running, tmp_path) == 0
-    assert [c for c in running.calls if c[0] == "create"] == [("create", "coaflow-r1-sft")]
-    assert running.calls.count(("delete", "coaflow-r1-sft")) == 1  # only after it succeeded
+    assert [c for c in running.calls if c[0] == "create"] == [("create", name)]
+    assert running.calls.count(("delete", name)) == 1  # only after it succeeded
 
     failed = {**job, "status": {"fixed": True, "conditions": [{"type": "Failed",
                                                                  "status": "True"}]}}
     again = FakeCluster(["running", "succeeded"], existing=failed)
     said = []
     assert _launch(again, tmp_path, said) == 0
-    assert again.calls[:3] == [("create", "coaflow-r1-sft"), ("delete", "coaflow-r1-sft"),
-                               ("create", "coaflow-r1-sft")]
+    assert again.calls[:3] == [("create", name), ("delete", name), ("create", name)]
     assert any("exists and failed: deleting it" in s for s in said)
 
 
@@ -280,7 +283,7 @@ def test_the_launcher_command_of_an_airflow_pod(tmp_path, monkeypatch):
                                       "--input", f"gate={mount / 'r' / 'gate'}",
                                       "--input", f"sft={mount / 'r' / 'sft'}"]
     assert not (mount / "runs").exists()
-    assert ("delete", "coaflow-r7-rl") in fake.calls
+    assert ("delete", trainjob.job_name("r7", "rl", str(mount / "r" / "rl"))) in fake.calls
 
 
 def test_placement_is_a_trainjob_only_past_one_gpu_process():
@@ -294,6 +297,8 @@ def test_placement_is_a_trainjob_only_past_one_gpu_process():
 
 
 def test_job_names_are_dns_labels_short_enough_for_jobset():
-    long = trainjob.job_name("manual__2026-11-30T20-40-00.123456-00-00", "sft")
-    assert len(long) <= 40 and re.fullmatch(r"[a-z]([a-z0-9-]*[a-z0-9])?", long)
-    assert trainjob.job_name("R1", "rl") == "coaflow-r1-rl"
+    long = trainjob.job_name("manual__2026-11-30T20-40-00.123456-00-00", "sft", "/o/sft")
+    assert len(long) <= 40 and re.fullmatch(r"[a-z]([a-z0-9-]*[a-z0-9])?", long), long
+    short = trainjob.job_name("R1", "rl", "/o/rl")
+    assert short.startswith("coaflow-r1-") and short.endswith("-rl")
+    assert trainjob.job_name("R1", "rl", "/other/rl") != short  # a reused run name: its own job

@@ -128,15 +128,13 @@ def placement(cfg, stage: str) -> tuple[int, int] | None:
     return size if size != (1, 1) else None
 
 
-def job_name(run_id: str, stage: str) -> str:
-    """A DNS-1035 name for the run's TrainJob of ``stage``, short enough for JobSet's pod names
-    (<= 40 characters; a hash of the run id keeps long ones apart)."""
+def job_name(run_id: str, stage: str, out: str) -> str:
+    """A DNS-1035 name for the TrainJob of ``stage`` writing ``out``, short enough for JobSet's
+    pod names (<= 40 characters). The same task retried gets the same name (and attaches to its
+    job); another run, or a KFP run that reuses a run name, another (``out`` differs)."""
+    digest = hashlib.sha1(f"{run_id}\0{out}".encode()).hexdigest()[:6]
     base = re.sub(r"[^a-z0-9-]+", "-", f"coaflow-{run_id}".lower()).strip("-")
-    name = f"{base}-{stage}"
-    if len(name) > 40:
-        digest = hashlib.sha1(run_id.encode()).hexdigest()[:8]
-        name = f"{base[:40 - len(stage) - 10].rstrip('-')}-{digest}-{stage}"
-    return name
+    return f"{base[:40 - len(stage) - 8].rstrip('-')}-{digest}-{stage}"
 
 
 # --- submit, wait, logs, exit code ------------------------------------------------------------
@@ -295,28 +293,30 @@ def launch(stage: str, *, profile: str, out: str, inputs: Mapping[str, str | Seq
     """Run ``coaflow stage STAGE`` as a TrainJob and wait for it; returns its exit code.
 
     The nodes see only the PVC (``ks.mount_path``): an input folder elsewhere (a KFP artifact in
-    this pod) is copied to ``<mount>/runs/<run id>/.launch/<stage>/``, and an ``out`` elsewhere
-    is trained in ``<mount>/runs/<run id>/<stage>`` and copied into ``out`` when it succeeded."""
+    this pod) is copied to ``<mount>/runs/<run id>/.launch/<job name>/inputs/``, and an ``out``
+    elsewhere is trained in ``<mount>/runs/<run id>/.launch/<job name>/<stage>`` and copied into
+    ``out`` when it succeeded."""
     from coaflow.orchestrate.command import stage_argv
 
-    mount = ks.mount_path
-    staging = Path(mount) / "runs" / run_id / ".launch" / stage
+    mount, run_id = ks.mount_path, run_id or "run"
+    name = job_name(run_id, stage, out)
+    staging = Path(mount) / "runs" / run_id / ".launch" / name
     placed: dict[str, list[str]] = {}
-    for name, value in inputs.items():
+    for key, value in inputs.items():
         for i, folder in enumerate([value] if isinstance(value, str) else list(value)):
             if _on_volume(folder, mount):
-                placed.setdefault(name, []).append(folder)
+                placed.setdefault(key, []).append(folder)
                 continue
-            dst = staging / (name if isinstance(value, str) else f"{name}-{i}")
+            dst = staging / "inputs" / (key if isinstance(value, str) else f"{key}-{i}")
             shutil.rmtree(dst, ignore_errors=True)
             shutil.copytree(folder, dst, symlinks=True)
-            log(f"input {name}: {folder} -> {dst} (on the shared volume)")
-            placed.setdefault(name, []).append(str(dst))
-    work = out if _on_volume(out, mount) else str(Path(mount) / "runs" / run_id / stage)
+            log(f"input {key}: {folder} -> {dst} (on the shared volume)")
+            placed.setdefault(key, []).append(str(dst))
+    work = out if _on_volume(out, mount) else str(staging / stage)
     argv = stage_argv(stage, profile=profile, out=work, inputs=placed, overrides=overrides,
                       run_id=run_id)
-    job = manifest(stage, argv[3:], ks, nodes=nodes, gpus_per_node=gpus_per_node,
-                   name=job_name(run_id, stage), run_id=run_id)
+    job = manifest(stage, argv[3:], ks, nodes=nodes, gpus_per_node=gpus_per_node, name=name,
+                   run_id=run_id)
     custom, core = apis if apis is not None else clients()
     submit(custom, job, log=log, sleep=sleep)
     code = wait(custom, core, ks.namespace, job["metadata"]["name"], poll_s=poll_s, log=log,
