@@ -54,3 +54,21 @@ def check(built: Shape, cfg, fix: str) -> None:
     if wanted != built:
         raise UserError(f"this run's config asks for {wanted.describe()}, but the graph was built "
                         f"for {built.describe()}: {fix}")
+
+
+def of_profile(profile: str, overrides: list[str] | tuple[str, ...] = ()) -> Shape:
+    """The shape a profile asks for, read from its YAML alone (no stage module imported: a DAG
+    file is parsed again and again and must stay fast); keys it leaves out are 1, their
+    defaults. A run validates its whole config and compares with ``check``, so a wrong reading
+    here could only refuse a run, never run the wrong shape."""
+    from types import SimpleNamespace
+
+    from coaflow.config import _read_yaml, apply_override, profile_path
+    from coaflow.contract import STAGES
+
+    data = _read_yaml(profile_path(profile))
+    for item in overrides:
+        apply_override(data, item)
+    defaults = {"shards": 1, "nodes": 1, "gpus_per_node": 1}
+    return Shape.of(SimpleNamespace(**{
+        name: SimpleNamespace(**{**defaults, **(data.get(name) or {})}) for name in STAGES}))
