@@ -149,3 +149,16 @@ def test_a_launched_stage_runs_the_trainjob_launcher_with_the_stage_argv(tmp_pat
     assert kw["inputs"] == {"gate": str(tmp_path / "gate")} and kw["out"] == str(tmp_path / "sft")
     assert kw["overrides"] == ["sft.nodes=2", "run.seed=7", "run.workdir=/w"]
     assert kw["ks"].model_dump(mode="json") == settings
+
+
+def test_local_results_are_linked_as_stage_folders_shards_as_stage_dash_index(tmp_path):
+    """kfp.local's layout (a ParallelFor's tasks under for-loop-N-iteration-I) -> the run's
+    folders ``coaflow runs show`` reads: ``synthesize-0``, ``synthesize-1``, ``gate``."""
+    run = tmp_path / "kfp" / "coaflow-2026"
+    for folder in ("for-loop-2-iteration-0/synthesize", "for-loop-2-iteration-1/synthesize",
+                   "gate"):
+        (run / folder / "result").mkdir(parents=True)
+    links = kfp_engine.link_results(tmp_path / "kfp", tmp_path / "runs" / "r")
+    assert sorted(links) == ["gate", "synthesize-0", "synthesize-1"]
+    assert (tmp_path / "runs" / "r" / "synthesize-1").resolve() == \
+        run / "for-loop-2-iteration-1" / "synthesize" / "result"

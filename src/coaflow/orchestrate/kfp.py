@@ -306,7 +306,7 @@ def run_local(profile: str, overrides: Sequence[str], seed: int, workdir: Path, 
 
 def link_results(root: Path, run_dir: Path) -> dict[str, Path]:
     """Symlink ``<root>/<pipeline run>/<stage>/result`` to ``<run_dir>/<stage>`` for every task
-    that left a result folder."""
+    that left a result folder (shard i of a fanned-out stage: ``<run_dir>/<stage>-<i>``)."""
     runs = sorted((p for p in root.iterdir() if p.is_dir() and p.name != "workspace"),
                   key=lambda p: p.stat().st_mtime)
     if not runs:
@@ -314,14 +314,18 @@ def link_results(root: Path, run_dir: Path) -> dict[str, Path]:
     run_dir.mkdir(parents=True, exist_ok=True)
     folders = {}
     for stage in contract.ORDER:
-        src = runs[-1] / stage / "result"
-        if src.is_dir():
-            dst = run_dir / stage
-            if dst.is_symlink():
-                dst.unlink()
-            if not dst.exists():
-                dst.symlink_to(src)
-            folders[stage] = src
+        found = {stage: runs[-1] / stage / "result"}
+        # a fanned-out stage: one result per ParallelFor iteration -> <stage>-<i>, as Airflow's
+        for it in runs[-1].glob(f"for-loop-*-iteration-*/{stage}/result"):
+            found[f"{stage}-{it.parent.parent.name.rsplit('-', 1)[1]}"] = it
+        for name, src in sorted(found.items()):
+            if src.is_dir():
+                dst = run_dir / name
+                if dst.is_symlink():
+                    dst.unlink()
+                if not dst.exists():
+                    dst.symlink_to(src)
+                folders[name] = src
     return folders
 
 
