@@ -22,6 +22,11 @@ completion marker ``.complete`` holding the stage's cache key (``coaflow.runner`
 Paths in ``result.json`` that lie inside the stage folder are stored relative to it (``./model``),
 so a stage folder copied to another machine or an object store still resolves.
 
+A stage an engine fanned out (synthesize in ``synthesize.shards`` workers) leaves one folder per
+shard, each naming its index in ``summary.shard``; the stage after it gets them all
+(``--input synthesize=S0 --input synthesize=S1``) as one ``Result`` whose ``parts`` are the
+shards in index order (``merge_shards``; ``Result.paths(name)`` lists an output of each).
+
 The graph: ``ORDER`` is the pipeline order; ``reads(name)`` the stages whose folders a stage gets
 (its NEEDS, then the OPTIONAL ones that exist); ``PROMOTION`` the stage whose refusal (exit 4)
 skips the stages after it. The CLI runner, the Airflow DAG and the Kubeflow pipeline all wire
