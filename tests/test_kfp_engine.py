@@ -139,7 +139,8 @@ def test_a_launched_stage_runs_the_trainjob_launcher_with_the_stage_argv(tmp_pat
     settings = k8s.load().model_dump(mode="json")
     up = type("A", (), {"path": str(tmp_path / "gate")})()
     assert kfp_engine.run_component(
-        "sft", profile="tiny", overrides=["sft.nodes=2"], seed=7, workdir="/w", tracking_uri="",
+        "sft", profile="tiny", overrides=["sft.nodes=2"], seed=7, workdir="/w",
+        tracking_uri="http://mlflow:5000",
         retries=1, out=str(tmp_path / "sft"), inputs={"gate": up}, backoff_s=0.0,
         launch={"nodes": 2, "gpus_per_node": 4, "settings": settings}) == "done"
     assert not [c for c in calls if c[0] != "sleep"]  # no stage process in the launcher pod
@@ -147,7 +148,8 @@ def test_a_launched_stage_runs_the_trainjob_launcher_with_the_stage_argv(tmp_pat
     assert len(seen) == 2 and stage == "sft"  # exit 75 retried, as a pod's would be
     assert (kw["nodes"], kw["gpus_per_node"], kw["run_id"]) == (2, 4, "kfp-run-9")
     assert kw["inputs"] == {"gate": str(tmp_path / "gate")} and kw["out"] == str(tmp_path / "sft")
-    assert kw["overrides"] == ["sft.nodes=2", "run.seed=7", "run.workdir=/w"]
+    assert kw["overrides"] == ["sft.nodes=2", "run.seed=7", "run.workdir=/w",
+                               "tracking.uri=http://mlflow:5000"]  # the run's, to every node
     assert kw["ks"].model_dump(mode="json") == settings
 
 

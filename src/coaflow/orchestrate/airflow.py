@@ -269,7 +269,7 @@ def launched(stage: str, the_plan: Mapping[str, Any]) -> tuple[int, int] | None:
 
 
 def command_argv(stage: str, the_plan: Mapping[str, Any], inputs: Mapping[str, Any],
-                 ks: KubernetesSettings, shard: int | None = None,
+                 ks: KubernetesSettings | None = None, shard: int | None = None,
                  python: str = "python") -> list[str]:
     """What a task runs: the stage argv, or for a launched stage the TrainJob launcher in front
     of it (``python -m coaflow.orchestrate.trainjob ... -- coaflow stage ...``), which submits
@@ -279,7 +279,8 @@ def command_argv(stage: str, the_plan: Mapping[str, Any], inputs: Mapping[str, A
     if size is None:
         return argv
     return [python, "-m", "coaflow.orchestrate.trainjob", "--nodes", str(size[0]),
-            "--gpus-per-node", str(size[1]), "--k8s-json", ks.model_dump_json(), "--", *argv]
+            "--gpus-per-node", str(size[1]), "--k8s-json", (ks or k8s.load()).model_dump_json(),
+            "--", *argv]
 
 
 def stage_inputs(stage: str, done: Mapping[str, Any]) -> dict[str, Any]:
@@ -364,8 +365,7 @@ def run_local(stage: str, the_plan: Mapping[str, Any], inputs: Mapping[str, Any]
     argv = task_argv(stage, the_plan, inputs, shard)
     cmd = local(argv, python)
     if launched(stage, the_plan):
-        argv = command_argv(stage, the_plan, inputs, ks or k8s.load(), shard,
-                            python or sys.executable)
+        argv = command_argv(stage, the_plan, inputs, ks, shard, python or sys.executable)
         cmd = argv
     print("+ " + shlex.join(argv), flush=True)
     env = {**os.environ, "COAFLOW_RUN_ID": the_plan["run_id"], "PYTHONUNBUFFERED": "1"}
@@ -413,7 +413,7 @@ def pod_command(stage: str, the_plan: Mapping[str, Any], inputs: Mapping[str, An
     it), then its XCom for the sidecar; a refused promotion (4) exits 0 so the branch after it
     decides, every other code is the stage's own."""
     out = task_out(stage, the_plan, shard)
-    argv = command_argv(stage, the_plan, inputs, ks or k8s.load(), shard)
+    argv = command_argv(stage, the_plan, inputs, ks, shard)
     script = (f"{shlex.join(argv)}; rc=$?; "
               f"mkdir -p {Path(XCOM_FILE).parent} && python -m coaflow.orchestrate.airflow xcom "
               f"{shlex.quote(stage)} {shlex.quote(out)} $rc > {XCOM_FILE}; "

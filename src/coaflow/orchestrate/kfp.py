@@ -80,9 +80,11 @@ def run_component(stage: str, *, profile: str, overrides: Sequence[str], seed: i
                             run_id=run_id or None))
     env = dict(os.environ, **({MLFLOW_ENV: tracking_uri} if tracking_uri else {}))
     for attempt in range(retries + 1):
-        if launch:
+        if launch:  # the nodes get MLflow's URI from the ConfigMap, or from this override
             code = _launch(stage, launch, profile=profile, out=out, inputs=paths,
-                           overrides=overrides, run_id=run_id or os.environ.get(RUN_ID_ENV, ""))
+                           overrides=overrides + ([f"tracking.uri={tracking_uri}"]
+                                                  if tracking_uri else []),
+                           run_id=run_id or os.environ.get(RUN_ID_ENV, ""))
         else:
             code = subprocess.call(argv, env=env)
         if code != EXIT_RETRY or attempt == retries:
