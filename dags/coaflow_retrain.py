@@ -16,6 +16,11 @@ point `coaflow stage NAME --out <workdir>/runs/<run id>/NAME --input STAGE=DIR`.
 Mode (`COAFLOW_AIRFLOW_MODE`): `local` runs each stage in a subprocess on the worker;
 `kubernetes` runs the same argv in a pod of the coaflow image (GPUs for sft, rl, evaluate).
 Settings: `coaflow_retrain.yaml` beside this file; pods: coaflow's `k8s.yaml`. Docs: `docs/airflow.md`.
+
+**Shape** (from the settings' profile when the DAG is parsed; a run of another shape fails at
+configure): `synthesize.shards` > 1 maps synthesize over its shards (the gate reads them all);
+an sft or rl past one GPU process runs a launcher that submits a Kubeflow Trainer TrainJob and
+waits for it (`docs/cluster.md`).
 """
 
 from __future__ import annotations
@@ -32,15 +37,20 @@ from coaflow.orchestrate import airflow as af
 # the settings file beside this one, wherever the DAG folder is (/opt/airflow/dags in the image)
 SETTINGS = af.load_settings(default=Path(__file__).with_name("coaflow_retrain.yaml"))
 FORM = af.trigger_params(SETTINGS, list(STAGES))
+SHAPE = af.dag_shape(SETTINGS)
 
 
 def local_stage(name: str):
-    @task(task_id=name)
-    def stage(**context):
+    @task(task_id=name, doc_md=f"Launches a TrainJob on {SHAPE.launched[name]} (nodes, GPUs)"
+          if name in SHAPE.launched else None)
+    def stage(shard=None, **context):
         ti = context["ti"]
         return af.run_local(name, ti.xcom_pull(task_ids="configure"),
-                            af.pull_inputs(ti, name, context["dag"].task_ids), SETTINGS.python)
+                            af.pull_inputs(ti, name, context["dag"].task_ids), SETTINGS.python,
+                            shard=shard, ks=SETTINGS.kubernetes)
 
+    if name == af.SHARDED and SHAPE.shards > 1:
+        return stage.expand(shard=list(range(SHAPE.shards)))
     return stage()
 
 
@@ -73,8 +83,8 @@ def coaflow_retrain():
 
             raise AirflowFailException(str(e)) from None
 
-    stages = {n: local_stage(n) if SETTINGS.mode == "local" else af.pod_operator(n, SETTINGS)
-              for n in STAGES}
+    stages = {n: local_stage(n) if SETTINGS.mode == "local"
+              else af.pod_operator(n, SETTINGS, SHAPE) for n in STAGES}
     names = list(stages)
     cut = names.index(PROMOTION) + 1 if PROMOTION in names else len(names)
     chain(configure(), *[stages[n] for n in names[:cut]])

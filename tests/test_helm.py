@@ -190,7 +190,8 @@ def test_every_object_the_pods_refer_to_is_created_by_a_chart_or_documented():
 def test_roles_are_least_privilege():
     docs = render(ROOT / "helm" / "coaflow-pipeline", {})
     roles = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Role"}
-    assert set(roles) == {"coaflow-pipeline-airflow-pods", "coaflow-pipeline-deploy"}
+    assert set(roles) == {"coaflow-pipeline-airflow-pods", "coaflow-pipeline-deploy",
+                          "coaflow-pipeline-trainjobs"}
     assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
     for role in roles.values():
         for rule in role["rules"]:
@@ -203,5 +204,15 @@ def test_roles_are_least_privilege():
     serving = {d["metadata"]["name"] for d in render(ROOT / "helm" / "coaflow-serving", {})
                if d["kind"] == "Deployment"}
     assert serving == {"coaflow-serving"}
+    trainjobs = roles["coaflow-pipeline-trainjobs"]["rules"]  # the launch step: no pod writes
+    assert {(g, r) for rule in trainjobs for g in rule["apiGroups"] for r in rule["resources"]
+            } == {("trainer.kubeflow.org", "trainjobs"), ("", "pods"), ("", "pods/log")}
+    assert [r["verbs"] for r in trainjobs] == [["create", "get", "delete"], ["list"], ["get"]]
     bindings = {d["metadata"]["name"]: d for d in docs if d["kind"] == "RoleBinding"}
     assert bindings["coaflow-pipeline-deploy"]["subjects"][0]["name"] == "coaflow"
+    assert bindings["coaflow-pipeline-trainjobs"]["subjects"][0]["name"] == "coaflow"
+    kfp = render(ROOT / "helm" / "coaflow-pipeline",
+                 {"rbac": {"trainjobs": {"serviceAccounts": ["default-editor"]}}})
+    binding = next(d for d in kfp if d["metadata"]["name"] == "coaflow-pipeline-trainjobs"
+                   and d["kind"] == "RoleBinding")
+    assert [s["name"] for s in binding["subjects"]] == ["coaflow", "default-editor"]

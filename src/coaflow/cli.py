@@ -181,17 +181,18 @@ def stage_cmd(name, config, out, inputs, overrides, run_id, no_cache):
     coaflow stage sft  --config tiny --out /tmp/sft --input gate=/tmp/gate --set sft.epochs=1
 
     The folder holds result.json (paths inside it relative, so it can move) and ends with the
-    .complete marker; rerunning with the same config and inputs is a cache hit.
+    .complete marker; rerunning with the same config and inputs is a cache hit. A stage named
+    by several --input options is one an engine ran in shards (synthesize.shards).
     """
     from coaflow.config import load_config
     from coaflow.runner import execute
 
-    pairs = {}
+    pairs: dict[str, list[str]] = {}  # a stage named twice or more: its shards' folders
     for item in inputs:
         stage, sep, folder = item.partition("=")
         if not sep or not stage or not folder:
             raise UserError(f"--input {item!r}: expected STAGE=DIR, e.g. gate=/data/r1/gate")
-        pairs[stage] = folder
+        pairs.setdefault(stage, []).append(folder)
     cfg = load_config(config, overrides)
     result = execute(name, cfg, out, pairs, run_id=run_id, use_cache=not no_cache)
     _report({name: result})

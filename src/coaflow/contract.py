@@ -22,6 +22,11 @@ completion marker ``.complete`` holding the stage's cache key (``coaflow.runner`
 Paths in ``result.json`` that lie inside the stage folder are stored relative to it (``./model``),
 so a stage folder copied to another machine or an object store still resolves.
 
+A stage an engine fanned out (synthesize in ``synthesize.shards`` workers) leaves one folder per
+shard, each naming its index in ``summary.shard``; the stage after it gets them all
+(``--input synthesize=S0 --input synthesize=S1``) as one ``Result`` whose ``parts`` are the
+shards in index order (``merge_shards``; ``Result.paths(name)`` lists an output of each).
+
 The graph: ``ORDER`` is the pipeline order; ``reads(name)`` the stages whose folders a stage gets
 (its NEEDS, then the OPTIONAL ones that exist); ``PROMOTION`` the stage whose refusal (exit 4)
 skips the stages after it. The CLI runner, the Airflow DAG and the Kubeflow pipeline all wire
@@ -47,7 +52,7 @@ if TYPE_CHECKING:
     from coaflow.tracking import Tracker
 
 __all__ = ["MARKER", "ORDER", "PROMOTION", "RESULT", "STAGES", "Context", "PipelineError",
-           "PromotionRefused", "Result", "load_stage", "read_result", "reads"]
+           "PromotionRefused", "Result", "load_stage", "merge_shards", "read_result", "reads"]
 
 # Pipeline order. A stage is listed (CLI, config, runner) once its module exists: nothing here
 # pretends to work before it does.
@@ -121,12 +126,20 @@ class Result:
     summary: dict[str, Any] = field(default_factory=dict)
     cached: bool = False
     key: str | None = None  # the cache key of the stage folder it came from
+    parts: list[Result] = field(default_factory=list)  # a stage run in shards: one per shard
 
     def path(self, name: str) -> Path:
+        if self.parts:
+            raise PipelineError(f"output {name!r}: the stage ran in {len(self.parts)} shards, "
+                                "one folder each (read them with paths())")
         if name not in self.outputs:
             raise PipelineError(f"the stage result has no output {name!r} "
                                 f"(outputs: {', '.join(self.outputs) or 'none'})")
         return Path(self.outputs[name])
+
+    def paths(self, name: str) -> list[Path]:
+        """Output ``name`` of every shard, in shard order (one path for an unsharded stage)."""
+        return [p.path(name) for p in self.parts] if self.parts else [self.path(name)]
 
     def to_json(self, base: Path | None = None) -> dict:
         """JSON for ``result.json``; outputs inside ``base`` become ``./relative`` paths."""
@@ -138,6 +151,28 @@ class Result:
         outputs = {k: resolve_output(v, base) for k, v in dict(d.get("outputs", {})).items()}
         return cls(outputs=outputs, metrics=dict(d.get("metrics", {})),
                    summary=dict(d.get("summary", {})))
+
+
+SHARD = "shard"  # summary key of a shard's folder: {"index": i, "of": n, ...}
+
+
+def merge_shards(stage: str, parts: list[Result]) -> Result:
+    """One input of a stage whose engine ran it in shards (several folders for one stage):
+    the shards in index order, each exactly once; its key is theirs, in that order."""
+    if len(parts) == 1:
+        return parts[0]
+    infos = [p.summary.get(SHARD) for p in parts]
+    if any(not isinstance(i, dict) for i in infos):
+        raise PipelineError(f"input {stage}: {len(parts)} folders, but not all of them are "
+                            "shards of one run (a shard's result.json names its index)")
+    counts = {i["of"] for i in infos}
+    order = sorted(range(len(parts)), key=lambda k: infos[k]["index"])
+    if counts != {len(parts)} or [infos[k]["index"] for k in order] != list(range(len(parts))):
+        raise PipelineError(f"input {stage}: shards {sorted(i['index'] for i in infos)} of "
+                            f"{sorted(counts)}: every shard of one run, once each")
+    parts = [parts[k] for k in order]
+    return Result(summary={SHARD: {"of": len(parts)}}, parts=parts,
+                  key="+".join(p.key or "" for p in parts))
 
 
 def read_result(stage_dir: Path) -> Result | None:

@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from coaflow.contract import (
     Result,
     check_run_id,
     load_stage,
+    merge_shards,
     needs,
     new_run_id,
     read_result,
@@ -172,11 +173,13 @@ def check_out_dir(name: str, out: Path, inputs: Mapping[str, Path | str]) -> Non
         real = out.resolve(strict=False)
     except (OSError, RuntimeError) as e:  # a symlink loop
         raise PipelineError(f"--out {out}: cannot resolve ({e})") from None
-    for stage, folder in inputs.items():
-        src = Path(folder).resolve()
-        if real == src or real in src.parents or src in real.parents:
-            raise PipelineError(f"--out {out}: overlaps the input {stage}={folder} (the same "
-                                f"folder, inside it or holding it): pick a separate folder")
+    for stage, value in inputs.items():
+        for folder in folders(value):
+            src = folder.resolve()
+            if real == src or real in src.parents or src in real.parents:
+                raise PipelineError(f"--out {out}: overlaps the input {stage}={folder} (the "
+                                    f"same folder, inside it or holding it): pick a separate "
+                                    f"folder")
     if real.exists() and not real.is_dir():
         raise PipelineError(f"--out {out}: exists and is not a folder")
     if not _owned_by(real, name):
@@ -249,19 +252,30 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 # --- the one entry point --------------------------------------------------------------------
 
-def stage_inputs(module, inputs: Mapping[str, Path | str]) -> dict[str, Result]:
-    """Read the completed input folders a stage needs; one clear error for each problem."""
+def folders(value: Path | str | Sequence[Path | str]) -> list[Path]:
+    """The folders of one input: one, or a list (a stage an engine ran in shards)."""
+    return [Path(value)] if isinstance(value, str | Path) else [Path(v) for v in value]
+
+
+def stage_inputs(module, inputs: Mapping[str, Path | str | Sequence[Path | str]]
+                 ) -> dict[str, Result]:
+    """Read the completed input folders a stage needs; one clear error for each problem. An
+    input given as several folders is a stage run in shards (``contract.merge_shards``)."""
     results: dict[str, Result] = {}
-    for n, d in inputs.items():
-        r = read_result(Path(d))
-        if r is None:
-            raise PipelineError(f"input {n}={d}: not a completed stage folder (no {RESULT} and "
-                                f"{MARKER}): the {n} stage did not finish there")
-        owner = Path(d) / OWNER
-        made_by = owner.read_text().strip() if owner.is_file() else n
-        if made_by != n:
-            raise PipelineError(f"input {n}={d}: a folder of stage {made_by!r}, not {n!r}")
-        results[n] = r
+    for n, value in inputs.items():
+        parts = []
+        for d in folders(value):
+            r = read_result(d)
+            if r is None:
+                raise PipelineError(f"input {n}={d}: not a completed stage folder (no {RESULT} "
+                                    f"and {MARKER}): the {n} stage did not finish there")
+            owner = d / OWNER
+            made_by = owner.read_text().strip() if owner.is_file() else n
+            if made_by != n:
+                raise PipelineError(f"input {n}={d}: a folder of stage {made_by!r}, not {n!r}")
+            parts.append(r)
+        if parts:
+            results[n] = merge_shards(n, parts)
     missing = [n for n in needs(module) if n not in results]
     if missing:
         raise PipelineError(f"stage {module.NAME!r} needs the output of {', '.join(missing)} "

@@ -125,3 +125,55 @@ def test_all_stages_wire_optional_inputs_and_deploy_only_after_a_promotion(monke
     assert not tasks["deploy"][0]["cachingOptions"].get("enableCache", False)
     gpu = {n for n in tasks if "nodeSelector" in platform[f"exec-{n}"]}
     assert gpu == {"sft", "rl", "evaluate"}
+
+
+SHAPED = ["synthesize.shards=3", "sft.nodes=2", "sft.gpus_per_node=8"]
+
+
+def test_a_profile_with_shards_and_a_multi_node_sft_fans_out_and_launches(tmp_path):
+    """Compiled for synthesize.shards=3 and sft on 2 x 8 GPUs: synthesize runs in a ParallelFor
+    over the shard indexes, the gate collects every shard's folder, and the sft task is the
+    launcher (CPU image, no GPU, the PVC) that submits the TrainJob of the stage."""
+    ks = k8s.load()
+    spec, platform = _docs(compile_pipeline(tmp_path / "shaped.yaml", ks, "default", SHAPED))
+    comps, root = spec["components"], spec["root"]
+    by_name = {t["taskInfo"]["name"]: (key, t) for key, t in root["dag"]["tasks"].items()}
+    loop_key, loop = by_name["synthesize-shards"]
+    assert loop["parameterIterator"]["items"]["raw"] == "[0, 1, 2]"
+    inner = comps[loop["componentRef"]["name"]]["dag"]["tasks"]["synthesize"]
+    params = inner["inputs"]["parameters"]
+    assert params["shard"]["componentInputParameter"].startswith("pipelinechannel--loop-item")
+    assert params["shape"]["runtimeValue"]["constant"] == {
+        "shards": 3, "launched": {"sft": [2, 8]}}
+    gate = root["dag"]["tasks"]["gate"]
+    fan_in = gate["inputs"]["artifacts"]["synthesize_shards"]["taskOutputArtifact"]
+    assert fan_in == {"outputArtifactKey": "pipelinechannel--synthesize-result",
+                      "producerTask": loop_key}
+    assert "sft" not in by_name  # the stage's task is its launcher, named so in the UI
+    sft = root["dag"]["tasks"]["launch-sft"]
+    assert sft["componentRef"]["name"] == "comp-launch-sft"
+    assert root["dag"]["tasks"]["rl"]["inputs"]["artifacts"]["sft"]["taskOutputArtifact"][
+        "producerTask"] == "launch-sft"  # the stage folder it copied back is the sft result
+    launch = sft["inputs"]["parameters"]["launch"]["runtimeValue"]["constant"]
+    assert (launch["nodes"], launch["gpus_per_node"]) == (2, 8)
+    assert launch["settings"] == ks.model_dump(mode="json")  # what the TrainJob's nodes get
+    container = spec["deploymentSpec"]["executors"]["exec-launch-sft"]["container"]
+    assert container["image"] == ks.images.cpu and "accelerator" not in container["resources"]
+    assert container["resources"]["resourceMemoryLimit"] == ks.launcher.memory
+    ex = platform["exec-launch-sft"]
+    assert ex["pvcMount"][0]["mountPath"] == ks.mount_path and "nodeSelector" not in ex
+    # rl stays one GPU pod; the runs' defaults are the profile and overrides compiled for
+    assert spec["deploymentSpec"]["executors"]["exec-rl"]["container"]["image"] == ks.images.gpu
+    defaults = root["inputDefinitions"]["parameters"]
+    assert defaults["overrides"]["defaultValue"] == SHAPED
+    assert defaults["profile"]["defaultValue"] == "default"
+
+
+def test_the_default_profile_compiles_to_one_task_per_stage():
+    """shards=1 and one GPU per training stage: no loop, no launcher (the committed YAML)."""
+    spec, _ = _docs(COMPILED)
+    assert "synthesize" in spec["root"]["dag"]["tasks"]
+    assert not [t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
+    assert not [c for c in spec["components"] if "launch-" in c]
+    first = spec["root"]["dag"]["tasks"]["synthesize"]["inputs"]["parameters"]["shape"]
+    assert first["runtimeValue"]["constant"] == {"shards": 1, "launched": {}}

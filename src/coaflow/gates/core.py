@@ -298,8 +298,10 @@ class _LineShards:
             self.fh = None
 
 
-def gate(input_path: str | Path, out_dir: str | Path, cfg, seed: int = 0, log=print) -> dict:
-    """Gate every trajectory under ``input_path`` into ``out_dir``; returns the report.
+def gate(input_path: str | Path | list, out_dir: str | Path, cfg, seed: int = 0,
+         log=print) -> dict:
+    """Gate every trajectory under ``input_path`` (a file or folder, or a list of them read in
+    order: the shards of a fanned-out synthesize) into ``out_dir``; returns the report.
 
     Raises ``GateError`` when the input holds no records or an expectation fails (the report,
     the quarantine and the Data Docs are written first either way)."""
@@ -307,7 +309,10 @@ def gate(input_path: str | Path, out_dir: str | Path, cfg, seed: int = 0, log=pr
     out.mkdir(parents=True, exist_ok=True)
     timings: Counter = Counter()
     t_start = time.perf_counter()
-    files, skipped = input_files(input_path)
+    files, skipped = [], []
+    for path in input_path if isinstance(input_path, list | tuple) else [input_path]:
+        more, other = input_files(path)
+        files, skipped = files + more, skipped + other
     if cfg.expectations:  # GX takes seconds to import: do it while the records are checked
         threading.Thread(target=_import_gx, args=(timings,), daemon=True).start()
     try:  # here, not in the workers: a bad tokenizer or test file fails once, clearly
@@ -410,7 +415,8 @@ def _report(input_path, files: list[Path], skipped: list[str], frame, reasons: C
         per_suite[str(suite)] = {"in": len(g), "accepted": int(g["accepted"].sum()),
                                  "rejected": dict(Counter(r for rs in g["reasons"] for r in
                                                           rs.split(",") if r))}
-    return {"input": str(input_path), "files": [str(f) for f in files], "skipped_files": skipped,
+    return {"input": [str(p) for p in input_path] if isinstance(input_path, list | tuple)
+            else str(input_path), "files": [str(f) for f in files], "skipped_files": skipped,
             "in": n_in, "accepted": n_acc, "rejected": n_in - n_acc,
             "accepted_fraction": n_acc / n_in, "reasons": dict(reasons.most_common()),
             "suites": per_suite, "quarantine": str(quarantine)}

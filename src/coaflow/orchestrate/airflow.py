@@ -48,6 +48,9 @@ from coaflow.errors import (
 from coaflow.orchestrate import k8s
 from coaflow.orchestrate.command import local, stage_argv
 from coaflow.orchestrate.k8s import GPU_RESOURCE, KubernetesSettings, PodResources, SecretEnv
+from coaflow.orchestrate.shape import Shape, check, of_profile
+
+SHARDED = "synthesize"  # the stage mapped over its shards (synthesize.shards)
 
 __all__ = ["GPU_RESOURCE", "KubernetesSettings", "PodResources", "SecretEnv", "Settings",
            "load_settings", "pod_spec", "plan", "task_argv", "outcome"]
@@ -228,24 +231,70 @@ def plan(params: Mapping[str, Any], airflow_run_id: str, settings: Settings,
     profile = str(params.get("profile") or settings.profile)
     overrides = [f"run.workdir={settings.run_workdir}"] + overrides_from_params(params, stages)
     cfg = load_config(profile, overrides)
+    check(dag_shape(settings), cfg, f"the DAG was parsed for its settings' profile "
+          f"{settings.profile!r}: set the DAG's profile (COAFLOW_AIRFLOW_PROFILE) to one of this "
+          "shape, or trigger a run of the DAG's shape")
     run_id = safe_run_id(airflow_run_id)
     run_dir = Path(cfg.run.workdir).expanduser()
     if not run_dir.is_absolute() and settings.mode == "local":
         run_dir = run_dir.resolve()
     return {"profile": profile, "overrides": overrides, "run_id": run_id,
-            "run_dir": str(run_dir / "runs" / run_id)}
+            "run_dir": str(run_dir / "runs" / run_id), "shape": Shape.of(cfg).to_json()}
 
 
-def task_argv(stage: str, the_plan: Mapping[str, Any], inputs: Mapping[str, str]) -> list[str]:
+def dag_shape(settings: Settings) -> Shape:
+    """The graph's shape, from the settings' profile when the DAG is parsed: synthesize mapped
+    over ``synthesize.shards`` workers, sft / rl past one GPU process as a TrainJob launcher."""
+    return of_profile(settings.profile)
+
+
+def task_out(stage: str, the_plan: Mapping[str, Any], shard: int | None = None) -> str:
+    """The stage folder of a task: ``<run dir>/NAME``; shard i of synthesize: ``NAME-i``."""
+    return f"{the_plan['run_dir']}/{stage}" + (f"-{shard}" if shard is not None else "")
+
+
+def task_argv(stage: str, the_plan: Mapping[str, Any], inputs: Mapping[str, Any],
+              shard: int | None = None) -> list[str]:
     """``coaflow stage`` for one stage of a planned run: the argv of both modes."""
-    return stage_argv(stage, profile=the_plan["profile"], out=f"{the_plan['run_dir']}/{stage}",
-                      inputs=inputs, overrides=the_plan["overrides"], run_id=the_plan["run_id"])
+    overrides = list(the_plan["overrides"]) + ([f"{stage}.shard={shard}"] if shard is not None
+                                               else [])
+    return stage_argv(stage, profile=the_plan["profile"], out=task_out(stage, the_plan, shard),
+                      inputs=inputs, overrides=overrides, run_id=the_plan["run_id"])
 
 
-def stage_inputs(stage: str, done: Mapping[str, Mapping | None]) -> dict[str, str]:
-    """Input folders for ``stage`` from its upstream tasks' XComs (``None``: skipped or absent):
-    every NEEDS and the OPTIONAL stages that ran."""
-    return {n: done[n]["dir"] for n in contract.reads(stage) if done.get(n)}
+def launched(stage: str, the_plan: Mapping[str, Any]) -> tuple[int, int] | None:
+    """``(nodes, gpus_per_node)`` when the planned run launches ``stage`` as a TrainJob."""
+    size = Shape.from_json(the_plan.get("shape") or {}).launched.get(stage)
+    return tuple(size) if size else None
+
+
+def command_argv(stage: str, the_plan: Mapping[str, Any], inputs: Mapping[str, Any],
+                 ks: KubernetesSettings | None = None, shard: int | None = None,
+                 python: str = "python") -> list[str]:
+    """What a task runs: the stage argv, or for a launched stage the TrainJob launcher in front
+    of it (``python -m coaflow.orchestrate.trainjob ... -- coaflow stage ...``), which submits
+    the same argv to every node and exits with the stage's code."""
+    argv = task_argv(stage, the_plan, inputs, shard)
+    size = launched(stage, the_plan)
+    if size is None:
+        return argv
+    return [python, "-m", "coaflow.orchestrate.trainjob", "--nodes", str(size[0]),
+            "--gpus-per-node", str(size[1]), "--k8s-json", (ks or k8s.load()).model_dump_json(),
+            "--", *argv]
+
+
+def stage_inputs(stage: str, done: Mapping[str, Any]) -> dict[str, Any]:
+    """Input folders for ``stage`` from its upstream tasks' XComs (``None``: skipped or absent;
+    a sequence: the XComs of a mapped task, one folder per shard): every NEEDS and the
+    OPTIONAL stages that ran."""
+    out: dict[str, Any] = {}
+    for n in contract.reads(stage):
+        value = done.get(n)
+        if isinstance(value, Mapping):
+            out[n] = value["dir"]
+        elif value:  # a mapped task: its XComs in map index order
+            out[n] = [x["dir"] for x in value if x]
+    return out
 
 
 # --- exit codes -> what Airflow does -------------------------------------------------------
@@ -307,12 +356,17 @@ def raise_for(stage: str, code: int, tail: str = "") -> None:
     raise AirflowFailException(msg)
 
 
-def run_local(stage: str, the_plan: Mapping[str, Any], inputs: Mapping[str, str],
-              python: str | None = None) -> dict[str, Any]:
+def run_local(stage: str, the_plan: Mapping[str, Any], inputs: Mapping[str, Any],
+              python: str | None = None, shard: int | None = None,
+              ks: KubernetesSettings | None = None) -> dict[str, Any]:
     """Run the stage's argv in a subprocess on this worker (output streamed to the task log);
-    return its XCom, or raise what Airflow retries / fails on."""
-    argv = task_argv(stage, the_plan, inputs)
+    return its XCom, or raise what Airflow retries / fails on. A launched stage runs the
+    TrainJob launcher here instead (it needs the worker to reach a cluster)."""
+    argv = task_argv(stage, the_plan, inputs, shard)
     cmd = local(argv, python)
+    if launched(stage, the_plan):
+        argv = command_argv(stage, the_plan, inputs, ks, shard, python or sys.executable)
+        cmd = argv
     print("+ " + shlex.join(argv), flush=True)
     env = {**os.environ, "COAFLOW_RUN_ID": the_plan["run_id"], "PYTHONUNBUFFERED": "1"}
     tail: list[str] = []
@@ -323,7 +377,7 @@ def run_local(stage: str, the_plan: Mapping[str, Any], inputs: Mapping[str, str]
             tail = (tail + [line.rstrip()])[-5:]
         code = proc.wait()
     if outcome(code) in ("ok", "refused"):
-        return xcom_value(stage, f"{the_plan['run_dir']}/{stage}", code)
+        return xcom_value(stage, task_out(stage, the_plan, shard), code)
     raise_for(stage, code, " | ".join(x for x in tail if x)[-500:])
     return {}  # unreachable: raise_for always raises
 
@@ -353,11 +407,14 @@ def record_failure(context: Mapping[str, Any]) -> None:
 
 # --- kubernetes mode -----------------------------------------------------------------------
 
-def pod_command(stage: str, the_plan: Mapping[str, Any], inputs: Mapping[str, str]) -> list[str]:
-    """The pod's command: the stage argv, then its XCom for the sidecar; a refused promotion
-    (4) exits 0 so the branch after it decides, every other code is the stage's own."""
-    out = f"{the_plan['run_dir']}/{stage}"
-    script = (f"{shlex.join(task_argv(stage, the_plan, inputs))}; rc=$?; "
+def pod_command(stage: str, the_plan: Mapping[str, Any], inputs: Mapping[str, Any],
+                shard: int | None = None, ks: KubernetesSettings | None = None) -> list[str]:
+    """The pod's command: the stage argv (or, for a launched stage, the TrainJob launcher with
+    it), then its XCom for the sidecar; a refused promotion (4) exits 0 so the branch after it
+    decides, every other code is the stage's own."""
+    out = task_out(stage, the_plan, shard)
+    argv = command_argv(stage, the_plan, inputs, ks, shard)
+    script = (f"{shlex.join(argv)}; rc=$?; "
               f"mkdir -p {Path(XCOM_FILE).parent} && python -m coaflow.orchestrate.airflow xcom "
               f"{shlex.quote(stage)} {shlex.quote(out)} $rc > {XCOM_FILE}; "
               f"if [ $rc -eq {EXIT_PROMOTION} ]; then exit 0; fi; exit $rc")
@@ -375,16 +432,18 @@ def container_security(uid: int | None = None):
         run_as_user=uid, run_as_group=uid)
 
 
-def pod_spec(stage: str, settings: Settings, command: Sequence[str], run_id: str = ""):
+def pod_spec(stage: str, settings: Settings, command: Sequence[str], run_id: str = "",
+             launcher: bool = False):
     """The ``V1Pod`` for one stage: the base container (KubernetesPodOperator's ``base``) runs
     ``command`` in the stage's image (GPU stages the GPU image, the rest the CPU one), as the
     images' non-root user, with the run's PVC, secrets, MLflow ConfigMap and, for GPU stages,
     GPU limits, tolerations, a node selector and a RAM-backed /dev/shm. Every value comes from
-    the Kubernetes settings file the Kubeflow pipeline reads too."""
+    the Kubernetes settings file the Kubeflow pipeline reads too. A ``launcher`` (the pod that
+    submits a stage's TrainJob) is a CPU pod with the launcher's resources."""
     from kubernetes.client import models as km
 
     ks = settings.kubernetes
-    res = ks.for_stage(stage)
+    res = ks.launcher if launcher else ks.for_stage(stage)
     limits = {"cpu": res.cpu, "memory": res.memory}
     if res.gpus:
         limits[GPU_RESOURCE] = str(res.gpus)
@@ -403,7 +462,8 @@ def pod_spec(stage: str, settings: Settings, command: Sequence[str], run_id: str
         volumes.append(km.V1Volume(name="dshm", empty_dir=km.V1EmptyDirVolumeSource(
             medium="Memory", size_limit=ks.shm_size)))
     container = km.V1Container(
-        name="base", image=ks.image_for(stage), image_pull_policy=ks.image_pull_policy,
+        name="base", image=ks.images.cpu if launcher else ks.image_for(stage),
+        image_pull_policy=ks.image_pull_policy,
         command=list(command), env=env, env_from=env_from, volume_mounts=mounts,
         resources=km.V1ResourceRequirements(requests=dict(limits), limits=limits),
         security_context=container_security(ks.uid))
@@ -436,19 +496,29 @@ def harden_sidecar(pod, settings: Settings):
     return pod
 
 
-def pod_operator(stage: str, settings: Settings):
+def pod_operator(stage: str, settings: Settings, shape: Shape | None = None):
     """A KubernetesPodOperator for ``stage``: its pod is built at run time from the run's plan
-    and its inputs' XComs; a failed pod is retried only for the retryable exit codes."""
+    and its inputs' XComs; a failed pod is retried only for the retryable exit codes. With
+    ``shape`` (the DAG's): synthesize is mapped over its shards (``.expand(shard=...)``), and a
+    launched stage's pod is the TrainJob launcher on the CPU image."""
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+    shape = shape or Shape()
+    launcher = stage in shape.launched
+
     class CoaflowPodOperator(KubernetesPodOperator):
+        def __init__(self, *, shard: int | None = None, **kwargs):
+            super().__init__(**kwargs)
+            self.shard = shard
+
         def execute(self, context):
             ti = context["ti"]
             the_plan = ti.xcom_pull(task_ids="configure")
             inputs = pull_inputs(ti, stage, self.dag.task_ids)
-            command = pod_command(stage, the_plan, inputs)
-            self.full_pod_spec = pod_spec(stage, settings, command, the_plan["run_id"])
+            command = pod_command(stage, the_plan, inputs, self.shard, settings.kubernetes)
+            self.full_pod_spec = pod_spec(stage, settings, command, the_plan["run_id"],
+                                          launcher=launcher)
             return super().execute(context)
 
         def build_pod_request_obj(self, context=None):
@@ -467,16 +537,23 @@ def pod_operator(stage: str, settings: Settings):
                 raise
 
     ks = settings.kubernetes
-    return CoaflowPodOperator(
-        task_id=stage, name=f"coaflow-{stage}", namespace=ks.namespace, image=ks.image_for(stage),
+    args = dict(
+        task_id=stage, name=f"coaflow-{'launch-' if launcher else ''}{stage}",
+        namespace=ks.namespace, image=ks.images.cpu if launcher else ks.image_for(stage),
         kubernetes_conn_id=ks.kubernetes_conn_id, in_cluster=ks.in_cluster,
         do_xcom_push=True, get_logs=True, on_finish_action="delete_succeeded_pod",
-        startup_timeout_seconds=ks.startup_timeout_s)
+        startup_timeout_seconds=ks.startup_timeout_s,
+        doc_md=(f"Launches `{stage}` as a Kubeflow Trainer TrainJob on "
+                f"{shape.launched[stage][0]} x {shape.launched[stage][1]} GPUs and waits for it"
+                if launcher else None))
+    if stage == SHARDED and shape.shards > 1:
+        return CoaflowPodOperator.partial(**args).expand(shard=list(range(shape.shards)))
+    return CoaflowPodOperator(**args)
 
 
-def pull_inputs(ti, stage: str, task_ids) -> dict[str, str]:
+def pull_inputs(ti, stage: str, task_ids) -> dict[str, Any]:
     """Input folders for ``stage`` from the XComs of the stage tasks it reads (``ti``: the
-    running task instance; a skipped or absent stage is left out)."""
+    running task instance; a skipped or absent stage is left out; a mapped one gives a list)."""
     return stage_inputs(stage, {n: ti.xcom_pull(task_ids=n) for n in task_ids
                                 if n in contract.STAGES and n != stage})
 

@@ -10,10 +10,12 @@ import sys
 from collections.abc import Mapping, Sequence
 
 
-def stage_argv(stage: str, *, profile: str, out: str, inputs: Mapping[str, str | None] = {},  # noqa: B006
+def stage_argv(stage: str, *, profile: str, out: str,
+               inputs: Mapping[str, str | Sequence[str] | None] = {},  # noqa: B006
                overrides: Sequence[str] = (), run_id: str | None = None) -> list[str]:
     """``coaflow stage`` for one stage: its profile, its folder, its overrides and the folders
-    of the stages it reads (``None``: that stage did not run).
+    of the stages it reads (``None``: that stage did not run; a list: the folders of a stage
+    run in shards, in shard order, one ``--input`` each).
 
     >>> stage_argv("sft", profile="tiny", out="/o", inputs={"gate": "/g", "rl": None},
     ...            overrides=["sft.epochs=1"], run_id="r1")
@@ -26,8 +28,9 @@ def stage_argv(stage: str, *, profile: str, out: str, inputs: Mapping[str, str |
     for item in overrides:
         argv += ["--set", item]
     for name, folder in sorted(inputs.items()):
-        if folder is not None:
-            argv += ["--input", f"{name}={folder}"]
+        for one in [folder] if isinstance(folder, str) or folder is None else folder:
+            if one is not None:
+                argv += ["--input", f"{name}={one}"]
     return argv
 
 

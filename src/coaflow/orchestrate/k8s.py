@@ -71,6 +71,11 @@ class KubernetesSettings(_Strict):
     in_cluster: bool = Field(True, description="Airflow itself runs in the cluster")
     startup_timeout_s: int = Field(900, ge=1, description="time to pull the image and schedule")
 
+    launcher: PodResources = Field(
+        default_factory=lambda: PodResources(cpu="1", memory="2Gi"),
+        description="the pod that submits a stage's Trainer TrainJob and waits for it (CPU "
+        "image; it copies KFP artifacts to and from the PVC)")
+
     def for_stage(self, stage: str) -> PodResources:
         return self.resources.get(stage) or self.resources.get("default") or PodResources()
 

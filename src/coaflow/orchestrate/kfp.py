@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, List  # noqa: UP035 - List: KFP's list-of-artifacts annotation
 
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Metrics, Output
@@ -52,18 +52,41 @@ EXIT_FILE = "exit_code"  # left in a failed task's result folder
 BACKOFF_S = 10.0  # first wait before retrying an exit 75; doubles each time
 
 
+def _path(artifact: Any) -> Any:
+    """An input artifact's local folder; a list (the shards of a fanned-out stage) of them."""
+    if isinstance(artifact, list | tuple):
+        return [_path(a) for a in artifact]
+    return artifact.path if artifact is not None and hasattr(artifact, "path") else artifact
+
+
 def run_component(stage: str, *, profile: str, overrides: Sequence[str], seed: int, workdir: str,
                   tracking_uri: str, retries: int, out: str, inputs: Mapping[str, Any],
-                  run_id: str = "", metrics: Any = None, backoff_s: float = BACKOFF_S) -> str:
-    """Run ``stage`` as a KFP component; ``inputs`` maps stage -> input artifact (or None).
+                  run_id: str = "", metrics: Any = None, backoff_s: float = BACKOFF_S,
+                  shard: int = -1, shape: Mapping[str, Any] | None = None,
+                  launch: Mapping[str, Any] | None = None) -> str:
+    """Run ``stage`` as a KFP component; ``inputs`` maps stage -> input artifact (or None, or a
+    list: a stage run in shards). ``shard`` >= 0: synthesize's slice; ``shape``: the shape the
+    pipeline was compiled for, checked against the run's config first (exit 2 when they
+    differ); ``launch`` (nodes, gpus_per_node, settings): run the stage as a Trainer TrainJob
+    from here (``orchestrate.trainjob.launch``) instead of in this pod.
     Returns ``"done"`` or ``"refused"``; exits with the stage's code on any other failure."""
-    paths = {n: (a.path if a is not None and hasattr(a, "path") else a) for n, a in inputs.items()}
+    paths = {n: _path(a) for n, a in inputs.items()}
     overrides = [*overrides, f"run.seed={seed}"] + ([f"run.workdir={workdir}"] if workdir else [])
+    if shard >= 0:
+        overrides.append(f"{stage}.shard={shard}")
+    if shape:
+        _check_shape(shape, profile, overrides)
     argv = local(stage_argv(stage, profile=profile, out=out, inputs=paths, overrides=overrides,
                             run_id=run_id or None))
     env = dict(os.environ, **({MLFLOW_ENV: tracking_uri} if tracking_uri else {}))
     for attempt in range(retries + 1):
-        code = subprocess.call(argv, env=env)
+        if launch:  # the nodes get MLflow's URI from the ConfigMap, or from this override
+            code = _launch(stage, launch, profile=profile, out=out, inputs=paths,
+                           overrides=overrides + ([f"tracking.uri={tracking_uri}"]
+                                                  if tracking_uri else []),
+                           run_id=run_id or os.environ.get(RUN_ID_ENV, ""))
+        else:
+            code = subprocess.call(argv, env=env)
         if code != EXIT_RETRY or attempt == retries:
             break
         wait = backoff_s * 2 ** attempt
@@ -82,10 +105,34 @@ def run_component(stage: str, *, profile: str, overrides: Sequence[str], seed: i
     return REFUSED if code == EXIT_PROMOTION else DONE
 
 
+def _check_shape(shape: Mapping[str, Any], profile: str, overrides: Sequence[str]) -> None:
+    from coaflow.config import load_config
+    from coaflow.errors import UserError
+    from coaflow.orchestrate.shape import Shape, check
+
+    try:
+        check(Shape.from_json(dict(shape)), load_config(profile, list(overrides)),
+              "recompile the pipeline for it (python -m components.coaflow_pipeline --profile "
+              "PROFILE [--set KEY=VALUE ...]) or run a profile of this shape")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+
+
+def _launch(stage: str, launch: Mapping[str, Any], **kw) -> int:
+    from coaflow.orchestrate import trainjob
+
+    ks = KubernetesSettings.model_validate(launch["settings"])
+    return trainjob.launch(stage, ks=ks, nodes=int(launch["nodes"]),
+                           gpus_per_node=int(launch["gpus_per_node"]),
+                           log=lambda line: print(line, flush=True), **kw)
+
+
 # --- the pipeline --------------------------------------------------------------------------------
 
 UPSTREAM = contract.ORDER[:-1]  # the stages a task can read: every one but the last
 MLFLOW_ENV = "MLFLOW_TRACKING_URI"  # the key of the MLflow ConfigMap every stage reads
+RUN_ID_ENV = "COAFLOW_RUN_ID"  # the KFP run's name, from the pod's annotation
 RUN_NAME_FIELD = "metadata.annotations['pipelines.kubeflow.org/run_name']"
 
 
@@ -94,34 +141,39 @@ def stage_task(stage: str, profile: str, overrides: list, seed: int, workdir: st
                metrics: Output[Metrics], synthesize: Input[Artifact] = None,
                gate: Input[Artifact] = None, sft: Input[Artifact] = None,
                rl: Input[Artifact] = None, evaluate: Input[Artifact] = None,
-               register: Input[Artifact] = None) -> str:
-    """Run coaflow stage ``stage`` from the upstream stage folders its task is wired to."""
+               register: Input[Artifact] = None,
+               synthesize_shards: Input[List[Artifact]] = None,  # noqa: UP006 - KFP reads it
+               shard: int = -1, shape: dict = {}, launch: dict = {}) -> str:  # noqa: B006
+    """Run coaflow stage ``stage`` from the upstream stage folders its task is wired to (or, with
+    ``launch``, as a Trainer TrainJob submitted and waited for from here)."""
     from coaflow.orchestrate.kfp import run_component
 
-    upstream = {"synthesize": synthesize, "gate": gate, "sft": sft, "rl": rl,
-                "evaluate": evaluate, "register": register}
+    upstream = {"synthesize": synthesize_shards or synthesize, "gate": gate, "sft": sft,
+                "rl": rl, "evaluate": evaluate, "register": register}
     return run_component(stage, profile=profile, overrides=overrides, seed=seed,
                          workdir=workdir, tracking_uri=tracking_uri, run_id=run_id,
                          retries=retries, out=result.path, metrics=metrics,
-                         inputs={n: a for n, a in upstream.items() if a is not None})
+                         inputs={n: a for n, a in upstream.items() if a is not None},
+                         shard=shard, shape=shape, launch=launch)
 
 
-def stage_component(name: str, image: str):
+def stage_component(name: str, image: str, component_name: str | None = None):
     """``stage_task`` as the component of stage ``name`` (its tasks are named after it)."""
     unknown = set(contract.reads(name)) - set(UPSTREAM)
     if unknown:
         raise ValueError(f"stage {name!r} reads {sorted(unknown)}: stage_task has no such input")
     component = dsl.component(stage_task, base_image=image, install_kfp_package=False)
-    component.name = component.component_spec.name = name
+    component.name = component.component_spec.name = component_name or name
     return component
 
 
-def configure(task, name: str, ks: KubernetesSettings) -> None:
+def configure(task, name: str, ks: KubernetesSettings, launcher: bool = False) -> None:
     """Resources (requests = limits), caching and the Kubernetes settings of one stage task, as
-    the Airflow DAG gives the same stage's pod."""
+    the Airflow DAG gives the same stage's pod; a ``launcher`` (a TrainJob's submitter) gets the
+    launcher's resources and no GPU."""
     from kfp import kubernetes
 
-    res = ks.for_stage(name)
+    res = ks.launcher if launcher else ks.for_stage(name)
     task.set_caching_options(getattr(contract.load_stage(name), "CACHE", True))
     task.set_cpu_request(res.cpu).set_cpu_limit(res.cpu)
     task.set_memory_request(res.memory).set_memory_limit(res.memory)
@@ -143,13 +195,30 @@ def configure(task, name: str, ks: KubernetesSettings) -> None:
     kubernetes.use_field_path_as_env(task, "COAFLOW_RUN_ID", RUN_NAME_FIELD)
 
 
-def build_pipeline(ks: KubernetesSettings):
-    """The coaflow pipeline over every stage that exists, its tasks set up by ``ks``."""
+SHARDED = "synthesize"  # the stage that fans out (synthesize.shards)
+LAUNCH_PREFIX = "launch-"  # the component of a stage launched as a TrainJob: launch-sft
+
+
+def build_pipeline(ks: KubernetesSettings, profile: str = "default",
+                   overrides: Sequence[str] = ()):
+    """The coaflow pipeline over every stage that exists, its tasks set up by ``ks``, shaped by
+    the config ``profile`` + ``overrides`` (also the run parameters' defaults): with
+    ``synthesize.shards`` > 1 synthesize fans out in a ``dsl.ParallelFor`` whose result folders
+    the gate collects (``dsl.Collected``); a stage whose ``nodes`` x ``gpus_per_node`` > 1 runs
+    a launcher (component ``launch-<stage>``, the CPU image) that submits and waits for its
+    Trainer TrainJob. Every task of the first stage checks the run's config has that shape."""
+    from coaflow.config import load_config
+    from coaflow.orchestrate.shape import Shape
+
+    shape = Shape.of(load_config(profile, list(overrides)))
     stages = list(contract.STAGES)
-    components = {n: stage_component(n, ks.image_for(n)) for n in stages}
+    components = {n: stage_component(n, ks.images.cpu, LAUNCH_PREFIX + n)
+                  if n in shape.launched else stage_component(n, ks.image_for(n))
+                  for n in stages}
+    settings = ks.model_dump(mode="json")
 
     @dsl.pipeline(name="coaflow", description="Chain-of-Agents training: " + " -> ".join(stages))
-    def coaflow_pipeline(profile: str = "default", overrides: list = [],  # noqa: B006 - a KFP default
+    def coaflow_pipeline(profile: str = profile, overrides: list = list(overrides),  # noqa: B006, B008
                          seed: int = 0, workdir: str = ks.mount_path, tracking_uri: str = "",
                          run_id: str = "", retries: int = 3):
         """``profile``: a profile name or a config file in the image; ``overrides``:
@@ -158,12 +227,28 @@ def build_pipeline(ks: KubernetesSettings):
         attempts after an exit 75 (service unavailable)."""
         params = dict(profile=profile, overrides=overrides, seed=seed, workdir=workdir,
                       tracking_uri=tracking_uri, run_id=run_id, retries=retries)
-        tasks = {}
+        tasks, inputs_of = {}, {}
         with contextlib.ExitStack() as after_promotion:
-            for name in stages:
-                inputs = {s: tasks[s].outputs["result"] for s in contract.reads(name) if s in tasks}
-                tasks[name] = components[name](stage=name, **params, **inputs)
-                configure(tasks[name], name, ks)
+            for i, name in enumerate(stages):
+                inputs = {s: inputs_of[s] for s in contract.reads(name) if s in inputs_of}
+                if SHARDED in inputs and shape.shards > 1:  # the fan-in: every shard's folder
+                    inputs["synthesize_shards"] = inputs.pop(SHARDED)
+                extra = {"shape": shape.to_json()} if i == 0 else {}
+                if name in shape.launched:
+                    nodes, gpus = shape.launched[name]
+                    extra["launch"] = {"nodes": nodes, "gpus_per_node": gpus,
+                                       "settings": settings}
+                if name == SHARDED and shape.shards > 1:
+                    with dsl.ParallelFor(items=list(range(shape.shards)),
+                                         name=f"{name}-shards") as shard:
+                        tasks[name] = components[name](stage=name, shard=shard, **params,
+                                                       **inputs, **extra)
+                        configure(tasks[name], name, ks)
+                    inputs_of[name] = dsl.Collected(tasks[name].outputs["result"])
+                else:
+                    tasks[name] = components[name](stage=name, **params, **inputs, **extra)
+                    configure(tasks[name], name, ks, launcher=name in shape.launched)
+                    inputs_of[name] = tasks[name].outputs["result"]
                 if name == contract.PROMOTION:
                     after_promotion.enter_context(
                         dsl.If(tasks[name].outputs["Output"] != REFUSED, name="promoted"))
@@ -171,10 +256,11 @@ def build_pipeline(ks: KubernetesSettings):
     return coaflow_pipeline
 
 
-def compile_pipeline(path: str | Path, ks: KubernetesSettings) -> Path:
+def compile_pipeline(path: str | Path, ks: KubernetesSettings, profile: str = "default",
+                     overrides: Sequence[str] = ()) -> Path:
     from kfp import compiler
 
-    compiler.Compiler().compile(build_pipeline(ks), str(path))
+    compiler.Compiler().compile(build_pipeline(ks, profile, overrides), str(path))
     return Path(path)
 
 
@@ -199,7 +285,7 @@ def run_local(profile: str, overrides: Sequence[str], seed: int, workdir: Path, 
     from coaflow import report
     from coaflow.orchestrate import k8s
 
-    pipeline = build_pipeline(k8s.load())
+    pipeline = build_pipeline(k8s.load(), profile, overrides)  # shaped by this run's config
     workdir = Path(workdir).resolve()
     root = workdir / "kfp" / run_id
     (root / "workspace").mkdir(parents=True, exist_ok=True)
@@ -222,7 +308,7 @@ def run_local(profile: str, overrides: Sequence[str], seed: int, workdir: Path, 
 
 def link_results(root: Path, run_dir: Path) -> dict[str, Path]:
     """Symlink ``<root>/<pipeline run>/<stage>/result`` to ``<run_dir>/<stage>`` for every task
-    that left a result folder."""
+    that left a result folder (shard i of a fanned-out stage: ``<run_dir>/<stage>-<i>``)."""
     runs = sorted((p for p in root.iterdir() if p.is_dir() and p.name != "workspace"),
                   key=lambda p: p.stat().st_mtime)
     if not runs:
@@ -230,14 +316,18 @@ def link_results(root: Path, run_dir: Path) -> dict[str, Path]:
     run_dir.mkdir(parents=True, exist_ok=True)
     folders = {}
     for stage in contract.ORDER:
-        src = runs[-1] / stage / "result"
-        if src.is_dir():
-            dst = run_dir / stage
-            if dst.is_symlink():
-                dst.unlink()
-            if not dst.exists():
-                dst.symlink_to(src)
-            folders[stage] = src
+        found = {stage: runs[-1] / stage / "result"}
+        # a fanned-out stage: one result per ParallelFor iteration -> <stage>-<i>, as Airflow's
+        for it in runs[-1].glob(f"for-loop-*-iteration-*/{stage}/result"):
+            found[f"{stage}-{it.parent.parent.name.rsplit('-', 1)[1]}"] = it
+        for name, src in sorted(found.items()):
+            if src.is_dir():
+                dst = run_dir / name
+                if dst.is_symlink():
+                    dst.unlink()
+                if not dst.exists():
+                    dst.symlink_to(src)
+                folders[name] = src
     return folders
 
 

@@ -10,22 +10,47 @@ tolerations come from the same Kubernetes settings file as every other stage pod
 (``coaflow.orchestrate.k8s``); the runtime's own pod template is patched through
 ``runtimePatches`` (the runtime's replicated job and container are both named ``node``).
 
+``launch(...)`` is the launch step both engines run on the CPU image when a stage's config asks
+for more than one GPU process (``sft.nodes`` x ``sft.gpus_per_node`` > 1, the same for rl): the
+KFP task of that stage (``orchestrate.kfp``) and the Airflow task (``orchestrate.airflow``, a
+pod running ``python -m coaflow.orchestrate.trainjob``). It puts the stage's folders on the
+shared volume (a KFP artifact lives in the launcher pod, which the nodes cannot see: inputs are
+copied onto the PVC, the stage folder is written there and copied back into the artifact),
+submits the TrainJob through the kubernetes client's ``CustomObjectsApi``, polls its
+conditions (``Complete`` / ``Failed``), prints rank 0's log as it grows and every node's log
+tail at the end, and returns the stage's exit code: 0, or the failed rank's own code as
+torchrun's error summary reports it (2 bad config, 75 retry, ...), else the node container's.
+
 Checked here: the manifest against the Trainer's API models (``kubeflow-trainer-api`` 2.3.0,
-the models of the Kubeflow SDK 0.5). Not built yet: submitting it from a KFP task or an Airflow
-task and waiting for it (the Kubeflow SDK's ``TrainerClient``), and the ``sft.nodes`` /
-``sft.gpus_per_node`` config fields that would choose it.
+the models of the Kubeflow SDK 0.5), and submit -> wait -> logs -> exit code against a fake API
+(``tests/test_trainjob.py``). Not run here: a real Trainer (no cluster).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
+import hashlib
+import json
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 from coaflow.orchestrate.k8s import GPU_RESOURCE, KubernetesSettings
 
 API_VERSION = "trainer.kubeflow.org/v1alpha1"
+GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 RUNTIME = "torch-distributed"
 NODE = "node"  # the torch runtime's replicated job and container
 MANAGER = "coaflow"
+MAX_RESTARTS = 3  # torchrun restarts every rank this often after a lost one (PET_MAX_RESTARTS)
+# labels JobSet puts on the TrainJob's pods (the Kubeflow SDK lists them by the same ones)
+JOBSET_LABEL = "jobset.sigs.k8s.io/jobset-name"
+INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+LAUNCHED = ("sft", "rl")  # the stages whose config has nodes / gpus_per_node
 
 
 def _env(ks: KubernetesSettings, run_id: str) -> list[dict]:
@@ -37,6 +62,7 @@ def _env(ks: KubernetesSettings, run_id: str) -> list[dict]:
     if ks.mlflow_configmap:  # env only (a TrainJob has no envFrom): the one key stages read
         env.append({"name": "MLFLOW_TRACKING_URI", "valueFrom": {"configMapKeyRef": {
             "name": ks.mlflow_configmap, "key": "MLFLOW_TRACKING_URI"}}})
+    env.append({"name": "PET_MAX_RESTARTS", "value": str(MAX_RESTARTS)})  # torchrun's option
     return env
 
 
@@ -88,3 +114,257 @@ def manifest(stage: str, stage_args: Sequence[str], ks: KubernetesSettings, *, n
                     "template": {"spec": pod}}}}]}}}}],
         },
     }
+
+
+# --- which stages are launched, and how big ---------------------------------------------------
+
+def placement(cfg, stage: str) -> tuple[int, int] | None:
+    """``(nodes, gpus_per_node)`` when ``stage``'s config asks for more than one GPU process
+    (a TrainJob), else None (one pod, one process, as every other stage)."""
+    section = getattr(cfg, stage, None) if stage in LAUNCHED else None
+    if section is None:
+        return None
+    size = (int(section.nodes), int(section.gpus_per_node))
+    return size if size != (1, 1) else None
+
+
+def job_name(run_id: str, stage: str, out: str) -> str:
+    """A DNS-1035 name for the TrainJob of ``stage`` writing ``out``, short enough for JobSet's
+    pod names (<= 40 characters). The same task retried gets the same name (and attaches to its
+    job); another run, or a KFP run that reuses a run name, another (``out`` differs)."""
+    digest = hashlib.sha1(f"{run_id}\0{out}".encode()).hexdigest()[:6]
+    base = re.sub(r"[^a-z0-9-]+", "-", f"coaflow-{run_id}".lower()).strip("-")
+    return f"{base[:40 - len(stage) - 8].rstrip('-')}-{digest}-{stage}"
+
+
+# --- submit, wait, logs, exit code ------------------------------------------------------------
+
+def clients():
+    """``(CustomObjectsApi, CoreV1Api)`` of the cluster this runs in (its service account), else
+    of the local kubeconfig."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.CustomObjectsApi(), client.CoreV1Api()
+
+
+def _status(e: Exception) -> int | None:
+    return getattr(e, "status", None)
+
+
+def state(job: Mapping[str, Any]) -> str:
+    """``succeeded``, ``failed``, ``suspended`` or ``running`` (created, pods pending or up),
+    from the TrainJob's conditions, as the Kubeflow SDK reads them."""
+    conditions = {c.get("type"): c for c in (job.get("status") or {}).get("conditions") or []
+                  if c.get("status") == "True"}
+    if "Complete" in conditions:
+        return "succeeded"
+    if "Failed" in conditions:
+        return "failed"
+    if "Suspended" in conditions:
+        return "suspended"
+    return "running"
+
+
+def _message(job: Mapping[str, Any]) -> str:
+    for c in (job.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Failed" and c.get("status") == "True":
+            return f"{c.get('reason') or 'Failed'}: {c.get('message') or ''}".strip(": ")
+    return ""
+
+
+def submit(custom, job: Mapping[str, Any], log: Callable[[str], None] = print,
+           sleep: Callable[[float], None] = time.sleep, gone_s: float = 300.0) -> None:
+    """Create the TrainJob. One of the same name (the same run's stage: a retried task) that is
+    still running is attached to; a finished one is deleted first, and submitted again (the
+    stage resumes from its checkpoints on the shared volume)."""
+    ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
+    try:
+        custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, dict(job))
+        log(f"submitted TrainJob {ns}/{name}")
+        return
+    except Exception as e:  # noqa: BLE001 - kubernetes' ApiException; only a conflict is ours
+        if _status(e) != 409:
+            raise
+    old = custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+    if state(old) in ("running", "suspended"):
+        log(f"TrainJob {ns}/{name} exists and is not finished: waiting for it")
+        return
+    log(f"TrainJob {ns}/{name} exists and {state(old)}: deleting it and submitting again")
+    custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+    deadline = time.monotonic() + gone_s
+    while time.monotonic() < deadline:
+        try:
+            custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+        except Exception as e:  # noqa: BLE001
+            if _status(e) == 404:
+                break
+            raise
+        sleep(2.0)
+    custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, dict(job))
+    log(f"submitted TrainJob {ns}/{name}")
+
+
+def node_pods(core, namespace: str, name: str) -> list:
+    """The TrainJob's node pods, rank 0's first."""
+    pods = core.list_namespaced_pod(namespace, label_selector=f"{JOBSET_LABEL}={name}").items
+    return sorted(pods, key=lambda p: (int((p.metadata.labels or {}).get(INDEX_LABEL, 0)),
+                                       p.metadata.name))
+
+
+def pod_log(core, namespace: str, pod) -> str:
+    try:
+        return core.read_namespaced_pod_log(pod.metadata.name, namespace, container=NODE) or ""
+    except Exception as e:  # noqa: BLE001 - a pod not started yet, or gone: no log is no error
+        if _status(e) in (400, 404):
+            return ""
+        raise
+
+
+ROOT_CAUSE = re.compile(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", re.S)
+
+
+def exit_code(pods: Sequence, logs: Mapping[str, str]) -> int:
+    """The stage's exit code of a failed TrainJob: torchrun's error summary names the first
+    failed rank's code (``Root Cause ... exitcode : 2``); without one, the first node container
+    that ended non-zero; else 1 (a bug: read the logs)."""
+    for pod in pods:
+        m = ROOT_CAUSE.search(logs.get(pod.metadata.name, ""))
+        if m:
+            return int(m.group(1))
+    for pod in pods:
+        for st in (pod.status.container_statuses or []) if pod.status else []:
+            term = st.state.terminated if st.name == NODE and st.state else None
+            if term is not None and term.exit_code:
+                return int(term.exit_code)
+    return 1
+
+
+def wait(custom, core, namespace: str, name: str, *, poll_s: float = 10.0,
+         log: Callable[[str], None] = print, sleep: Callable[[float], None] = time.sleep,
+         tail: int = 200) -> int:
+    """Poll the TrainJob until it completes or fails, printing its state changes and rank 0's
+    log as it grows; at the end every node's log tail. Returns the stage's exit code."""
+    seen, shown = None, 0
+    while True:
+        job = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        now = state(job)
+        if now != seen:
+            log(f"TrainJob {namespace}/{name}: {now}")
+            seen = now
+        pods = node_pods(core, namespace, name)
+        if pods and now == "running":
+            lines = pod_log(core, namespace, pods[0]).splitlines()
+            for line in lines[shown:]:
+                log(f"[{pods[0].metadata.name}] {line}")
+            shown = max(shown, len(lines))
+        if now in ("succeeded", "failed"):
+            break
+        sleep(poll_s)
+    logs = {p.metadata.name: pod_log(core, namespace, p) for p in pods}
+    for i, pod in enumerate(pods):
+        lines = logs[pod.metadata.name].splitlines()
+        lines = lines[shown:] if i == 0 else lines[-tail:]
+        if lines:
+            log(f"--- {pod.metadata.name} ({'rest' if i == 0 else f'last {len(lines)} lines'})")
+            for line in lines:
+                log(f"[{pod.metadata.name}] {line}")
+    if now == "succeeded":
+        return 0
+    code = exit_code(pods, logs)
+    log(f"TrainJob {namespace}/{name} failed ({_message(job) or 'no reason given'}): the stage "
+        f"exits {code}")
+    return code
+
+
+# --- the launch step: folders on the shared volume, submit, wait ------------------------------
+
+def _on_volume(path: str, mount: str) -> bool:
+    return Path(path).resolve().is_relative_to(Path(mount).resolve())
+
+
+def launch(stage: str, *, profile: str, out: str, inputs: Mapping[str, str | Sequence[str]],
+           overrides: Sequence[str], run_id: str, ks: KubernetesSettings, nodes: int,
+           gpus_per_node: int, apis=None, log: Callable[[str], None] = print,
+           poll_s: float = 10.0, sleep: Callable[[float], None] = time.sleep) -> int:
+    """Run ``coaflow stage STAGE`` as a TrainJob and wait for it; returns its exit code.
+
+    The nodes see only the PVC (``ks.mount_path``): an input folder elsewhere (a KFP artifact in
+    this pod) is copied to ``<mount>/runs/<run id>/.launch/<job name>/inputs/``, and an ``out``
+    elsewhere is trained in ``<mount>/runs/<run id>/.launch/<job name>/<stage>`` and copied into
+    ``out`` when it succeeded."""
+    from coaflow.orchestrate.command import stage_argv
+
+    mount, run_id = ks.mount_path, run_id or "run"
+    name = job_name(run_id, stage, out)
+    staging = Path(mount) / "runs" / run_id / ".launch" / name
+    placed: dict[str, list[str]] = {}
+    for key, value in inputs.items():
+        for i, folder in enumerate([value] if isinstance(value, str) else list(value)):
+            if _on_volume(folder, mount):
+                placed.setdefault(key, []).append(folder)
+                continue
+            dst = staging / "inputs" / (key if isinstance(value, str) else f"{key}-{i}")
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(folder, dst, symlinks=True)
+            log(f"input {key}: {folder} -> {dst} (on the shared volume)")
+            placed.setdefault(key, []).append(str(dst))
+    work = out if _on_volume(out, mount) else str(staging / stage)
+    argv = stage_argv(stage, profile=profile, out=work, inputs=placed, overrides=overrides,
+                      run_id=run_id)
+    job = manifest(stage, argv[3:], ks, nodes=nodes, gpus_per_node=gpus_per_node, name=name,
+                   run_id=run_id)
+    custom, core = apis if apis is not None else clients()
+    submit(custom, job, log=log, sleep=sleep)
+    code = wait(custom, core, ks.namespace, job["metadata"]["name"], poll_s=poll_s, log=log,
+                sleep=sleep)
+    if code in (0, 4) and work != out:  # 4: a refused promotion is a complete stage folder
+        shutil.copytree(work, out, symlinks=True, dirs_exist_ok=True)
+        log(f"stage folder {work} -> {out}")
+    if code == 0:
+        custom.delete_namespaced_custom_object(GROUP, VERSION, ks.namespace, PLURAL,
+                                               job["metadata"]["name"])
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m coaflow.orchestrate.trainjob --nodes N --gpus-per-node G [--k8s-json JSON]
+    -- coaflow stage NAME --config ... --out ... [--input S=DIR ...] [--set K=V ...]``: the
+    launch step of an Airflow task; exits with the stage's code."""
+    from coaflow.launch import parse
+    from coaflow.orchestrate import k8s
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        print("usage: python -m coaflow.orchestrate.trainjob --nodes N --gpus-per-node G "
+              "[--k8s-json JSON] -- coaflow stage NAME ...", file=sys.stderr)
+        return 2
+    cut = argv.index("--")
+    p = argparse.ArgumentParser(prog="python -m coaflow.orchestrate.trainjob")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--k8s-json", help="the Kubernetes settings (default: the packaged file, or "
+                   "$COAFLOW_K8S_CONFIG)")
+    p.add_argument("--poll-s", type=float, default=10.0)
+    opts = p.parse_args(argv[:cut])
+    stage_cmd = argv[cut + 1:]
+    if stage_cmd[:1] == ["coaflow"]:
+        stage_cmd = stage_cmd[1:]
+    args = parse(stage_cmd)
+    ks = (KubernetesSettings.model_validate(json.loads(opts.k8s_json)) if opts.k8s_json
+          else k8s.load())
+    inputs: dict[str, list[str]] = {}
+    for item in args.inputs:
+        name, _, folder = item.partition("=")
+        inputs.setdefault(name, []).append(folder)
+    return launch(args.name, profile=args.config, out=args.out, inputs=inputs,
+                  overrides=args.overrides, run_id=args.run_id or "run", ks=ks,
+                  nodes=opts.nodes, gpus_per_node=opts.gpus_per_node, poll_s=opts.poll_s,
+                  log=lambda line: print(line, flush=True))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

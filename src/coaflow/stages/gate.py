@@ -129,7 +129,8 @@ def _result(report: dict, out) -> Result:
 
 
 def run(cfg: Config, ctx: Context) -> Result:
-    source = ctx.input("synthesize").path("trajectories")
+    source = ctx.input("synthesize").paths("trajectories")  # several: synthesize in shards
+    source = source[0] if len(source) == 1 else source
     try:
         report = gate_folder(cfg, source, ctx.out, seed=ctx.run.seed)
     finally:  # a failed batch's quarantine and Data Docs are what the user needs to look at

@@ -91,6 +91,8 @@ class Config(Section):
     save_steps: int = Field(5, ge=1, description="checkpoint every N steps (resume point)")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept")
     sample_rollouts: int = Field(16, ge=0, description="episodes logged as an MLflow table")
+    nodes: int = Field(1, ge=1, description="GPU nodes (a cluster setting, as sft.nodes)")
+    gpus_per_node: int = Field(1, ge=1, description="GPUs (torchrun processes) per node")
 
 
 def run(cfg: Config, ctx: Context) -> Result:

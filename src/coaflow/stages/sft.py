@@ -112,6 +112,12 @@ class Config(Section):
     drop_recovered: bool = Field(False, description="leave out of training the runs in which the "
                                  "teacher made a mistake and recovered (the student copies the "
                                  "mistake, not the recovery)")
+    nodes: int = Field(1, ge=1, description="GPU nodes (a cluster setting): more than one "
+                       "process in all runs the stage as a Kubeflow Trainer TrainJob under "
+                       "torchrun; coaflow run, kfp.local and Airflow's local mode train in one "
+                       "process and ignore it")
+    gpus_per_node: int = Field(1, ge=1, description="GPUs (= torchrun processes) per node; "
+                               "batch_size is per process")
 
 
 def run(cfg: Config, ctx: Context) -> Result:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 import click
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from coaflow.config import Section
 from coaflow.contract import Context, PipelineError, Result
@@ -55,6 +55,12 @@ class Config(Section):
                          "sandboxed python calls wait on process start-up); output order and "
                          "content do not depend on it")
     llm: LlmTeacherConfig = Field(default_factory=LlmTeacherConfig)
+    shards: int = Field(1, ge=1, description="workers the engines fan synthesize out to (KFP "
+                        "ParallelFor, Airflow task mapping), each solving a contiguous slice of "
+                        "the task list; the gate reads them all. coaflow run solves every task "
+                        "in one process (its threads) whatever this says")
+    shard: int | None = Field(None, ge=0, description="set by the engines, not in a profile: "
+                              "solve only slice `shard` of `shards` (null: every task)")
 
     @field_validator("suites")
     @classmethod
@@ -62,6 +68,24 @@ class Config(Section):
         from coaflow.envs import check_suite_counts
 
         return check_suite_counts(v)
+
+    @model_validator(mode="after")
+    def _shard_in_range(self):
+        if self.shard is not None and self.shard >= self.shards:
+            raise ValueError(f"shard {self.shard} of {self.shards}: a shard index is 0 to "
+                             f"shards - 1")
+        return self
+
+
+def shard_slice(n_tasks: int, shard: int, shards: int) -> slice:
+    """The tasks of shard ``shard`` of ``shards``: a contiguous slice of the one task list, so
+    the shards in order are the single run's tasks in order (the gate keeps the first of two
+    duplicates: the same order gives the same accepted set).
+
+    >>> [shard_slice(10, i, 3) for i in range(3)]
+    [slice(0, 3, None), slice(3, 6, None), slice(6, 10, None)]
+    """
+    return slice(n_tasks * shard // shards, n_tasks * (shard + 1) // shards)
 
 
 def load_tasks(cfg: Config, seed: int):
@@ -128,6 +152,13 @@ def synthesize(cfg: Config, out: Path, seed: int, cache_dir: Path | None = None,
     tasks = load_tasks(cfg, seed)
     if not tasks:
         raise PipelineError("synthesize: no tasks (synthesize.suites and task_files are empty)")
+    shard = None
+    if cfg.shard is not None:  # the whole list is generated (cheap, by seed), then sliced
+        shard = {"index": cfg.shard, "of": cfg.shards, "tasks": len(tasks)}
+        tasks = tasks[shard_slice(len(tasks), cfg.shard, cfg.shards)]
+        if not tasks:
+            raise PipelineError(f"synthesize: shard {cfg.shard} of {cfg.shards} has no tasks "
+                                f"({shard['tasks']} in all): use fewer shards")
     traj_dir, raw_dir, fail_dir = out / "trajectories", out / "raw", out / "failed"
     (written, traj_next), (failed, fail_next) = _resume_point(traj_dir), _resume_point(fail_dir)
     _, raw_next = _resume_point(raw_dir)
@@ -202,7 +233,10 @@ def synthesize(cfg: Config, out: Path, seed: int, cache_dir: Path | None = None,
         for w in (trajs, raws, fails):
             w.close()
     elapsed = time.perf_counter() - t0
-    return summarize(traj_dir, fail_dir, len(todo), elapsed, client, tracker)
+    result = summarize(traj_dir, fail_dir, len(todo), elapsed, client, tracker)
+    if shard is not None:
+        result.summary["shard"] = shard  # how the gate orders and checks the shards it reads
+    return result
 
 
 async def _run_llm(cfg, todo, client, tool_schemas, start, finish, bar):
