@@ -21,7 +21,6 @@ process count changes: ``batch_size`` is per process.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -30,6 +29,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from coaflow.errors import EXIT_USER, PipelineError
+from coaflow.orchestrate.command import parse
 
 SHARED = ("checkpoints",)  # the folders of a stage's --out every rank must see (sft, rl)
 WAIT_S = 1800.0  # how long a worker waits for rank 0 (torch's default collective timeout)
@@ -37,20 +37,6 @@ WAIT_S = 1800.0  # how long a worker waits for rank 0 (torch's default collectiv
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    """The ``coaflow stage`` options a worker needs (the same argv rank 0 runs)."""
-    p = argparse.ArgumentParser(prog="python -m coaflow.launch")
-    p.add_argument("command", choices=["stage"])
-    p.add_argument("name")
-    p.add_argument("--config", default="tiny")
-    p.add_argument("--out", required=True)
-    p.add_argument("--input", dest="inputs", action="append", default=[])
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--run-id", default=None)
-    p.add_argument("--no-cache", action="store_true")
-    return p.parse_args(argv)
 
 
 def prefix_per_attempt() -> None:

@@ -6,6 +6,7 @@ node all run the same argv; only how they start it differs (``local``: this inte
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -38,3 +39,18 @@ def local(argv: Sequence[str], python: str | None = None) -> list[str]:
     """``argv`` run by ``python`` (default: this interpreter) rather than the ``coaflow``
     script, which a worker's PATH may not hold."""
     return [python or sys.executable, "-m", "coaflow.cli", *argv[1:]]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """``stage_argv``'s options read back: what a torchrun worker (``coaflow.launch``) and the
+    Trainer launch step need of the argv rank 0 runs."""
+    p = argparse.ArgumentParser(prog="python -m coaflow.launch")
+    p.add_argument("command", choices=["stage"])
+    p.add_argument("name")
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--out", required=True)
+    p.add_argument("--input", dest="inputs", action="append", default=[])
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--run-id", default=None)
+    p.add_argument("--no-cache", action="store_true")
+    return p.parse_args(argv)

@@ -334,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m coaflow.orchestrate.trainjob --nodes N --gpus-per-node G [--k8s-json JSON]
     -- coaflow stage NAME --config ... --out ... [--input S=DIR ...] [--set K=V ...]``: the
     launch step of an Airflow task; exits with the stage's code."""
-    from coaflow.launch import parse
     from coaflow.orchestrate import k8s
+    from coaflow.orchestrate.command import parse
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" not in argv:
