@@ -3,8 +3,9 @@ distributed code path a Kubeflow Trainer TrainJob runs on GPU nodes, proven here
 
 - Same loss curve: two processes with batch 2 each (global batch 4) log, step by step, the loss
   one process logs with batch 4, within 3 % (measured on the smoke student, 6 steps: at most
-  1.4 %; the data order is the same, the loss is averaged over both ranks' tokens; the
-  reductions differ in float rounding only).
+  1.4 %; the data order is the same. A gap that size is more than float rounding: the logged
+  loss is each rank's mean over its own tokens, averaged, not one mean over all tokens; that
+  cause was not isolated).
 - Resume after a lost rank: rank 1 is killed once a checkpoint exists; torchrun
   (``--max-restarts 1``) starts both ranks again and they continue from that checkpoint to the
   last step; rank 0 writes the stage folder, as in one process. Measured: after a kill at
