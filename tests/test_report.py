@@ -6,6 +6,8 @@ import subprocess
 import types
 from pathlib import Path
 
+import pytest
+
 from coaflow import report
 from coaflow.config import Section
 from coaflow.contract import Result
@@ -103,3 +105,24 @@ def test_the_summary_shows_one_evaluated_episode(tmp_path):
     assert any(line.startswith("  call   search(") for line in lines)
     assert lines[-1].startswith("  -> solved")
     assert report.sample_episode({}) == []
+
+
+def test_a_sharded_synthesize_counts_every_shard(tmp_path):
+    """An engine that fanned synthesize out leaves ``synthesize-<i>`` folders: the funnel adds
+    them up, and synthesize is not reported as not run."""
+    import json
+
+    from coaflow.contract import MARKER, RESULT
+
+    run = tmp_path / "runs" / "r"
+    for i, (n, failed, rate) in enumerate([(8, 2, 0.7), (10, 0, 0.9)]):
+        folder = run / f"synthesize-{i}"
+        folder.mkdir(parents=True)
+        (folder / RESULT).write_text(json.dumps({"metrics": {
+            "trajectories": n, "failed_attempts": failed, "teacher_success_rate": rate}}))
+        (folder / MARKER).write_text(f"key-{i}")
+    stages = report.collect(run)["stages"]
+    assert stages["synthesize"]["status"] == "in 2 shards (below)"
+    rows = dict(report.funnel(stages))
+    assert rows["tasks attempted"] == 20 and rows["trajectories written"] == 18
+    assert rows["teacher success rate"] == pytest.approx((0.7 * 10 + 0.9 * 10) / 20)

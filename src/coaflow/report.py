@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -33,7 +34,9 @@ def collect(run_dir: Path) -> dict[str, Any]:
         folder = run_dir / name
         r = read_result(folder) if folder.is_dir() else None
         if r is None:
-            stages[name] = {"status": "incomplete" if folder.is_dir() else "not run"}
+            shards = sorted(run_dir.glob(f"{name}-[0-9]*"))  # an engine fanned it out
+            stages[name] = {"status": "incomplete" if folder.is_dir() else
+                            f"in {len(shards)} shards (below)" if shards else "not run"}
             continue
         cached_from = folder / "cached_from"
         stages[name] = {"status": "cached" if cached_from.exists() else "done",
@@ -118,13 +121,16 @@ def _fmt(v: Any) -> str:
 
 def funnel(stages: dict) -> list[tuple[str, Any]]:
     """Tasks -> trajectories -> accepted, and the rejections by reason."""
-    syn = stages.get("synthesize", {}).get("metrics", {})
+    parts = [s["metrics"] for n, s in stages.items() if "metrics" in s
+             and (n == "synthesize" or re.fullmatch(r"synthesize-\d+", n))]  # or its shards
     gate = stages.get("gate", {}).get("metrics", {})
     rows: list[tuple[str, Any]] = []
-    if syn:
-        rows += [("tasks attempted", int(syn.get("trajectories", 0) + syn.get("failed_attempts", 0))),
-                 ("trajectories written", int(syn.get("trajectories", 0))),
-                 ("teacher success rate", syn.get("teacher_success_rate"))]
+    if parts:
+        tried = [int(m.get("trajectories", 0) + m.get("failed_attempts", 0)) for m in parts]
+        solved = sum(m.get("teacher_success_rate", 0) * t for m, t in zip(parts, tried, strict=True))
+        rows += [("tasks attempted", sum(tried)),
+                 ("trajectories written", sum(int(m.get("trajectories", 0)) for m in parts)),
+                 ("teacher success rate", solved / sum(tried) if sum(tried) else None)]
     if gate:
         rows += [("accepted by the gate", int(gate.get("accepted", 0)))]
         rows += [(f"rejected: {k.removeprefix('rejected_')}", int(v)) for k, v in gate.items()
