@@ -264,7 +264,8 @@ def test_every_path_valued_config_key_is_declared():
     not_paths = {"synthesize.llm.cache": "a switch", "gate.data_docs": "a switch",
                  "sft.lora_dropout": "a number", "sft.log_model_artifact": "a switch",
                  "sft.deepspeed": "a name of a bundled config",
-                 "register.registry_uri": "a URI: its state is cache_extras'"}
+                 "register.registry_uri": "a URI: its state is cache_extras'",
+                 "synthesize.shard": "an index (its help says \"profile\")"}
     words = ("file", "folder", "path", "directory")
     def fields(model: type[BaseModel], prefix: str = ""):
         for field, info in model.model_fields.items():

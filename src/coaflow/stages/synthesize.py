@@ -140,106 +140,136 @@ def synthesize(cfg: Config, out: Path, seed: int, cache_dir: Path | None = None,
     """Solve every task not yet written under ``out``; the core of both the stage and the CLI."""
     from tqdm import tqdm
 
-    from coaflow.envs import make_env, task_to_row, tool_schemas
-    from coaflow.envs.rewards import score
-    from coaflow.schema import Outcome, Provenance, ShardWriter
-    from coaflow.schema.trajectory import utcnow
-    from coaflow.teachers import llm, scripted
-    from coaflow.teachers.log import TeamLog, distill
+    from coaflow.teachers import llm
 
     if cfg.unrecovered_rate > cfg.mistake_rate:
         raise PipelineError("synthesize.unrecovered_rate must not exceed synthesize.mistake_rate")
-    tasks = load_tasks(cfg, seed)
-    if not tasks:
-        raise PipelineError("synthesize: no tasks (synthesize.suites and task_files are empty)")
-    shard = None
-    if cfg.shard is not None:  # the whole list is generated (cheap, by seed), then sliced
-        shard = {"index": cfg.shard, "of": cfg.shards, "tasks": len(tasks)}
-        tasks = tasks[shard_slice(len(tasks), cfg.shard, cfg.shards)]
-        if not tasks:
-            raise PipelineError(f"synthesize: shard {cfg.shard} of {cfg.shards} has no tasks "
-                                f"({shard['tasks']} in all): use fewer shards")
-    traj_dir, raw_dir, fail_dir = out / "trajectories", out / "raw", out / "failed"
-    (written, traj_next), (failed, fail_next) = _resume_point(traj_dir), _resume_point(fail_dir)
-    _, raw_next = _resume_point(raw_dir)
-    done = written | failed
-    todo = [t for t in tasks if t.task_id not in done]
-    def env_for(task):
-        """A fresh environment per task (cheap: worlds and indexes are cached), so concurrent
-        LLM conversations never share tool state; reset() picks the task's kbqa world."""
-        env = make_env(task.suite, seed=seed)
-        env.reset(**task_to_row(task))
-        return env
-
+    tasks, shard = _tasks(cfg, seed)
+    record = _Record(cfg, out, seed)
+    todo = [t for t in tasks if t.task_id not in record.done]
     client = None
     if cfg.teacher == "llm" and todo:
         client = llm.client_for(cfg.llm, cache_dir if cfg.llm.cache else None)
         client.check_endpoint()  # before any work
-    provenance = Provenance(teacher=cfg.teacher, seed=seed, model=cfg.llm.model
-                            if cfg.teacher == "llm" else "coaflow-scripted-team",
-                            tool_versions={"coaflow": __import__("coaflow").__version__})
-    mistakes = scripted.Mistakes(cfg.mistake_rate, cfg.unrecovered_rate)
-    secrets = secret_values(cfg.llm.api_key_env)
-
-    def start(task) -> TeamLog:
-        return TeamLog(task=task, env=env_for(task), suite=task.suite)
-
-    def finish(task, log: TeamLog, answer, error: str | None, started):
-        if error is not None:
-            fails.write(redact({"task_id": task.task_id, "suite": task.suite, "reason": error,
-                                "log": log.to_json()}, secrets))  # an endpoint may echo the key
-            return
-        reward = score(task.suite, answer, task.answer)
-        recovered = any(ev["type"] == "note" and ev.get("caught") for ev in log.events)
-        outcome = Outcome(final_answer=answer, reward=reward, correct=reward == 1.0,
-                          recovered=recovered and reward == 1.0)
-        traj = distill(log, f"{task.task_id}-{cfg.teacher}", answer,
-                       provenance.model_copy(update={"started_at": started}), outcome)
-        if client is not None:
-            traj.details["teacher_usage"] = dict(client.usage)
-        trajs.write(traj)
-        raws.write(log.to_json())
-
-    trajs = ShardWriter(traj_dir, "part", cfg.shard_size, start_index=traj_next)
-    raws = ShardWriter(raw_dir, "raw", cfg.shard_size, start_index=raw_next)
-    fails = ShardWriter(fail_dir, "failed", cfg.shard_size, start_index=fail_next)
+        record.client = client
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=f"synthesize "
                f"({cfg.teacher})", unit="task", disable=not progress, mininterval=1.0)
     t0 = time.perf_counter()
     try:
         if cfg.teacher == "scripted":
-            def solve(task):
-                log, started = start(task), utcnow()
-                rng = random.Random(f"{seed}-{task.task_id}")
-                try:
-                    return log, scripted.solve(task, log, rng, mistakes), None, started
-                except ValueError as e:
-                    return log, None, str(e), started
-
-            from concurrent.futures import ThreadPoolExecutor
-
-            pool = ThreadPoolExecutor(cfg.workers)
-            try:  # map keeps the task order
-                for task, (log, answer, error, started) in zip(
-                        todo, pool.map(solve, todo), strict=True):
-                    finish(task, log, answer, error, started)
-                    bar.update()
-            finally:  # stopped (SIGTERM, Ctrl-C, an error): drop the queued tasks, not solve them
-                pool.shutdown(wait=True, cancel_futures=True)
+            _run_scripted(cfg, todo, seed, record, bar)
         else:
-            asyncio.run(_run_llm(cfg, todo, client, tool_schemas, start, finish, bar))
+            asyncio.run(_run_llm(cfg, todo, client, record, bar))
     finally:
         bar.close()
-        for w in (trajs, raws, fails):
-            w.close()
-    elapsed = time.perf_counter() - t0
-    result = summarize(traj_dir, fail_dir, len(todo), elapsed, client, tracker)
+        record.close()
+    result = summarize(record.traj_dir, record.fail_dir, len(todo), time.perf_counter() - t0,
+                       client, tracker)
     if shard is not None:
         result.summary["shard"] = shard  # how the gate orders and checks the shards it reads
     return result
 
 
-async def _run_llm(cfg, todo, client, tool_schemas, start, finish, bar):
+def _tasks(cfg: Config, seed: int) -> tuple[list, dict | None]:
+    """The tasks this run solves, and for a shard its place (``{"index", "of", "tasks"}``)."""
+    tasks = load_tasks(cfg, seed)
+    if not tasks:
+        raise PipelineError("synthesize: no tasks (synthesize.suites and task_files are empty)")
+    if cfg.shard is None:
+        return tasks, None
+    # the whole list is generated (cheap, by seed), then sliced
+    shard = {"index": cfg.shard, "of": cfg.shards, "tasks": len(tasks)}
+    tasks = tasks[shard_slice(len(tasks), cfg.shard, cfg.shards)]
+    if not tasks:
+        raise PipelineError(f"synthesize: shard {cfg.shard} of {cfg.shards} has no tasks "
+                            f"({shard['tasks']} in all): use fewer shards")
+    return tasks, shard
+
+
+class _Record:
+    """Where solved tasks go: trajectories, the raw team logs and the failures, each in shards
+    that continue after the last one a killed attempt wrote (``done``: the tasks it finished)."""
+
+    def __init__(self, cfg: Config, out: Path, seed: int):
+        from coaflow.schema import Provenance, ShardWriter
+
+        self.cfg, self.seed, self.client = cfg, seed, None
+        self.traj_dir, self.fail_dir, raw_dir = out / "trajectories", out / "failed", out / "raw"
+        (written, traj_next), (failed, fail_next) = (_resume_point(self.traj_dir),
+                                                     _resume_point(self.fail_dir))
+        self.done = written | failed
+        self.trajs = ShardWriter(self.traj_dir, "part", cfg.shard_size, start_index=traj_next)
+        self.raws = ShardWriter(raw_dir, "raw", cfg.shard_size,
+                                start_index=_resume_point(raw_dir)[1])
+        self.fails = ShardWriter(self.fail_dir, "failed", cfg.shard_size, start_index=fail_next)
+        self.provenance = Provenance(
+            teacher=cfg.teacher, seed=seed, model=cfg.llm.model if cfg.teacher == "llm"
+            else "coaflow-scripted-team",
+            tool_versions={"coaflow": __import__("coaflow").__version__})
+        self.secrets = secret_values(cfg.llm.api_key_env)
+
+    def start(self, task):
+        """A team log over a fresh environment per task (cheap: worlds and indexes are cached),
+        so concurrent LLM conversations never share tool state; reset() picks the kbqa world."""
+        from coaflow.envs import make_env, task_to_row
+        from coaflow.teachers.log import TeamLog
+
+        env = make_env(task.suite, seed=self.seed)
+        env.reset(**task_to_row(task))
+        return TeamLog(task=task, env=env, suite=task.suite)
+
+    def finish(self, task, log, answer, error: str | None, started) -> None:
+        from coaflow.envs.rewards import score
+        from coaflow.schema import Outcome
+        from coaflow.teachers.log import distill
+
+        if error is not None:
+            self.fails.write(redact({"task_id": task.task_id, "suite": task.suite, "reason": error,
+                                     "log": log.to_json()}, self.secrets))  # an endpoint may
+            return                                                          # echo the key
+        reward = score(task.suite, answer, task.answer)
+        recovered = any(ev["type"] == "note" and ev.get("caught") for ev in log.events)
+        outcome = Outcome(final_answer=answer, reward=reward, correct=reward == 1.0,
+                          recovered=recovered and reward == 1.0)
+        traj = distill(log, f"{task.task_id}-{self.cfg.teacher}", answer,
+                       self.provenance.model_copy(update={"started_at": started}), outcome)
+        if self.client is not None:
+            traj.details["teacher_usage"] = dict(self.client.usage)
+        self.trajs.write(traj)
+        self.raws.write(log.to_json())
+
+    def close(self) -> None:
+        for w in (self.trajs, self.raws, self.fails):
+            w.close()
+
+
+def _run_scripted(cfg: Config, todo: list, seed: int, record: _Record, bar) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from coaflow.schema.trajectory import utcnow
+    from coaflow.teachers import scripted
+
+    mistakes = scripted.Mistakes(cfg.mistake_rate, cfg.unrecovered_rate)
+
+    def solve(task):
+        log, started = record.start(task), utcnow()
+        rng = random.Random(f"{seed}-{task.task_id}")
+        try:
+            return log, scripted.solve(task, log, rng, mistakes), None, started
+        except ValueError as e:
+            return log, None, str(e), started
+
+    pool = ThreadPoolExecutor(cfg.workers)
+    try:  # map keeps the task order
+        for task, (log, answer, error, started) in zip(todo, pool.map(solve, todo), strict=True):
+            record.finish(task, log, answer, error, started)
+            bar.update()
+    finally:  # stopped (SIGTERM, Ctrl-C, an error): drop the queued tasks, not solve them
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+async def _run_llm(cfg, todo, client, record: _Record, bar):
+    from coaflow.envs import tool_schemas
     from coaflow.schema.trajectory import utcnow
     from coaflow.teachers import llm
 
@@ -247,7 +277,7 @@ async def _run_llm(cfg, todo, client, tool_schemas, start, finish, bar):
 
     async def one(task):
         async with sem:
-            log, started = start(task), utcnow()
+            log, started = record.start(task), utcnow()
             try:
                 answer = await llm.solve(task, log, client, tool_schemas(task.suite),
                                          cfg.llm.max_turns)
@@ -257,7 +287,7 @@ async def _run_llm(cfg, todo, client, tool_schemas, start, finish, bar):
 
     async with client:
         for fut in asyncio.as_completed([one(t) for t in todo]):
-            finish(*(await fut))  # one writer: results are written as they complete
+            record.finish(*(await fut))  # one writer: results are written as they complete
             bar.update()
 
 
