@@ -44,12 +44,9 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from coaflow.errors import PipelineError, PromotionRefused
-
-if TYPE_CHECKING:
-    from coaflow.tracking import Tracker
 
 __all__ = ["MARKER", "ORDER", "PROMOTION", "RESULT", "STAGES", "Context", "PipelineError",
            "PromotionRefused", "Result", "load_stage", "merge_shards", "read_result", "reads"]
@@ -198,7 +195,7 @@ class Context:
     out: Path  # this stage's folder
     inputs: dict[str, Result]
     run: Any  # the ``run`` config section (name, seed, workdir as an absolute path)
-    tracker: Tracker
+    tracker: Any  # coaflow.tracking.Tracker: the stage's MLflow run
     tracking_uri: str = ""
     resume: bool = False
 
