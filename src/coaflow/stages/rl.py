@@ -4,7 +4,8 @@
     coaflow run --profile tiny                        # sft -> rl -> evaluate
     coaflow run --from rl --run-id RUN --set rl.max_steps=40
 
-Each step draws ``tasks_per_step`` tasks of the ``rl`` split (disjoint from train and test) and
+Each step draws ``tasks_per_step`` tasks of ``rl.split`` (``rl``: disjoint from train and test;
+or ``train``; never test), in pool order or by measured pass rate (``rl.curriculum``), and
 runs ``num_generations`` whole episodes per task through coaflow's one agent loop
 (``coaflow.agent.run_episodes``) with the live policy and the suites' real tools. An episode is
 tokenized with the model's chat template; only the tokens the model sampled carry loss (tool
