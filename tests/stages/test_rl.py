@@ -115,6 +115,23 @@ def test_zero_variance_groups():
     assert R.zero_variance_groups(adv, 2).tolist() == [True, False, True, True]
 
 
+def test_curriculum_prefers_tasks_solved_sometimes(tasks):
+    cur = R.Curriculum(tasks, group=4, seed=0)
+    never, sometimes, always, unseen = [t.task_id for t in tasks]
+    cur.update(never, [0, 0, 0, 0], 0)
+    cur.update(sometimes, [1, 0, 0, 0], 0)
+    cur.update(always, [1, 1, 1, 1], 0)
+    assert {t.task_id for t in cur.pick(2, 5)} == {sometimes, unseen}
+    assert cur.summary()["curriculum_mixed"] == 1 and cur.summary()["curriculum_seen"] == 3
+    # the newest outcomes weigh more (the policy moved): a task learnt sinks, one now solved
+    # sometimes rises; a task rolled out in the last step waits
+    cur.update(sometimes, [1, 1, 1, 1], 5)
+    cur.update(never, [1, 0, 0, 1], 5)
+    assert cur.rate(sometimes) > 0.5
+    assert [t.task_id for t in cur.pick(1, 6)] == [unseen]
+    assert never in {t.task_id for t in cur.pick(2, 7)}
+
+
 def make_ctx(root: Path, model_dir, overrides=(), resume=False):
     from coaflow.config import load_config
     from coaflow.contract import Context, Result
@@ -153,6 +170,14 @@ def test_groups_without_signal_are_dropped_from_the_batch(tmp_path, tiny_dir):
     assert batch["num_items_in_batch"].item() == sum(map(sum, mask))
     assert trainer._metrics["train"]["groups_dropped"] == [0.5]
     assert stats["success"] == [2 / 8]
+    # dropped episodes leave the micro-batch before the forward pass; the loss is the same
+    from trl import GRPOTrainer
+
+    trainer.current_gradient_accumulation_steps = 1
+    full = GRPOTrainer.compute_loss(trainer, trainer.model, batch)
+    lean = trainer.compute_loss(trainer.model, batch)
+    assert abs(full.item() - lean.item()) < 1e-5
+    assert trainer._metrics["train"]["rows_skipped"] == [4.0]
 
 
 def test_steps_change_the_weights_and_resume(tmp_path, tiny_dir):
@@ -234,7 +259,9 @@ def test_one_step_with_the_agent_loop_tracked(tmp_path, tiny_dir):
     run = mlflow.search_runs(filter_string="tags.`coaflow.stage` = 'rl'", output_format="list",
                              search_all_experiments=True)[0]
     client = MlflowClient(mlflow.get_tracking_uri())
-    for key in ("rl/reward", "rl/success", "rl/entropy", "rl/groups_dropped",
+    # rl/rollout_entropy: the sampling entropy of the rollout (TRL's rl/entropy comes from the
+    # loss's forward pass, which a step whose every group was dropped no longer runs)
+    for key in ("rl/reward", "rl/success", "rl/rollout_entropy", "rl/groups_dropped",
                 "rl/generate_share", "rl/tool_calls", "rl/model_tokens"):
         assert client.get_metric_history(run.info.run_id, key), key
     arts = [a.path for a in client.list_artifacts(run.info.run_id, "rl")]
@@ -257,3 +284,101 @@ def test_a_reward_that_raises_names_the_task(tiny_dir, tasks, monkeypatch):
     trainer = types.SimpleNamespace(num_generations=2, state=types.SimpleNamespace(global_step=0))
     with pytest.raises(PipelineError, match=f"task {tasks[0].task_id} .*ValueError: bad ref"):
         rollout([tasks[0].question] * 2, trainer)
+
+
+# --- the vLLM rollout backend against a fake engine ------------------------------------------
+
+
+class FakeSamplingParams:
+    """vllm.SamplingParams' constructor, strictly: a keyword vLLM does not have raises."""
+
+    FIELDS = ("n", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
+              "max_tokens", "min_tokens", "logprobs", "skip_special_tokens",
+              "include_stop_str_in_output", "repetition_penalty")
+
+    def __init__(self, **kw):
+        unknown = set(kw) - set(self.FIELDS)
+        if unknown:
+            raise TypeError(f"SamplingParams got unexpected keyword(s) {sorted(unknown)}")
+        self.__dict__.update({"n": 1, "temperature": 1.0, "seed": None, "stop_token_ids": None,
+                              "max_tokens": 16, "skip_special_tokens": True, **kw})
+
+
+class FakeLLM:
+    """What the backend uses of ``vllm.LLM``: ``generate(prompts, sampling_params, *, use_tqdm,
+    lora_request)`` -> one ``RequestOutput`` per prompt whose ``outputs[0]`` has ``text``,
+    ``token_ids`` and ``finish_reason``. It searches first and answers once it saw a result;
+    like vLLM with ``skip_special_tokens=False`` it keeps the stop token's text."""
+
+    def __init__(self, tokenizer, answer: str):
+        self.tok, self.answer, self.calls = tokenizer, answer, []
+
+    def generate(self, prompts, sampling_params=None, *, use_tqdm=True, lora_request=None):
+        import types
+
+        assert isinstance(sampling_params, FakeSamplingParams)
+        assert all(isinstance(p, str) for p in prompts), "vLLM takes text (or token) prompts"
+        self.calls.append((list(prompts), sampling_params))
+        end = self.tok.convert_ids_to_tokens(sampling_params.stop_token_ids[0])
+        outs = []
+        for p in prompts:
+            if "<tool_response>" in p:
+                text = f"<answer>{self.answer}</answer>"
+            else:
+                text = ('<tool_call>\n{"name": "search", "arguments": {"query": "capital"}}\n'
+                        '</tool_call>')
+            ids = self.tok(text, add_special_tokens=False)["input_ids"]
+            ids = ids + [sampling_params.stop_token_ids[0]]
+            c = types.SimpleNamespace(index=0, text=text + end, token_ids=ids,
+                                      finish_reason="stop", stop_reason=ids[-1],
+                                      cumulative_logprob=None, logprobs=None)
+            outs.append(types.SimpleNamespace(request_id=str(len(outs)), prompt=p,
+                                              outputs=[c], finished=True))
+        return outs
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    import types
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(
+        SamplingParams=FakeSamplingParams, LLM=FakeLLM))
+
+
+def test_vllm_backend_runs_episodes_through_the_agent_loop(tmp_path, tiny_dir, tasks, fake_vllm):
+    import types
+
+    from transformers import AutoTokenizer
+
+    from coaflow import agent
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    task = tasks[0]
+    gold = task.answer if isinstance(task.answer, str) else task.answer[0]
+    llm = FakeLLM(tok, gold)
+    backend = R.VLLMColocateBackend(llm, tok)
+    trajs = agent.run_episodes(backend, [task], max_turns=3, max_new_tokens=32,
+                               temperature=1.0, seed=7, samples=2)
+    assert [t.details["stop"] for t in trajs] == ["answer", "answer"]
+    assert all(t.outcome.correct and t.details["tool_calls"] == 1 for t in trajs)
+    assert all(t.provenance.model == backend.name for t in trajs)
+    # two turns, both episodes batched into each generate call, the loop's budgets passed on
+    assert [len(p) for p, _ in llm.calls] == [2, 2]
+    params = llm.calls[0][1]
+    assert (params.max_tokens, params.temperature, params.seed) == (32, 1.0, 7)
+    assert params.stop_token_ids == backend.stop_ids and not params.skip_special_tokens
+    # the stop token's text is not part of the turn, and the tool schemas reach the prompt
+    msgs, answer, info = R.from_trajectory(trajs[0])
+    assert answer == gold and "<|im_end|>" not in msgs[-1]["content"]
+    assert '"name": "search"' in llm.calls[0][0][0]
+    # the rl stage's episodes hook picks this backend for engine vllm and feeds the encoder
+    cfg, _ = make_ctx(tmp_path, tiny_dir, ["rl.engine=vllm", "rl.max_turns=3",
+                                               "rl.max_new_tokens=32"])
+    model = types.SimpleNamespace(training=True, train=lambda mode=True: None,
+                                  eval=lambda: None)
+    trainer = types.SimpleNamespace(vllm_generation=types.SimpleNamespace(llm=llm),
+                                    processing_class=tok, model=model,
+                                    state=types.SimpleNamespace(global_step=0))
+    results = rl.agent_episodes(cfg, tiny_dir, seed=0)(trainer, [task, task])
+    enc = R.encode_episode(tok, results[0][0], None, 4096, R.tools_for(task.suite))
+    assert results[0][1] == gold and sum(enc.env_mask) > 0 and not enc.truncated

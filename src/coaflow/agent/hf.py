@@ -52,7 +52,10 @@ class TransformersBackend:
         self.stop_ids = stop_token_ids(self.tok)
         self.pad_id = self.tok.pad_token_id
         self.past: dict[str, tuple[list[int], list]] = {}  # key -> (tokens, per-layer (k, v))
-        self.stats = {"prompt_tokens": 0, "reused_tokens": 0, "generated_tokens": 0}
+        # entropy_sum / sampled_tokens: the sampling distribution's mean entropy (nats per token,
+        # at the sampling temperature) over the tokens sampled with temperature > 0
+        self.stats = {"prompt_tokens": 0, "reused_tokens": 0, "generated_tokens": 0,
+                      "entropy_sum": 0.0, "sampled_tokens": 0}
 
     def reset(self) -> None:
         """Forget every episode's cache (new episodes, or new weights: rl between steps)."""
@@ -159,8 +162,12 @@ class TransformersBackend:
                 if gen is None:
                     nxt = logits.argmax(-1)
                 else:
-                    probs = torch.softmax(logits / temperature, -1)
+                    logp = torch.log_softmax(logits / temperature, -1)
+                    probs = logp.exp()
                     nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+                    ent = -(probs * logp).nan_to_num().sum(-1)
+                    self.stats["entropy_sum"] += float(ent[~done].sum())
+                    self.stats["sampled_tokens"] += int((~done).sum())
                 nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
                 for r in (~done).nonzero().flatten().tolist():
                     produced[r].append(int(nxt[r]))

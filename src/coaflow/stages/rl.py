@@ -4,7 +4,8 @@
     coaflow run --profile tiny                        # sft -> rl -> evaluate
     coaflow run --from rl --run-id RUN --set rl.max_steps=40
 
-Each step draws ``tasks_per_step`` tasks of the ``rl`` split (disjoint from train and test) and
+Each step draws ``tasks_per_step`` tasks of ``rl.split`` (``rl``: disjoint from train and test;
+or ``train``; never test), in pool order or by measured pass rate (``rl.curriculum``), and
 runs ``num_generations`` whole episodes per task through coaflow's one agent loop
 (``coaflow.agent.run_episodes``) with the live policy and the suites' real tools. An episode is
 tokenized with the model's chat template; only the tokens the model sampled carry loss (tool
@@ -45,8 +46,20 @@ RESUMABLE = True
 
 
 class Config(Section):
-    suites: dict[str, int] = Field({"kbqa": 64, "calc": 32}, description="rl-split tasks per "
-                                   "suite (the pool steps draw from)")
+    suites: dict[str, int] = Field({"kbqa": 64, "calc": 32}, description="tasks per suite of "
+                                   "rl.split (the pool steps draw from)")
+    split: Literal["rl", "train"] = Field(
+        "rl", description="split the task pool comes from: rl (disjoint from train and test) or "
+        "train (the questions sft saw; never test)")
+    curriculum: bool = Field(False, description="pick each step's tasks by their measured pass "
+                             "rate (rl_rollout.Curriculum: tasks solved sometimes first, tallies "
+                             "refreshed from every step's rollouts) instead of in pool order")
+    rollout_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="dtype of the rollout copy of the policy (transformers engine): auto "
+        "is bfloat16 on a GPU or a CPU with native bf16 kernels; the copy takes the trainer's "
+        "weights before every rollout")
+    rollout_threads: int = Field(0, ge=0, description="torch CPU threads while generating "
+                                 "rollouts (0: torch's default)")
     difficulty_mix: dict[int, float] | None = Field(
         None, description="weights of difficulty levels 1/2/3 in the task pool (null: the "
         "suites' default mix); {1: 1.0} trains on one-hop tasks only")
@@ -85,7 +98,8 @@ class Config(Section):
         "engine in colocate mode (GPU, the [gpu] extra)")
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, lt=1, description="GPU share vLLM "
                                                "may take in colocate mode")
-    bf16: bool = Field(False, description="bfloat16 mixed precision (GPU)")
+    bf16: bool = Field(False, description="bfloat16 mixed precision of the update: on a GPU, or "
+                       "on a CPU with native bf16 kernels (AMX / AVX-512 BF16; fp32 elsewhere)")
     gradient_checkpointing: bool = Field(False, description="recompute activations to save "
                                          "memory (TRL's GRPO default is on; off is faster)")
     save_steps: int = Field(5, ge=1, description="checkpoint every N steps (resume point)")
@@ -124,13 +138,14 @@ def load_policy(model_dir: Path):
 
 
 def rl_tasks(cfg: Config, seed: int) -> list:
-    """The rl-split task pool, suites interleaved in a seeded order."""
+    """The task pool (``rl.split``), suites interleaved in a seeded order."""
     from coaflow import envs
 
     tasks = []
     for suite, n in cfg.suites.items():
         try:
-            tasks += envs.make_tasks(suite, "rl", n, seed=seed, difficulty_mix=cfg.difficulty_mix)
+            tasks += envs.make_tasks(suite, cfg.split, n, seed=seed,
+                                     difficulty_mix=cfg.difficulty_mix)
         except ValueError as e:
             raise PipelineError(f"rl.suites.{suite}: {e}") from None
     if len(tasks) < cfg.tasks_per_step:
@@ -146,6 +161,8 @@ def agent_episodes(cfg: Config, model_dir: Path, seed: int):
     from coaflow import agent
     from coaflow.stages import rl_rollout as R
 
+    from coaflow.models.loading import inference_dtype
+
     backend = None
 
     def episodes(trainer, tasks):
@@ -154,20 +171,50 @@ def agent_episodes(cfg: Config, model_dir: Path, seed: int):
             backend = (R.VLLMColocateBackend(trainer.vllm_generation.llm, trainer.processing_class)
                        if cfg.engine == "vllm" else
                        agent.TransformersBackend(str(model_dir), batch_size=len(tasks),
+                                                 dtype=inference_dtype(cfg.rollout_dtype),
+                                                 threads=cfg.rollout_threads or None,
                                                  field="rl: the sft model"))
         if cfg.engine == "transformers":
-            backend.model = trainer.model  # generate with the policy being trained, not a copy
+            sync_policy(backend, trainer.model)  # generate with the policy being trained
         was_training = trainer.model.training
         trainer.model.eval()
+        counts = getattr(backend, "stats", None)
+        before = dict(counts) if counts else None
         try:
             trajs = agent.run_episodes(
                 backend, tasks, max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature, seed=seed * 100_003 + trainer.state.global_step)
         finally:
             trainer.model.train(was_training)
-        return [R.from_trajectory(t) for t in trajs]
+        out = [R.from_trajectory(t) for t in trajs]
+        if before is not None and "entropy_sum" in counts:
+            # the sampling distribution's entropy over this rollout's tokens, and their count
+            n = counts["sampled_tokens"] - before["sampled_tokens"]
+            ent = (counts["entropy_sum"] - before["entropy_sum"]) / n if n else float("nan")
+            for _, _, info in out:
+                info["rollout_entropy"] = ent
+                info["rollout_generated"] = (counts["generated_tokens"]
+                                             - before["generated_tokens"]) / max(len(out), 1)
+        return out
 
     return episodes
+
+
+def sync_policy(backend, model) -> None:
+    """Point the rollout backend at the live policy: the trainer's model itself when the dtypes
+    agree, else the backend's own copy (bf16 rollouts of an fp32 policy) takes its weights."""
+    import torch
+
+    model = getattr(model, "module", model)
+    if backend.model is model:
+        return
+    if backend.model.dtype == model.dtype and backend.model.device == model.device:
+        backend.model = model
+        return
+    src = model.state_dict()
+    with torch.no_grad():
+        for name, p in backend.model.state_dict().items():
+            p.copy_(src[name])
 
 
 def build_trainer(cfg: Config, model, tokenizer, template: str | None, tasks: list,
@@ -190,11 +237,14 @@ def build_trainer(cfg: Config, model, tokenizer, template: str | None, tasks: li
     shaped = [(R.success_reward, 1.0)] + [
         (f, w) for f, w in ((R.format_reward, cfg.format_weight),
                             (R.evidence_reward, cfg.evidence_weight)) if w]
+    curriculum = R.Curriculum(tasks, cfg.num_generations, seed) if cfg.curriculum else None
     rollout = R.make_rollout_func(tasks, tokenizer, template, settings, episodes, stats,
-                                  samples=cfg.sample_rollouts)
+                                  samples=cfg.sample_rollouts, curriculum=curriculum)
     per_step = cfg.tasks_per_step * cfg.num_generations
     micro = max(g for g in range(1, min(per_step, cfg.batch_size) + 1) if per_step % g == 0)
     use_gpu = torch.cuda.is_available()
+    from coaflow.models.loading import cpu_bf16
+
     args = GRPOConfig(
         output_dir=str(output_dir), max_steps=cfg.max_steps, learning_rate=cfg.lr,
         lr_scheduler_type="constant_with_warmup", warmup_steps=cfg.warmup_steps,
@@ -209,7 +259,7 @@ def build_trainer(cfg: Config, model, tokenizer, template: str | None, tasks: li
         reward_weights=[w for _, w in shaped],
         logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, report_to="none", seed=seed, data_seed=seed,
-        bf16=cfg.bf16 and use_gpu, gradient_checkpointing=cfg.gradient_checkpointing,
+        bf16=cfg.bf16 and (use_gpu or cpu_bf16()), gradient_checkpointing=cfg.gradient_checkpointing,
         use_cpu=not use_gpu, disable_tqdm=False,
         dataloader_pin_memory=use_gpu, log_completions=False,
     )
@@ -225,10 +275,15 @@ def build_trainer(cfg: Config, model, tokenizer, template: str | None, tasks: li
                 return
             step_s = time.perf_counter() - stats["step_start"][0]
             gen_s = stats["generate_s"][-1] if stats["generate_s"] else 0.0
+            scored_s = stats["generate_and_score_s"][-1] if stats["generate_and_score_s"] else gen_s
             row = {**logs, "step": state.global_step, "step_seconds": step_s,
-                   "generate_seconds": gen_s, "generate_share": gen_s / step_s if step_s else 0.0}
+                   "generate_seconds": gen_s, "generate_share": gen_s / step_s if step_s else 0.0,
+                   # old/reference log-probs and advantages (0 with beta 0: TRL keeps none)
+                   "score_seconds": max(scored_s - gen_s, 0.0),
+                   "update_seconds": max(step_s - scored_s, 0.0)}
             for k in ("success", "format", "evidence", "tool_calls", "tool_errors", "turns",
-                      "model_tokens"):
+                      "model_tokens", "rollout_entropy", "rollout_tokens_per_s", "curriculum_seen", "curriculum_mixed",
+                      "curriculum_prior"):
                 if stats[k]:
                     row[k] = stats[k][-1]
             history.append(row)
@@ -242,7 +297,7 @@ def build_trainer(cfg: Config, model, tokenizer, template: str | None, tasks: li
     trainer = R.make_trainer_class()(
         model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
         processing_class=tokenizer, rollout_func=rollout, dynamic_sampling=cfg.dynamic_sampling,
-        callbacks=[LogToTracker(), *callbacks])
+        timings=stats, callbacks=[LogToTracker(), *callbacks])
     return trainer, history, stats
 
 
@@ -297,6 +352,8 @@ def train(cfg: Config, ctx: Context, callbacks: tuple = (), episodes=None) -> Re
         "groups_dropped_mean": mean("groups_dropped"), "tool_calls_mean": mean("tool_calls"),
         "seconds_per_step": total / len(history) if history else float("nan"),
         "generate_share": gen / total if total else float("nan"),
+        "score_seconds_per_step": mean("score_seconds"),
+        "update_seconds_per_step": mean("update_seconds"),
         "train_seconds": round(seconds, 2), "global_step": float(trainer.state.global_step),
         "resumed_from_step": float(resumed_from), "tasks": float(len(tasks)),
     }

@@ -180,12 +180,16 @@ def make_trainer_class():
     class AgentGRPOTrainer(GRPOTrainer):
         """``GRPOTrainer`` with DAPO dynamic sampling (``dynamic_sampling=True``)."""
 
-        def __init__(self, *a, dynamic_sampling: bool = True, **kw):
+        def __init__(self, *a, dynamic_sampling: bool = True, timings: dict | None = None, **kw):
             super().__init__(*a, **kw)
             self.dynamic_sampling = dynamic_sampling
+            self.timings = timings if timings is not None else {}
 
         def _generate_and_score_completions(self, inputs):
+            start = time.perf_counter()
             out = super()._generate_and_score_completions(inputs)
+            # rollout + scoring (old / reference log-probs when TRL needs them, advantages)
+            self.timings.setdefault("generate_and_score_s", []).append(time.perf_counter() - start)
             mode = "train" if self.model.training else "eval"
             g = self.num_generations if mode == "train" else self.num_generations_eval
             if g < 2 or out["advantages"].numel() % g:
@@ -204,6 +208,30 @@ def make_trainer_class():
                 mask = out["completion_mask"] * out["tool_mask"]
             out["num_items_in_batch"] = self.accelerator.gather(mask.sum()).sum()
             return out
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """Episodes with no loss-carrying token (their group was dropped) leave the micro-batch
+            before the forward pass, and a micro-batch with none left costs no forward/backward:
+            on a CPU the update is paid per token, and most groups of a weak student are dropped.
+            The dapo and bnpo losses are unchanged by it (those rows add 0 to the token sum and
+            nothing to the normalizer); grpo and dr_grpo divide by the row count, so they keep
+            every row."""
+            if self.loss_type not in ("dapo", "bnpo") or return_outputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            mask = inputs["completion_mask"]
+            if inputs.get("tool_mask") is not None:
+                mask = mask * inputs["tool_mask"]
+            keep = mask.sum(1) > 0
+            if bool(keep.all()):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            self._metrics["train"]["rows_skipped"].append(float((~keep).sum()))
+            if not bool(keep.any()):
+                # a zero that still reaches every parameter, so the backward is a no-op
+                return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+            rows = keep.numel()
+            return super().compute_loss(
+                model, {k: v[keep] if hasattr(v, "shape") and v.dim() and v.shape[0] == rows
+                        else v for k, v in inputs.items()}, return_outputs, num_items_in_batch)
 
     return AgentGRPOTrainer
 
@@ -225,7 +253,10 @@ def from_trajectory(traj) -> tuple[list[dict], str | None, dict]:
 
 class VLLMColocateBackend:
     """The agent loop's backend protocol over TRL's colocated ``vllm.LLM`` (its weights are the
-    policy's: TRL syncs them before every rollout). GPU only; not exercised by the CPU tests."""
+    policy's: TRL syncs them before every rollout). It calls ``llm.generate(texts,
+    SamplingParams(...), use_tqdm=False)`` and reads ``outputs[0].text / .token_ids /
+    .finish_reason`` of each result; the CPU tests run it against a fake engine with that API
+    (a real engine needs a GPU)."""
 
     asynchronous = False
     name = "policy-vllm"
@@ -235,6 +266,7 @@ class VLLMColocateBackend:
 
         self.llm, self.tok = llm, tokenizer
         self.stop_ids = stop_token_ids(tokenizer)
+        self.stop_texts = [tokenizer.convert_ids_to_tokens(i) for i in self.stop_ids]
 
     def generate(self, prompts: list[list[dict]], tools=None, *, max_new_tokens: int,
                  temperature: float = 0.0, seed: int = 0) -> list:
@@ -252,8 +284,75 @@ class VLLMColocateBackend:
         for r in self.llm.generate(texts, params, use_tqdm=False):
             c = r.outputs[0]
             stopped = c.finish_reason == "stop"
-            out.append(Completion(c.text, len(c.token_ids), "stop" if stopped else "length"))
+            text = c.text
+            # with skip_special_tokens=False vLLM may keep the stop token's text; the loop wants
+            # the turn without it (as the transformers backend returns it)
+            for stop in self.stop_texts:
+                if stop and text.endswith(stop):
+                    text = text[:-len(stop)]
+                    break
+            out.append(Completion(text, len(c.token_ids), "stop" if stopped else "length"))
         return out
+
+
+# --- the curriculum ---------------------------------------------------------------------------
+
+
+def usable(p: float, g: int) -> float:
+    """Chance that a group of ``g`` episodes of a task with pass rate ``p`` has reward variance
+    (is not dropped by dynamic sampling): ``1 - p^g - (1-p)^g``."""
+    return 1.0 - p ** g - (1.0 - p) ** g
+
+
+class Curriculum:
+    """Which tasks a step trains on, by their measured pass rate under the current policy.
+
+    Every task keeps a tally of its episodes' successes (``update``: the training rollouts
+    themselves, so measuring costs nothing extra), older tallies halved each time the task is
+    rolled out again (the policy moved since). A task's pass rate is estimated with the pool's
+    mean rate as a prior worth ``prior_weight`` episodes, and ``pick`` takes the tasks most likely
+    to give a group with signal (``usable(p, group)``); unseen tasks sit at the prior, tasks never
+    (or always) solved sink below it, tasks solved sometimes rise above it. A task rolled out in
+    the last ``cooldown`` steps waits (so one lucky task is not drilled). Ties go in a seeded
+    random order."""
+
+    def __init__(self, tasks: Sequence, group: int, seed: int = 0, prior_weight: float = 2.0,
+                 decay: float = 0.5, cooldown: int = 1):
+        import random
+
+        self.tasks = list(tasks)
+        self.group, self.prior_weight, self.decay, self.cooldown = group, prior_weight, decay, cooldown
+        self.wins = {t.task_id: 0.0 for t in self.tasks}
+        self.tries = {t.task_id: 0.0 for t in self.tasks}
+        self.last = {t.task_id: -10**9 for t in self.tasks}
+        self.rng = random.Random(seed)
+        self.order = {t.task_id: self.rng.random() for t in self.tasks}
+
+    def prior(self) -> float:
+        tries = sum(self.tries.values())
+        return (sum(self.wins.values()) + 0.5) / (tries + 1.0)
+
+    def rate(self, task_id: str) -> float:
+        m = self.prior_weight
+        return (self.wins[task_id] + m * self.prior()) / (self.tries[task_id] + m)
+
+    def update(self, task_id: str, successes: Sequence[float], step: int) -> None:
+        self.wins[task_id] = self.wins[task_id] * self.decay + sum(successes)
+        self.tries[task_id] = self.tries[task_id] * self.decay + len(successes)
+        self.last[task_id] = step
+
+    def pick(self, n: int, step: int) -> list:
+        fresh = [t for t in self.tasks if step - self.last[t.task_id] > self.cooldown]
+        pool = fresh if len(fresh) >= n else self.tasks
+        ranked = sorted(pool, key=lambda t: (-round(usable(self.rate(t.task_id), self.group), 6),
+                                              self.order[t.task_id]))
+        return ranked[:n]
+
+    def summary(self) -> dict[str, float]:
+        seen = [t for t in self.tasks if self.tries[t.task_id] > 0]
+        mixed = [t for t in seen if 0 < self.wins[t.task_id] < self.tries[t.task_id]]
+        return {"curriculum_seen": float(len(seen)), "curriculum_mixed": float(len(mixed)),
+                "curriculum_prior": self.prior()}
 
 
 # --- the rollout ------------------------------------------------------------------------------
@@ -269,7 +368,8 @@ class RolloutSettings:
 
 def make_rollout_func(tasks: Sequence, tokenizer, chat_template: str | None,
                       settings: RolloutSettings, episodes: Callable[[Any, list], list],
-                      stats: dict[str, list], samples: int = 0):
+                      stats: dict[str, list], samples: int = 0,
+                      curriculum: Curriculum | None = None):
     """TRL ``rollout_func(prompts, trainer)`` over coaflow tasks.
 
     ``prompts`` are task questions (the dataset's ``prompt`` column; TRL has already repeated
@@ -277,6 +377,11 @@ def make_rollout_func(tasks: Sequence, tokenizer, chat_template: str | None,
     per task with the live policy and returns ``(messages, final_answer, info)`` per task, where
     ``info`` holds ``tool_calls`` and ``tool_errors``. Timing and tool counts go to ``stats``,
     the first ``samples`` episodes of every step to ``stats["samples"]``.
+
+    With a ``curriculum`` the step's tasks are the curriculum's picks, not the sampler's: TRL's
+    prompts only say how many groups to run (``len(prompts) // num_generations``); every entry
+    returned carries its own prompt ids and reward fields, so the trainer needs nothing else of
+    them. The step's outcomes go back into the curriculum's tallies.
     """
     by_question: dict[str, Any] = {}
     for t in tasks:
@@ -292,6 +397,10 @@ def make_rollout_func(tasks: Sequence, tokenizer, chat_template: str | None,
             if q not in by_question:
                 raise PipelineError(f"rl: the trainer asked for an unknown prompt {q[:80]!r}")
             batch.append(by_question[q])
+        g = trainer.num_generations
+        if curriculum is not None and len(batch) % g == 0:
+            picks = curriculum.pick(len(batch) // g, trainer.state.global_step)
+            batch = [t for t in picks for _ in range(g)]
         start = time.perf_counter()
         results = episodes(trainer, batch)
         stats["generate_s"].append(time.perf_counter() - start)
@@ -327,6 +436,12 @@ def make_rollout_func(tasks: Sequence, tokenizer, chat_template: str | None,
                     "suite": task.suite, **r,
                     "answer": answer, "tool_calls": info.get("tool_calls", 0),
                     "transcript": transcript(messages)})
+        if curriculum is not None:
+            for i in range(0, len(batch), g):
+                curriculum.update(batch[i].task_id, out["success"][i:i + g],
+                                  trainer.state.global_step)
+            for k, v in curriculum.summary().items():
+                stats[k].append(v)
         n = max(len(batch), 1)
         stats["success"].append(sum(out["success"]) / n)
         stats["evidence"].append(sum(out["evidence"]) / n)
@@ -335,6 +450,11 @@ def make_rollout_func(tasks: Sequence, tokenizer, chat_template: str | None,
         stats["tool_errors"].append(sum(out["tool_errors"]) / n)
         stats["turns"].append(sum(out["turns"]) / n)
         stats["model_tokens"].append(sum(sum(m) for m in out["env_mask"]) / n)
+        infos = [info for _, _, info in results]
+        if infos and "rollout_entropy" in infos[0]:
+            stats["rollout_entropy"].append(infos[0]["rollout_entropy"])
+            stats["rollout_tokens_per_s"].append(
+                sum(i["rollout_generated"] for i in infos) / max(stats["generate_s"][-1], 1e-9))
         return {**out, "logprobs": None}
 
     return rollout
