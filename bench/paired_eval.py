@@ -38,7 +38,7 @@ def main(argv=None) -> None:
     print(E.markdown(summary))
     for suite, d in diff.items():
         print(f"b - a  {suite:5s} {d['diff']:+.3f}  95% CI [{d['lo']:+.3f}, {d['hi']:+.3f}]  "
-              f"p={d['p_value']:.3g}  (b only {d['only_candidate']}, a only {d['only_champion']}, "
+              f"p={d['p_value']:.3g}  (b only {d['only_candidate']}, a only {d['only_other']}, "
               f"n={d['n']})")
     if args.json:
         with open(args.json, "a") as f:

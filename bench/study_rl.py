@@ -38,9 +38,9 @@ def signal(model: str, tasks: list, k: int, temperature: float, max_turns: int,
            backend=None) -> dict:
     """Pass rate per task over ``k`` sampled episodes, and the numbers RL's signal hangs on."""
     from coaflow.agent import TransformersBackend, run_episodes
+    from coaflow.envs import rewards
     from coaflow.models.loading import inference_dtype
     from coaflow.stages.rl_rollout import from_trajectory
-    from coaflow.envs import rewards
 
     if backend is None:
         backend = TransformersBackend(model, batch_size=batch_size, dtype=inference_dtype("auto"),
@@ -126,7 +126,7 @@ def cmd_train(a) -> dict:
     from transformers import TrainerCallback
 
     from coaflow.config import load_config
-    from coaflow.pipeline import Context, Result
+    from coaflow.contract import Context, Result
     from coaflow.stages import rl
     from coaflow.tracking import Tracker
 

@@ -339,6 +339,7 @@ class FakeLLM:
 
 @pytest.fixture
 def fake_vllm(monkeypatch):
+    import sys
     import types
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(
@@ -356,7 +357,9 @@ def test_vllm_backend_runs_episodes_through_the_agent_loop(tmp_path, tiny_dir, t
     task = tasks[0]
     gold = task.answer if isinstance(task.answer, str) else task.answer[0]
     llm = FakeLLM(tok, gold)
-    backend = R.VLLMColocateBackend(llm, tok)
+    from coaflow.agent.vllm import VLLMColocateBackend
+
+    backend = VLLMColocateBackend(llm, tok)
     trajs = agent.run_episodes(backend, [task], max_turns=3, max_new_tokens=32,
                                temperature=1.0, seed=7, samples=2)
     assert [t.details["stop"] for t in trajs] == ["answer", "answer"]

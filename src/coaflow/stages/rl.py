@@ -82,7 +82,9 @@ class Config(Section):
     format_weight: float = Field(0.0, ge=0, description="weight of the shaped format reward "
                                  "(0: success only)")
     evidence_weight: float = Field(0.0, ge=0, description="weight of the shaped evidence "
-                                   "reward: a tool result holding the gold answer (0: off)")
+                                   "reward: a tool result holding the gold answer (0: off; "
+                                   "it did not help the from-scratch student, docs/rl.md, and "
+                                   "stays for the next study on the pretrained one)")
     max_turns: int = Field(6, ge=1, description="assistant turns per episode")
     max_new_tokens: int = Field(128, ge=8, description="tokens per assistant turn")
     max_completion_length: int = Field(1024, ge=16, description="tokens per episode after the "
@@ -159,16 +161,17 @@ def agent_episodes(cfg: Config, model_dir: Path, seed: int):
     """``episodes(trainer, tasks)`` for the rollout: coaflow's agent loop with the live policy
     (the trainer's model itself, or TRL's vLLM engine holding its synced weights)."""
     from coaflow import agent
-    from coaflow.stages import rl_rollout as R
-
     from coaflow.models.loading import inference_dtype
+    from coaflow.stages import rl_rollout as R
 
     backend = None
 
     def episodes(trainer, tasks):
         nonlocal backend
         if backend is None:
-            backend = (R.VLLMColocateBackend(trainer.vllm_generation.llm, trainer.processing_class)
+            from coaflow.agent.vllm import VLLMColocateBackend
+
+            backend = (VLLMColocateBackend(trainer.vllm_generation.llm, trainer.processing_class)
                        if cfg.engine == "vllm" else
                        agent.TransformersBackend(str(model_dir), batch_size=len(tasks),
                                                  dtype=inference_dtype(cfg.rollout_dtype),

@@ -27,7 +27,7 @@ from typing import Any
 
 from coaflow.envs import rewards
 from coaflow.errors import PipelineError, UserError
-from coaflow.models.prompt import tools_for
+from coaflow.models.prompt import stop_token_ids, tools_for
 
 REWARD_DOC = (
     "reward = success + format_weight * format + evidence_weight * evidence, where success is "
@@ -82,7 +82,8 @@ def encode_episode(tokenizer, messages: list[dict], chat_template: str | None,
                             "({% generation %} markers missing)")
     # End at the model's last end-of-turn token: what the template adds after it (a newline)
     # was never sampled, and TRL tells a finished episode from a cut one by its last token.
-    last = next((i for i in reversed(marked) if ids[i] == tokenizer.eos_token_id), marked[-1])
+    ends = set(stop_token_ids(tokenizer))  # the end-of-turn rule every generator stops on
+    last = next((i for i in reversed(marked) if ids[i] in ends), marked[-1])
     ids, mask = ids[:last + 1], mask[:last + 1]
     truncated = len(ids) > max_completion_length
     if truncated:
@@ -249,50 +250,6 @@ def from_trajectory(traj) -> tuple[list[dict], str | None, dict]:
     return messages, traj.outcome.final_answer, {
         "tool_calls": d.get("tool_calls", 0), "tool_errors": errors, "turns": d.get("turns", 0),
         "stop": d.get("stop")}
-
-
-class VLLMColocateBackend:
-    """The agent loop's backend protocol over TRL's colocated ``vllm.LLM`` (its weights are the
-    policy's: TRL syncs them before every rollout). It calls ``llm.generate(texts,
-    SamplingParams(...), use_tqdm=False)`` and reads ``outputs[0].text / .token_ids /
-    .finish_reason`` of each result; the CPU tests run it against a fake engine with that API
-    (a real engine needs a GPU)."""
-
-    asynchronous = False
-    name = "policy-vllm"
-
-    def __init__(self, llm, tokenizer):
-        from coaflow.models.prompt import stop_token_ids
-
-        self.llm, self.tok = llm, tokenizer
-        self.stop_ids = stop_token_ids(tokenizer)
-        self.stop_texts = [tokenizer.convert_ids_to_tokens(i) for i in self.stop_ids]
-
-    def generate(self, prompts: list[list[dict]], tools=None, *, max_new_tokens: int,
-                 temperature: float = 0.0, seed: int = 0) -> list:
-        from vllm import SamplingParams
-
-        from coaflow.agent import Completion
-
-        tools = tools or [None] * len(prompts)
-        texts = [self.tok.apply_chat_template(m, tools=t, tokenize=False,
-                                              add_generation_prompt=True)
-                 for m, t in zip(prompts, tools, strict=True)]
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                                stop_token_ids=self.stop_ids, skip_special_tokens=False)
-        out = []
-        for r in self.llm.generate(texts, params, use_tqdm=False):
-            c = r.outputs[0]
-            stopped = c.finish_reason == "stop"
-            text = c.text
-            # with skip_special_tokens=False vLLM may keep the stop token's text; the loop wants
-            # the turn without it (as the transformers backend returns it)
-            for stop in self.stop_texts:
-                if stop and text.endswith(stop):
-                    text = text[:-len(stop)]
-                    break
-            out.append(Completion(text, len(c.token_ids), "stop" if stopped else "length"))
-        return out
 
 
 # --- the curriculum ---------------------------------------------------------------------------
