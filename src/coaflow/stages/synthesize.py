@@ -152,6 +152,7 @@ def synthesize(cfg: Config, out: Path, seed: int, cache_dir: Path | None = None,
         client = llm.client_for(cfg.llm, cache_dir if cfg.llm.cache else None)
         client.check_endpoint()  # before any work
         record.client = client
+    record.open()
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=f"synthesize "
                f"({cfg.teacher})", unit="task", disable=not progress, mininterval=1.0)
     t0 = time.perf_counter()
@@ -191,22 +192,31 @@ class _Record:
     that continue after the last one a killed attempt wrote (``done``: the tasks it finished)."""
 
     def __init__(self, cfg: Config, out: Path, seed: int):
-        from coaflow.schema import Provenance, ShardWriter
+        from coaflow.schema import Provenance
 
         self.cfg, self.seed, self.client = cfg, seed, None
         self.traj_dir, self.fail_dir, raw_dir = out / "trajectories", out / "failed", out / "raw"
         (written, traj_next), (failed, fail_next) = (_resume_point(self.traj_dir),
                                                      _resume_point(self.fail_dir))
         self.done = written | failed
-        self.trajs = ShardWriter(self.traj_dir, "part", cfg.shard_size, start_index=traj_next)
-        self.raws = ShardWriter(raw_dir, "raw", cfg.shard_size,
-                                start_index=_resume_point(raw_dir)[1])
-        self.fails = ShardWriter(self.fail_dir, "failed", cfg.shard_size, start_index=fail_next)
+        self._writers = {"trajs": (self.traj_dir, "part", traj_next),
+                         "raws": (raw_dir, "raw", _resume_point(raw_dir)[1]),
+                         "fails": (self.fail_dir, "failed", fail_next)}
+        self.trajs = self.raws = self.fails = None
         self.provenance = Provenance(
             teacher=cfg.teacher, seed=seed, model=cfg.llm.model if cfg.teacher == "llm"
             else "coaflow-scripted-team",
             tool_versions={"coaflow": __import__("coaflow").__version__})
         self.secrets = secret_values(cfg.llm.api_key_env)
+
+    def open(self) -> None:
+        """Make the shard writers: only once the teacher is known to answer (a bad endpoint
+        leaves no folder behind)."""
+        from coaflow.schema import ShardWriter
+
+        for attr, (folder, prefix, start) in self._writers.items():
+            setattr(self, attr, ShardWriter(folder, prefix, self.cfg.shard_size,
+                                            start_index=start))
 
     def start(self, task):
         """A team log over a fresh environment per task (cheap: worlds and indexes are cached),
@@ -240,7 +250,8 @@ class _Record:
 
     def close(self) -> None:
         for w in (self.trajs, self.raws, self.fails):
-            w.close()
+            if w is not None:
+                w.close()
 
 
 def _run_scripted(cfg: Config, todo: list, seed: int, record: _Record, bar) -> None:
