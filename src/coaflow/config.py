@@ -176,6 +176,15 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> str:
     return ", ".join(model.model_fields) if hasattr(model, "model_fields") else ""
 
 
+def read_profile(profile: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """A profile's YAML with ``overrides`` applied, not validated: no stage module is imported
+    (a DAG file reads its graph's shape this way each time Airflow parses it)."""
+    data = _read_yaml(profile_path(profile))
+    for ov in overrides:
+        apply_override(data, ov)
+    return data
+
+
 def load_config(profile: str | Path = "default", overrides: list[str] | tuple[str, ...] = ()):
     """Read a profile, apply overrides, validate. Raises ConfigError with a readable message."""
     path = profile_path(profile)

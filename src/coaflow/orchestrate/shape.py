@@ -63,12 +63,10 @@ def of_profile(profile: str, overrides: list[str] | tuple[str, ...] = ()) -> Sha
     here could only refuse a run, never run the wrong shape."""
     from types import SimpleNamespace
 
-    from coaflow.config import _read_yaml, apply_override, profile_path
+    from coaflow.config import read_profile
     from coaflow.contract import STAGES
 
-    data = _read_yaml(profile_path(profile))
-    for item in overrides:
-        apply_override(data, item)
+    data = read_profile(profile, overrides)
     defaults = {"shards": 1, "nodes": 1, "gpus_per_node": 1}
     return Shape.of(SimpleNamespace(**{
         name: SimpleNamespace(**{**defaults, **(data.get(name) or {})}) for name in STAGES}))
