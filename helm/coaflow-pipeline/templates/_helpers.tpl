@@ -64,7 +64,7 @@ are (global.namespace): one namespace for every object. */}}
 {{- define "coaflow-pipeline.checkNamespace" -}}
 {{- with dig "namespace" "" (.Values.global | default dict) -}}
 {{- if and $.Release.Namespace (ne . $.Release.Namespace) -}}
-{{- fail (printf "global.namespace is %q but this release goes to namespace %q: install it with -n %s (the stage pods, TrainJobs and KFP runs use global.namespace)" . $.Release.Namespace .) -}}
+{{- fail (printf "global.namespace is %q but this release goes to namespace %q: install it with -n %s, or set global.namespace (the stage pods, TrainJobs and KFP runs use global.namespace)" . $.Release.Namespace .) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}

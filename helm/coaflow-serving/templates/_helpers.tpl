@@ -70,7 +70,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "coaflow-serving.checkNamespace" -}}
 {{- with dig "namespace" "" (.Values.global | default dict) -}}
 {{- if and $.Release.Namespace (ne . $.Release.Namespace) -}}
-{{- fail (printf "global.namespace is %q but this release goes to namespace %q: install it with -n %s (deploy rolls out the serving Deployment of global.namespace)" . $.Release.Namespace .) -}}
+{{- fail (printf "global.namespace is %q but this release goes to namespace %q: install it with -n %s, or set global.namespace (deploy rolls out the serving Deployment of global.namespace)" . $.Release.Namespace .) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}

@@ -66,7 +66,7 @@ s3://{{ required "artifacts.s3.bucket is required" .Values.artifacts.s3.bucket }
 {{- define "coaflow-tracking.checkNamespace" -}}
 {{- with dig "namespace" "" (.Values.global | default dict) -}}
 {{- if and $.Release.Namespace (ne . $.Release.Namespace) -}}
-{{- fail (printf "global.namespace is %q but this release goes to namespace %q: install it with -n %s (the stage pods find MLflow at coaflow-tracking.<global.namespace>)" . $.Release.Namespace .) -}}
+{{- fail (printf "global.namespace is %q but this release goes to namespace %q: install it with -n %s, or set global.namespace (the stage pods find MLflow at coaflow-tracking.<global.namespace>)" . $.Release.Namespace .) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}

@@ -185,9 +185,11 @@ def trigger_params(settings: Settings, stages: Sequence[str]) -> dict[str, dict]
                     "description": "a profile coaflow ships (src/coaflow/configs), or the one "
                                    "the DAG's settings name"},
     }
+    # a form default that would undo one of the cluster's overrides (deploy_target: none) is
+    # the cluster's value instead
     site = dict(o.split("=", 1) for o in site_overrides(settings))
     for name, (key, stage, schema, doc) in PARAMS.items():
-        if stage is None or stage in stages:  # a default the cluster's overrides would undo: theirs
+        if stage is None or stage in stages:
             default = site.get(key, DEFAULTS.get(name)) if name in DEFAULTS else None
             form[name] = {"default": default, "schema": schema, "description": doc}
     form["overrides"] = {"default": [], "schema": {"type": ["null", "array"],  # null: optional

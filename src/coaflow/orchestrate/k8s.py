@@ -260,18 +260,16 @@ def run_overrides(values: Mapping[str, Any], namespace: str, path: str | Path) -
     return out
 
 
-def airflow_chart_values(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Values of the official Airflow chart (apache-airflow/airflow) for this install: the
-    coaflow Airflow image of the same registry and tag, its Airflow version, kubernetes mode,
-    and the DAG's pod settings from the ConfigMap ``coaflow-k8s`` (this module's output)."""
-    registry, tag = _split_image(load(PACKAGED).images.cpu)
-    images = (values.get(VALUES_KEY) or {}).get("images") or {}
-    registry, tag = images.get("registry") or registry, str(images.get("tag") or tag)
-    repo, _, tag = _image(registry, "airflow", tag).rpartition(":")
+def airflow_chart_values(ks: KubernetesSettings) -> dict[str, Any]:
+    """Values of the official Airflow chart (apache-airflow/airflow) for the install whose
+    settings are ``ks``: the coaflow Airflow image of the same registry and tag, its Airflow
+    version, kubernetes mode, and the DAG's pod settings from the ConfigMap ``coaflow-k8s``
+    (this module's output) mounted into every Airflow pod."""
+    registry, tag = _split_image(ks.images.cpu)
     return {
         "airflowVersion": AIRFLOW_VERSION,
-        "images": {"airflow": {"repository": repo, "tag": tag,
-                               "pullPolicy": images.get("pullPolicy") or "IfNotPresent"}},
+        "images": {"airflow": {"repository": f"{registry}/coaflow-airflow", "tag": tag,
+                               "pullPolicy": ks.image_pull_policy}},
         "env": [{"name": "COAFLOW_AIRFLOW_MODE", "value": "kubernetes"},
                 {"name": ENV_VAR, "value": f"{AIRFLOW_SETTINGS}/k8s.yaml"}],
         "volumes": [{"name": "coaflow-k8s", "configMap": {"name": "coaflow-k8s"}}],
@@ -294,13 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         ks = load(args.values)
-        if args.airflow_chart:
-            out = airflow_chart_values(yaml.safe_load(Path(args.values).read_text()))
-        else:
-            out = ks.model_dump(mode="json")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    out = airflow_chart_values(ks) if args.airflow_chart else ks.model_dump(mode="json")
     print(f"# derived from {args.values} by python -m coaflow.orchestrate.k8s; regenerate, do "
           "not edit")
     print(yaml.safe_dump(out, sort_keys=False), end="")
