@@ -48,8 +48,10 @@ def test_it_runs_the_stage_command_under_torchrun_with_the_stage_pods_settings()
     base = pod["containers"][0]
     assert trainer["image"] == base["image"]
     limits = trainer["resourcesPerNode"]["limits"]
-    assert (limits["cpu"], limits["memory"]) == (base["resources"]["limits"]["cpu"],
-                                                 base["resources"]["limits"]["memory"])
+    # the 1-GPU pod's resources are per GPU process: a node of 8 GPUs gets 8 times as much
+    assert (limits["cpu"], limits["memory"]) == (
+        k8s_settings.scale(base["resources"]["limits"]["cpu"], 8),
+        k8s_settings.scale(base["resources"]["limits"]["memory"], 8))
     assert limits["nvidia.com/gpu"] == "8"
     secrets = {e["name"] for e in base["env"] if "valueFrom" in e}
     assert secrets <= {e["name"] for e in trainer["env"]}
@@ -59,6 +61,8 @@ def test_it_runs_the_stage_command_under_torchrun_with_the_stage_pods_settings()
     assert node["tolerations"][0]["key"] == pod["tolerations"][0]["key"]
     assert {v["name"] for v in node["volumes"]} == {v["name"] for v in pod["volumes"]}
     assert node["serviceAccountName"] == pod["serviceAccountName"]
+    template = patch["replicatedJobs"][0]["template"]["spec"]["template"]
+    assert template["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
 
 
 def test_a_bad_size_names_the_stage():

@@ -156,12 +156,16 @@ def test_a_profile_with_shards_and_a_multi_node_sft_fans_out_and_launches(tmp_pa
         "producerTask"] == "launch-sft"  # the stage folder it copied back is the sft result
     launch = sft["inputs"]["parameters"]["launch"]["runtimeValue"]["constant"]
     assert (launch["nodes"], launch["gpus_per_node"]) == (2, 8)
-    assert launch["settings"] == ks.model_dump(mode="json")  # what the TrainJob's nodes get
+    # what the TrainJob's nodes get (the run's config they get as argv)
+    assert launch["settings"] == ks.model_dump(mode="json", exclude={"profile", "overrides"})
     container = spec["deploymentSpec"]["executors"]["exec-launch-sft"]["container"]
     assert container["image"] == ks.images.cpu and "accelerator" not in container["resources"]
     assert container["resources"]["resourceMemoryLimit"] == ks.launcher.memory
     ex = platform["exec-launch-sft"]
     assert ex["pvcMount"][0]["mountPath"] == ks.mount_path and "nodeSelector" not in ex
+    # the TrainJob goes to the launcher's own namespace (a Kubeflow profile's), not the one
+    # compiled into the settings
+    assert {"name": "COAFLOW_NAMESPACE", "fieldPath": "metadata.namespace"} in ex["fieldPathAsEnv"]
     # rl stays one GPU pod; the runs' defaults are the profile and overrides compiled for
     assert spec["deploymentSpec"]["executors"]["exec-rl"]["container"]["image"] == ks.images.gpu
     defaults = root["inputDefinitions"]["parameters"]

@@ -78,3 +78,42 @@ def test_the_schema_refuses_bad_values():
         chart.render({"model": {"uri": "runs:/abc/model", "servedName": "x"}}, name="t")
     with pytest.raises(helm.HelmValuesError, match="engine"):
         chart.render({"engine": "tgi"}, name="t")
+
+
+def test_a_rollout_fits_one_gpu():
+    """One replica on one GPU: the default strategy replaces the pod instead of starting a
+    second one first (Kubernetes' default, maxSurge 25% rounded up to 1, needs a second free
+    GPU and stalls until deploy's rollout_timeout_s). The CPU twin may surge."""
+    strategy = render({})["Deployment"]["spec"]["strategy"]
+    assert strategy["type"] == "Recreate" or strategy["rollingUpdate"]["maxSurge"] == 0
+    assert render(CPU)["Deployment"]["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 1
+
+
+def test_before_the_first_promotion_the_pod_waits_for_the_version():
+    """`coaflow models fetch` exits 2 while the model or its champion alias does not exist yet
+    and 75 while the registry does not answer: the init container waits those out (deploy then
+    rolls the pod to the promoted version) and fails on anything else."""
+    init = render({})["Deployment"]["spec"]["template"]["spec"]["initContainers"][0]
+    script = init["args"][0]
+    assert script.startswith("until dst=\"$(coaflow models fetch")
+    assert '[ "$rc" -ne 2 ] && [ "$rc" -ne 75 ]' in script and "sleep 30" in script
+    once = render({"model": {"waitForVersion": False}})["Deployment"]
+    assert "until" not in once["spec"]["template"]["spec"]["initContainers"][0]["args"][0]
+
+
+def test_the_install_values_pick_the_image_model_and_gpu_placement():
+    """Through helm/coaflow: the built image of the install's registry and tag, the registered
+    model's champion served under the registered name (deploy's smoke test sends it)."""
+    values = yaml.safe_load((CHART / "ci" / "global-values.yaml").read_text())
+    dep = render(values)["Deployment"]
+    pod = dep["spec"]["template"]
+    assert pod["metadata"]["annotations"]["coaflow.io/model-uri"] == \
+        "models:/coaflow-qwen3-0.6b-agent@champion"
+    server = pod["spec"]["containers"][0]
+    assert server["image"] == "registry.example.com/ml/coaflow-gpu:0.2.0"
+    assert pod["spec"]["initContainers"][0]["image"] == server["image"]
+    assert server["imagePullPolicy"] == "Always"
+    assert "--name=coaflow-qwen3-0.6b-agent" in server["args"]
+    assert pod["spec"]["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+    cpu = render({**values, **CPU})["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert cpu["image"] == "registry.example.com/ml/coaflow-cpu:0.2.0"

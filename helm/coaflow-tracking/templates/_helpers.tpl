@@ -1,5 +1,7 @@
 {{- define "coaflow-tracking.fullname" -}}
-{{- if contains .Chart.Name .Release.Name -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if contains .Chart.Name .Release.Name -}}
 {{- .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- else -}}
 {{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
@@ -49,4 +51,22 @@ s3://{{ required "artifacts.s3.bucket is required" .Values.artifacts.s3.bucket }
 {{- define "coaflow-tracking.allowedHosts" -}}
 {{- $defaults := list "localhost*" "127.0.0.1*" "10.*" "172.*" "192.168.*" (printf "%s*" (include "coaflow-tracking.fullname" .)) -}}
 {{- concat $defaults .Values.allowedHosts | join "," -}}
+{{- end -}}
+
+{{/* The install's values (helm/coaflow) share `global`; where it sets a value, it wins. */}}
+{{- define "coaflow-tracking.image" -}}
+{{- $g := dig "images" dict (.Values.global | default dict) -}}
+{{- if $g.registry -}}
+{{- printf "%s/coaflow-tracking:%s" (trimSuffix "/" $g.registry) (toString ($g.tag | default .Values.image.tag)) -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (toString .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "coaflow-tracking.checkNamespace" -}}
+{{- with dig "namespace" "" (.Values.global | default dict) -}}
+{{- if and $.Release.Namespace (ne . $.Release.Namespace) -}}
+{{- fail (printf "global.namespace is %q but this release goes to namespace %q: install it with -n %s, or set global.namespace (the stage pods find MLflow at coaflow-tracking.<global.namespace>)" . $.Release.Namespace .) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}

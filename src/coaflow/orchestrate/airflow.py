@@ -123,6 +123,8 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     if k8s_file and not Path(k8s_file).is_absolute():
         k8s_file = path.parent / k8s_file  # relative to the DAG's settings file
     data["kubernetes"] = k8s.load(k8s_file, env).model_dump()
+    if data["kubernetes"]["profile"] and not env.get("COAFLOW_AIRFLOW_PROFILE"):
+        data["profile"] = data["kubernetes"]["profile"]  # the install's values file names it
     try:
         return Settings.model_validate(data)
     except ValidationError as e:
@@ -183,9 +185,13 @@ def trigger_params(settings: Settings, stages: Sequence[str]) -> dict[str, dict]
                     "description": "a profile coaflow ships (src/coaflow/configs), or the one "
                                    "the DAG's settings name"},
     }
-    for name, (_key, stage, schema, doc) in PARAMS.items():
+    # a form default that would undo one of the cluster's overrides (deploy_target: none) is
+    # the cluster's value instead
+    site = dict(o.split("=", 1) for o in site_overrides(settings))
+    for name, (key, stage, schema, doc) in PARAMS.items():
         if stage is None or stage in stages:
-            form[name] = {"default": DEFAULTS.get(name), "schema": schema, "description": doc}
+            default = site.get(key, DEFAULTS.get(name)) if name in DEFAULTS else None
+            form[name] = {"default": default, "schema": schema, "description": doc}
     form["overrides"] = {"default": [], "schema": {"type": ["null", "array"],  # null: optional
                                                    "items": {"type": "string"}},
                          "description": "more config overrides, one section.key=value each "
@@ -229,7 +235,8 @@ def plan(params: Mapping[str, Any], airflow_run_id: str, settings: Settings,
     from coaflow.config import load_config
 
     profile = str(params.get("profile") or settings.profile)
-    overrides = [f"run.workdir={settings.run_workdir}"] + overrides_from_params(params, stages)
+    overrides = [f"run.workdir={settings.run_workdir}", *site_overrides(settings),
+                 *overrides_from_params(params, stages)]
     cfg = load_config(profile, overrides)
     check(dag_shape(settings), cfg, f"the DAG was parsed for its settings' profile "
           f"{settings.profile!r}: set the DAG's profile (COAFLOW_AIRFLOW_PROFILE) to one of this "
@@ -245,7 +252,13 @@ def plan(params: Mapping[str, Any], airflow_run_id: str, settings: Settings,
 def dag_shape(settings: Settings) -> Shape:
     """The graph's shape, from the settings' profile when the DAG is parsed: synthesize mapped
     over ``synthesize.shards`` workers, sft / rl past one GPU process as a TrainJob launcher."""
-    return of_profile(settings.profile)
+    return of_profile(settings.profile, site_overrides(settings))
+
+
+def site_overrides(settings: Settings) -> list[str]:
+    """The cluster's overrides (from the install's values file: the model name, the serving
+    Deployment, the teacher), for the pods of kubernetes mode; none in local mode."""
+    return list(settings.kubernetes.overrides) if settings.mode == "kubernetes" else []
 
 
 def task_out(stage: str, the_plan: Mapping[str, Any], shard: int | None = None) -> str:

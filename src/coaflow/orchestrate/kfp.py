@@ -63,15 +63,16 @@ def run_component(stage: str, *, profile: str, overrides: Sequence[str], seed: i
                   tracking_uri: str, retries: int, out: str, inputs: Mapping[str, Any],
                   run_id: str = "", metrics: Any = None, backoff_s: float = BACKOFF_S,
                   shard: int = -1, shape: Mapping[str, Any] | None = None,
-                  launch: Mapping[str, Any] | None = None) -> str:
+                  launch: Mapping[str, Any] | None = None, site: Sequence[str] = ()) -> str:
     """Run ``stage`` as a KFP component; ``inputs`` maps stage -> input artifact (or None, or a
     list: a stage run in shards). ``shard`` >= 0: synthesize's slice; ``shape``: the shape the
     pipeline was compiled for, checked against the run's config first (exit 2 when they
     differ); ``launch`` (nodes, gpus_per_node, settings): run the stage as a Trainer TrainJob
-    from here (``orchestrate.trainjob.launch``) instead of in this pod.
+    from here (``orchestrate.trainjob.launch``) instead of in this pod. ``site``: the
+    cluster's overrides (``k8s.KubernetesSettings.overrides``), before the run's own.
     Returns ``"done"`` or ``"refused"``; exits with the stage's code on any other failure."""
     paths = {n: _path(a) for n, a in inputs.items()}
-    overrides = [*overrides, f"run.seed={seed}"] + ([f"run.workdir={workdir}"] if workdir else [])
+    overrides = [*site, *overrides, f"run.seed={seed}"] + ([f"run.workdir={workdir}"] if workdir else [])
     if shard >= 0:
         overrides.append(f"{stage}.shard={shard}")
     if shape:
@@ -123,6 +124,10 @@ def _launch(stage: str, launch: Mapping[str, Any], **kw) -> int:
     from coaflow.orchestrate import trainjob
 
     ks = KubernetesSettings.model_validate(launch["settings"])
+    # the TrainJob goes where this pod runs (the KFP run's namespace: a Kubeflow profile's, or
+    # standalone KFP's), whatever namespace the settings were compiled with: its PVC, Secret and
+    # RBAC are there
+    ks.namespace = os.environ.get(NAMESPACE_ENV) or ks.namespace
     return trainjob.launch(stage, ks=ks, nodes=int(launch["nodes"]),
                            gpus_per_node=int(launch["gpus_per_node"]),
                            log=lambda line: print(line, flush=True), **kw)
@@ -134,6 +139,7 @@ UPSTREAM = contract.ORDER[:-1]  # the stages a task can read: every one but the 
 MLFLOW_ENV = "MLFLOW_TRACKING_URI"  # the key of the MLflow ConfigMap every stage reads
 RUN_ID_ENV = "COAFLOW_RUN_ID"  # the KFP run's name, from the pod's annotation
 RUN_NAME_FIELD = "metadata.annotations['pipelines.kubeflow.org/run_name']"
+NAMESPACE_ENV = "COAFLOW_NAMESPACE"  # a launcher's own namespace (downward API)
 
 
 def stage_task(stage: str, profile: str, overrides: list, seed: int, workdir: str,
@@ -143,7 +149,8 @@ def stage_task(stage: str, profile: str, overrides: list, seed: int, workdir: st
                rl: Input[Artifact] = None, evaluate: Input[Artifact] = None,
                register: Input[Artifact] = None,
                synthesize_shards: Input[List[Artifact]] = None,  # noqa: UP006 - KFP reads it
-               shard: int = -1, shape: dict = {}, launch: dict = {}) -> str:  # noqa: B006
+               shard: int = -1, shape: dict = {}, launch: dict = {},  # noqa: B006
+               site: list = []) -> str:  # noqa: B006
     """Run coaflow stage ``stage`` from the upstream stage folders its task is wired to (or, with
     ``launch``, as a Trainer TrainJob submitted and waited for from here)."""
     from coaflow.orchestrate.kfp import run_component
@@ -154,7 +161,7 @@ def stage_task(stage: str, profile: str, overrides: list, seed: int, workdir: st
                          workdir=workdir, tracking_uri=tracking_uri, run_id=run_id,
                          retries=retries, out=result.path, metrics=metrics,
                          inputs={n: a for n, a in upstream.items() if a is not None},
-                         shard=shard, shape=shape, launch=launch)
+                         shard=shard, shape=shape, launch=launch, site=site)
 
 
 def stage_component(name: str, image: str, component_name: str | None = None):
@@ -193,6 +200,8 @@ def configure(task, name: str, ks: KubernetesSettings, launcher: bool = False) -
     if ks.mlflow_configmap:
         kubernetes.use_config_map_as_env(task, ks.mlflow_configmap, {MLFLOW_ENV: MLFLOW_ENV})
     kubernetes.use_field_path_as_env(task, "COAFLOW_RUN_ID", RUN_NAME_FIELD)
+    if launcher:
+        kubernetes.use_field_path_as_env(task, NAMESPACE_ENV, "metadata.namespace")
 
 
 SHARDED = "synthesize"  # the stage that fans out (synthesize.shards)
@@ -206,16 +215,19 @@ def build_pipeline(ks: KubernetesSettings, profile: str = "default",
     ``synthesize.shards`` > 1 synthesize fans out in a ``dsl.ParallelFor`` whose result folders
     the gate collects (``dsl.Collected``); a stage whose ``nodes`` x ``gpus_per_node`` > 1 runs
     a launcher (component ``launch-<stage>``, the CPU image) that submits and waits for its
-    Trainer TrainJob. Every task of the first stage checks the run's config has that shape."""
+    Trainer TrainJob. Every task of the first stage checks the run's config has that shape.
+    Every task starts from the cluster's overrides (``ks.overrides``, from the install's values
+    file), a constant of the compiled pipeline, so a run's own ``overrides`` cannot drop them."""
     from coaflow.config import load_config
     from coaflow.orchestrate.shape import Shape
 
-    shape = Shape.of(load_config(profile, list(overrides)))
+    shape = Shape.of(load_config(profile, [*ks.overrides, *overrides]))
     stages = list(contract.STAGES)
     components = {n: stage_component(n, ks.images.cpu, LAUNCH_PREFIX + n)
                   if n in shape.launched else stage_component(n, ks.image_for(n))
                   for n in stages}
-    settings = ks.model_dump(mode="json")
+    # the launcher's TrainJob needs the pods' settings; the run's config it gets as argv
+    settings = ks.model_dump(mode="json", exclude={"profile", "overrides"})
 
     @dsl.pipeline(name="coaflow", description="Chain-of-Agents training: " + " -> ".join(stages))
     def coaflow_pipeline(profile: str = profile, overrides: list = list(overrides),  # noqa: B006, B008
@@ -234,6 +246,8 @@ def build_pipeline(ks: KubernetesSettings, profile: str = "default",
                 if SHARDED in inputs and shape.shards > 1:  # the fan-in: every shard's folder
                     inputs["synthesize_shards"] = inputs.pop(SHARDED)
                 extra = {"shape": shape.to_json()} if i == 0 else {}
+                if ks.overrides:
+                    extra["site"] = list(ks.overrides)
                 if name in shape.launched:
                     nodes, gpus = shape.launched[name]
                     extra["launch"] = {"nodes": nodes, "gpus_per_node": gpus,
@@ -285,7 +299,10 @@ def run_local(profile: str, overrides: Sequence[str], seed: int, workdir: Path, 
     from coaflow import report
     from coaflow.orchestrate import k8s
 
-    pipeline = build_pipeline(k8s.load(), profile, overrides)  # shaped by this run's config
+    # shaped by this run's config; the cluster's overrides (deploy to its serving Deployment,
+    # its teacher) do not apply to a run on this machine
+    ks = k8s.load().model_copy(update={"overrides": [], "profile": None})
+    pipeline = build_pipeline(ks, profile, overrides)
     workdir = Path(workdir).resolve()
     root = workdir / "kfp" / run_id
     (root / "workspace").mkdir(parents=True, exist_ok=True)

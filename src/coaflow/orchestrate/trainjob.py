@@ -74,8 +74,7 @@ def manifest(stage: str, stage_args: Sequence[str], ks: KubernetesSettings, *, n
     if nodes < 1 or gpus_per_node < 1:
         raise ValueError(f"{stage}: nodes and gpus_per_node must be >= 1, got {nodes}, "
                          f"{gpus_per_node}")
-    res = ks.for_stage(stage)
-    per_node = {"cpu": res.cpu, "memory": res.memory, GPU_RESOURCE: str(gpus_per_node)}
+    per_node = {**ks.node_resources(stage, gpus_per_node), GPU_RESOURCE: str(gpus_per_node)}
     pod = {
         "serviceAccountName": ks.service_account,
         "securityContext": {"runAsNonRoot": True, "runAsUser": ks.uid, "runAsGroup": ks.uid,
@@ -111,7 +110,10 @@ def manifest(stage: str, stage_args: Sequence[str], ks: KubernetesSettings, *, n
             },
             "runtimePatches": [{"manager": MANAGER, "trainingRuntimeSpec": {"template": {
                 "spec": {"replicatedJobs": [{"name": NODE, "template": {"spec": {
-                    "template": {"spec": pod}}}}]}}}}],
+                    # no Istio sidecar (Kubeflow profile namespaces inject one): it would keep
+                    # a finished node pod running and sit between the ranks' rendezvous
+                    "template": {"metadata": {"annotations": {"sidecar.istio.io/inject": "false"}},
+                                 "spec": pod}}}}]}}}}],
         },
     }
 
