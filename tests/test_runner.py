@@ -71,15 +71,16 @@ def test_code_change_is_a_cache_miss(workdir, tmp_path, monkeypatch):
     from pathlib import Path
 
     from coaflow import runner
+    from coaflow.digest import source_digest
 
     src = tmp_path / "pkg"
     shutil.copytree(Path(runner.__file__).parent / "teachers", src)
-    before = runner.source_digest(src)
+    before = source_digest(src)
     (src / "__pycache__").mkdir(exist_ok=True)
     (src / "__pycache__" / "x.pyc").write_bytes(b"\0")  # bytecode is not source
-    assert runner.source_digest(src) == before
+    assert source_digest(src) == before
     (src / "scripted.py").write_text((src / "scripted.py").read_text() + "\n# changed\n")
-    assert runner.source_digest(src) != before
+    assert source_digest(src) != before
 
     calls = []
     stages = {"a": make_stage("a", calls=calls)}

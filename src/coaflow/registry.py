@@ -42,6 +42,8 @@ class PromotionConflict(ServiceUnavailable):
     """Another promotion moved the champion at the same time (exit 75: look, then retry)."""
 
 
+BUDGET_TAG = "coaflow.budget"  # a version's tag: {suite: [turns, tokens a turn]} it was judged in
+
 @dataclass
 class Version:
     """One registered model version, as ``coaflow models list`` shows it."""

@@ -154,9 +154,26 @@ def eval_rows(stages: dict) -> list[dict]:
                 if f"{key}_lo" in metrics and f"{key}_hi" in metrics:
                     row |= {"lo": metrics[f"{key}_lo"], "hi": metrics[f"{key}_hi"]}
                 table[parts[1]][parts[2]] = row
+    details = ev.get("summary", {}).get("details", {})
+
+    def ceiling(model: str, suite: str) -> str:  # the row as a share of the teacher's
+        share = details.get(model, {}).get(suite, {}).get("ceiling_share")
+        return f"{share:.0%}" if share is not None else ""
+
     return [{"model": model, "suite": suite, "success": r["success"],
-             "ci95": f"[{r['lo']:.2f}, {r['hi']:.2f}]" if "lo" in r else "", "n": r.get("n", "")}
+             "ci95": f"[{r['lo']:.2f}, {r['hi']:.2f}]" if "lo" in r else "", "n": r.get("n", ""),
+             **({"of ceiling": ceiling(model, suite)} if "teacher" in details else {})}
             for model, suites in table.items() for suite, r in suites.items()]
+
+
+def budget_rows(stages: dict) -> list[dict]:
+    """The budget every evaluated episode ran within, per suite, and the share of the teacher
+    runs the student trained on that it fits (a budget below 100 % caps every row)."""
+    budget = stages.get("evaluate", {}).get("summary", {}).get("budget") or {}
+    return [{"suite": suite, "turns": b["max_turns"], "tokens a turn": b["max_new_tokens"],
+             "teacher runs it fits": (f"{b['fits']:.1%} of {b['teacher_runs']}"
+                                      if b.get("fits") is not None else "not measured")}
+            for suite, b in budget.items()]
 
 
 def decision(stages: dict) -> str:
@@ -216,6 +233,10 @@ def render_text(card: dict) -> str:
         cols = list(rows[0])
         lines += ["", "evaluation (test split)", "  " + "  ".join(f"{c:<12}" for c in cols)]
         lines += ["  " + "  ".join(f"{_fmt(r.get(c, '')):<12}" for c in cols) for r in rows]
+    if budget := budget_rows(st):
+        lines += ["  budget: " + "; ".join(f"{b['suite']} {b['turns']} turns x {b['tokens a turn']}"
+                                           f" tokens (fits {b['teacher runs it fits']} teacher "
+                                           "runs)" for b in budget)]
     if sample := sample_episode(st):
         lines += [""] + sample
     lines += ["", f"registry: {decision(st)}"]
@@ -302,7 +323,9 @@ def render_html(card: dict, plots: dict | None = None, mlflow: dict | None = Non
              "<h2>Stages</h2>", _table(timing, ["stage", "status", "seconds"]),
              "<h2>Data funnel</h2>", _table(funnel(st), ["", "count"])]
     rows = eval_rows(st)
-    parts += ["<h2>Evaluation on the held-out test split</h2>", _table(rows)]
+    parts += ["<h2>Evaluation on the held-out test split</h2>", _table(rows),
+              "<p>Every row ran within the same budget (turns per episode, tokens per turn), "
+              "the teacher's included:</p>", _table(budget_rows(st))]
     ev = st.get("evaluate", {}).get("summary", {})
     for key in ("paired", "comparison", "failures"):
         if ev.get(key):

@@ -54,6 +54,37 @@ def test_a_reused_kv_cache_gives_what_a_fresh_prompt_gives(tiny_dir):
     assert list(cached.past) == keys[:1]  # the finished episodes dropped their cache
 
 
+def test_a_shared_prefix_gives_what_each_prompt_alone_gives(tiny_dir, monkeypatch):
+    """New episodes of a suite share the system prompt and tool schemas: run once, every one of
+    them starts from its keys and values, and the episodes come out token for token the same."""
+    from coaflow.agent import hf
+
+    tasks = make_tasks("kbqa", "test", 3, seed=0) + make_tasks("calc", "test", 3, seed=0)
+    kw = dict(max_turns=2, max_new_tokens=16)
+    shared = TransformersBackend(str(tiny_dir), batch_size=6)
+    with_prefix = run_episodes(shared, tasks, **kw)
+    monkeypatch.setattr(hf, "SHARED_PREFIX", 10**6)  # no prefix is worth sharing
+    alone = TransformersBackend(str(tiny_dir), batch_size=6)
+    without = run_episodes(alone, tasks, **kw)
+    dump = [[s.model_dump() for s in t.content] for t in with_prefix]
+    assert dump == [[s.model_dump() for s in t.content] for t in without]
+    # two suites, two prefixes run once each: the rows of a suite reused the same tokens
+    assert shared.stats["reused_tokens"] - alone.stats["reused_tokens"] > 4 * 200
+
+
+def test_each_row_stops_at_its_own_budget_or_when_it_loops(tiny_dir, monkeypatch):
+    from coaflow.agent import hf
+
+    backend = TransformersBackend(str(tiny_dir), batch_size=4)
+    prompts = [[{"role": "user", "content": q}] for q in ("What is 6 times 7?", "Hello there")]
+    monkeypatch.setattr(backend, "stop_ids", [10**9])  # no row ends its turn by itself
+    short, long = backend.generate(prompts, max_new_tokens=[3, 20])
+    assert (short.tokens, short.finish, long.tokens, long.finish) == (3, "length", 20, "length")
+    monkeypatch.setattr(hf, "repeats", lambda text: True)  # every row loops, seen at token 16
+    looped = backend.generate(prompts, max_new_tokens=[12, 40])
+    assert [(c.tokens, c.finish) for c in looped] == [(12, "length"), (16, "repetition")]
+
+
 def test_context_limit_ends_the_episode_without_generating(tiny_dir):
     backend = TransformersBackend(str(tiny_dir), max_context=64)
     [t] = run_episodes(backend, make_tasks("calc", "test", 1), max_turns=3, max_new_tokens=32)

@@ -57,7 +57,8 @@ def test_solves_calc_with_the_real_sandbox_and_renders_as_training_does(calc_tas
     assert backend.batches == [3, 3]  # every live episode in one call per turn
     t = trajs[0]
     assert t.details == {"stop": "answer", "turns": 2, "tool_calls": 1, "tokens": 17,
-                         "format_errors": 0, "repeated_calls": 0}
+                         "format_errors": 0, "repeated_calls": 0, "cut_turn": None,
+                         "budget": [4, 64]}
     assert category(t) == "solved" and t.provenance.teacher == "policy"
     # the second prompt is exactly the training rendering of the finished episode's first turn
     second = backend.prompts[3]
@@ -86,18 +87,48 @@ def test_bad_calls_get_error_observations_and_the_episode_goes_on(calc_tasks):
     assert category(t) == "wrong_answer"
 
 
+LOOP = "<plan>1. Find the product. " + "2. Find the product of the numbers. " * 3
+
+
 @pytest.mark.parametrize("completion, max_turns, stop, cat", [
-    (Completion(call("python", code="print(1)"), 5), 1, "max_turns", "budget_exhausted"),
-    (Completion('<tool_call>{"name": "py', 64, "length"), 5, "turn_tokens", "budget_exhausted"),
-    (Completion("", 0, "context"), 5, "context", "budget_exhausted"),
+    (Completion(call("python", code="print(1)"), 5), 1, "max_turns", "max_turns"),
+    (Completion('<tool_call>{"name": "py', 64, "length"), 5, "turn_tokens", "turn_tokens"),
+    (Completion(LOOP, 64, "length"), 5, "repetition", "repetition"),  # seen after the cut
+    (Completion(LOOP[:60], 40, "repetition"), 5, "repetition", "repetition"),  # by the backend
+    (Completion("", 0, "context"), 5, "context", "context"),
     (Completion("I think it is large.", 6), 5, "no_action", "no_answer"),
-    (Completion("<tool_call>[1]</tool_call>", 6), 1, "max_turns", "budget_exhausted"),
+    (Completion("<tool_call>[1]</tool_call>", 6), 1, "max_turns", "max_turns"),
+    (Completion(call("python", code="print(1)"), 5), 8, "repetition", "repetition"),  # 3rd call
 ])
 def test_every_way_an_episode_ends(calc_tasks, completion, max_turns, stop, cat):
     [t] = run_episodes(Scripted(lambda m: completion), calc_tasks[:1], max_turns=max_turns,
                        max_new_tokens=64)
     assert t.details["stop"] == stop and category(t) == cat
     assert t.outcome.final_answer is None and t.outcome.reward == 0.0
+    cut = completion.finish in ("length", "repetition")
+    assert t.details["cut_turn"] == (1 if cut else None)
+    if stop == "repetition" and not cut:  # the identical call ran once; its repeats did not
+        assert t.details["turns"] == 3 and t.details["repeated_calls"] == 2
+
+
+def test_each_suite_runs_within_its_own_budget():
+    from coaflow.agent.budget import Budget
+
+    tasks = make_tasks("calc", "test", 2, seed=0) + make_tasks("kbqa", "test", 2, seed=0)
+    seen = []
+
+    class Recording(Scripted):
+        def generate(self, prompts, tools, *, max_new_tokens, temperature, seed):
+            seen.append(max_new_tokens)
+            return super().generate(prompts, tools, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, seed=seed)
+
+    trajs = run_episodes(Recording(lambda m: Completion(call("search", query=question(m)), 9)),
+                         tasks, budgets={"calc": Budget(2, 32), "kbqa": Budget(3, 48)},
+                         max_turns=1, max_new_tokens=8)
+    assert [t.details["turns"] for t in trajs] == [2, 2, 3, 3]  # calc has no search: errors
+    assert [t.details["budget"] for t in trajs] == [[2, 32]] * 2 + [[3, 48]] * 2
+    assert seen == [[32, 32, 48, 48], [32, 32, 48, 48], 48]  # one number once they agree
 
 
 def test_malformed_without_answer_is_its_own_category(calc_tasks):

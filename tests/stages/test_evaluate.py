@@ -20,13 +20,14 @@ SMALL = ["evaluate.suites={kbqa: 3, calc: 3}", "evaluate.max_new_tokens=16",
          "evaluate.max_turns=2"]
 
 
-def context(tmp_path, model, overrides=(), tracking_uri=""):
-    cfg = load_config("tiny", ["tracking.enabled=false", f"run.workdir={tmp_path}", *SMALL,
-                               *overrides])
-    sft = Result(outputs={"model": str(model)}, summary={"base_model": str(model)})
+def context(tmp_path, model, overrides=(), tracking_uri="", budget=None):
+    cfg = load_config("tiny", ["tracking.enabled=false", f"run.workdir={tmp_path}",
+                               "evaluate.tight_budget=true", *SMALL, *overrides])
+    sft = Result(outputs={"model": str(model), **({"budget": str(budget)} if budget else {})},
+                 summary={"base_model": str(model)})
     ctx = Context(run_id="t", out=tmp_path / "evaluate", inputs={"sft": sft}, run=cfg.run,
                   tracker=Tracker(tmp_path, enabled=False), tracking_uri=tracking_uri)
-    ctx.out.mkdir(parents=True)
+    ctx.out.mkdir(parents=True, exist_ok=True)
     return cfg, ctx
 
 
@@ -38,13 +39,17 @@ def test_table_outcomes_and_transcripts(tmp_path, tiny_dir):
     assert r.summary["champion"] is None
     assert list(r.summary["comparison"]) == ["candidate_vs_base"]  # what promotion must beat
     assert r.summary["candidate"] == {"source": "sft", "model": str(tiny_dir)}
-    assert table["teacher"]["calc"] == {"success": 1.0, "lo": pytest.approx(0.4385, abs=1e-3),
-                                        "hi": 1.0, "n": 3}
-    assert r.metrics["eval/teacher/kbqa/success"] == 1.0
+    # the teacher plays by the same rules: 2 turns of 16 tokens cut its first turn short
+    assert table["teacher"]["calc"]["success"] == 0.0
+    assert r.summary["details"]["teacher"]["calc"]["categories"] == {"turn_tokens": 3}
+    assert r.summary["details"]["teacher"]["calc"]["cut_turns"] == {"1": 3}
+    assert {k: r.summary["budget"]["calc"][k] for k in ("max_turns", "max_new_tokens", "fits",
+                                                         "teacher_runs")} == {
+        "max_turns": 2, "max_new_tokens": 16, "fits": None, "teacher_runs": 0}
     rows = [json.loads(x) for x in Path(r.outputs["outcomes"]).read_text().splitlines()]
     assert len(rows) == 18 and set(rows[0]) == {
         "model", "suite", "task_id", "difficulty", "hops", "success", "category", "turns",
-        "tool_calls", "tokens", "format_errors"}
+        "tool_calls", "tokens", "format_errors", "cut_turn"}
     by = {m: [{k: v for k, v in x.items() if k != "model"} for x in rows if x["model"] == m]
           for m in table}
     assert by["base"] == by["candidate"]  # the same model, greedy: the same episodes
@@ -52,8 +57,57 @@ def test_table_outcomes_and_transcripts(tmp_path, tiny_dir):
     assert all(x["hops"] is None for x in by["teacher"] if x["suite"] == "calc")
     trajs = list(read_trajectories(Path(r.outputs["transcripts"]) / "candidate.jsonl"))
     assert len(trajs) == 6 and {t.task.split for t in trajs} == {"test"}
-    assert "| teacher | 100.0% [" in (ctx.out / "table.md").read_text()
+    assert "| teacher | 0.0% [" in (ctx.out / "table.md").read_text()
+    assert "| calc | 2 turns x 16 tokens |" in (ctx.out / "table.md").read_text()
     assert "<table" in (ctx.out / "table.html").read_text()
+
+
+def test_the_ceiling_in_the_derived_budget_and_rows_as_its_share(tmp_path, tiny_dir):
+    """Budgets derived from the teacher runs sft trained on let the teacher's own solutions
+    through (the ceiling is 100 %, in the same loop and tokens); every row is shown as a share
+    of it; an explicit budget that fits fewer than 95 % of those runs is refused, naming the
+    share and the budget that would fit, unless tight_budget says it is meant."""
+    from transformers import AutoTokenizer
+
+    from coaflow.agent import budget
+    from coaflow.envs import make_tasks
+    from coaflow.teachers.replay import scripted_trajectory
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    train = make_tasks("kbqa", "train", 40, seed=0) + make_tasks("calc", "train", 20, seed=0)
+    runs = budget.teacher_runs([scripted_trajectory(t, 0) for t in train], tok)
+    derived = {s: budget.derive(r) for s, r in runs.items()}
+    budget.write_record(tmp_path / "budget.json", runs, derived)
+    cfg, ctx = context(tmp_path, tiny_dir, ["evaluate.max_turns=null",
+                                            "evaluate.max_new_tokens=null",
+                                            "evaluate.models=[base, teacher]"],
+                       budget=tmp_path / "budget.json")
+    r = evaluate.run(cfg.evaluate, ctx)
+    assert r.summary["table"]["teacher"]["kbqa"]["success"] == 1.0
+    assert r.summary["table"]["teacher"]["calc"]["success"] == 1.0
+    assert r.summary["budget"]["kbqa"]["fits"] == 1.0
+    assert r.summary["budget"]["kbqa"]["max_turns"] == derived["kbqa"].max_turns
+    details = r.summary["details"]
+    assert details["teacher"]["calc"]["ceiling_share"] == 1.0
+    assert details["base"]["calc"]["ceiling_share"] == details["base"]["calc"]["success"]
+    assert "of ceiling)" in (ctx.out / "table.md").read_text()
+    cfg, ctx = context(tmp_path, tiny_dir, ["evaluate.tight_budget=false",
+                                            "evaluate.models=[teacher]"],
+                       budget=tmp_path / "budget.json")
+    with pytest.raises(PipelineError, match=r"2 turns x 16 tokens fits 0% of the \d+ kbqa "
+                       r"teacher runs .*tight_budget=true"):
+        evaluate.run(cfg.evaluate, ctx)
+
+
+def test_an_unchanged_row_comes_from_the_row_cache(tmp_path, tiny_dir):
+    cfg, ctx = context(tmp_path, tiny_dir, ["evaluate.models=[base, candidate]"])
+    first = evaluate.run(cfg.evaluate, ctx)
+    assert first.summary["cached_rows"] == ["candidate"]  # the base's episodes: the same model
+    again = evaluate.run(cfg.evaluate, ctx)  # the same model twice, and the same row again
+    assert again.summary["cached_rows"] == ["base", "candidate"]
+    assert again.summary["details"] == first.summary["details"]
+    cfg, ctx = context(tmp_path, tiny_dir, ["evaluate.models=[base]", "evaluate.max_turns=1"])
+    assert evaluate.run(cfg.evaluate, ctx).summary["cached_rows"] == []  # another budget
 
 
 def test_champion_from_the_registry_and_the_paired_comparison(tmp_path, tiny_dir):
@@ -104,7 +158,7 @@ def test_bad_models_fail_with_one_clear_error(tmp_path, tiny_dir):
         evaluate.run(cfg.evaluate, ctx)
     assert not (ctx.out / "outcomes.jsonl").exists()  # no partial table
     with pytest.raises(PipelineError, match="alias|not found|RESOURCE_DOES_NOT_EXIST"):
-        evaluate.run_model("models:/nope@champion", [], cfg.evaluate, field="x",
+        evaluate.run_model("models:/nope@champion", [], cfg.evaluate, budgets={}, field="x",
                            tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", seed=0)
     with pytest.raises(Exception, match="unknown suite 'math'"):
         load_config("tiny", ["evaluate.suites={math: 3}"])

@@ -156,7 +156,7 @@ def test_groups_without_signal_are_dropped_from_the_batch(tmp_path, tiny_dir):
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     trainer, _, stats = rl.build_trainer(
         cfg, AutoModelForCausalLM.from_pretrained(tiny_dir), tok, None,
-        rl.rl_tasks(cfg, 0), tmp_path / "ckpt", 0, scripted)
+        rl.rl_tasks(cfg, 0), tmp_path / "ckpt", 0, scripted, rl.budgets_for(cfg, ctx.input("sft")))
     trainer.model.train()
     inputs = next(iter(trainer.get_train_dataloader()))
     batch = trainer._generate_and_score_completions(inputs)
@@ -279,7 +279,7 @@ def test_a_reward_that_raises_names_the_task(tiny_dir, tasks, monkeypatch):
 
     monkeypatch.setattr(R.rewards, "score", broken)
     rollout = R.make_rollout_func(tasks, AutoTokenizer.from_pretrained(tiny_dir), None,
-                                  R.RolloutSettings(4, 32, 4096, 1.0), scripted,
+                                  R.RolloutSettings(4096, 1.0), scripted,
                                   defaultdict(list))
     trainer = types.SimpleNamespace(num_generations=2, state=types.SimpleNamespace(global_step=0))
     with pytest.raises(PipelineError, match=f"task {tasks[0].task_id} .*ValueError: bad ref"):
@@ -382,6 +382,9 @@ def test_vllm_backend_runs_episodes_through_the_agent_loop(tmp_path, tiny_dir, t
     trainer = types.SimpleNamespace(vllm_generation=types.SimpleNamespace(llm=llm),
                                     processing_class=tok, model=model,
                                     state=types.SimpleNamespace(global_step=0))
-    results = rl.agent_episodes(cfg, tiny_dir, seed=0)(trainer, [task, task])
+    from coaflow.contract import Result
+
+    results = rl.agent_episodes(cfg, tiny_dir, 0, rl.budgets_for(cfg, Result()))(
+        trainer, [task, task])
     enc = R.encode_episode(tok, results[0][0], None, 4096, R.tools_for(task.suite))
     assert results[0][1] == gold and sum(enc.env_mask) > 0 and not enc.truncated

@@ -12,8 +12,14 @@ A turn: prompts are tokenized with the chat template (tools included, ``models.p
 length and cut into batches of ``batch_size``. In a batch each row's cached past is left-padded to
 the longest past and its new tokens left-padded to the longest new part; the attention mask zeroes
 the holes and position ids count real tokens only, so a row computes exactly what it would alone.
-Decoding is a plain greedy / temperature loop that stops a row at ``<|im_end|>`` (or EOS) and the
+Decoding is a plain greedy / temperature loop that stops a row at ``<|im_end|>`` (or EOS), at its
+own token budget, or when its text loops (``loop.repeats``, checked every ``REPEAT_CHECK``
+tokens: a plan that restates one step until the budget runs out is over long before that), and the
 batch when every row stopped. Episodes that finished drop their cache.
+
+Episodes of one suite start with the same system prompt and tool schemas (~300-400 tokens, a third
+of an episode's prefill): on a new episode's first turn, the prefix it shares with the other new
+prompts of the call is run once and every one of them starts from its keys and values.
 
 A prompt that with ``max_new_tokens`` no longer fits ``max_context`` (default: the model's
 ``max_position_embeddings``) is not generated; its episode ends with ``context``.
@@ -21,7 +27,10 @@ A prompt that with ``max_new_tokens`` no longer fits ``max_context`` (default: t
 
 from __future__ import annotations
 
-from coaflow.agent.loop import Completion
+from coaflow.agent.loop import Completion, repeats
+
+REPEAT_CHECK = 16  # tokens between two looks for a loop in a row's text
+SHARED_PREFIX = 32  # fewest tokens worth running once for several new episodes
 
 
 class TransformersBackend:
@@ -52,6 +61,7 @@ class TransformersBackend:
         self.stop_ids = stop_token_ids(self.tok)
         self.pad_id = self.tok.pad_token_id
         self.past: dict[str, tuple[list[int], list]] = {}  # key -> (tokens, per-layer (k, v))
+        self.shared: list[tuple[list[int], list]] = []  # prefixes new episodes share
         # entropy_sum / sampled_tokens: the sampling distribution's mean entropy (nats per token,
         # at the sampling temperature) over the tokens sampled with temperature > 0
         self.stats = {"prompt_tokens": 0, "reused_tokens": 0, "generated_tokens": 0,
@@ -60,16 +70,18 @@ class TransformersBackend:
     def reset(self) -> None:
         """Forget every episode's cache (new episodes, or new weights: rl between steps)."""
         self.past.clear()
+        self.shared.clear()
 
     def render(self, messages: list[dict], tools: list[dict] | None) -> str:
         return self.tok.apply_chat_template(messages, tools=tools, tokenize=False,
                                             add_generation_prompt=True)
 
     def generate(self, prompts: list[list[dict]], tools: list[list[dict]] | None = None, *,
-                 max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+                 max_new_tokens: int | list[int], temperature: float = 0.0, seed: int = 0,
                  keys: list[str] | None = None) -> list[Completion]:
-        """One assistant turn per prompt. ``keys`` name the episodes: a key seen before reuses
-        that episode's cache, and keys absent from this call are dropped (finished)."""
+        """One assistant turn per prompt, of at most ``max_new_tokens`` (one for all, or one per
+        prompt). ``keys`` name the episodes: a key seen before reuses that episode's cache, and
+        keys absent from this call are dropped (finished)."""
         import torch
 
         if keys is not None:
@@ -84,40 +96,73 @@ class TransformersBackend:
         finally:
             torch.set_num_threads(before)
 
-    def _generate(self, prompts, tools, max_new_tokens: int, temperature: float, seed: int,
-                  keys: list[str] | None) -> list[Completion]:
+    def _generate(self, prompts, tools, max_new_tokens: int | list[int], temperature: float,
+                  seed: int, keys: list[str] | None) -> list[Completion]:
         tools = tools or [None] * len(prompts)
+        limits = (max_new_tokens if isinstance(max_new_tokens, list)
+                  else [max_new_tokens] * len(prompts))
         ids = [self.tok(self.render(m, t), add_special_tokens=False)["input_ids"]
                for m, t in zip(prompts, tools, strict=True)]
         out: list[Completion | None] = [None] * len(ids)
-        fits = [i for i, x in enumerate(ids) if len(x) + max_new_tokens <= self.max_context]
+        fits = [i for i, x in enumerate(ids) if len(x) + limits[i] <= self.max_context]
         for i in set(range(len(ids))) - set(fits):
             out[i] = Completion("", 0, "context")
             if keys:
                 self.past.pop(keys[i], None)
+        if keys:
+            self._share_prefix([ids[i] for i in fits if keys[i] not in self.past])
         fits.sort(key=lambda i: len(ids[i]))
         for start in range(0, len(fits), self.batch_size):
             chunk = fits[start:start + self.batch_size]
-            rows = self._decode([ids[i] for i in chunk],
-                                [keys[i] if keys else None for i in chunk],
-                                max_new_tokens, temperature, seed + start)
-            for i, row in zip(chunk, rows, strict=True):
-                out[i] = self._completion(row)
+            rows, looped = self._decode([ids[i] for i in chunk],
+                                        [keys[i] if keys else None for i in chunk],
+                                        [limits[i] for i in chunk], temperature, seed + start)
+            for r, (i, row) in enumerate(zip(chunk, rows, strict=True)):
+                out[i] = self._completion(row, r in looped)
         return out  # type: ignore[return-value]
 
-    def _reusable(self, key: str | None, ids: list[int]) -> tuple[int, list | None]:
-        """How many leading tokens of ``ids`` the episode's cache holds, and that cache."""
-        if key is None or key not in self.past:
-            return 0, None
-        tokens, kv = self.past[key]
-        n = 0
-        limit = min(len(tokens), len(ids) - 1)  # at least one new token to run
-        while n < limit and tokens[n] == ids[n]:
-            n += 1
-        return n, kv
+    def _share_prefix(self, new: list[list[int]]) -> None:
+        """Run once the longest prefix that several new episodes' prompts share (the system
+        prompt and tool schemas of their suite), unless a shared prefix already covers it."""
+        import torch
+        from transformers import DynamicCache
 
-    def _decode(self, prompts: list[list[int]], keys: list[str | None], max_new_tokens: int,
-                temperature: float, seed: int) -> list[list[int]]:
+        groups: dict[tuple, list[list[int]]] = {}
+        for x in new:
+            groups.setdefault(tuple(x[:SHARED_PREFIX]), []).append(x)
+        for group in groups.values():
+            if len(group) < 2 or len(group[0]) <= SHARED_PREFIX:
+                continue
+            n = min(len(x) for x in group) - 1  # each keeps at least one token of its own
+            first = group[0]
+            for x in group[1:]:
+                n = next((i for i in range(n) if x[i] != first[i]), n)
+            if n < SHARED_PREFIX or any(len(t) >= n and t[:n] == first[:n] for t, _ in self.shared):
+                continue
+            cache = DynamicCache(config=self.model.config)
+            with torch.no_grad():
+                self.model(input_ids=torch.tensor([first[:n]], device=self.device), cache=cache,
+                           use_cache=True, logits_to_keep=1)
+            self.shared.append((first[:n], [(layer.keys[0], layer.values[0])
+                                            for layer in cache.layers]))
+            self.stats["prompt_tokens"] += n
+
+    def _reusable(self, key: str | None, ids: list[int]) -> tuple[int, list | None]:
+        """How many leading tokens of ``ids`` a cache holds, and that cache: the episode's own,
+        else a shared prefix."""
+        candidates = [self.past[key]] if key is not None and key in self.past else self.shared
+        best = (0, None)
+        for tokens, kv in candidates:
+            n = 0
+            limit = min(len(tokens), len(ids) - 1)  # at least one new token to run
+            while n < limit and tokens[n] == ids[n]:
+                n += 1
+            if n > best[0]:
+                best = (n, kv)
+        return best
+
+    def _decode(self, prompts: list[list[int]], keys: list[str | None], limits: list[int],
+                temperature: float, seed: int) -> tuple[list[list[int]], set[int]]:
         import torch
         from transformers import DynamicCache
 
@@ -150,12 +195,14 @@ class TransformersBackend:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
 
         gen = torch.Generator(device=dev).manual_seed(seed) if temperature > 0 else None
-        produced = [[] for _ in range(b)]
+        produced: list[list[int]] = [[] for _ in range(b)]
+        looped: set[int] = set()
         done = torch.zeros(b, dtype=torch.bool, device=dev)
         stops = torch.tensor(self.stop_ids, device=dev)
+        limit = torch.tensor(limits, device=dev)
         step_ids, step_pos = input_ids, positions[:, past_len:]
         with torch.no_grad():
-            for _ in range(max_new_tokens):
+            for step in range(1, max(limits) + 1):
                 logits = self.model(input_ids=step_ids, attention_mask=mask,
                                     position_ids=step_pos, cache=cache,
                                     use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
@@ -171,7 +218,12 @@ class TransformersBackend:
                 nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
                 for r in (~done).nonzero().flatten().tolist():
                     produced[r].append(int(nxt[r]))
-                done |= torch.isin(nxt, stops)
+                done |= torch.isin(nxt, stops) | (limit <= step)
+                if step % REPEAT_CHECK == 0:
+                    for r in (~done).nonzero().flatten().tolist():
+                        if repeats(self.tok.decode(produced[r])):
+                            looped.add(r)
+                            done[r] = True
                 if bool(done.all()):
                     break
                 step_ids = nxt[:, None]
@@ -180,7 +232,7 @@ class TransformersBackend:
         if any(keys):
             self._keep(keys, prompts, produced, mask, cache, past_len + new_len)
         self.stats["generated_tokens"] += sum(len(p) for p in produced)
-        return produced
+        return produced, looped
 
     def _keep(self, keys, prompts, produced, mask, cache, prompt_cols: int) -> None:
         """Store each row's real tokens and their keys/values: the prompt's, then the generated
@@ -197,13 +249,14 @@ class TransformersBackend:
             kv = [(k[r, :, cols, :].clone(), v[r, :, cols, :].clone()) for k, v in layers]
             self.past[key] = (prompts[r] + produced[r][:-1], kv)
 
-    def _completion(self, row: list[int]) -> Completion:
+    def _completion(self, row: list[int], looped: bool = False) -> Completion:
         end = next((k for k, t in enumerate(row) if t in self.stop_ids), None)
         kept = row if end is None else row[:end]
         text = self.tok.decode(kept, skip_special_tokens=False)
         if self.tok.pad_token:
             text = text.replace(self.tok.pad_token, "")
-        return Completion(text, len(kept) + (end is not None), "length" if end is None else "stop")
+        finish = "stop" if end is not None else "repetition" if looped else "length"
+        return Completion(text, len(kept) + (end is not None), finish)
 
 
 def _left_pad(t, n: int, width: int, model, device):

@@ -10,12 +10,18 @@ and writes one assistant turn. The loop reads it back:
   (``envs.call_tool``) and their results are appended for the next turn; a call identical to an
   earlier one, a call to a tool the suite does not have and a call that does not parse are
   answered with an ``Error:`` observation instead, and the episode goes on;
-- a turn cut off by the per-turn token budget, a turn with neither, a prompt that no longer fits
-  the context, or ``max_turns`` turns end the episode without an answer.
+- a turn cut off by the per-turn token budget (``turn_tokens``, the turn's number in
+  ``cut_turn``), a turn that repeats one sentence over and over (``repetition``: a backend that
+  sees it ends the turn early, ``repeats``), a third identical tool call (``repetition``), a turn
+  with neither an answer nor a call (``no_action``), a prompt that no longer fits the context
+  (``context``), or ``max_turns`` turns end the episode without an answer.
+
+The budget (``agent.budget.Budget``: turns, tokens a turn) is per suite: ``budgets`` maps a suite
+to its own, derived from the teacher's runs; ``max_turns`` / ``max_new_tokens`` serve the rest.
 
 Every episode becomes a coaflow ``Trajectory`` (``provenance.teacher = "policy"``;
 ``details`` holds ``stop``, ``turns``, ``tool_calls``, ``tokens``, ``format_errors``,
-``repeated_calls``), so eval traces go through ``coaflow data stats``, the gate and conversion.
+``repeated_calls``, ``cut_turn``, ``budget``), so eval traces go through ``coaflow data stats``, the gate and conversion.
 
 Backends: ``TransformersBackend`` generates for all live episodes of a batch at once (finished
 episodes leave the batch every turn); ``OpenAIBackend`` runs ``concurrency`` episodes at once
@@ -26,11 +32,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from coaflow.agent.budget import Budget
 from coaflow.schema import (
     ApiAction,
     CodeAction,
@@ -44,7 +53,7 @@ from coaflow.schema import (
 from coaflow.schema.render import DEFAULT_SYSTEM_PROMPT, RAW_AGENT, extract_answer
 from coaflow.schema.trajectory import utcnow
 
-Stop = Literal["answer", "max_turns", "turn_tokens", "context", "no_action"]
+Stop = Literal["answer", "max_turns", "turn_tokens", "repetition", "context", "no_action"]
 CALL_FORMAT = ('<tool_call>\n{"name": <tool name>, "arguments": {<argument>: <value>}}\n'
                '</tool_call>')
 
@@ -52,22 +61,51 @@ CALL_FORMAT = ('<tool_call>\n{"name": <tool name>, "arguments": {<argument>: <va
 @dataclass
 class Completion:
     """One generated assistant turn: its text (tool calls as ``<tool_call>`` blocks), the tokens
-    it took, and why it ended: ``stop`` (end of turn), ``length`` (the per-turn token budget) or
+    it took, and why it ended: ``stop`` (end of turn), ``length`` (the per-turn token budget),
+    ``repetition`` (the backend saw the text repeat itself, ``repeats``, and stopped early) or
     ``context`` (the prompt did not fit; nothing was generated)."""
 
     text: str
     tokens: int
-    finish: Literal["stop", "length", "context"] = "stop"
+    finish: Literal["stop", "length", "repetition", "context"] = "stop"
+
+
+_SENTENCE_END = re.compile(r"[.!?;\n]+|</?[a-z_]+>")
+REPEATS = 3        # a sentence this many times in one turn is a loop ...
+REPEAT_WORDS = 4   # ... if it has at least this many words (numbers aside)
+REPEATED_CALLS = 2  # the second repeat of an identical tool call ends the episode
+
+
+def repeats(text: str, times: int = REPEATS, words: int = REPEAT_WORDS) -> bool:
+    """Whether one sentence (numbers and case aside) of ``words`` or more words occurs ``times``
+    or more in ``text``: a small model's plan loop, which would run until the turn's budget.
+
+    >>> repeats("<plan>1. Find the employer of A. 2. Find the founder of the employer. "
+    ...         "3. Find the founder of the employer. 4. Find the founder of the employer.")
+    True
+    >>> repeats("<plan>1. Find the employer of A. 2. Find the founder of B.</plan>")
+    False
+    """
+    seen: Counter = Counter()
+    for sentence in _SENTENCE_END.split(text):
+        key = " ".join(re.sub(r"\d+", "#", sentence).lower().split())
+        if len(re.findall(r"[a-z]+", key)) >= words:
+            seen[key] += 1
+            if seen[key] >= times:
+                return True
+    return False
 
 
 class Episode:
     """One task in progress: the trajectory so far, the environment, the budgets."""
 
     def __init__(self, task: Task, *, max_turns: int, model: str, index: int = 0,
-                 system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, env_kw: dict | None = None):
+                 max_new_tokens: int = 256, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+                 env_kw: dict | None = None):
         from coaflow.envs import make_env, task_to_row, tool_schemas
 
         self.task, self.max_turns, self.system_prompt = task, max_turns, system_prompt
+        self.max_new_tokens = max_new_tokens
         self.tools = tool_schemas(task.suite)
         self.tool_names = [t["function"]["name"] for t in self.tools]
         self.env = make_env(task.suite, **(env_kw or {}))
@@ -78,6 +116,7 @@ class Episode:
         self.answer: str | None = None
         self.stop: Stop | None = None
         self.turns = self.tokens = self.calls = self.format_errors = self.repeated = 0
+        self.cut_turn: int | None = None  # the turn the token budget (or a loop) cut short
         self._seen: set[str] = set()
 
     @property
@@ -106,12 +145,15 @@ class Episode:
         text = c.text.strip()
         answer = extract_answer(text)
         calls = parse_tool_calls(text)
-        if answer is not None or c.finish == "length" or not calls:
+        cut = c.finish in ("length", "repetition")
+        if answer is not None or cut or not calls:
             if text:
                 self.content.append(MessageAction(agent=RAW_AGENT, content=text))
             self.answer = answer
-            self.stop = "answer" if answer is not None else \
-                "turn_tokens" if c.finish == "length" else "no_action"
+            if answer is None and cut:
+                self.cut_turn = self.turns
+            self.stop = "answer" if answer is not None else "no_action" if not cut else \
+                "repetition" if c.finish == "repetition" or repeats(text) else "turn_tokens"
             return
         bad = [call["error"] for call in calls if "error" in call]
         if bad:
@@ -126,7 +168,9 @@ class Episode:
                 self.content.append(MessageAction(agent=RAW_AGENT, content=thought))
             for call in calls:
                 self._call(call["name"], call["arguments"])
-        if self.turns >= self.max_turns:
+        if self.repeated >= REPEATED_CALLS:
+            self.stop = "repetition"
+        elif self.turns >= self.max_turns:
             self.stop = "max_turns"
 
     def _call(self, name: str, args: dict) -> None:
@@ -166,21 +210,27 @@ class Episode:
             available_apis=self.tool_names,
             details={"stop": self.stop, "turns": self.turns, "tool_calls": self.calls,
                      "tokens": self.tokens, "format_errors": self.format_errors,
-                     "repeated_calls": self.repeated})
+                     "repeated_calls": self.repeated, "cut_turn": self.cut_turn,
+                     "budget": [self.max_turns, self.max_new_tokens]})
 
 
 def run_episodes(backend, tasks: list[Task], *, max_turns: int = 8, max_new_tokens: int = 256,
-                 temperature: float = 0.0, seed: int = 0, samples: int = 1,
+                 budgets: Mapping[str, Budget] | None = None, temperature: float = 0.0,
+                 seed: int = 0, samples: int = 1,
                  system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, tool_workers: int = 4,
                  progress: Callable[[int], None] | None = None) -> list[Trajectory]:
     """Run ``samples`` episodes of every task with ``backend``; trajectories in task order
-    (the samples of a task together). Greedy at ``temperature`` 0; ``seed`` fixes sampling.
+    (the samples of a task together). A task's budget is ``budgets[suite]``, else
+    ``max_turns`` x ``max_new_tokens``. Greedy at ``temperature`` 0; ``seed`` fixes sampling.
     ``progress(n)`` is called as ``n`` more episodes finish."""
-    if max_turns < 1 or max_new_tokens < 1 or samples < 1:
+    default = Budget(max_turns, max_new_tokens)
+    budget = {t.task_id: (budgets or {}).get(t.suite, default) for t in tasks}
+    if samples < 1 or any(b.max_turns < 1 or b.max_new_tokens < 1 for b in budget.values()):
         raise ValueError("max_turns, max_new_tokens and samples must be >= 1")
-    episodes = [Episode(t, max_turns=max_turns, model=backend.name, index=i,
+    episodes = [Episode(t, max_turns=budget[t.task_id].max_turns, model=backend.name, index=i,
+                        max_new_tokens=budget[t.task_id].max_new_tokens,
                         system_prompt=system_prompt) for t in tasks for i in range(samples)]
-    gen = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
+    gen = {"temperature": temperature, "seed": seed}
     if getattr(backend, "asynchronous", False):
         asyncio.run(_run_async(backend, episodes, gen, progress))
     else:
@@ -201,7 +251,7 @@ def _run_batched(backend, episodes: list[Episode], gen: dict, tool_workers: int,
             prompts = [e.prompt() for e in live]
             keys = {"keys": [e.id for e in live]} if reuse else {}
             completions = backend.generate([m for m, _ in prompts], [t for _, t in prompts],
-                                           **gen, **keys)
+                                           max_new_tokens=token_budget(live), **gen, **keys)
             list(pool.map(lambda ec: ec[0].advance(ec[1]), zip(live, completions, strict=True)))
             still = [e for e in live if not e.done]
             if progress:
@@ -218,7 +268,8 @@ async def _run_async(backend, episodes: list[Episode], gen: dict,
     async def one(ep: Episode) -> None:
         async with sem:
             while not ep.done:
-                c = await backend.acomplete(*ep.prompt(), **gen)
+                c = await backend.acomplete(*ep.prompt(), max_new_tokens=ep.max_new_tokens,
+                                            **gen)
                 await asyncio.to_thread(ep.advance, c)
         if progress:
             progress(1)
@@ -227,12 +278,24 @@ async def _run_async(backend, episodes: list[Episode], gen: dict,
         await asyncio.gather(*(one(e) for e in episodes))
 
 
+def token_budget(episodes: list[Episode]) -> int | list[int]:
+    """The ``max_new_tokens`` a sync backend gets for these episodes' turns: one number when they
+    share it, else one per prompt."""
+    limits = [e.max_new_tokens for e in episodes]
+    return limits[0] if len(set(limits)) == 1 else limits
+
+
+CATEGORIES = ("solved", "wrong_answer", "turn_tokens", "max_turns", "repetition", "context",
+              "malformed_call", "no_answer")
+
+
 def category(traj: Trajectory) -> str:
-    """What became of an episode: solved | wrong_answer | budget_exhausted | malformed_call |
-    no_answer."""
+    """What became of an episode (``CATEGORIES``): solved | wrong_answer | turn_tokens (a turn
+    ran out of tokens) | max_turns | repetition (a loop, ended early) | context (the prompt
+    outgrew the model) | malformed_call (no answer, and calls that did not parse) | no_answer."""
     d = traj.details
     if traj.outcome.final_answer is not None:
         return "solved" if traj.outcome.correct else "wrong_answer"
-    if d.get("stop") in ("max_turns", "turn_tokens", "context"):
-        return "budget_exhausted"
+    if d.get("stop") in ("max_turns", "turn_tokens", "repetition", "context"):
+        return d["stop"]
     return "malformed_call" if d.get("format_errors") else "no_answer"

@@ -25,15 +25,19 @@ class VLLMColocateBackend:
         self.stop_ids = stop_token_ids(tokenizer)
         self.stop_texts = [tokenizer.convert_ids_to_tokens(i) for i in self.stop_ids]
 
-    def generate(self, prompts: list[list[dict]], tools=None, *, max_new_tokens: int,
+    def generate(self, prompts: list[list[dict]], tools=None, *, max_new_tokens: int | list[int],
                  temperature: float = 0.0, seed: int = 0) -> list:
         from vllm import SamplingParams
 
         tools = tools or [None] * len(prompts)
         texts = [render({"messages": m, "tools": t}, self.tok.chat_template,
                         generation_prompt=True) for m, t in zip(prompts, tools, strict=True)]
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                                stop_token_ids=self.stop_ids, skip_special_tokens=False)
+        limits = (max_new_tokens if isinstance(max_new_tokens, list)
+                  else [max_new_tokens] * len(prompts))
+        per = {n: SamplingParams(max_tokens=n, temperature=temperature, seed=seed,
+                                 stop_token_ids=self.stop_ids, skip_special_tokens=False)
+               for n in set(limits)}  # vLLM takes one for all prompts, or one per prompt
+        params = per[limits[0]] if len(per) == 1 else [per[n] for n in limits]
         out = []
         for r in self.llm.generate(texts, params, use_tqdm=False):
             c = r.outputs[0]

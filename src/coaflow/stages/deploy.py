@@ -69,8 +69,11 @@ class Config(Section):
     smoke_min_tool_call_share: float = Field(
         0.5, ge=0, le=1, description="least share of smoke episodes with well-formed calls to "
         "the suite's tools")
-    smoke_max_tokens: int = Field(128, ge=1, description="max_tokens per assistant turn")
-    smoke_max_turns: int = Field(3, ge=1, description="assistant turns per smoke episode")
+    smoke_max_tokens: int | None = Field(
+        None, ge=1, description="max_tokens per assistant turn; null: the budget the served "
+        "version was evaluated within (its coaflow.budget tag), else agent.budget's defaults")
+    smoke_max_turns: int | None = Field(None, ge=1, description="assistant turns per smoke "
+                                        "episode; null: as smoke_max_tokens")
     api_key_env: str = Field("OPENAI_API_KEY", description="env var holding the endpoint's key "
                              "(kubernetes target; the local server needs none)")
     kubernetes: KubernetesTarget = Field(default_factory=KubernetesTarget,
@@ -79,7 +82,23 @@ class Config(Section):
 
 # --- the smoke test -------------------------------------------------------------------------
 
-def smoke_test(base_url: str, model: str, cfg: Config, seed: int = 0) -> dict:
+def smoke_budgets(cfg: Config, version) -> dict:
+    """Each smoke suite's budget: the configured one, else the one the served version was
+    evaluated within (``register.BUDGET_TAG``), else ``agent.budget.DEFAULTS``."""
+    from coaflow.agent.budget import Budget, default_budget
+    from coaflow.registry import BUDGET_TAG
+
+    judged = json.loads((version.tags or {}).get(BUDGET_TAG, "{}")) if version else {}
+    out = {}
+    for suite in cfg.smoke_suites:
+        known = Budget(*judged[suite]) if suite in judged else default_budget(suite)
+        out[suite] = Budget(cfg.smoke_max_turns or known.max_turns,
+                            cfg.smoke_max_tokens or known.max_new_tokens)
+    return out
+
+
+def smoke_test(base_url: str, model: str, cfg: Config, seed: int = 0,
+               budgets: dict | None = None) -> dict:
     """Whole agent episodes on test-split tasks through the endpoint (``coaflow.agent``'s HTTP
     backend, prompted exactly as training and evaluate prompt the model, the tool schemas sent as
     ``tools``, real tool results): every episode must run without an endpoint error, and enough of them must make a well-formed call to one of the suite's
@@ -91,8 +110,8 @@ def smoke_test(base_url: str, model: str, cfg: Config, seed: int = 0) -> dict:
     try:
         backend = OpenAIBackend(base_url, model, os.environ.get(cfg.api_key_env) or None,
                                 concurrency=8, timeout_s=120, max_retries=2)
-        trajs = run_episodes(backend, tasks, max_turns=cfg.smoke_max_turns,
-                             max_new_tokens=cfg.smoke_max_tokens, seed=seed)
+        trajs = run_episodes(backend, tasks, budgets=budgets or smoke_budgets(cfg, None),
+                             seed=seed)
     except (CoaflowError, httpx.HTTPError, OSError) as e:  # the endpoint failing: the finding
         return {"passed": False, "n": len(tasks), "tool_call_share": 0.0, "success_share": 0.0,
                 "detail": f"the endpoint failed: {type(e).__name__}: {str(e)[:300]}", "rows": []}
@@ -345,7 +364,8 @@ def run(cfg: Config, ctx: Context) -> Result:
         return cfg.kubernetes.service_url, st
 
     endpoint, state = serve(champ.version)
-    smoke = smoke_test(endpoint, name, cfg, ctx.run.seed) if cfg.smoke_tasks else \
+    smoke = smoke_test(endpoint, name, cfg, ctx.run.seed, smoke_budgets(cfg, champ)) \
+        if cfg.smoke_tasks else \
         {"passed": True, "n": 0, "detail": "no smoke test (deploy.smoke_tasks: 0)"}
     (ctx.out / "smoke.json").write_text(json.dumps(smoke, indent=2))
     summary = {"target": cfg.target, "model": name, "version": champ.version,
@@ -361,7 +381,7 @@ def run(cfg: Config, ctx: Context) -> Result:
         now, _ = registry.rollback(name, reason)
         endpoint, state = serve(now.version)
         os.replace(ctx.out / "smoke.json", ctx.out / f"smoke-v{champ.version}-failed.json")
-        smoke = smoke_test(endpoint, name, cfg, ctx.run.seed)
+        smoke = smoke_test(endpoint, name, cfg, ctx.run.seed, smoke_budgets(cfg, now))
         (ctx.out / "smoke.json").write_text(json.dumps(smoke, indent=2))
         summary.update(rolled_back=True, reason=reason, version=now.version, endpoint=endpoint,
                        state=state, smoke={k: v for k, v in smoke.items() if k != "rows"})

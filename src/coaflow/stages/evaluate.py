@@ -10,16 +10,28 @@
 The same tasks for every model: ``evaluate.suites`` tasks of each suite's ``test`` split
 (``envs.make_tasks(suite, "test", n, run.seed)``; its questions are disjoint from the train and rl
 splits by construction, and the gate checks synthesized data against them). Rows: ``base`` (the
-untrained start, so learning shows), ``candidate`` (rl's model if rl ran, else sft's),
-``champion`` (``models:/<run.name>-agent@champion`` when the registry has one) and ``teacher``
-(the scripted team, or any model spec: the ceiling). Each model runs through the one agent loop
-(``coaflow.agent``), greedy, with the suites' real tools.
+untrained start, so learning shows), ``sft`` (the sft model, when rl made the candidate: what rl
+changed), ``candidate`` (rl's model if rl ran, else sft's), ``champion``
+(``models:/<run.name>-agent@champion`` when the registry has one) and ``teacher`` (the scripted
+team, or any model spec: the ceiling). Every row runs through the one agent loop
+(``coaflow.agent``), greedy, with the suites' real tools, the teacher's turns included
+(``teachers.replay``).
 
-Per model and suite: success (pass@1) with its 95 % Wilson interval, optional pass@k (sampled),
-the format-error rate, mean turns / tool calls / tokens, failure categories (no answer, wrong
-answer, malformed call, budget exhausted), sliced by difficulty and kbqa hop count. Candidate vs
-champion is a paired comparison on the same tasks: the difference in success with a paired
+The budget (turns per episode, tokens per turn) is per suite and the same for every row: by
+default derived from the teacher runs sft trained on (``agent.budget``, sft's ``budget.json``:
+the smallest that fits 99 % of them, plus a margin); an explicit ``max_turns`` / ``max_new_tokens``
+that fits fewer than 95 % of those runs is refused unless ``tight_budget`` says it is meant. The
+budget and the share of teacher runs it fits are in the summary, the table and the report card.
+
+Per model and suite: success (pass@1) with its 95 % Wilson interval and as a share of the teacher's
+(the ceiling in the same loop and budget), optional pass@k (sampled), the format-error rate, mean
+turns / tool calls / tokens, how episodes ended (``agent.loop.CATEGORIES``: turn-token cuts by
+turn, turn-count cuts and loops apart), sliced by difficulty and kbqa hop count. Candidate vs each
+other row is a paired comparison on the same tasks: the difference in success with a paired
 bootstrap interval and the exact McNemar p-value (the promotion gate reads it).
+
+A row whose model, tasks, budget and code are unchanged comes from ``<workdir>/cache/evaluate``
+(``row_cache``): the base row of an unchanged base model is computed once per workdir.
 
 Outputs: ``outcomes.jsonl`` (one line per model x task), ``transcripts/`` (every episode as a
 trajectory, ``<model>.jsonl``, and a readable sample), ``table.md`` / ``table.html``; all in MLflow
@@ -28,7 +40,6 @@ with the ``eval/<model>/<suite>/...`` metrics.
 
 from __future__ import annotations
 
-import random
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -43,7 +54,7 @@ from coaflow.contract import Context, PipelineError, Result
 
 NAME = "evaluate"
 NEEDS = ("sft",)
-OPTIONAL = ("rl", "gate")
+OPTIONAL = ("rl",)
 RESUMABLE = False
 PATH_FIELDS = ("teacher",)  # local files/folders: their contents are in the cache key
 
@@ -59,8 +70,16 @@ class Config(Section):
         "has one")
     teacher: str = Field("scripted", description="the ceiling row: 'scripted' (the offline "
                          "team, no mistakes) or a model spec (folder, hub id, models:/, URL)")
-    max_turns: int = Field(6, ge=1, description="assistant turns per episode")
-    max_new_tokens: int = Field(160, ge=8, description="token budget of one assistant turn")
+    max_turns: int | dict[str, int] | None = Field(
+        None, description="assistant turns per episode: one number, one per suite, or null: "
+        "derived from the teacher runs sft trained on (agent.budget)")
+    max_new_tokens: int | dict[str, int] | None = Field(
+        None, description="tokens of one assistant turn: one number, one per suite, or null: "
+        "derived from the teacher runs sft trained on")
+    tight_budget: bool = Field(False, description="accept an explicit budget that fits fewer "
+                               "than 95 % of the teacher's runs (judging within it on purpose)")
+    row_cache: bool = Field(True, description="reuse a row whose model, tasks, budget and code "
+                            "are unchanged (<workdir>/cache/evaluate)")
     batch_size: int = Field(16, ge=1, description="episodes generated together (transformers)")
     concurrency: int = Field(16, ge=1, description="episodes in flight (HTTP endpoints)")
     threads: int = Field(1, ge=0, description="torch CPU threads while generating in process; "
@@ -127,60 +146,105 @@ def load_test_tasks(suites: dict[str, int], seed: int) -> list:
 
 # --- running the models ---------------------------------------------------------------------
 
-def scripted_teacher(tasks: list, seed: int) -> list:
-    """The scripted team with no mistakes, one episode per task, distilled to trajectories (the
-    same ``details`` the agent loop records, so every row is summarized the same way)."""
-    from coaflow.envs import make_env, task_to_row
-    from coaflow.envs.rewards import score
-    from coaflow.schema import Outcome, Provenance
-    from coaflow.schema.render import to_messages
-    from coaflow.teachers import scripted
-    from coaflow.teachers.log import TeamLog, distill
+def budgets_for(cfg: Config, runs: dict) -> tuple[dict, dict]:
+    """``(budgets, fit table)`` of ``cfg.suites`` from the teacher runs sft measured."""
+    from coaflow.agent import budget
 
-    out = []
-    for task in tasks:
-        env = make_env(task.suite, seed=seed)
-        env.reset(**task_to_row(task))
-        log = TeamLog(task=task, env=env, suite=task.suite)
-        try:
-            answer = scripted.solve(task, log, random.Random(f"{seed}-{task.task_id}"),
-                                    scripted.Mistakes(0.0, 0.0))
-        except ValueError:
-            answer = None
-        reward = score(task.suite, answer, task.answer)
-        traj = distill(log, f"{task.task_id}-teacher", answer,
-                       Provenance(teacher="scripted", model="coaflow-scripted-team", seed=seed),
-                       Outcome(final_answer=answer, reward=reward, correct=reward == 1.0))
-        traj.details = {"stop": "answer" if answer is not None else "no_action",
-                        "turns": sum(m["role"] == "assistant" for m in to_messages(traj)),
-                        "tool_calls": len(traj.tool_calls()), "tokens": 0, "format_errors": 0,
-                        "repeated_calls": 0}
-        out.append(traj)
-    return out
+    try:
+        return budget.resolve(list(cfg.suites), runs, max_turns=cfg.max_turns,
+                              max_new_tokens=cfg.max_new_tokens, allow_tight=cfg.tight_budget)
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
 
 
-def run_model(spec: str, tasks: list, cfg: Config, *, field: str, tracking_uri: str | None,
-              seed: int, samples: int = 1, temperature: float = 0.0) -> list:
-    """Every task through the agent loop with the model ``spec``."""
+def run_model(spec: str, tasks: list, cfg: Config, *, budgets: dict, field: str,
+              tracking_uri: str | None, seed: int, tokenizer: str | None = None,
+              cache: Path | None = None, samples: int = 1, temperature: float = 0.0
+              ) -> tuple[list, bool]:
+    """``(trajectories, cached)``: every task through the agent loop with the model ``spec``
+    (``scripted``: the scripted team's turns, counted by the tokenizer of ``tokenizer``), each
+    within its suite's budget; from ``cache`` (a folder) when this very row ran before."""
     import os
 
     from coaflow.agent import run_episodes
-    from coaflow.agent.models import make_backend
+    from coaflow.agent.models import is_endpoint, make_backend, resolve_model
     from coaflow.models.loading import inference_dtype
 
     with tempfile.TemporaryDirectory() as download:
-        backend = make_backend(spec, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
-                               api_key=os.environ.get(cfg.api_key_env or "") or None,
-                               tracking_uri=tracking_uri, download_dir=download,
-                               dtype=inference_dtype(cfg.dtype), threads=cfg.threads or None,
-                               field=field)
+        local = spec if spec == "scripted" or is_endpoint(spec) else resolve_model(
+            spec, tracking_uri=tracking_uri, download_dir=download)
+        path = _row_path(cache, local, tokenizer, tasks, budgets, cfg, seed, samples,
+                         temperature)
+        if path is not None and path.is_file():
+            from coaflow.schema import read_trajectories
+
+            return list(read_trajectories(path)), True
+        if spec == "scripted":
+            backend = _teacher_backend(tasks, tokenizer, seed, field)
+        else:
+            backend = make_backend(local, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
+                                   api_key=os.environ.get(cfg.api_key_env or "") or None,
+                                   dtype=inference_dtype(cfg.dtype), threads=cfg.threads or None,
+                                   field=field)
         from tqdm import tqdm
 
         with tqdm(total=len(tasks) * samples, desc=field, unit="episode",
                   mininterval=2.0) as bar:
-            return run_episodes(backend, tasks, max_turns=cfg.max_turns,
-                                max_new_tokens=cfg.max_new_tokens, temperature=temperature,
-                                seed=seed, samples=samples, progress=bar.update)
+            trajs = run_episodes(backend, tasks, budgets=budgets, temperature=temperature,
+                                 seed=seed, samples=samples, progress=bar.update)
+    if path is not None:
+        from coaflow.schema import write_jsonl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        write_jsonl(tmp, trajs)
+        tmp.replace(path)
+    return trajs, False
+
+
+def _teacher_backend(tasks: list, tokenizer: str | None, seed: int, field: str):
+    from coaflow.models.loading import load_tokenizer
+    from coaflow.teachers.replay import TeacherBackend
+
+    if tokenizer is None:
+        raise PipelineError(f"{field}: the scripted teacher's turns are counted in the "
+                            "student's tokens, and there is no student tokenizer to count with")
+    return TeacherBackend(tasks, load_tokenizer(tokenizer, field=field), seed)
+
+
+def _row_path(cache: Path | None, model: str, tokenizer: str | None, tasks: list,
+              budgets: dict, cfg: Config, seed: int, samples: int, temperature: float
+              ) -> Path | None:
+    """Where this row's episodes are kept: a digest of everything they depend on (the model's
+    files, or the scripted team and the tokenizer that counts its turns; the tasks; the budget;
+    the decoding settings; coaflow's code). None for an endpoint (its model is not ours to
+    digest) or without a cache."""
+    from dataclasses import asdict
+
+    from coaflow.agent.models import is_endpoint
+    from coaflow.digest import code_digest, digest, path_digest
+
+    if cache is None or is_endpoint(model):
+        return None
+    weights = ("scripted", _tokenizer_digest(tokenizer)) if model == "scripted" else \
+        path_digest(model)
+    if weights is None:  # a hub id: its files are not here to digest
+        return None
+    key = digest({"model": weights, "tasks": [(t.suite, t.task_id, t.question) for t in tasks],
+                  "budgets": {s: asdict(b) for s, b in sorted(budgets.items())},
+                  "decoding": [cfg.batch_size, cfg.dtype, seed, samples, temperature],
+                  "code": code_digest()})
+    return cache / f"{key}.jsonl"
+
+
+def _tokenizer_digest(folder: str | None):
+    from coaflow.digest import path_digest
+
+    if folder is None or not Path(folder).is_dir():
+        return folder
+    files = [str(p) for p in sorted(Path(folder).iterdir())
+             if p.name.startswith(("tokenizer", "special_tokens", "chat_template"))]
+    return path_digest(files)
 
 
 # --- summarizing ------------------------------------------------------------------------------
@@ -193,7 +257,7 @@ def outcome_row(model: str, traj) -> dict:
     return {"model": model, "suite": t.suite, "task_id": t.task_id, "difficulty": t.difficulty,
             "hops": hops, "success": int(bool(traj.outcome.correct)), "category": category(traj),
             "turns": d["turns"], "tool_calls": d["tool_calls"], "tokens": d["tokens"],
-            "format_errors": d["format_errors"]}
+            "format_errors": d["format_errors"], "cut_turn": d.get("cut_turn")}
 
 
 def rate(rows: list[dict]) -> dict:
@@ -212,7 +276,10 @@ def describe(rows: list[dict]) -> dict:
             "mean_turns": sum(r["turns"] for r in rows) / n,
             "mean_tool_calls": sum(r["tool_calls"] for r in rows) / n,
             "mean_tokens": sum(r["tokens"] for r in rows) / n,
-            "categories": dict(Counter(r["category"] for r in rows))}
+            "categories": dict(Counter(r["category"] for r in rows)),
+            # where the token budget (or a loop) cut a turn short: which turn of the episode
+            "cut_turns": dict(sorted(Counter(str(r["cut_turn"]) for r in rows
+                                             if r.get("cut_turn")).items()))}
 
 
 def slices(rows: list[dict]) -> dict:
@@ -253,6 +320,11 @@ def summarize(rows: list[dict], cfg: Config, seed: int, pass_k: dict) -> dict:
     details = {m: {s: {**describe(pick[m, s]), **({f"pass@{cfg.pass_k}": pass_k[m][s]}
                                                  if m in pass_k else {})} for s in suites}
                for m in models}
+    if "teacher" in models:  # every row as a share of the ceiling: the teacher in this budget
+        for m in models:
+            for s in suites:
+                top = details["teacher"][s]["success"]
+                details[m][s]["ceiling_share"] = details[m][s]["success"] / top if top else None
     summary = {"table": {m: {s: rate(pick[m, s]) for s in suites} for m in models},
                "details": details,
                "slices": {m: {s: slices(pick[m, s]) for s in suites} for m in models},
@@ -265,6 +337,12 @@ def summarize(rows: list[dict], cfg: Config, seed: int, pass_k: dict) -> dict:
                                          cfg.bootstrap, seed)
         for other in ("champion", "base", "sft") if "candidate" in models and other in models}
     return summary
+
+
+def _cell(d: dict) -> str:
+    share = d.get("ceiling_share")
+    return (f"{d['success']:.1%} [{d['lo']:.1%}, {d['hi']:.1%}]"
+            + (f" ({share:.0%} of ceiling)" if share is not None and d.get("n") else ""))
 
 
 def pass_at_k(trajs: list, k: int) -> dict:
@@ -299,12 +377,20 @@ def markdown(summary: dict) -> str:
     difficulty / hop slices and the paired comparison."""
     details = summary["details"]
     suites = list(summary["tasks"])
-    lines = ["| model | " + " | ".join(f"{s} (n={summary['tasks'][s]})" for s in suites)
-             + " | format errors | mean turns | mean tool calls |",
-             "|---|" + "---|" * (len(suites) + 3)]
+    lines = []
+    if summary.get("budget"):
+        lines += ["| suite | budget | teacher runs it fits |", "|---|---|---|"]
+        for s, b in summary["budget"].items():
+            fit = (f"{b['fits']:.1%} of {b['teacher_runs']}" if b.get("fits") is not None
+                   else "no teacher runs measured (the documented default)")
+            lines.append(f"| {s} | {b['max_turns']} turns x {b['max_new_tokens']} tokens | "
+                         f"{fit} |")
+        lines.append("")
+    lines += ["| model | " + " | ".join(f"{s} (n={summary['tasks'][s]})" for s in suites)
+              + " | format errors | mean turns | mean tool calls |",
+              "|---|" + "---|" * (len(suites) + 3)]
     for model, per in details.items():
-        cells = [f"{per[s]['success']:.1%} [{per[s]['lo']:.1%}, {per[s]['hi']:.1%}]"
-                 for s in suites]
+        cells = [_cell(per[s]) for s in suites]
         n = sum(per[s]["n"] for s in suites)
         avg = {k: sum(per[s][k] * per[s]["n"] for s in suites) / n
                for k in ("format_error_rate", "mean_turns", "mean_tool_calls")}
@@ -317,11 +403,13 @@ def markdown(summary: dict) -> str:
                 for g, r in groups.items():
                     lines.append(f"| {model} | {suite} | {key} {g} | {r['success']:.1%} "
                                  f"[{r['lo']:.1%}, {r['hi']:.1%}] ({r['n']}) |")
-    lines += ["", "| model | suite | categories |", "|---|---|---|"]
+    lines += ["", "| model | suite | how episodes ended |", "|---|---|---|"]
     for model, per in details.items():
         for suite in suites:
             cats = ", ".join(f"{k} {v}" for k, v in sorted(per[suite]["categories"].items()))
-            lines.append(f"| {model} | {suite} | {cats} |")
+            cuts = ", ".join(f"turn {k}: {v}" for k, v in per[suite]["cut_turns"].items())
+            lines.append(f"| {model} | {suite} | {cats}" + (f" (cut at {cuts})" if cuts else "")
+                         + " |")
     for name, comp in summary.get("comparison", {}).items():
         other = name.removeprefix("candidate_vs_")
         lines += ["", f"| candidate - {other} | diff [95 % CI] | McNemar p | n |",
@@ -355,27 +443,30 @@ def html_table(md: str) -> str:
 # --- the stage --------------------------------------------------------------------------------
 
 def evaluate(specs: dict[str, str], tasks: list, cfg: Config, out: Path, *, seed: int,
-             tracking_uri: str | None = None, tracker=None) -> tuple[list[dict], dict]:
-    """Run every model of ``specs`` (row name -> model spec, or ``scripted``) on ``tasks``;
-    write outcomes, transcripts and tables under ``out``; ``(rows, summary)``."""
+             budgets: dict, fit: dict | None = None, tokenizer: str | None = None,
+             cache: Path | None = None, tracking_uri: str | None = None, tracker=None
+             ) -> tuple[list[dict], dict]:
+    """Run every model of ``specs`` (row name -> model spec, or ``scripted``) on ``tasks``
+    within ``budgets``; write outcomes, transcripts and tables under ``out``;
+    ``(rows, summary)``."""
     from coaflow.schema import write_jsonl
     from coaflow.schema.render import to_text
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "transcripts").mkdir(exist_ok=True)
-    rows, pass_k, sample, seconds = [], {}, [], {}
+    rows, pass_k, sample, seconds, cached = [], {}, [], {}, []
+    common = dict(budgets=budgets, tracking_uri=tracking_uri, seed=seed, tokenizer=tokenizer,
+                  cache=cache if cfg.row_cache else None)
     for model, spec in specs.items():
         start = time.perf_counter()
-        if spec == "scripted":
-            trajs = scripted_teacher(tasks, seed)
-        else:
-            trajs = run_model(spec, tasks, cfg, field=f"evaluate {model} ({spec})",
-                              tracking_uri=tracking_uri, seed=seed)
-            if cfg.pass_k:
-                pass_k[model] = pass_at_k(run_model(
-                    spec, tasks, cfg, field=f"evaluate {model} ({spec})",
-                    tracking_uri=tracking_uri, seed=seed, samples=cfg.pass_k,
-                    temperature=cfg.temperature), cfg.pass_k)
+        field = f"evaluate {model} ({spec})"
+        trajs, hit = run_model(spec, tasks, cfg, field=field, **common)
+        if hit:
+            cached.append(model)
+        if cfg.pass_k and spec != "scripted":
+            pass_k[model] = pass_at_k(run_model(
+                spec, tasks, cfg, field=field, samples=cfg.pass_k, temperature=cfg.temperature,
+                **common)[0], cfg.pass_k)
         seconds[model] = round(time.perf_counter() - start, 2)
         write_jsonl(out / "transcripts" / f"{model}.jsonl", trajs)
         rows += [outcome_row(model, t) for t in trajs]
@@ -386,7 +477,11 @@ def evaluate(specs: dict[str, str], tasks: list, cfg: Config, out: Path, *, seed
     write_jsonl(out / "outcomes.jsonl", rows)
     (out / "transcripts" / "sample.md").write_text("\n".join(sample))
     summary = summarize(rows, cfg, seed, pass_k)
-    summary["seconds"] = seconds
+    if fit is None:
+        from coaflow.agent.budget import fit_table
+
+        fit = fit_table({}, budgets)
+    summary.update(seconds=seconds, cached_rows=cached, budget=fit)
     md = markdown(summary)
     (out / "table.md").write_text(md)
     (out / "table.html").write_text(html_table(md))
@@ -431,9 +526,14 @@ def model_specs(cfg: Config, ctx: Context) -> tuple[dict[str, str], dict, dict |
 
 
 def run(cfg: Config, ctx: Context) -> Result:
+    from coaflow.agent.budget import read_record
+
     specs, candidate, champion = model_specs(cfg, ctx)
+    budgets, fit = budgets_for(cfg, read_record(ctx.input("sft").outputs.get("budget")))
     tasks = load_test_tasks(cfg.suites, ctx.run.seed)
-    rows, summary = evaluate(specs, tasks, cfg, ctx.out, seed=ctx.run.seed,
+    rows, summary = evaluate(specs, tasks, cfg, ctx.out, seed=ctx.run.seed, budgets=budgets,
+                             fit=fit, tokenizer=candidate["model"],
+                             cache=Path(ctx.run.workdir) / "cache" / NAME,
                              tracking_uri=ctx.tracking_uri or None, tracker=ctx.tracker)
     summary.update(candidate=candidate, champion=champion)
     metrics = {k: v for k, v in metrics_of(summary).items()
@@ -470,7 +570,15 @@ def standalone(cfg, model=None, suite=(), n=None, output=None) -> None:
             raise PipelineError(f"evaluate: {str(e).splitlines()[-1].strip()}") from None
     out = Path(output or Path(cfg.run.workdir) / "eval" / time.strftime("%Y%m%d-%H%M%S"))
     tasks = load_test_tasks(section.suites, cfg.run.seed)
+    budgets, fit = budgets_for(section, {})  # no training data here: the documented defaults
+    tokenizer = None
+    if model == "scripted" and cfg.sft.model != "tiny":
+        from coaflow.models.sources import resolve
+
+        tokenizer = resolve(cfg.sft.model)  # the teacher's turns in the profile student's tokens
     _, summary = evaluate({"model": model}, tasks, section, out, seed=cfg.run.seed,
+                          budgets=budgets, fit=fit, tokenizer=tokenizer,
+                          cache=Path(cfg.run.workdir) / "cache" / NAME,
                           tracking_uri=default_uri(cfg.run.workdir))
     click.echo(f"model: {model}\n" + markdown(summary))
     click.echo(f"outcomes: {out / 'outcomes.jsonl'}")

@@ -182,6 +182,11 @@ def _eval_tags(evaluation: dict) -> dict[str, str]:
             tags[f"eval.vs_{name.removeprefix('candidate_vs_')}.{suite}"] = (
                 f"{r['diff']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]"
                 f" p={r.get('p_value', float('nan')):.3g}")
+    if evaluation.get("budget"):  # the budget it was judged within: deploy's smoke test uses it
+        from coaflow.registry import BUDGET_TAG
+
+        tags[BUDGET_TAG] = json.dumps({s: [b["max_turns"], b["max_new_tokens"]]
+                                       for s, b in evaluation["budget"].items()})
     return tags
 
 

@@ -85,10 +85,17 @@ class Config(Section):
                                    "reward: a tool result holding the gold answer (0: off; "
                                    "it did not help the from-scratch student, docs/rl.md, and "
                                    "stays for the next study on the pretrained one)")
-    max_turns: int = Field(6, ge=1, description="assistant turns per episode")
-    max_new_tokens: int = Field(128, ge=8, description="tokens per assistant turn")
-    max_completion_length: int = Field(1024, ge=16, description="tokens per episode after the "
-                                       "prompt (model and tool tokens); longer ones are cut")
+    max_turns: int | dict[str, int] | None = Field(
+        None, description="assistant turns per episode (one number, one per suite, or null: "
+        "derived from the teacher runs sft trained on, as evaluate's; agent.budget)")
+    max_new_tokens: int | dict[str, int] | None = Field(
+        None, description="tokens per assistant turn (a number, one per suite, or null: derived)")
+    tight_budget: bool = Field(False, description="accept an explicit budget that fits fewer "
+                               "than 95 % of the teacher's runs (rl inside it can only reward "
+                               "shortcuts)")
+    max_completion_length: int | None = Field(
+        None, ge=16, description="tokens per episode after the prompt (model and tool tokens); "
+        "longer ones are cut; null: the budget's turns x (tokens a turn + 256 of tool output)")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts")
     lr: float = Field(5e-4, gt=0, description="learning rate (AdamW, constant after warmup)")
     warmup_steps: int = Field(0, ge=0, description="linear warmup steps")
@@ -157,7 +164,29 @@ def rl_tasks(cfg: Config, seed: int) -> list:
     return tasks
 
 
-def agent_episodes(cfg: Config, model_dir: Path, seed: int):
+def budgets_for(cfg: Config, sft) -> dict:
+    """Each suite's budget: the one sft measured on the teacher's runs (``agent.budget``) unless
+    ``max_turns`` / ``max_new_tokens`` say otherwise (refused below 95 % of the runs)."""
+    from coaflow.agent import budget
+
+    try:
+        budgets, _ = budget.resolve(sorted(cfg.suites), budget.read_record(
+            sft.outputs.get("budget")), max_turns=cfg.max_turns,
+            max_new_tokens=cfg.max_new_tokens, allow_tight=cfg.tight_budget, field="rl")
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
+    return budgets
+
+
+def completion_length(cfg: Config, budgets: dict) -> int:
+    """Tokens an episode may take after its prompt: what its budget lets the model write, plus
+    room for the tool output in between."""
+    if cfg.max_completion_length is not None:
+        return cfg.max_completion_length
+    return max(b.max_turns * (b.max_new_tokens + 256) for b in budgets.values())
+
+
+def agent_episodes(cfg: Config, model_dir: Path, seed: int, budgets: dict):
     """``episodes(trainer, tasks)`` for the rollout: coaflow's agent loop with the live policy
     (the trainer's model itself, or TRL's vLLM engine holding its synced weights)."""
     from coaflow import agent
@@ -185,8 +214,8 @@ def agent_episodes(cfg: Config, model_dir: Path, seed: int):
         before = dict(counts) if counts else None
         try:
             trajs = agent.run_episodes(
-                backend, tasks, max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature, seed=seed * 100_003 + trainer.state.global_step)
+                backend, tasks, budgets=budgets, temperature=cfg.temperature,
+                seed=seed * 100_003 + trainer.state.global_step)
         finally:
             trainer.model.train(was_training)
         out = [R.from_trajectory(t) for t in trajs]
@@ -221,7 +250,8 @@ def sync_policy(backend, model) -> None:
 
 
 def build_trainer(cfg: Config, model, tokenizer, template: str | None, tasks: list,
-                  output_dir: Path, seed: int, episodes, tracker=None, callbacks: tuple = ()):
+                  output_dir: Path, seed: int, episodes, budgets: dict, tracker=None,
+                  callbacks: tuple = ()):
     """``(trainer, history, stats)``: the GRPO trainer over ``tasks`` with the agent rollout."""
     import os
 
@@ -235,8 +265,7 @@ def build_trainer(cfg: Config, model, tokenizer, template: str | None, tasks: li
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental
     history: list[dict] = []
     stats: dict[str, list] = defaultdict(list)
-    settings = R.RolloutSettings(cfg.max_turns, cfg.max_new_tokens, cfg.max_completion_length,
-                                 cfg.temperature)
+    settings = R.RolloutSettings(completion_length(cfg, budgets), cfg.temperature)
     shaped = [(R.success_reward, 1.0)] + [
         (f, w) for f, w in ((R.format_reward, cfg.format_weight),
                             (R.evidence_reward, cfg.evidence_weight)) if w]
@@ -256,7 +285,7 @@ def build_trainer(cfg: Config, model, tokenizer, template: str | None, tasks: li
         num_generations=cfg.num_generations, loss_type=cfg.loss_type, epsilon=cfg.epsilon,
         epsilon_high=cfg.epsilon_high, beta=cfg.beta, scale_rewards=cfg.scale_rewards,
         mask_truncated_completions=cfg.mask_truncated_completions,
-        max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
+        max_completion_length=settings.max_completion_length, temperature=cfg.temperature,
         use_vllm=cfg.engine == "vllm", vllm_mode="colocate",
         vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
         reward_weights=[w for _, w in shaped],
@@ -324,9 +353,11 @@ def train(cfg: Config, ctx: Context, callbacks: tuple = (), episodes=None) -> Re
     ckpt_dir = ctx.out / "checkpoints"
     last = get_last_checkpoint(str(ckpt_dir)) if ctx.resume and ckpt_dir.is_dir() else None
     resumed_from = int(Path(last).name.rsplit("-", 1)[-1]) if last else 0
+    budgets = budgets_for(cfg, ctx.input("sft"))
     trainer, history, stats = build_trainer(
         cfg, model, tokenizer, template, tasks, ckpt_dir, ctx.run.seed,
-        episodes or agent_episodes(cfg, sft_model, ctx.run.seed), tracker=ctx.tracker, callbacks=callbacks)
+        episodes or agent_episodes(cfg, sft_model, ctx.run.seed, budgets), budgets,
+        tracker=ctx.tracker, callbacks=callbacks)
     ctx.tracker.log_params({"rl.tasks": len(tasks), "rl.reward": R.REWARD_DOC,
                             "rl.sft_model": str(sft_model)})
 
@@ -362,6 +393,8 @@ def train(cfg: Config, ctx: Context, callbacks: tuple = (), episodes=None) -> Re
     }
     return Result(outputs={"model": str(final)}, metrics=metrics,
                   summary={"sft_model": str(sft_model), "reward": R.REWARD_DOC,
+                           "budget": {s: [b.max_turns, b.max_new_tokens]
+                                      for s, b in budgets.items()},
                            "loss_type": cfg.loss_type, "beta": cfg.beta,
                            "dynamic_sampling": cfg.dynamic_sampling})
 

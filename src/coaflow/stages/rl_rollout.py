@@ -317,9 +317,7 @@ class Curriculum:
 
 @dataclass
 class RolloutSettings:
-    max_turns: int
-    max_new_tokens: int
-    max_completion_length: int
+    max_completion_length: int  # the turn budgets are the episodes' own (agent.budget)
     temperature: float
 
 

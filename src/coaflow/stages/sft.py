@@ -36,6 +36,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from coaflow.agent import budget
 from coaflow.config import Section
 from coaflow.contract import Context, PipelineError, Result
 from coaflow.models.tiny import TinyModel
@@ -101,9 +102,11 @@ class Config(Section):
     holdout: int = Field(16, ge=0, description="trajectories kept out of training; their tasks "
                          "are run as whole agent episodes after training (at most a fifth of "
                          "the data)")
-    sample_max_new_tokens: int = Field(160, ge=8, description="per-turn token budget of the "
-                                       "held-out episodes")
-    heldout_max_turns: int = Field(6, ge=1, description="turn budget of the held-out episodes")
+    sample_max_new_tokens: int | None = Field(
+        None, ge=8, description="per-turn token budget of the held-out episodes; null: the "
+        "budget derived from the training data (agent.budget), as evaluate's")
+    heldout_max_turns: int | None = Field(None, ge=1, description="turn budget of the held-out "
+                                          "episodes; null: derived from the training data")
     log_model_artifact: bool = Field(True, description="log the final model folder to MLflow "
                                      "(off for large models: register logs it)")
     decisive_weight: float = Field(1.0, ge=1.0, description="loss weight of the decisive tokens "
@@ -135,7 +138,9 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
 
     data = _training_data(cfg, ctx)
     model, tokenizer, base = _load_base(cfg, ctx, data.examples, ctx.run.seed)
-    stats = data.check(tokenizer, _training_template(cfg, tokenizer, base), cfg.max_length)
+    template = _training_template(cfg, tokenizer, base)
+    stats = data.check(tokenizer, template, cfg.max_length)
+    budgets = _budgets(cfg, data, tokenizer, template, ctx.out)
     ckpt_dir = ctx.out / "checkpoints"
     last = get_last_checkpoint(str(ckpt_dir)) if ctx.resume and ckpt_dir.is_dir() else None
     trainer, history = build_trainer(cfg, model, tokenizer, data.examples, ckpt_dir, ctx.run.seed,
@@ -157,8 +162,7 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
         return Result(metrics={"global_step": float(trainer.state.global_step)})
 
     final = save_final(trainer, cfg, ctx.out / "model")
-    check = heldout_episodes(final, data.held, cfg.heldout_max_turns, cfg.sample_max_new_tokens,
-                             threads=1)  # 1 thread: see evaluate.threads
+    check = heldout_episodes(final, data.held, budgets, threads=1)  # 1: see evaluate.threads
     write_jsonl(ctx.out / "heldout.jsonl", check["trajectories"])
     (ctx.out / "samples.jsonl").write_text(
         "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in check["rows"]))
@@ -171,11 +175,27 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
     # only the resume points of this attempt
     from coaflow.stages.sft_data import tool_names
 
-    return Result(outputs={"model": str(final)}, metrics=metrics,
-                  summary={"base_model": base, "deepspeed": cfg.deepspeed, "lora": cfg.lora,
+    return Result(outputs={"model": str(final), "budget": str(ctx.out / budget.RECORD)},
+                  metrics=metrics,
+                  summary={"base_model": base, "budget": json.loads(
+                               (ctx.out / budget.RECORD).read_text())["fit"],
+                           "deepspeed": cfg.deepspeed, "lora": cfg.lora,
                            "zero_stage": _zero_stage(trainer),
                            "packing": cfg.packing, "tools": sorted(tool_names(data.all)),
                            "samples": check["rows"][:3]})
+
+
+def _budgets(cfg: Config, data: TrainingData, tokenizer, template: str | None, out: Path
+             ) -> dict:
+    """The turn and token budget of each suite, measured on the teacher runs this model trains
+    on (``agent.budget``), written to ``budget.json`` for evaluate, rl and deploy."""
+    runs = budget.teacher_runs(data.train, tokenizer, template)
+    derived, _ = budget.resolve(sorted(runs), runs, field="sft")
+    budget.write_record(out / budget.RECORD, runs, derived)
+    held, _ = budget.resolve(sorted({t.task.suite for t in data.held} | set(runs)), runs,
+                             max_turns=cfg.heldout_max_turns,
+                             max_new_tokens=cfg.sample_max_new_tokens, allow_tight=True)
+    return held
 
 
 @dataclass
@@ -553,8 +573,8 @@ def save_final(trainer, cfg: Config, final: Path) -> Path:
     return final
 
 
-def heldout_episodes(model_dir: Path, held: list, max_turns: int, max_new_tokens: int,
-                     batch_size: int = 16, threads: int | None = None) -> dict:
+def heldout_episodes(model_dir: Path, held: list, budgets: dict, batch_size: int = 16,
+                     threads: int | None = None) -> dict:
     """Run the trained model as an agent (``coaflow.agent``, greedy) on the tasks of the held-out
     trajectories, whole episodes with the real tools, and judge them: the share solved, and, since
     a small student rarely solves yet, whether its first turn is a well-formed tool call built
@@ -572,8 +592,7 @@ def heldout_episodes(model_dir: Path, held: list, max_turns: int, max_new_tokens
     unset_hf_deepspeed_config()  # training is over: a plain load, not ZeRO-3 partitioned params
     backend = TransformersBackend(str(model_dir), batch_size=batch_size, threads=threads,
                                   dtype=inference_dtype(), field="sft model")
-    trajs = run_episodes(backend, [t.task for t in held], max_turns=max_turns,
-                         max_new_tokens=max_new_tokens)
+    trajs = run_episodes(backend, [t.task for t in held], budgets=budgets)
     rows = []
     for t in trajs:
         first = first_turn_calls(t)
