@@ -32,10 +32,11 @@ class Budget:
         return f"{self.max_turns} turns x {self.max_new_tokens} tokens"
 
 
-# What fits the scripted teacher's accepted runs of the default profile with the margin of
-# ``derive`` (SmolLM2's tokenizer, one token per digit; measured by ``coaflow budget`` on the
-# default run's gate output): used when there are no teacher runs to measure.
-DEFAULTS = {"kbqa": Budget(8, 192), "calc": Budget(5, 272)}
+# What ``derive`` picks on the teacher runs the default profile's sft trains on (SmolLM2's
+# tokenizer, one token per digit; `bench/budget_fit.py --gate RUN/gate/accepted`): kbqa runs take
+# 3/5/7 turns (1/2/3 hops) of at most 132 tokens, calc 3 turns of at most 230. Used where there
+# are no teacher runs to measure (a standalone `coaflow evaluate`, deploy without a tag).
+DEFAULTS = {"kbqa": Budget(8, 144), "calc": Budget(4, 256)}
 FALLBACK = Budget(8, 256)  # a suite with no default (imported tasks)
 
 COVERAGE = 0.99     # the derived budget lets this share of the teacher's runs through ...
