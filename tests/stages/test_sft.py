@@ -239,3 +239,40 @@ def test_length_grouped_batches_hold_similar_lengths_in_a_new_order_each_epoch(
     plain, _ = sft.build_trainer(cfg.sft.model_copy(update={"length_grouped": False}), model, tok,
                                  examples, tmp_path / "ckpt2")
     assert not isinstance(plain._get_train_sampler(), sft.LengthBucketSampler)
+
+
+@pytest.mark.parametrize("decisive_weight", [1.0, 4.0])
+def test_the_trained_positions_loss_is_trls_loss_and_gradient(tmp_path, tiny_dir, trajectories,
+                                                               decisive_weight):
+    """The CPU loss runs the LM head on the labelled positions only; at decisive weight 1 it is
+    TRL's own loss (and gradient) on the same batch, and weighting the decisive tokens moves it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from coaflow.models.prompt import to_example
+
+    cfg, _ = fast_ctx(tmp_path, trajectories[:8], tiny_dir,
+                      ["sft.batch_size=4", f"sft.decisive_weight={decisive_weight}"])
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    trainer, _ = sft.build_trainer(cfg.sft, model, tok, [to_example(t) for t in trajectories[:8]],
+                                   tmp_path / "ckpt")
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    model.train()
+
+    def loss_and_grad(fn):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        return float(loss), model.get_output_embeddings().weight.grad.clone()
+
+    ours = loss_and_grad(lambda: sft._trained_positions_loss(trainer, model, dict(batch), None))
+    trl = loss_and_grad(lambda: super(type(trainer), trainer).compute_loss(model, dict(batch)))
+    if decisive_weight == 1.0:
+        assert ours[0] == pytest.approx(trl[0], rel=1e-5)
+        assert torch.allclose(ours[1], trl[1], atol=1e-6)
+        assert trainer._metrics["train"]["mean_token_accuracy"][0] == pytest.approx(
+            trainer._metrics["train"]["mean_token_accuracy"][1], abs=1e-6)
+    else:
+        assert ours[0] != pytest.approx(trl[0], rel=1e-5)  # the decisive tokens weigh 4x
+        assert trainer._metrics["train"]["decisive_token_accuracy"]
