@@ -40,8 +40,9 @@ def matmul_gflops(dtype, n: int = 10) -> float:
     return 2 * 2048 * 576 * 1536 * n / (time.perf_counter() - start) / 1e9
 
 
-def bare_loop(model_name: str, batches: list, lr: float, mode: str) -> dict:
-    """The training step with nothing around it: ``mode`` fp32 | bf16-autocast | bf16."""
+def bare_loop(model_name: str, batches: list, lr: float, mode: str, accum: int = 1) -> dict:
+    """The training step with nothing around it: ``mode`` fp32 | bf16-autocast | bf16; an
+    optimizer step every ``accum`` micro-batches, as the stage's ``grad_accum``."""
     import torch
 
     from coaflow.models import load_model_and_tokenizer
@@ -61,14 +62,15 @@ def bare_loop(model_name: str, batches: list, lr: float, mode: str) -> dict:
             target = batch["labels"][:, 1:]
             keep = target != -100
             logits = model.get_output_embeddings()(hidden[keep]).float()
-            loss = torch.nn.functional.cross_entropy(logits, target[keep])
+            loss = torch.nn.functional.cross_entropy(logits, target[keep]) / accum
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if (i + 1) % accum == 0:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-        if i:
+        if i >= accum:  # the first optimizer step warms up
             tokens += int(batch["attention_mask"].sum())
-    seconds = sum(times[1:])
+    seconds = sum(times[accum:])
     return {"side": f"bare loop ({mode})", "tokens": tokens, "seconds": round(seconds, 2),
             "tokens_per_second": round(tokens / seconds, 1)}
 
@@ -115,7 +117,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         trainer, history = sft.build_trainer(cfg, model, tok, examples, Path(out),
                                              callbacks=(Clock(),))
-        batches = list(_take(trainer.get_train_dataloader(), args.steps + 1))
+        batches = list(_take(trainer.get_train_dataloader(), (args.steps + 1) * cfg.grad_accum))
         trainer.train()
     by_step = [h["num_tokens"] for h in history if "num_tokens" in h and "loss" in h]
     stage_tokens = by_step[-1] - by_step[0]
@@ -124,7 +126,7 @@ def main() -> None:
     stage["tokens_per_second"] = round(stage_tokens / stage["seconds"], 1)
 
     modes = ["fp32", "bf16-autocast", "bf16"] if native_bf16 else ["fp32"]
-    loops = [bare_loop(cfg.model, batches, cfg.lr, m) for m in modes]
+    loops = [bare_loop(cfg.model, batches, cfg.lr, m, cfg.grad_accum) for m in modes]
     best = max(loops, key=lambda r: r["tokens_per_second"])
     for row in (ceiling, *loops, stage):
         print(json.dumps({**row, "batch_size": cfg.batch_size, "threads": threads}))
