@@ -6,8 +6,19 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 ARGS   ?=
 
-.PHONY: setup run test lint bench clean
-setup: $(VENV)/.installed
+.PHONY: setup system run test lint bench clean
+setup: $(VENV)/.installed system
+
+# What the tests need from the system: Debian's chromium (headless) for the report card and the
+# Airflow UI tests, installed when missing (as root, or with sudo -n). Without apt it says so;
+# those tests then fail naming the install command (tests/requires.py).
+system:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+	  { $$SUDO apt-get install -y -q chromium || { $$SUDO apt-get update -q && \
+	    $$SUDO apt-get install -y -q chromium; }; } >/dev/null 2>&1 && echo "installed chromium" \
+	  || echo "make setup: could not install Debian's chromium (apt-get as root or with sudo);" \
+	    "the browser tests will fail until it is installed"; }
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

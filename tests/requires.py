@@ -1,7 +1,7 @@
 """What the tests need from outside the code, and the one rule for it.
 
 Every Python package a test imports is installed by ``make setup`` (the ``[train,kfp,airflow,k8s,
-dev]`` extras), and Debian's ``chromium`` by ``.ci/run``. A test that misses one **fails**, naming
+dev]`` extras) and Debian's ``chromium`` (``make system``, part of ``make setup``). A test that misses one **fails**, naming
 the command that installs it: a skip would let CI pass without the check. Only what no install
 gives is skipped (user namespaces that the kernel forbids).
 """
@@ -28,6 +28,6 @@ def chromium() -> str:
     """Headless Chromium's path; the test fails when it is missing."""
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None:
-        pytest.fail("chromium is not installed: apt-get install chromium (.ci/run does)",
+        pytest.fail("chromium is not installed: apt-get install chromium (make setup does)",
                     pytrace=False)
     return found
