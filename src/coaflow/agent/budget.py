@@ -176,11 +176,14 @@ def _setting(value: int | dict[str, int] | None, suite: str) -> int | None:
 RECORD = "budget.json"  # in the sft stage's folder: the teacher runs it trained on, measured
 
 
-def write_record(path, runs_by_suite: dict[str, list[Run]], budgets: dict[str, Budget]) -> None:
-    """The measured teacher runs and the budgets derived from them (``RECORD``)."""
+def write_record(path, runs_by_suite: dict[str, list[Run]], budgets: dict[str, Budget],
+                 teacher: str | None = None) -> None:
+    """The measured teacher runs, the budgets derived from them and the teacher that made most
+    of them (its provenance name: the ceiling row replays that teacher) as ``RECORD``."""
     import json
 
-    path.write_text(json.dumps({"budgets": {s: asdict(b) for s, b in budgets.items()},
+    path.write_text(json.dumps({"teacher": teacher,
+                                "budgets": {s: asdict(b) for s, b in budgets.items()},
                                 "fit": fit_table(runs_by_suite, budgets),
                                 "runs": {s: [list(r) for r in runs]
                                          for s, runs in runs_by_suite.items()}}, indent=1))
@@ -195,3 +198,13 @@ def read_record(path) -> dict[str, list[Run]]:
         return {}
     return {s: [tuple(r) for r in runs]
             for s, runs in json.loads(Path(path).read_text())["runs"].items()}
+
+
+def recorded_teacher(path) -> str | None:
+    """The teacher a ``RECORD`` names (None when there is no record)."""
+    import json
+    from pathlib import Path
+
+    if not path or not Path(path).is_file():
+        return None
+    return json.loads(Path(path).read_text()).get("teacher")

@@ -159,11 +159,12 @@ def budgets_for(cfg: Config, runs: dict) -> tuple[dict, dict]:
 
 def run_model(spec: str, tasks: list, cfg: Config, *, budgets: dict, field: str,
               tracking_uri: str | None, seed: int, tokenizer: str | None = None,
-              cache: Path | None = None, samples: int = 1, temperature: float = 0.0
-              ) -> tuple[list, bool]:
+              terse: bool = False, cache: Path | None = None, samples: int = 1,
+              temperature: float = 0.0) -> tuple[list, bool]:
     """``(trajectories, cached)``: every task through the agent loop with the model ``spec``
-    (``scripted``: the scripted team's turns, counted by the tokenizer of ``tokenizer``), each
-    within its suite's budget; from ``cache`` (a folder) when this very row ran before."""
+    (``scripted``: the scripted team's turns, ``terse`` or not, counted by the tokenizer of
+    ``tokenizer``), each within its suite's budget; from ``cache`` (a folder) when this very row
+    ran before."""
     import os
 
     from coaflow.agent import run_episodes
@@ -173,14 +174,14 @@ def run_model(spec: str, tasks: list, cfg: Config, *, budgets: dict, field: str,
     with tempfile.TemporaryDirectory() as download:
         local = spec if spec == "scripted" or is_endpoint(spec) else resolve_model(
             spec, tracking_uri=tracking_uri, download_dir=download)
-        path = _row_path(cache, local, tokenizer, tasks, budgets, cfg, seed, samples,
+        path = _row_path(cache, local, (tokenizer, terse), tasks, budgets, cfg, seed, samples,
                          temperature)
         if path is not None and path.is_file():
             from coaflow.schema import read_trajectories
 
             return list(read_trajectories(path)), True
         if spec == "scripted":
-            backend = _teacher_backend(tasks, tokenizer, seed, field)
+            backend = _teacher_backend(tasks, tokenizer, seed, terse, field)
         else:
             backend = make_backend(local, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
                                    api_key=os.environ.get(cfg.api_key_env or "") or None,
@@ -202,17 +203,17 @@ def run_model(spec: str, tasks: list, cfg: Config, *, budgets: dict, field: str,
     return trajs, False
 
 
-def _teacher_backend(tasks: list, tokenizer: str | None, seed: int, field: str):
+def _teacher_backend(tasks: list, tokenizer: str | None, seed: int, terse: bool, field: str):
     from coaflow.models.loading import load_tokenizer
     from coaflow.teachers.replay import TeacherBackend
 
     if tokenizer is None:
         raise PipelineError(f"{field}: the scripted teacher's turns are counted in the "
                             "student's tokens, and there is no student tokenizer to count with")
-    return TeacherBackend(tasks, load_tokenizer(tokenizer, field=field), seed)
+    return TeacherBackend(tasks, load_tokenizer(tokenizer, field=field), seed, terse)
 
 
-def _row_path(cache: Path | None, model: str, tokenizer: str | None, tasks: list,
+def _row_path(cache: Path | None, model: str, teacher: tuple, tasks: list,
               budgets: dict, cfg: Config, seed: int, samples: int, temperature: float
               ) -> Path | None:
     """Where this row's episodes are kept: a digest of everything they depend on (the model's
@@ -226,8 +227,8 @@ def _row_path(cache: Path | None, model: str, tokenizer: str | None, tasks: list
 
     if cache is None or is_endpoint(model):
         return None
-    weights = ("scripted", _tokenizer_digest(tokenizer)) if model == "scripted" else \
-        path_digest(model)
+    weights = ("scripted", _tokenizer_digest(teacher[0]), teacher[1]) if model == "scripted" \
+        else path_digest(model)
     if weights is None:  # a hub id: its files are not here to digest
         return None
     key = digest({"model": weights, "tasks": [(t.suite, t.task_id, t.question) for t in tasks],
@@ -444,8 +445,8 @@ def html_table(md: str) -> str:
 
 def evaluate(specs: dict[str, str], tasks: list, cfg: Config, out: Path, *, seed: int,
              budgets: dict, fit: dict | None = None, tokenizer: str | None = None,
-             cache: Path | None = None, tracking_uri: str | None = None, tracker=None
-             ) -> tuple[list[dict], dict]:
+             terse: bool = False, cache: Path | None = None, tracking_uri: str | None = None,
+             tracker=None) -> tuple[list[dict], dict]:
     """Run every model of ``specs`` (row name -> model spec, or ``scripted``) on ``tasks``
     within ``budgets``; write outcomes, transcripts and tables under ``out``;
     ``(rows, summary)``."""
@@ -456,7 +457,7 @@ def evaluate(specs: dict[str, str], tasks: list, cfg: Config, out: Path, *, seed
     (out / "transcripts").mkdir(exist_ok=True)
     rows, pass_k, sample, seconds, cached = [], {}, [], {}, []
     common = dict(budgets=budgets, tracking_uri=tracking_uri, seed=seed, tokenizer=tokenizer,
-                  cache=cache if cfg.row_cache else None)
+                  terse=terse, cache=cache if cfg.row_cache else None)
     for model, spec in specs.items():
         start = time.perf_counter()
         field = f"evaluate {model} ({spec})"
@@ -526,13 +527,16 @@ def model_specs(cfg: Config, ctx: Context) -> tuple[dict[str, str], dict, dict |
 
 
 def run(cfg: Config, ctx: Context) -> Result:
-    from coaflow.agent.budget import read_record
+    from coaflow.agent.budget import read_record, recorded_teacher
+    from coaflow.teachers.scripted import team_name
 
     specs, candidate, champion = model_specs(cfg, ctx)
-    budgets, fit = budgets_for(cfg, read_record(ctx.input("sft").outputs.get("budget")))
+    record = ctx.input("sft").outputs.get("budget")
+    budgets, fit = budgets_for(cfg, read_record(record))
     tasks = load_test_tasks(cfg.suites, ctx.run.seed)
     rows, summary = evaluate(specs, tasks, cfg, ctx.out, seed=ctx.run.seed, budgets=budgets,
                              fit=fit, tokenizer=candidate["model"],
+                             terse=recorded_teacher(record) == team_name(terse=True),
                              cache=Path(ctx.run.workdir) / "cache" / NAME,
                              tracking_uri=ctx.tracking_uri or None, tracker=ctx.tracker)
     summary.update(candidate=candidate, champion=champion)

@@ -189,9 +189,12 @@ def _budgets(cfg: Config, data: TrainingData, tokenizer, template: str | None, o
              ) -> dict:
     """The turn and token budget of each suite, measured on the teacher runs this model trains
     on (``agent.budget``), written to ``budget.json`` for evaluate, rl and deploy."""
+    from collections import Counter
+
     runs = budget.teacher_runs(data.train, tokenizer, template)
     derived, _ = budget.resolve(sorted(runs), runs, field="sft")
-    budget.write_record(out / budget.RECORD, runs, derived)
+    teacher = Counter(t.provenance.model for t in data.train).most_common(1)[0][0]
+    budget.write_record(out / budget.RECORD, runs, derived, teacher)
     held, _ = budget.resolve(sorted({t.task.suite for t in data.held} | set(runs)), runs,
                              max_turns=cfg.heldout_max_turns,
                              max_new_tokens=cfg.sample_max_new_tokens, allow_tight=True)

@@ -50,6 +50,10 @@ class Config(Section):
                                 "realistic mistake (caught by the critic/verifier)")
     unrecovered_rate: float = Field(0.08, ge=0, le=1, description="scripted: share of tasks whose "
                                     "mistake slips through (wrong answer)")
+    terse: bool = Field(False, description="scripted: the same team, calls and answers without "
+                        "the restatements (no thought before a call, no glosses in the plan, no "
+                        "verifier's summary or second computation): about half the assistant "
+                        "tokens (teachers.scripted)")
     shard_size: int = Field(100, ge=1, description="trajectories per shard (resume granularity)")
     workers: int = Field(4, ge=1, description="scripted: tasks solved at once in threads (calc's "
                          "sandboxed python calls wait on process start-up); output order and "
@@ -203,9 +207,11 @@ class _Record:
                          "raws": (raw_dir, "raw", _resume_point(raw_dir)[1]),
                          "fails": (self.fail_dir, "failed", fail_next)}
         self.trajs = self.raws = self.fails = None
+        from coaflow.teachers.scripted import team_name
+
         self.provenance = Provenance(
             teacher=cfg.teacher, seed=seed, model=cfg.llm.model if cfg.teacher == "llm"
-            else "coaflow-scripted-team",
+            else team_name(cfg.terse),
             tool_versions={"coaflow": __import__("coaflow").__version__})
         self.secrets = secret_values(cfg.llm.api_key_env)
 
@@ -266,7 +272,7 @@ def _run_scripted(cfg: Config, todo: list, seed: int, record: _Record, bar) -> N
         log, started = record.start(task), utcnow()
         rng = random.Random(f"{seed}-{task.task_id}")
         try:
-            return log, scripted.solve(task, log, rng, mistakes), None, started
+            return log, scripted.solve(task, log, rng, mistakes, cfg.terse), None, started
         except ValueError as e:
             return log, None, str(e), started
 

@@ -8,7 +8,7 @@ for each task the mistake-free scripted team solves it once (``scripted_trajecto
 solution is rendered as the student would see it (``models.prompt.to_example``), and
 ``TeacherBackend`` answers the loop's n-th request for that task with the n-th assistant turn,
 token for token as the student would have to generate it (cut at the token budget like any
-model's turn). A budget the teacher's own solutions do not fit shows as a ceiling below 100 %.
+model's turn), in the style of the team whose runs the student trained on (``terse`` or not). A budget the teacher's own solutions do not fit shows as a ceiling below 100 %.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from coaflow.agent.loop import Completion
 from coaflow.schema import Outcome, Provenance, Task, Trajectory
 
 
-def scripted_trajectory(task: Task, seed: int) -> Trajectory:
-    """The mistake-free scripted team's run of ``task``, distilled to a trajectory."""
+def scripted_trajectory(task: Task, seed: int, terse: bool = False) -> Trajectory:
+    """The mistake-free scripted team's run of ``task`` (``terse``: in its terse style),
+    distilled to a trajectory."""
     from coaflow.envs import make_env, task_to_row
     from coaflow.envs.rewards import score
     from coaflow.teachers import scripted
@@ -31,12 +32,12 @@ def scripted_trajectory(task: Task, seed: int) -> Trajectory:
     log = TeamLog(task=task, env=env, suite=task.suite)
     try:
         answer = scripted.solve(task, log, random.Random(f"{seed}-{task.task_id}"),
-                                scripted.Mistakes(0.0, 0.0))
+                                scripted.Mistakes(0.0, 0.0), terse)
     except ValueError:
         answer = None
     reward = score(task.suite, answer, task.answer)
     return distill(log, f"{task.task_id}-teacher", answer,
-                   Provenance(teacher="scripted", model="coaflow-scripted-team", seed=seed),
+                   Provenance(teacher="scripted", model=scripted.team_name(terse), seed=seed),
                    Outcome(final_answer=answer, reward=reward, correct=reward == 1.0))
 
 
@@ -46,11 +47,13 @@ class TeacherBackend:
     ``tokenizer`` (the student's) render it."""
 
     asynchronous = False
-    name = "coaflow-scripted-team"
 
-    def __init__(self, tasks: list[Task], tokenizer, seed: int = 0):
+    def __init__(self, tasks: list[Task], tokenizer, seed: int = 0, terse: bool = False):
+        from coaflow.teachers.scripted import team_name
+
         self.tasks = {t.question: t for t in tasks}
-        self.tok, self.seed = tokenizer, seed
+        self.tok, self.seed, self.terse = tokenizer, seed, terse
+        self.name = team_name(terse)
         self.turns: dict[str, list[list[int]]] = {}  # question -> each turn's token ids
 
     def _turns(self, question: str) -> list[list[int]]:
@@ -58,7 +61,8 @@ class TeacherBackend:
             from coaflow.agent.budget import turn_token_ids
             from coaflow.models.prompt import to_example
 
-            example = to_example(scripted_trajectory(self.tasks[question], self.seed))
+            example = to_example(scripted_trajectory(self.tasks[question], self.seed,
+                                                     self.terse))
             self.turns[question] = turn_token_ids(example, self.tok)
         return self.turns[question]
 

@@ -13,6 +13,12 @@ Five agents work on every task:
   independent recomputation agrees (calc);
 - **answerer** states the final answer.
 
+``terse`` (``synthesize.terse``) keeps the roles and drops the restatements: no thought before a
+tool call, the plan without the relations' glosses, a critic's note of the value read and no
+verifier's summary (kbqa), the coder's program straight away and no second computation (calc);
+the same calls and answers in about half the assistant tokens (a small student has fewer tokens
+to get right, and trains on more runs a minute).
+
 Nobody sees the reference answer: every value comes out of a tool observation. To make the data
 diverse and give the gates real work, the team makes realistic mistakes at ``mistake_rate`` (a
 vague search query, the wrong page, an arithmetic slip in the code), which the critic or verifier
@@ -28,6 +34,12 @@ from dataclasses import dataclass
 
 from coaflow.schema import Task
 from coaflow.teachers.log import TeamLog
+
+
+def team_name(terse: bool) -> str:
+    """The team's name in a trajectory's provenance: the style it wrote in travels with the
+    data, so the ceiling of an evaluation replays the teacher its student learned from."""
+    return "coaflow-scripted-team" + ("-terse" if terse else "")
 
 
 @dataclass
@@ -67,14 +79,14 @@ def _compare(values: dict[str, str], pick: str) -> str:
 
 
 def _find_entity(log: TeamLog, name: str, rng: random.Random, mistake: str | None,
-                 caught: bool) -> tuple[str | None, str]:
+                 caught: bool, terse: bool = False) -> tuple[str | None, str]:
     """Search for ``name`` and open its page. Returns (page text, title actually opened)."""
     query = name
     if mistake == "vague_query":
         words = name.split()
         query = words[-1] if len(words) > 1 else name[: max(3, len(name) // 2)]
     obs = log.call("searcher", "search", {"query": query},
-                   thought=f"I need the page of {name}; search for it.")
+                   thought=None if terse else f"I need the page of {name}; search for it.")
     titles = _titles(obs)
     log.note("searcher", titles=titles)
     if name not in titles:
@@ -92,7 +104,7 @@ def _find_entity(log: TeamLog, name: str, rng: random.Random, mistake: str | Non
         if others:
             target = rng.choice(others)
     page = log.call("searcher", "open_page", {"title": target},
-                    thought=f"Open the page of {target}.")
+                    thought=None if terse else f"Open the page of {target}.")
     if target != name:
         if caught or mistake != "wrong_page":
             log.say("critic", f"This page is about {target}, not {name}: wrong page. Open "
@@ -106,7 +118,8 @@ def _find_entity(log: TeamLog, name: str, rng: random.Random, mistake: str | Non
     return page, target
 
 
-def solve_kbqa(task: Task, log: TeamLog, rng: random.Random, mistakes: Mistakes) -> str | None:
+def solve_kbqa(task: Task, log: TeamLog, rng: random.Random, mistakes: Mistakes,
+               terse: bool = False) -> str | None:
     from coaflow.envs import kbqa
 
     meta = task.metadata
@@ -116,14 +129,17 @@ def solve_kbqa(task: Task, log: TeamLog, rng: random.Random, mistakes: Mistakes)
 
     def read_fact(i: int, entity: str, relation: str) -> tuple[str | None, str, str]:
         """Hand-off to the searcher, find the page, parse the fact; the critic reports."""
-        log.say("planner", f"Find the {relation} of {entity}.", to="searcher")
+        if not terse:
+            log.say("planner", f"Find the {relation} of {entity}.", to="searcher")
         page, opened = _find_entity(log, entity, rng, mistake if i == bad_step else None,
-                                    not slips)
+                                    not slips, terse)
         value = kbqa.read_relation(page, relation)
         log.note("searcher", entity=entity, page=opened, relation=relation, value=value)
         if value is None:
             log.say("critic", f"The page of {opened} does not state the {relation}; we cannot "
                     "go on from here.")
+        elif terse:
+            log.say("critic", f"{relation} of {opened}: {value}.")
         else:
             log.say("critic", f"The page of {opened} gives the {relation}: {value}.")
         return value, page, opened
@@ -139,15 +155,15 @@ def solve_kbqa(task: Task, log: TeamLog, rng: random.Random, mistakes: Mistakes)
             if values[name] is None:
                 return None
         answer = _compare(values, pick)
-        log.say("verifier", f"{a}: {values[a]}; {b}: {values[b]}. The {pick} is {answer}; both "
-                "values were read from their own pages.")
+        log.say("verifier", f"{a}: {values[a]}; {b}: {values[b]}. The {pick} is {answer}" + (
+            "." if terse else "; both values were read from their own pages."))
         return answer
 
     relations = [h["relation"] for h in hops]
     desc = [kbqa.RELATIONS.get(r, r) for r in relations]
-    plan = " ".join(f"{i + 1}. Find the {r} ({d})" + (f" of {hops[0]['subject']}." if i == 0 else
-                                                      " of that.") for i, (r, d) in
-                    enumerate(zip(relations, desc, strict=True)))
+    plan = " ".join(f"{i + 1}. Find the {r}" + ("" if terse else f" ({d})")
+                    + (f" of {hops[0]['subject']}." if i == 0 else " of that.")
+                    for i, (r, d) in enumerate(zip(relations, desc, strict=True)))
     log.say("planner", plan)
     entity, page, opened = hops[0]["subject"], "", ""
     for i, relation in enumerate(relations):
@@ -155,7 +171,9 @@ def solve_kbqa(task: Task, log: TeamLog, rng: random.Random, mistakes: Mistakes)
         if value is None:
             return None
         entity = value
-    if entity in page:
+    if terse:
+        pass  # the critic's note of the last value is the check
+    elif entity in page:
         log.say("verifier", f"Checked: the page of {opened} states {entity} as the "
                 f"{relations[-1]}, and each hop followed the page of the previous answer.")
     else:  # pragma: no cover - read_relation only returns text from the page
@@ -228,11 +246,18 @@ def as_written(expression: str, question: str) -> str:
     return re.sub(r"(?<![\w.])\d{4,}(?![\w.])", spell, expression)
 
 
-def solve_calc(task: Task, log: TeamLog, rng: random.Random, mistakes: Mistakes) -> str | None:
+def solve_calc(task: Task, log: TeamLog, rng: random.Random, mistakes: Mistakes,
+               terse: bool = False) -> str | None:
     expression = as_written(task.metadata["expression"], task.question)
     money = MONEY.fullmatch(expression)
     shown = money.group(1) if money else expression.replace("__import__('datetime').", "datetime.")
     mistake, slips = mistakes.pick(rng, ["arithmetic_slip"])
+    if terse and not mistake:  # the program is the computation; what it prints, the answer
+        log.say("planner", "1. Compute it in Python. 2. Answer with what it prints.")
+        value = _first_line(log.call("coder", "python", {"code": _program(expression)}))
+        if value is not None:
+            log.say("critic", f"The program printed {value}.")
+        return value
     log.say("planner", "1. Turn the problem into one exact computation. 2. Run it in Python. "
             "3. Check the result with an independent computation before answering.")
     log.say("planner", f"Compute {shown}" + (f", rounded to {money.group(2)} decimals." if money
@@ -267,9 +292,10 @@ def solve_calc(task: Task, log: TeamLog, rng: random.Random, mistakes: Mistakes)
 SOLVERS = {"kbqa": solve_kbqa, "calc": solve_calc}
 
 
-def solve(task: Task, log: TeamLog, rng: random.Random, mistakes: Mistakes) -> str | None:
+def solve(task: Task, log: TeamLog, rng: random.Random, mistakes: Mistakes,
+          terse: bool = False) -> str | None:
     """Run the team on one task; the returned answer is None when the team gives up."""
     if task.suite not in SOLVERS:
         raise ValueError(f"the scripted teacher knows suites {sorted(SOLVERS)}, not "
                          f"{task.suite!r}; use --teacher llm for other tasks")
-    return SOLVERS[task.suite](task, log, rng, mistakes)
+    return SOLVERS[task.suite](task, log, rng, mistakes, terse)
