@@ -204,8 +204,8 @@ def stage_inputs(module, inputs: Mapping[str, Path | str | Sequence[Path | str]]
     input given as several folders is a stage run in shards (``contract.merge_shards``)."""
     results: dict[str, Result] = {}
     for n, value in inputs.items():
-        parts = []
-        for d in folders(value):
+        parts, given = [], folders(value)
+        for d in given:
             r = read_result(d)
             if r is None:
                 raise PipelineError(f"input {n}={d}: not a completed stage folder (no {RESULT} "
@@ -216,7 +216,7 @@ def stage_inputs(module, inputs: Mapping[str, Path | str | Sequence[Path | str]]
                 raise PipelineError(f"input {n}={d}: a folder of stage {made_by!r}, not {n!r}")
             parts.append(r)
         if parts:
-            results[n] = merge_shards(n, parts)
+            results[n] = merge_shards(n, parts, given)
     missing = [n for n in needs(module) if n not in results]
     if missing:
         raise PipelineError(f"stage {module.NAME!r} needs the output of {', '.join(missing)} "
@@ -257,7 +257,7 @@ def execute(name: str, cfg, out_dir: str | Path, inputs: Mapping[str, Path | str
         log(f"[{name}] cached ({src or out})")
         _remember(workdir, name, key, out)
         done.cached = True
-        tracker.cached_stage(name, run_id, str(src or out), done.metrics)
+        tracker.cached_stage(name, run_id, str(src or out), done.metrics, folder=str(out))
         if (out / REFUSED).exists():  # the same decision again: the run stops here again
             raise PromotionRefused((out / REFUSED).read_text(), done)
         return done
@@ -280,7 +280,7 @@ def execute(name: str, cfg, out_dir: str | Path, inputs: Mapping[str, Path | str
         params = section.model_dump(mode="json") if hasattr(section, "model_dump") else {}
         log(f"[{name}] running -> {out}")
         start, refused = time.time(), None
-        with tracker.stage_run(name, run_id, params):
+        with tracker.stage_run(name, run_id, params, folder=str(out)):
             try:
                 result = module.run(section, ctx)
             except PromotionRefused as e:
