@@ -148,6 +148,51 @@ def test_a_live_stage_run_of_another_folder_is_left_running(tmp_path, monkeypatc
     assert t.mlflow.get_run(other).info.status == "RUNNING"
 
 
+# --- 16. the cache-hit path: a read-only or full --out is one line, and leaves nothing ----------
+
+def _gated(shards: Path, work: Path, out: Path):
+    return invoke("stage", "gate", *NO_TRACKING, "--set", f"run.workdir={work}", "--out", out,
+                  *[x for g in ("S0", "S1", "S2") for x in ("--input", f"synthesize={shards / g}")])
+
+
+@pytest.fixture
+def done_gate(shards, tmp_path) -> Path:
+    """A completed gate under workdir ``tmp_path/w``: the same gate elsewhere is a cache hit."""
+    assert _gated(shards, tmp_path / "w", tmp_path / "first").exit_code == EXIT_OK
+    return tmp_path / "w"
+
+
+def test_a_cache_hit_into_a_read_only_folder_is_one_line(shards, done_gate, tmp_path):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    if subprocess.run(["chattr", "+i", str(parent)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here (needs root and ext2/3/4)")
+    try:
+        res = _gated(shards, done_gate, parent / "g")
+    finally:
+        subprocess.run(["chattr", "-i", str(parent)], check=True)
+    assert res.exit_code == EXIT_USER, res.output
+    assert_one_error_line(res, str(parent / "g"))
+    assert list(parent.iterdir()) == []
+
+
+def test_a_cache_hit_onto_a_full_disk_is_one_line_and_leaves_nothing(shards, done_gate,
+                                                                      tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        res = _gated(shards, done_gate, small / "g")  # hard links cannot cross: copied, and full
+        left = sorted(p.name for p in small.iterdir())
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    assert res.exit_code == EXIT_RETRY, res.output
+    assert_one_error_line(res, str(small / "g"), "disk is full")
+    assert left == []
+
+
 # --- 17. the tracking store read-only or locked: one line, 2 or 75 -----------------------------
 
 def _synthesize(tmp_path, name: str, *extra) -> subprocess.CompletedProcess:

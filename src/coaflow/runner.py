@@ -173,11 +173,12 @@ def _cached_folder(workdir: Path, name: str, key: str, out: Path) -> Path | None
     return None
 
 
-def _link_tree(src: Path, dst: Path) -> None:
+def _link_tree(src: Path, dst: Path, name: str) -> None:
     """Copy ``src`` to ``dst`` as hard links (no data copied; a stage never rewrites a finished
-    file), falling back to a real copy across file systems; the marker goes last."""
+    file), falling back to a real copy across file systems; the marker goes last. A failure (a
+    read-only folder, a full disk) is the same one line as in a stage run, and leaves neither
+    the half-made ``.linking`` folder nor a ``dst`` that looks complete."""
     tmp = dst.with_name(dst.name + ".linking")
-    _wipe(tmp)
 
     def link(s, d):
         try:
@@ -185,10 +186,20 @@ def _link_tree(src: Path, dst: Path) -> None:
         except OSError:
             shutil.copy2(s, d)
 
-    shutil.copytree(src, tmp, copy_function=link, ignore=shutil.ignore_patterns(MARKER))
-    _wipe(dst)
-    tmp.rename(dst)
-    shutil.copy2(src / MARKER, dst / MARKER)
+    try:
+        _wipe(tmp)
+        shutil.copytree(src, tmp, copy_function=link, ignore=shutil.ignore_patterns(MARKER))
+        _wipe(dst)
+        tmp.rename(dst)
+        shutil.copy2(src / MARKER, dst / MARKER)
+    except (OSError, shutil.Error) as e:
+        for left in (tmp, dst / MARKER):
+            with contextlib.suppress(OSError):
+                _wipe(left)
+        if isinstance(e, shutil.Error):  # copytree's list of (src, dst, why): the first
+            why = e.args[0][0][2] if e.args and e.args[0] else str(e)
+            e = OSError(errno.ENOSPC if "No space" in why else errno.EIO, why)
+        raise os_failure(e, f"stage {name} in {dst}") from None
 
 
 # --- the one entry point --------------------------------------------------------------------
@@ -250,7 +261,7 @@ def execute(name: str, cfg, out_dir: str | Path, inputs: Mapping[str, Path | str
     if cacheable and (done is None or done.key != key):
         src = _cached_folder(workdir, name, key, out)
         if src is not None:
-            _link_tree(src, out)
+            _link_tree(src, out, name)
             _write_atomic(out / "cached_from", str(src))
             done = read_result(out)
     if done is not None and done.key == key:
