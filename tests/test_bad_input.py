@@ -198,3 +198,44 @@ def test_data_stats_on_a_synthesize_folder_reads_its_trajectories(tmp_path):
     accepted = json.loads(invoke("data", "stats", gated).output)["trajectories"]
     report = json.loads((gated / "gate_report.json").read_text())
     assert report["input"] == str(out) and accepted == report["accepted"] > 0
+
+
+# --- the torchrun launcher: every rank checks its input, one line and exit 2 --------------------
+
+# (arguments of ``python -m coaflow.launch``, environment, words); rank 1 unless RANK is given.
+# Rank 0 is ``coaflow stage`` itself (the CASES above); a worker used to raise a traceback (exit
+# 1) that torchrun reported as the root cause, and the orchestrator saw a bug, not bad input.
+LAUNCH_CASES = [
+    (["stage", "sft", "--config", "nosuch", "--out", "{o}"], {}, ["'nosuch'"]),
+    (["stage", "sft", "--out", "{o}", "--input", "gate={d}/missing"], {}, ["gate=", "missing"]),
+    (["stage", "nosuch", "--out", "{o}"], {}, ["'nosuch'"]),
+    (["stage", "sft", "--out", "{o}"], {}, ["--input gate="]),
+    (["stage", "sft", "--out", "{o}", "--input", "bogus"], {}, ["'bogus'", "STAGE=DIR"]),
+    (["stage", "sft", "--input", "gate={d}"], {}, ["--out"]),
+    (["stage", "sft", "--out", "{o}", "--set", "sft.lr=.inf"], {}, ["sft.lr", "finite"]),
+    (["stage", "sft", "--out", "{o}"], {"RANK": "abc"}, ["RANK", "'abc'"]),
+    (["stage", "sft", "--out", "{o}"], {"RANK": "0x1"}, ["RANK", "'0x1'"]),
+]
+
+
+@pytest.mark.parametrize("args,env,words", LAUNCH_CASES,
+                         ids=[" ".join(c[0][:4]) + str(c[1]) for c in LAUNCH_CASES])
+def test_bad_input_on_a_torchrun_rank_is_one_line_and_2(files, tmp_path, monkeypatch, capsys,
+                                                        args, env, words):
+    from coaflow import launch
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for k, v in {"RANK": "1", **env}.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "out"
+    try:
+        code = launch.main([a.replace("{d}", str(files)).replace("{o}", str(out)) for a in args])
+    except Exception as e:  # noqa: BLE001 - what this test is about
+        pytest.fail(f"traceback for {args}: {e!r}")
+    err = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert code == EXIT_USER, err
+    assert len(err) == 1 and err[0].startswith("Error: "), err
+    for w in words:
+        assert w in err[0], (w, err[0])
+    assert not out.exists() and sorted(tmp_path.iterdir()) == []

@@ -185,14 +185,10 @@ def stage_cmd(name, config, out, inputs, overrides, run_id, no_cache):
     by several --input options is one an engine ran in shards (synthesize.shards).
     """
     from coaflow.config import load_config
+    from coaflow.orchestrate.command import input_folders
     from coaflow.runner import execute
 
-    pairs: dict[str, list[str]] = {}  # a stage named twice or more: its shards' folders
-    for item in inputs:
-        stage, sep, folder = item.partition("=")
-        if not sep or not stage or not folder:
-            raise UserError(f"--input {item!r}: expected STAGE=DIR, e.g. gate=/data/r1/gate")
-        pairs.setdefault(stage, []).append(folder)
+    pairs = input_folders(inputs)  # a stage named twice or more: its shards' folders
     cfg = load_config(config, overrides)
     result = execute(name, cfg, out, pairs, run_id=run_id, use_cache=not no_cache)
     _report({name: result})

@@ -26,7 +26,7 @@ import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -54,7 +54,7 @@ from coaflow.digest import digest as _digest
 from coaflow.errors import PipelineError, PromotionRefused, os_failure
 from coaflow.tracking import Tracker, redact, registry_uri
 
-__all__ = ["cache_key", "execute", "list_runs", "run_pipeline", "show_run"]
+__all__ = ["cache_key", "execute", "list_runs", "run_pipeline", "show_run", "stage_setup"]
 
 
 def _field(section: Any, dotted: str) -> Any:
@@ -90,7 +90,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _owned_by(path: Path, name: str) -> bool:
+def owned_by(path: Path, name: str) -> bool:
     """Whether coaflow may wipe ``path`` for stage ``name``: it is absent or empty, or coaflow
     made it for this stage (its ``OWNER`` file names the stage). A folder from before ``OWNER``
     existed counts when it holds the ``STARTED`` key and nothing but stage files."""
@@ -123,7 +123,7 @@ def check_out_dir(name: str, out: Path, inputs: Mapping[str, Path | str]) -> Non
                                     f"folder")
     if real.exists() and not real.is_dir():
         raise PipelineError(f"--out {out}: exists and is not a folder")
-    if not _owned_by(real, name):
+    if not owned_by(real, name):
         raise PipelineError(f"--out {out}: holds files coaflow did not write for stage {name!r} "
                             f"(no {OWNER} naming it): refusing to wipe it; pick an empty or new "
                             f"folder")
@@ -236,22 +236,39 @@ def stage_inputs(module, inputs: Mapping[str, Path | str | Sequence[Path | str]]
     return {n: r for n, r in results.items() if n in wanted}
 
 
+class StageSetup(NamedTuple):
+    module: Any  # the stage module
+    run: Any  # the ``run`` section, its workdir an absolute path
+    section: Any  # the stage's config section
+    inputs: dict[str, Result]  # its completed input folders, read
+    key: str  # its cache key
+
+
+def stage_setup(name: str, cfg, inputs: Mapping[str, Any], module=None) -> StageSetup:
+    """What stage ``name`` of ``cfg`` reads and its cache key: the one function that builds
+    them, for ``execute`` and for every torchrun rank (``coaflow.launch``). Why one: a worker
+    that built its key without the run's ``tracking.uri`` looked up another champion, waited
+    for a key rank 0 never wrote, and hung for 30 minutes."""
+    module = module or load_stage(name)
+    run = cfg.run.model_copy(update={"workdir": str(Path(cfg.run.workdir).resolve())})
+    section = getattr(cfg, name, None)
+    results = stage_inputs(module, inputs)
+    key = cache_key(name, module, section, run, {n: r.key or "" for n, r in results.items()},
+                    tracking_uri=registry_uri(run.workdir, cfg.tracking.uri))
+    return StageSetup(module, run, section, results, key)
+
+
 def execute(name: str, cfg, out_dir: str | Path, inputs: Mapping[str, Path | str] | None = None,
             *, tracker: Tracker | None = None, run_id: str | None = None, module=None,
             use_cache: bool = True, log=print) -> Result:
     """Run stage ``name`` of config ``cfg`` in ``out_dir`` with its inputs' completed folders,
     or return the cached result (``result.cached``). ``PromotionRefused`` is raised after the
     stage is recorded complete, and again on a cache hit of that refusal."""
-    module = module or load_stage(name)
-    run = cfg.run.model_copy(update={"workdir": str(Path(cfg.run.workdir).resolve())})
+    module, run, section, results, key = stage_setup(name, cfg, inputs or {}, module)
     workdir = Path(run.workdir)
-    section = getattr(cfg, name, None)
-    results = stage_inputs(module, inputs or {})
     check_out_dir(name, Path(out_dir), inputs or {})
     tracker = tracker or Tracker(workdir, uri=cfg.tracking.uri, enabled=cfg.tracking.enabled,
                                  experiment=cfg.tracking.experiment or cfg.run.name)
-    key = cache_key(name, module, section, run, {n: r.key or "" for n, r in results.items()},
-                    tracking_uri=tracker.uri)
     out = Path(out_dir).resolve()
     cacheable = use_cache and getattr(module, "CACHE", True)
     run_id = run_id or os.environ.get("COAFLOW_RUN_ID") or new_run_id()
