@@ -239,3 +239,70 @@ def test_bad_input_on_a_torchrun_rank_is_one_line_and_2(files, tmp_path, monkeyp
     for w in words:
         assert w in err[0], (w, err[0])
     assert not out.exists() and sorted(tmp_path.iterdir()) == []
+
+
+# --- the TrainJob launch step: checked before anything is copied or submitted ------------------
+
+KUBECONFIG = """apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "https://127.0.0.1:1", insecure-skip-tls-verify: true}}]
+users: [{name: u, user: {token: not-a-secret}}]
+contexts: [{name: x, context: {cluster: c, user: u}}]
+current-context: x
+"""
+# (launcher options, stage options, kubeconfig, exit code, words); {k}: the settings as JSON
+# (the volume at {m}), {g}: a completed gate folder outside the volume (a KFP artifact)
+TRAINJOB_CASES = [
+    (["--nodes", "0"], [], "none", EXIT_USER, ["nodes", ">= 1"]),
+    (["--nodes", "x"], [], "none", EXIT_USER, ["--nodes", "'x'"]),
+    (["--k8s-json", "{bad"], [], "none", EXIT_USER, ["--k8s-json", "not JSON"]),
+    (["--k8s-json", '{"namespace": 5}'], [], "none", EXIT_USER, ["--k8s-json", "namespace"]),
+    ([], [], "none", EXIT_USER, ["kubeconfig"]),
+    ([], [], "unreachable", EXIT_RETRY, ["https://127.0.0.1:1", "did not answer"]),
+    ([], ["--input", "gate"], "none", EXIT_USER, ["--input 'gate'", "STAGE=DIR"]),
+    ([], ["--input", "gate={m}/missing"], "unreachable", EXIT_USER, ["gate=", "missing"]),
+    ([], ["--bogus"], "none", EXIT_USER, ["--bogus"]),
+]
+
+
+@pytest.mark.parametrize("opts,stage,kube,code,words", TRAINJOB_CASES,
+                         ids=[" ".join(c[0] + c[1])[:30] or c[2] for c in TRAINJOB_CASES])
+def test_bad_input_to_the_trainjob_launch_step_is_one_line(tmp_path, monkeypatch, capsys, opts,
+                                                           stage, kube, code, words):
+    from coaflow.orchestrate import k8s, trainjob
+
+    mount, gate = tmp_path / "pvc", tmp_path / "pod" / "gate"
+    gate.mkdir(parents=True)
+    (gate / "result.json").write_text("{}")
+    (gate / ".complete").write_text("key")
+    (tmp_path / "kubeconfig").write_text(KUBECONFIG)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / ("kubeconfig" if kube == "unreachable"
+                                                       else "no-such-kubeconfig")))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not in a pod
+    settings = k8s.load().model_copy(update={"mount_path": str(mount)}).model_dump_json()
+    fill = {"{k}": settings, "{m}": str(mount), "{g}": str(gate)}
+
+    def sub(a: str) -> str:
+        for k, v in fill.items():
+            a = a.replace(k, v)
+        return a
+
+    argv = [*map(sub, (["--nodes", "2", "--gpus-per-node", "1", "--k8s-json", "{k}"]
+                       if not any(o.startswith("--nodes") for o in opts) else
+                       ["--gpus-per-node", "1", "--k8s-json", "{k}"]) + opts), "--",
+            "coaflow", "stage", "sft", "--out", str(tmp_path / "pod" / "sft"),
+            *map(sub, stage or ["--input", "gate={g}"])]
+    if "--k8s-json" in opts:  # the case's own settings replace the good ones
+        i = argv.index("--k8s-json")
+        del argv[i:i + 2]
+    try:
+        rc = trainjob.main(argv)
+    except Exception as e:  # noqa: BLE001 - what this test is about
+        pytest.fail(f"traceback for {opts + stage}: {e!r}")
+    err = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert rc == code, err
+    assert len(err) == 1 and err[0].startswith("Error: "), err
+    for w in words:
+        assert w in err[0], (w, err[0])
+    assert not mount.exists()  # nothing copied onto the volume
+    assert not (tmp_path / "pod" / "sft").exists()
