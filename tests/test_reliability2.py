@@ -248,3 +248,14 @@ def test_a_task_count_past_what_can_be_generated_is_refused_before_anything(tmp_
     assert "Traceback" not in out and "MemoryError" not in out
     assert "kbqa: at most 100,000 tasks per suite" in out
     assert not (tmp_path / "o").exists()
+
+
+# --- 18. coaflow config shows a secret only when asked ------------------------------------------
+
+def test_config_shows_secrets_only_when_asked():
+    url = "synthesize.llm.base_url=https://me:pw-secret-18@llm.example/v1"
+    res = invoke("config", "--set", url)
+    assert res.exit_code == EXIT_OK, res.output
+    assert "pw-secret-18" not in res.output and "base_url: https://***@llm.example/v1" in res.output
+    res = invoke("config", "--show-secrets", "--set", url)
+    assert "base_url: https://me:pw-secret-18@llm.example/v1" in res.output
