@@ -168,8 +168,9 @@ def merge_shards(stage: str, parts: list[Result], folders: list | None = None) -
         return parts[0]
     for name, info in zip(names, infos, strict=True):
         if not isinstance(info, dict):
-            raise PipelineError(f"input {stage}={name}: not a shard (its result.json names no "
-                                f"shard index), but {len(parts)} folders were given for {stage}")
+            raise PipelineError(f"input {stage}={name}: {len(parts)} folders, but not all of "
+                                "them are shards of one run (this one's result.json names no "
+                                "shard index)")
     runs = [(i.get("run"), i.get("tasks")) for i in infos]
     common = max(runs, key=runs.count)  # the run most of them belong to: the odd one is named
     for name, info, run in zip(names, infos, runs, strict=True):
