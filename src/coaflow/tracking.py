@@ -204,20 +204,6 @@ def store_lock(uri: str, purpose: str) -> Iterator[None]:
         yield
 
 
-def prepare_store(uri: str) -> None:
-    """Make sure the store behind ``uri`` has its tables, creating them once under
-    ``store_lock``. Why: MLflow creates a new SQLite store's tables (and runs its migrations)
-    in whichever process opens it first, with no lock; two shards starting at once on a new
-    workdir (KFP's ParallelFor, Airflow's ``.expand()``) both migrated it, and one died of
-    "duplicate column name" or "table ... already exists" (measured: 3 of 3 tries)."""
-    if sqlite_path(uri) is None:
-        return
-    from mlflow import MlflowClient
-
-    with store_lock(uri, "init"), store_errors(uri):
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # creates the tables
-
-
 def store_failure(e: BaseException, uri: str):
     """The one-line error for a failure of the MLflow store itself, or None when ``e`` is
     something else: a read-only SQLite file is bad input (2, naming the file); a store locked
@@ -342,8 +328,12 @@ class Tracker:
 
     def _get_or_create_experiment(self, mlflow) -> str:
         """The experiment's id, creating it if needed. A SQLite store is opened (its tables
-        made) and the experiment created under ``store_lock``; against a server, a concurrent
-        creation by another shard is an "already exists" answer, after which it is read."""
+        made) and the experiment created under ``store_lock``. Why: MLflow creates a new SQLite
+        store's tables (and runs its migrations) in whichever process opens it first, with no
+        lock; two shards starting at once on a new workdir (KFP's ParallelFor, Airflow's
+        ``.expand()``) both migrated it, and one died of "duplicate column name" or "table ...
+        already exists" (3 of 3 tries). Against a server, a concurrent creation by another shard
+        is an "already exists" answer, after which the experiment is read."""
         exp = mlflow.get_experiment_by_name(self.experiment)
         if exp is not None:
             return exp.experiment_id

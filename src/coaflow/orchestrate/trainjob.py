@@ -28,15 +28,13 @@ the models of the Kubeflow SDK 0.5), and submit -> wait -> logs -> exit code aga
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +49,8 @@ from coaflow.errors import (
     os_failure,
 )
 from coaflow.orchestrate.k8s import GPU_RESOURCE, KubernetesSettings
+from coaflow.orchestrate.kube import api_errors, clients
+from coaflow.orchestrate.kube import status as _status
 from coaflow.tracking import redact
 
 API_VERSION = "trainer.kubeflow.org/v1alpha1"
@@ -152,65 +152,6 @@ def job_name(run_id: str, stage: str, out: str) -> str:
 
 
 # --- submit, wait, logs, exit code ------------------------------------------------------------
-
-def clients():
-    """``(CustomObjectsApi, CoreV1Api)`` of the cluster this runs in (its service account), else
-    of the local kubeconfig; neither is a ``UserError``."""
-    from kubernetes import client, config
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        try:  # $KUBECONFIG read now: the client reads it once, when first imported
-            config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
-        except (config.ConfigException, OSError, ValueError) as e:  # none, or a broken one
-            raise UserError(f"no Kubernetes credentials: not in a pod, and the kubeconfig "
-                            f"($KUBECONFIG, else ~/.kube/config) gives none "
-                            f"({str(e).splitlines()[0][:200]})") from None
-    return client.CustomObjectsApi(), client.CoreV1Api()
-
-
-def _status(e: Exception) -> int | None:
-    return getattr(e, "status", None)
-
-
-def _host(api) -> str:
-    return getattr(getattr(getattr(api, "api_client", None), "configuration", None), "host",
-                   None) or "the Kubernetes API"
-
-
-@contextlib.contextmanager
-def api_errors(what: str, api=None) -> Iterator[None]:
-    """A failed Kubernetes API call as its one-line error: unreachable, overloaded or a server
-    error is worth a retry (75); refused credentials or permissions, or a request the API
-    rejects, is bad input (2). A status the caller handles itself (404, 409) passes through."""
-    try:
-        yield
-    except CoaflowError:
-        raise
-    except Exception as e:  # noqa: BLE001 - kubernetes' ApiException, urllib3's errors
-        status = _status(e)
-        if status in (404, 409):
-            raise
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e) else ''}"
-        if status in (401, 403):
-            raise UserError(f"{what}: {_host(api)} refused it ({status}): check the service "
-                            f"account's permissions or the kubeconfig's credentials") from None
-        if status in (400, 422):
-            raise UserError(f"{what}: {_host(api)} rejected it ({reason})") from None
-        if status is None and not _unreachable(e):
-            raise
-        raise ServiceUnavailable(f"{what}: {_host(api)} did not answer ({reason}): retry "
-                                 "later") from None
-
-
-def _unreachable(e: Exception) -> bool:
-    """A connection-level failure (urllib3's MaxRetryError, a refused or timed-out socket)."""
-    names = {c.__name__ for c in type(e).__mro__}
-    return bool(names & {"HTTPError", "MaxRetryError", "NewConnectionError", "ProtocolError",
-                         "TimeoutError", "ConnectionError", "OSError"}) \
-        or type(e).__module__.startswith("urllib3")
-
 
 def state(job: Mapping[str, Any]) -> str:
     """``succeeded``, ``failed``, ``suspended`` or ``running`` (created, pods pending or up),
