@@ -111,12 +111,11 @@ def build_root(cfg, code):
     for src, at in [("/usr", "/usr"), *cfg["ro_paths"]]:
         if os.path.exists(src):
             bind_ro(src, root, at)
-    empty = root + "/.hidden"  # bound over the site-packages files that name host paths
-    open(empty, "w").close()
+    empty = root + "/.hidden"  # bound over the site-packages files that name host paths: a
+    open(empty, "w").close()   # file of this throw-away root, root's, so one mount call each
     for path in cfg["hide"]:
         if os.path.isfile(root + path):
             mount(empty, root + path, None, MS_BIND)
-            mount(None, root + path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
     os.makedirs(root + "/dev")
     for dev in ("null", "zero", "random", "urandom"):
         bind_ro("/dev/" + dev, root, nodev=False)  # only these four device nodes exist

@@ -126,8 +126,10 @@ def _list_hidden(binds: tuple, stamps: tuple) -> tuple[str, ...]:
             continue
         for name in names:
             if name.endswith((".pth", ".egg-link")) or name.startswith("__editable__"):
-                hidden.append(f"{at}/{name}")
-            elif name.endswith(".dist-info") and os.path.isfile(f"{host}/{name}/direct_url.json"):
+                lines = _read(f"{host}/{name}").splitlines()  # a .pth of imports names no path
+                if any("/" in x for x in lines if not x.startswith(("import ", "#"))):
+                    hidden.append(f"{at}/{name}")
+            elif name.endswith(".dist-info") and "file:" in _read(f"{host}/{name}/direct_url.json"):
                 hidden.append(f"{at}/{name}/direct_url.json")
     return tuple(hidden)
 
