@@ -373,7 +373,11 @@ def test_site_packages_files_naming_host_paths_read_empty():
             "direct_url.json')):\n    print(f, repr(open(f).read()))")
     res = run(code)
     assert res.ok, res
-    lines = res.stdout.splitlines()
-    assert any(".pth" in line for line in lines), res.stdout  # there are some: distutils' at least
-    assert all(line.endswith(" ''") for line in lines), res.stdout
+    _, binds, _ = sandbox._python_paths()
+    named = {line.strip() for host, _ in binds[1:] for f in Path(host).glob("*.pth")
+             for line in f.read_text().splitlines() if line.startswith("/")}
+    if not named:
+        pytest.skip("no .pth file names a host folder here (not an editable install)")
+    assert not [p for p in named if p in res.stdout], res.stdout
+    assert "file:" not in res.stdout, res.stdout
     assert run("import numpy, sympy; print('ok')").stdout.strip() == "ok"
