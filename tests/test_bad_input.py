@@ -198,3 +198,111 @@ def test_data_stats_on_a_synthesize_folder_reads_its_trajectories(tmp_path):
     accepted = json.loads(invoke("data", "stats", gated).output)["trajectories"]
     report = json.loads((gated / "gate_report.json").read_text())
     assert report["input"] == str(out) and accepted == report["accepted"] > 0
+
+
+# --- the torchrun launcher: every rank checks its input, one line and exit 2 --------------------
+
+# (arguments of ``python -m coaflow.launch``, environment, words); rank 1 unless RANK is given.
+# Rank 0 is ``coaflow stage`` itself (the CASES above); a worker used to raise a traceback (exit
+# 1) that torchrun reported as the root cause, and the orchestrator saw a bug, not bad input.
+LAUNCH_CASES = [
+    (["stage", "sft", "--config", "nosuch", "--out", "{o}"], {}, ["'nosuch'"]),
+    (["stage", "sft", "--out", "{o}", "--input", "gate={d}/missing"], {}, ["gate=", "missing"]),
+    (["stage", "nosuch", "--out", "{o}"], {}, ["'nosuch'"]),
+    (["stage", "sft", "--out", "{o}"], {}, ["--input gate="]),
+    (["stage", "sft", "--out", "{o}", "--input", "bogus"], {}, ["'bogus'", "STAGE=DIR"]),
+    (["stage", "sft", "--input", "gate={d}"], {}, ["--out"]),
+    (["stage", "sft", "--out", "{o}", "--set", "sft.lr=.inf"], {}, ["sft.lr", "finite"]),
+    (["stage", "sft", "--out", "{o}"], {"RANK": "abc"}, ["RANK", "'abc'"]),
+    (["stage", "sft", "--out", "{o}"], {"RANK": "0x1"}, ["RANK", "'0x1'"]),
+]
+
+
+@pytest.mark.parametrize("args,env,words", LAUNCH_CASES,
+                         ids=[" ".join(c[0][:4]) + str(c[1]) for c in LAUNCH_CASES])
+def test_bad_input_on_a_torchrun_rank_is_one_line_and_2(files, tmp_path, monkeypatch, capsys,
+                                                        args, env, words):
+    from coaflow import launch
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for k, v in {"RANK": "1", **env}.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "out"
+    try:
+        code = launch.main([a.replace("{d}", str(files)).replace("{o}", str(out)) for a in args])
+    except Exception as e:  # noqa: BLE001 - what this test is about
+        pytest.fail(f"traceback for {args}: {e!r}")
+    err = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert code == EXIT_USER, err
+    assert len(err) == 1 and err[0].startswith("Error: "), err
+    for w in words:
+        assert w in err[0], (w, err[0])
+    assert not out.exists() and sorted(tmp_path.iterdir()) == []
+
+
+# --- the TrainJob launch step: checked before anything is copied or submitted ------------------
+
+KUBECONFIG = """apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "https://127.0.0.1:1", insecure-skip-tls-verify: true}}]
+users: [{name: u, user: {token: not-a-secret}}]
+contexts: [{name: x, context: {cluster: c, user: u}}]
+current-context: x
+"""
+# (launcher options, stage options, kubeconfig, exit code, words); {k}: the settings as JSON
+# (the volume at {m}), {g}: a completed gate folder outside the volume (a KFP artifact)
+TRAINJOB_CASES = [
+    (["--nodes", "0"], [], "none", EXIT_USER, ["nodes", ">= 1"]),
+    (["--nodes", "x"], [], "none", EXIT_USER, ["--nodes", "'x'"]),
+    (["--k8s-json", "{bad"], [], "none", EXIT_USER, ["--k8s-json", "not JSON"]),
+    (["--k8s-json", '{"namespace": 5}'], [], "none", EXIT_USER, ["--k8s-json", "namespace"]),
+    ([], [], "none", EXIT_USER, ["kubeconfig"]),
+    ([], [], "unreachable", EXIT_RETRY, ["https://127.0.0.1:1", "did not answer"]),
+    ([], ["--input", "gate"], "none", EXIT_USER, ["--input 'gate'", "STAGE=DIR"]),
+    ([], ["--input", "gate={m}/missing"], "unreachable", EXIT_USER, ["gate=", "missing"]),
+    ([], ["--bogus"], "none", EXIT_USER, ["--bogus"]),
+]
+
+
+@pytest.mark.parametrize("opts,stage,kube,code,words", TRAINJOB_CASES,
+                         ids=[" ".join(c[0] + c[1])[:30] or c[2] for c in TRAINJOB_CASES])
+def test_bad_input_to_the_trainjob_launch_step_is_one_line(tmp_path, monkeypatch, capsys, opts,
+                                                           stage, kube, code, words):
+    from coaflow.orchestrate import k8s, trainjob
+
+    mount, gate = tmp_path / "pvc", tmp_path / "pod" / "gate"
+    gate.mkdir(parents=True)
+    (gate / "result.json").write_text("{}")
+    (gate / ".complete").write_text("key")
+    (tmp_path / "kubeconfig").write_text(KUBECONFIG)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / ("kubeconfig" if kube == "unreachable"
+                                                       else "no-such-kubeconfig")))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not in a pod
+    settings = k8s.load().model_copy(update={"mount_path": str(mount)}).model_dump_json()
+    fill = {"{k}": settings, "{m}": str(mount), "{g}": str(gate)}
+
+    def sub(a: str) -> str:
+        for k, v in fill.items():
+            a = a.replace(k, v)
+        return a
+
+    argv = [*map(sub, (["--nodes", "2", "--gpus-per-node", "1", "--k8s-json", "{k}"]
+                       if not any(o.startswith("--nodes") for o in opts) else
+                       ["--gpus-per-node", "1", "--k8s-json", "{k}"]) + opts), "--",
+            "coaflow", "stage", "sft", "--out", str(tmp_path / "pod" / "sft"),
+            *map(sub, stage or ["--input", "gate={g}"])]
+    if "--k8s-json" in opts:  # the case's own settings replace the good ones
+        i = argv.index("--k8s-json")
+        del argv[i:i + 2]
+    try:
+        rc = trainjob.main(argv)
+    except Exception as e:  # noqa: BLE001 - what this test is about
+        pytest.fail(f"traceback for {opts + stage}: {e!r}")
+    err = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert rc == code, err
+    assert len(err) == 1 and err[0].startswith("Error: "), err
+    for w in words:
+        assert w in err[0], (w, err[0])
+    assert not mount.exists()  # nothing copied onto the volume
+    assert not (tmp_path / "pod" / "sft").exists()

@@ -27,8 +27,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 STEPS = 6
 COMMON = ["--config", "smoke", "--set", "tracking.enabled=false", "--set", f"sft.max_steps={STEPS}",
           "--set", "sft.holdout=0", "--set", "sft.logging_steps=1"]
@@ -88,6 +86,7 @@ def curves(gate) -> tuple[list[float], list[float]]:
     return _losses(one.stdout), _losses(two.stdout)
 
 
+@pytest.mark.slow
 def test_two_processes_follow_the_loss_curve_of_one(gate, curves):
     root, _ = gate
     a, b = curves
@@ -118,6 +117,7 @@ def _rank_pid(parent: int, rank: str) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_a_killed_rank_restarts_and_resumes_from_the_checkpoint(gate, curves):
     root, argv = gate
     out = root / "sft-resume"
@@ -152,3 +152,111 @@ def test_a_killed_rank_restarts_and_resumes_from_the_checkpoint(gate, curves):
     assert len(after) == STEPS - resumed
     assert max(abs(x - y) / y for x, y in zip(after, uninterrupted, strict=True)) <= TOLERANCE
     shutil.rmtree(out / "model", ignore_errors=True)
+
+
+# --- issue 32: the key every rank computes, bad input on a worker, the worker's scratch folder --
+
+def _champion(root: Path, model: Path) -> str:
+    """A registry at ``root/reg.db`` whose ``coaflow-agent@champion`` is ``model``; its URI."""
+    from coaflow.registry import Registry, model_name
+
+    uri = f"sqlite:///{root / 'reg.db'}"
+    reg = Registry(uri)
+    if not reg.exists(model_name("coaflow")):
+        reg.register(model_name("coaflow"), model, tags={}, info={}, experiment="e")
+        reg.promote(model_name("coaflow"), 1, "the champion")
+    return uri
+
+
+def _as_rank_1(monkeypatch, argv: list[str], wait_s: float = 60) -> list[int]:
+    """``python -m coaflow.launch ARGV`` as torchrun's rank 1 (of a group it never joins), in a
+    thread given ``wait_s``: ``[exit code]``, or ``[]`` if it is still waiting for rank 0."""
+    import threading
+
+    from coaflow import launch
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    codes: list[int] = []
+    worker = threading.Thread(target=lambda: codes.append(launch.main(argv)), daemon=True)
+    worker.start()
+    worker.join(wait_s)
+    return codes
+
+
+def test_every_rank_builds_the_key_rank_0_builds_with_tracking_uri_set(gate, tmp_path,
+                                                                     monkeypatch):
+    """Rank 0 has started the attempt (its key file); a worker must find that key, not wait for
+    another. Before: the worker left ``tracking.uri`` out of its key, looked the champion up in
+    another registry and would have waited 30 minutes (here: still waiting after 60 s)."""
+    from coaflow.config import load_config
+    from coaflow.contract import STARTED, load_stage
+    from coaflow.runner import cache_key, stage_inputs
+    from coaflow.stages import sft
+    from coaflow.tracking import Tracker
+    from tests.test_reliability import _fake_model
+
+    root, argv = gate
+    uri = _champion(tmp_path, _fake_model(tmp_path / "champion"))
+    argv = argv + ["--set", f"tracking.uri={uri}", "--set", "sft.model=champion"]
+    out = tmp_path / "sft"
+    # rank 0's key, as execute has always built it (the tracker's store)
+    overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    cfg = load_config("smoke", overrides)
+    run = cfg.run.model_copy(update={"workdir": str(Path(cfg.run.workdir).resolve())})
+    inputs = stage_inputs(load_stage("sft"), {"gate": root / "gate"})
+    key = cache_key("sft", load_stage("sft"), cfg.sft, run, {"gate": inputs["gate"].key},
+                    tracking_uri=Tracker(run.workdir, uri=cfg.tracking.uri).uri)
+    assert "coaflow-agent/1" in str(sft.cache_extras(cfg.sft, run, tracking_uri=uri))
+    out.mkdir()
+    (out / STARTED).write_text(key)
+    trained: list = []
+    monkeypatch.setattr(sft, "run", lambda section, ctx: trained.append(ctx.out))
+    assert _as_rank_1(monkeypatch, ["stage", "sft", "--out", str(out), *argv]) == [0]
+    assert trained == [out.with_name(".sft.rank1")]
+
+
+def test_a_workers_scratch_folder_with_foreign_files_is_refused_and_kept(gate, tmp_path,
+                                                                       monkeypatch, capsys):
+    root, argv = gate
+    scratch = tmp_path / ".z.rank1"
+    scratch.mkdir()
+    (scratch / "keep.txt").write_text("data")
+    codes = _as_rank_1(monkeypatch, ["stage", "sft", "--out", str(tmp_path / "z"), *argv])
+    assert codes == [2]  # before: waited for rank 0, then wiped keep.txt
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(scratch) in err[0] and "refusing" in err[0], err
+    assert (scratch / "keep.txt").read_text() == "data"
+
+
+@pytest.mark.slow
+def test_torchrun_keeps_a_foreign_scratch_folder_and_exits_2(gate):
+    """The issue's case: ``.z.rank1/keep.txt`` existed, a two-process sft with ``--out z``
+    exited 0 and ``keep.txt`` was gone."""
+    root, argv = gate
+    scratch = root / ".z.rank1"
+    scratch.mkdir()
+    (scratch / "keep.txt").write_text("data")
+    run = subprocess.run(_torchrun() + ["stage", "sft", "--out", str(root / "z"), *argv,
+                                        "--set", "sft.batch_size=2"],
+                         env=_env(), capture_output=True, text=True, timeout=900)
+    assert run.returncode != 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "exitcode  : 2" in run.stderr, run.stderr[-3000:]  # torchrun's root cause: bad input
+    assert (scratch / "keep.txt").read_text() == "data"
+    shutil.rmtree(scratch)
+
+
+@pytest.mark.slow
+def test_torchrun_with_tracking_uri_and_the_champion_does_not_hang(gate, curves, tmp_path):
+    """The issue's command: ``tracking.uri`` set, ``sft.model=champion``, two processes."""
+    root, argv = gate
+    uri = _champion(tmp_path, root / "sft1" / "model")
+    start = time.monotonic()
+    run = subprocess.run(_torchrun() + ["stage", "sft", "--out", str(tmp_path / "h"), *argv,
+                                        "--set", f"tracking.uri={uri}",
+                                        "--set", "sft.model=champion", "--set", "sft.max_steps=2",
+                                        "--set", "sft.batch_size=2"],
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "starting from models:/coaflow-agent@champion" in run.stdout
+    print(f"two processes from the champion: {time.monotonic() - start:.1f} s")

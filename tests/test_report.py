@@ -126,3 +126,33 @@ def test_a_sharded_synthesize_counts_every_shard(tmp_path):
     rows = dict(report.funnel(stages))
     assert rows["tasks attempted"] == 20 and rows["trajectories written"] == 18
     assert rows["teacher success rate"] == pytest.approx((0.7 * 10 + 0.9 * 10) / 20)
+
+
+def test_names_from_disk_are_escaped_in_the_page(tmp_path):
+    """Issue 32: a folder named like markup, under ``runs/`` or in a run, is text on the page,
+    never markup (before: a stage folder's name went into an <h3> as it was)."""
+    import json
+    from html.parser import HTMLParser
+
+    run = tmp_path / "runs" / "<img src=x onerror=alert(2)>"
+    odd = run / "<svg onload=alert(3)>"
+    gate = run / "gate"
+    for folder, outputs in ((odd, {}), (gate, {"data_docs": "/tmp/d'><script>alert(4)</script>"})):
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text(json.dumps({"outputs": outputs, "metrics": {
+            "accepted": 1, "<b>metric</b>": 2}, "summary": {}}))
+        (folder / ".complete").write_text("key")
+    page = report.write(run).read_text()
+
+    class Tags(HTMLParser):
+        found: list = []
+
+        def handle_starttag(self, tag, attrs):
+            self.found.append((tag, [a for a, _ in attrs]))
+
+    parser = Tags()
+    parser.feed(page)
+    assert not [t for t in parser.found if t[0] in ("img", "script", "b")], parser.found
+    assert not [t for t in parser.found if t[0] == "svg" or any(a.startswith("on") for a in t[1])]
+    assert "&lt;img src=x onerror=alert(2)&gt;" in page
+    assert "&lt;svg onload=alert(3)&gt;" in page

@@ -150,6 +150,27 @@ def _settings(mount):
     return k8s_settings.load().model_copy(update={"mount_path": str(mount)})
 
 
+def _completed(folder):
+    """A completed stage folder (what ``launch`` accepts as an input)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".coaflow-stage").write_text(folder.name)
+    (folder / "result.json").write_text("{}")
+    (folder / ".complete").write_text("key")
+    return folder
+
+
+def _inputs_of(job) -> dict:
+    """The TrainJob's ``--input`` folders, each with whether it is a completed stage folder."""
+    from pathlib import Path
+
+    argv, found = job["spec"]["trainer"]["command"], {}
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag == "--input":
+            key, folder = value.split("=", 1)
+            found.setdefault(key, []).append((folder, (Path(folder) / ".complete").exists()))
+    return found
+
+
 def _stage_folder(job):
     """What the nodes do: write a completed stage folder on the volume."""
     from pathlib import Path
@@ -157,6 +178,7 @@ def _stage_folder(job):
     argv = job["spec"]["trainer"]["command"]
     out = Path(argv[argv.index("--out") + 1])
     out.mkdir(parents=True, exist_ok=True)
+    (out / ".coaflow-stage").write_text(argv[argv.index("stage") + 1])
     (out / "result.json").write_text('{"outputs": {"model": "./model"}}')
     (out / ".complete").write_text("key")
 
@@ -164,13 +186,12 @@ def _stage_folder(job):
 def test_a_launched_stage_is_submitted_waited_for_and_its_folder_comes_back(tmp_path):
     """The KFP case: input and output artifacts live in the launcher pod, not on the volume."""
     mount, pod = tmp_path / "pvc", tmp_path / "pod"
-    (pod / "gate").mkdir(parents=True)
-    (pod / "gate" / "result.json").write_text("{}")
+    _completed(pod / "gate")
     lines = "step 1 loss 2.0\nstep 2 loss 1.5\nstep 3 loss 1.2\ndone"
     fake = FakeCluster(["running", "running", "running", "succeeded"],
                        logs={"job-node-0-0": lines, "job-node-0-1": "rank 1 ok"},
-                       on_done=_stage_folder)
-    said = []
+                       on_done=lambda job: (seen.append(_inputs_of(job)), _stage_folder(job)))
+    said, seen = [], []
     code = trainjob.launch("sft", profile="p", out=str(pod / "sft-out"),
                            inputs={"gate": str(pod / "gate")}, overrides=["sft.nodes=2"],
                            run_id="r1", ks=_settings(mount), nodes=2, gpus_per_node=8,
@@ -180,9 +201,11 @@ def test_a_launched_stage_is_submitted_waited_for_and_its_folder_comes_back(tmp_
     assert ("create", name) in fake.calls and ("delete", name) in fake.calls
     assert not fake.jobs  # deleted once it succeeded
     assert [c for c in said if c.startswith("submitted")] == [f"submitted TrainJob coaflow/{name}"]
-    # the nodes read the input from the volume and wrote the stage folder there
-    staged = mount / "runs" / "r1" / ".launch" / name / "inputs" / "gate" / "result.json"
-    assert staged.exists() and (mount / "runs" / "r1" / ".launch" / name / "sft").is_dir()
+    # the nodes read the input from the volume (a copy, removed once the job ended) and wrote
+    # the stage folder there
+    staged = mount / "runs" / "r1" / ".launch" / name / "inputs" / "gate"
+    assert seen == [{"gate": [(str(staged), True)]}] and not staged.exists()
+    assert (mount / "runs" / "r1" / ".launch" / name / "sft").is_dir()
     assert (pod / "sft-out" / "result.json").exists() and (pod / "sft-out" / ".complete").exists()
     # rank 0's log surfaced once, line by line, in order; the other node's at the end
     logged = [s.split("] ", 1)[1] for s in said if s.startswith("[job-node-0-0]")]
@@ -199,6 +222,7 @@ def _name(tmp_path):
 def _launch(fake, tmp_path, said=None):
     mount = tmp_path / "pvc"
     out = mount / "runs" / "r1" / "sft"
+    _completed(mount / "g")
     return trainjob.launch("sft", profile="p", out=str(out), inputs={"gate": str(mount / "g")},
                            overrides=[], run_id="r1", ks=_settings(mount), nodes=2,
                            gpus_per_node=1, apis=(fake, fake),
@@ -244,20 +268,22 @@ def test_without_torchruns_summary_the_node_containers_code_counts_else_1(tmp_pa
     from coaflow.orchestrate.airflow import outcome
 
     code = _launch(FakeCluster(["failed"], logs={"job-node-0-0": signal}), tmp_path)
-    assert code == -9 and outcome(code) == "retry"  # a lost process: worth a retry
+    assert code == 75 and outcome(code) == "retry"  # a lost process: worth a retry (before:
+    # -9, which the launcher's process exit turned into 247)
 
 
 def test_a_retried_task_attaches_to_its_running_job_and_replaces_a_finished_one(tmp_path):
     name = _name(tmp_path)
     job = {"metadata": {"name": name, "namespace": "coaflow"}}
-    running = FakeCluster(["running", "succeeded"], existing=dict(job))
+    done = lambda job: _completed(tmp_path / "pvc" / "runs" / "r1" / "sft")  # noqa: E731
+    running = FakeCluster(["running", "succeeded"], existing=dict(job), on_done=done)
     assert _launch(running, tmp_path) == 0
     assert [c for c in running.calls if c[0] == "create"] == [("create", name)]
     assert running.calls.count(("delete", name)) == 1  # only after it succeeded
 
     failed = {**job, "status": {"fixed": True, "conditions": [{"type": "Failed",
                                                                  "status": "True"}]}}
-    again = FakeCluster(["running", "succeeded"], existing=failed)
+    again = FakeCluster(["running", "succeeded"], existing=failed, on_done=done)
     said = []
     assert _launch(again, tmp_path, said) == 0
     assert again.calls[:3] == [("create", name), ("delete", name), ("create", name)]
@@ -267,8 +293,10 @@ def test_a_retried_task_attaches_to_its_running_job_and_replaces_a_finished_one(
 def test_the_launcher_command_of_an_airflow_pod(tmp_path, monkeypatch):
     """``python -m coaflow.orchestrate.trainjob ... -- coaflow stage ...``: the Airflow form."""
     mount = tmp_path / "pvc"
-    fake = FakeCluster(["succeeded"])
+    fake = FakeCluster(["succeeded"], on_done=_stage_folder)
     monkeypatch.setattr(trainjob, "clients", lambda: (fake, fake))
+    _completed(mount / "r" / "sft")
+    _completed(mount / "r" / "gate")
     ks = _settings(mount)
     argv = ["--nodes", "2", "--gpus-per-node", "4", "--k8s-json", ks.model_dump_json(), "--",
             "coaflow", "stage", "rl", "--config", "default", "--out", str(mount / "r" / "rl"),
@@ -306,3 +334,94 @@ def test_job_names_are_dns_labels_short_enough_for_jobset():
     short = trainjob.job_name("R1", "rl", "/o/rl")
     assert short.startswith("coaflow-r1-") and short.endswith("-rl")
     assert trainjob.job_name("R1", "rl", "/other/rl") != short  # a reused run name: its own job
+
+
+# --- issue 32 (8): every outcome of the launch step is one line and its exit code -----------------
+
+def _launch_from_pod(fake, tmp_path, capsys, out=None):
+    """The KFP case (input and output in the launcher pod): ``(code, stderr lines, said)``."""
+    mount, pod = tmp_path / "pvc", tmp_path / "pod"
+    if not (pod / "gate").exists():
+        _completed(pod / "gate")
+    said: list[str] = []
+    code = trainjob.launch("sft", profile="p", out=str(out or pod / "sft-out"),
+                           inputs={"gate": str(pod / "gate")}, overrides=[], run_id="r1",
+                           ks=_settings(mount), nodes=2, gpus_per_node=1, apis=(fake, fake),
+                           log=said.append, sleep=lambda s: None)
+    return code, [line for line in capsys.readouterr().err.splitlines() if line], said
+
+
+class Vanishing(FakeCluster):
+    """The TrainJob is deleted (by someone else) after ``after`` polls."""
+
+    def __init__(self, *a, after=2, **kw):
+        super().__init__(*a, **kw)
+        self.after = after
+
+    def get_namespaced_custom_object(self, group, version, ns, plural, name):
+        if self.polls >= self.after:
+            self.jobs.pop(name, None)
+        return super().get_namespaced_custom_object(group, version, ns, plural, name)
+
+
+class Undeletable(FakeCluster):
+    """Deleting the TrainJob is accepted, but it never goes away (a stuck finalizer)."""
+
+    def delete_namespaced_custom_object(self, group, version, ns, plural, name):
+        self.calls.append(("delete", name))
+
+
+def test_a_trainjob_deleted_while_waited_on_is_a_retry(tmp_path, capsys):
+    code, err, _ = _launch_from_pod(Vanishing(["running"] * 5), tmp_path, capsys)
+    assert code == 75 and len(err) == 1 and "was deleted while it ran" in err[0], err
+    assert not list((tmp_path / "pvc").rglob("inputs/gate"))  # its copy of the input is gone
+
+
+def test_a_complete_trainjob_without_its_stage_folder_is_one_line(tmp_path, capsys):
+    code, err, _ = _launch_from_pod(FakeCluster(["running", "succeeded"]), tmp_path, capsys)
+    assert code == 2 and len(err) == 1 and "left no completed stage folder" in err[0], err
+    assert not (tmp_path / "pod" / "sft-out").exists()
+
+
+def test_a_rank_killed_by_sigkill_exits_75_not_247(tmp_path, capsys, monkeypatch):
+    signal = TORCHRUN_FAILURE.replace("exitcode  : 2", "exitcode  : -9")
+    fake = FakeCluster(["failed"], logs={"job-node-0-0": signal})
+    monkeypatch.setattr(trainjob, "clients", lambda: (fake, fake))
+    mount = tmp_path / "pvc"
+    _completed(mount / "r" / "gate")
+    argv = ["--nodes", "2", "--gpus-per-node", "1", "--k8s-json",
+            _settings(mount).model_dump_json(), "--poll-s", "0", "--", "coaflow", "stage", "sft",
+            "--out", str(mount / "r" / "sft"), "--input", f"gate={mount / 'r' / 'gate'}"]
+    assert trainjob.main(argv) == 75
+
+
+def test_a_finished_trainjob_that_never_goes_away_is_a_retry_at_once(tmp_path, capsys):
+    import time
+
+    name = trainjob.job_name("r1", "sft", str(tmp_path / "pod" / "sft-out"))
+    failed = {"metadata": {"name": name, "namespace": "coaflow"},
+              "status": {"fixed": True, "conditions": [{"type": "Failed", "status": "True"}]}}
+    start = time.monotonic()
+    code, err, _ = _launch_from_pod(Undeletable(["running"], existing=failed), tmp_path, capsys)
+    assert time.monotonic() - start < 10  # before: 300 s of polling, then a raw 409
+    assert code == 75 and len(err) == 1 and "still there after 300 s" in err[0], err
+
+
+def test_the_output_folder_is_replaced_never_merged(tmp_path, capsys):
+    out = _completed(tmp_path / "pod" / "sft")  # an earlier attempt of this stage's folder
+    (out / "stale_model.bin").write_text("old")
+    code, err, _ = _launch_from_pod(FakeCluster(["succeeded"], on_done=_stage_folder), tmp_path,
+                                    capsys, out=out)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == [".coaflow-stage", ".complete", "result.json"]
+
+
+def test_an_output_folder_with_foreign_files_is_refused_before_anything(tmp_path, capsys):
+    out = tmp_path / "pod" / "mine"
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("x")
+    fake = FakeCluster(["succeeded"], on_done=_stage_folder)
+    code, err, _ = _launch_from_pod(fake, tmp_path, capsys, out=out)
+    assert code == 2 and len(err) == 1 and "refusing" in err[0], err
+    assert fake.calls == [] and not (tmp_path / "pvc").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

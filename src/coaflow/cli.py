@@ -185,14 +185,10 @@ def stage_cmd(name, config, out, inputs, overrides, run_id, no_cache):
     by several --input options is one an engine ran in shards (synthesize.shards).
     """
     from coaflow.config import load_config
+    from coaflow.orchestrate.command import input_folders
     from coaflow.runner import execute
 
-    pairs: dict[str, list[str]] = {}  # a stage named twice or more: its shards' folders
-    for item in inputs:
-        stage, sep, folder = item.partition("=")
-        if not sep or not stage or not folder:
-            raise UserError(f"--input {item!r}: expected STAGE=DIR, e.g. gate=/data/r1/gate")
-        pairs.setdefault(stage, []).append(folder)
+    pairs = input_folders(inputs)  # a stage named twice or more: its shards' folders
     cfg = load_config(config, overrides)
     result = execute(name, cfg, out, pairs, run_id=run_id, use_cache=not no_cache)
     _report({name: result})
@@ -458,12 +454,21 @@ def undeploy_cmd(name, profile, workdir, overrides, run_id):
 @main.command("config")
 @click.option("--profile", default="default", show_default=True, help=PROFILE_HELP)
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
+@click.option("--show-secrets", is_flag=True, help="print secrets as they are (a URL's "
+              "password, a key's value) instead of ***")
 @_user_errors
-def config_cmd(profile, overrides):
-    """Print the resolved config of a profile (after --set overrides) as YAML."""
-    from coaflow.config import dump_config, load_config
+def config_cmd(profile, overrides, show_secrets):
+    """Print the resolved config of a profile (after --set overrides) as YAML.
 
-    click.echo(dump_config(load_config(profile, overrides)), nl=False)
+    Secrets are shown as *** (as the run's own config.yaml and MLflow record them) unless
+    --show-secrets is given, as `kubectl config view` does with --raw."""
+    import yaml
+
+    from coaflow.config import load_config
+    from coaflow.tracking import redact
+
+    data = load_config(profile, overrides).model_dump(mode="json")
+    click.echo(yaml.safe_dump(data if show_secrets else redact(data), sort_keys=False), nl=False)
 
 
 # --- data ---------------------------------------------------------------------------------------

@@ -202,7 +202,3 @@ def load_config(profile: str | Path = "default", overrides: list[str] | tuple[st
         except ValidationError as e:
             raise ConfigError(_explain(e, f"--set {ov}", model)) from None
     return model.model_validate(data)
-
-
-def dump_config(cfg: BaseModel) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -150,18 +150,34 @@ class Result:
                    summary=dict(d.get("summary", {})))
 
 
-SHARD = "shard"  # summary key of a shard's folder: {"index": i, "of": n, ...}
+SHARD = "shard"  # summary key of a shard's folder: {"index": i, "of": n, "run": digest, ...}
 
 
-def merge_shards(stage: str, parts: list[Result]) -> Result:
+def merge_shards(stage: str, parts: list[Result], folders: list | None = None) -> Result:
     """One input of a stage whose engine ran it in shards (several folders for one stage):
-    the shards in index order, each exactly once; its key is theirs, in that order."""
-    if len(parts) == 1:
-        return parts[0]
+    every shard of one run (the same ``run`` digest of its config and seed), in index order,
+    each exactly once; its key is theirs, in that order. A lone shard of several, a missing or
+    repeated index, or a shard of another run is refused naming its folder (``folders``)."""
+    names = [str(f) for f in folders] if folders else [f"#{i}" for i in range(len(parts))]
     infos = [p.summary.get(SHARD) for p in parts]
-    if any(not isinstance(i, dict) for i in infos):
-        raise PipelineError(f"input {stage}: {len(parts)} folders, but not all of them are "
-                            "shards of one run (a shard's result.json names its index)")
+    if len(parts) == 1:
+        if isinstance(infos[0], dict) and infos[0].get("of", 1) > 1:
+            raise PipelineError(f"input {stage}={names[0]}: shard {infos[0].get('index')} of "
+                                f"{infos[0]['of']} alone: pass every shard of the run, one "
+                                f"--input {stage}=DIR each")
+        return parts[0]
+    for name, info in zip(names, infos, strict=True):
+        if not isinstance(info, dict):
+            raise PipelineError(f"input {stage}={name}: {len(parts)} folders, but not all of "
+                                "them are shards of one run (this one's result.json names no "
+                                "shard index)")
+    runs = [(i.get("run"), i.get("tasks")) for i in infos]
+    common = max(runs, key=runs.count)  # the run most of them belong to: the odd one is named
+    for name, info, run in zip(names, infos, runs, strict=True):
+        if run != common:
+            raise PipelineError(f"input {stage}={name}: shard {info.get('index')} comes from "
+                                f"another run than {names[runs.index(common)]} (another config "
+                                "or seed): every shard must come from one run")
     counts = {i["of"] for i in infos}
     order = sorted(range(len(parts)), key=lambda k: infos[k]["index"])
     if counts != {len(parts)} or [infos[k]["index"] for k in order] != list(range(len(parts))):

@@ -16,7 +16,12 @@ process count changes: ``batch_size`` is per process.
   private scratch folder beside ``--out`` whose ``checkpoints`` is rank 0's (a shared volume
   across nodes), so every rank resumes from the same checkpoint after a restart
   (``torchrun --max-restarts``); the stage itself leaves saving and results to rank 0. The
-  scratch folder is removed when the worker ends.
+  scratch folder (``.<out>.rank<N>``) follows ``--out``'s rule: it holds coaflow's marker, or
+  is empty or absent, else the worker refuses it; it is removed when the worker ends.
+- **Every rank checks its input** (argv, config, stage, input folders, ``$RANK``) before it
+  waits or trains, and a bad one is one line and exit 2 on every rank: torchrun's summary, which
+  the TrainJob launcher reads, then names a 2 (bad input), never a traceback's 1 (a bug). Every
+  rank builds the cache key with the one function the runner uses (``runner.stage_setup``).
 """
 
 from __future__ import annotations
@@ -36,7 +41,11 @@ WAIT_S = 1800.0  # how long a worker waits for rank 0 (torch's default collectiv
 
 
 def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    """This process's rank (``$RANK``, set by torchrun); a value that is not a rank is bad input."""
+    value = os.environ.get("RANK", "0")
+    if not value.isdigit():
+        raise PipelineError(f"RANK={value!r}: not a process rank (torchrun sets it to 0, 1, ...)")
+    return int(value)
 
 
 def prefix_per_attempt() -> None:
@@ -98,27 +107,39 @@ def wait_for_rank0(out: Path, key: str, since: float, timeout: float = WAIT_S,
     raise PipelineError(f"rank {rank()}: rank 0 did not start {out} within {timeout:.0f} s")
 
 
-def worker(argv: list[str], since: float) -> int:
-    """Run the stage as a non-zero rank: training only, in a scratch folder."""
+def check_worker(argv: list[str]):
+    """Everything a worker checks before it waits for rank 0 or joins the process group (so a
+    bad input is one line and exit 2 on every rank, and torchrun reports a 2, not a traceback
+    that looks like a bug): the argv, the config, the stage, its input folders, and its scratch
+    folder. Returns ``(args, stage setup, scratch folder)``."""
     from coaflow.config import load_config
-    from coaflow.contract import Context, load_stage
-    from coaflow.runner import cache_key, stage_inputs
-    from coaflow.tracking import Tracker
+    from coaflow.orchestrate.command import input_folders
+    from coaflow.runner import owned_by, stage_setup
 
     args = parse(argv)
     cfg = load_config(args.config, args.overrides)
-    module = load_stage(args.name)
-    run = cfg.run.model_copy(update={"workdir": str(Path(cfg.run.workdir).resolve())})
-    pairs = dict(item.split("=", 1) for item in args.inputs)
-    inputs = stage_inputs(module, pairs)
-    section = getattr(cfg, args.name, None)
-    key = cache_key(args.name, module, section, run, {n: r.key or "" for n, r in inputs.items()})
+    setup = stage_setup(args.name, cfg, input_folders(args.inputs))
+    out = Path(args.out).resolve()
+    scratch = out.with_name(f".{out.name}.rank{rank()}")
+    if not owned_by(scratch, args.name):  # the same rule as --out: coaflow's own, or refused
+        raise PipelineError(f"--out {args.out}: rank {rank()}'s scratch folder {scratch} holds "
+                            f"files coaflow did not write for stage {args.name!r}: refusing to "
+                            "wipe it; move it away or pick another --out")
+    return args, setup, scratch
+
+
+def worker(argv: list[str], since: float) -> int:
+    """Run the stage as a non-zero rank: training only, in a scratch folder."""
+    from coaflow.contract import OWNER, Context
+    from coaflow.tracking import Tracker
+
+    args, (module, run, section, inputs, key), scratch = check_worker(argv)
     out = Path(args.out).resolve()
     if wait_for_rank0(out, key, since) == "done":
         return 0
-    scratch = out.with_name(f".{out.name}.rank{rank()}")
-    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.rmtree(scratch, ignore_errors=True)  # check_worker: absent, empty or a worker's
     scratch.mkdir(parents=True)
+    (scratch / OWNER).write_text(args.name)  # what makes it a worker's, for the next attempt
     for name in SHARED:
         (out / name).mkdir(parents=True, exist_ok=True)
         (scratch / name).symlink_to(out / name, target_is_directory=True)
@@ -133,18 +154,25 @@ def worker(argv: list[str], since: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from coaflow.errors import CoaflowError
+    from coaflow.tracking import redact
+
     argv = list(sys.argv[1:] if argv is None else argv)
     since = time.time()
     if not argv or argv[0] != "stage":
         print("usage: torchrun ... -m coaflow.launch stage NAME --out DIR [coaflow stage "
               "options]", file=sys.stderr)
         return EXIT_USER
-    prefix_per_attempt()
-    if rank() == 0:
-        from coaflow.cli import main as cli
+    try:
+        prefix_per_attempt()
+        if rank() == 0:
+            from coaflow.cli import main as cli
 
-        return cli.main(argv, prog_name="coaflow", standalone_mode=True) or 0
-    return worker(argv, since)
+            return cli.main(argv, prog_name="coaflow", standalone_mode=True) or 0
+        return worker(argv, since)
+    except CoaflowError as e:  # as the CLI shows it on rank 0: one line, the exit code
+        print(f"Error: {redact(str(e))}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

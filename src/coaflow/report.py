@@ -310,6 +310,8 @@ border:1px solid #eee}pre{background:#f7f7f7;padding:8px;overflow:auto;font-size
 
 
 def render_html(card: dict, plots: dict | None = None, mlflow: dict | None = None) -> str:
+    """The report card as one HTML page. Everything that comes from disk, config or MLflow (the
+    run's and its stage folders' names, paths, metric names, messages) is escaped."""
     st = card["stages"]
     timing = [(n, s["status"], _fmt(s.get("metrics", {}).get("wall_seconds", "")))
               for n, s in st.items()]
@@ -317,7 +319,8 @@ def render_html(card: dict, plots: dict | None = None, mlflow: dict | None = Non
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>coaflow run "
              f"{html.escape(card['run_id'])}</title><style>{STYLE}</style></head><body>",
              f"<h1>coaflow run {html.escape(card['run_id'])}</h1>",
-             f"<p>{html.escape(card['path'])} &middot; written {card['written_at']}</p>",
+             f"<p>{html.escape(card['path'])} &middot; written {html.escape(card['written_at'])}"
+             "</p>",
              "<h2>Registry decision</h2>",
              f"<p class='{'ok' if 'promoted to' in dec else 'bad'}'>{html.escape(dec)}</p>",
              "<h2>Stages</h2>", _table(timing, ["stage", "status", "seconds"]),
@@ -329,7 +332,8 @@ def render_html(card: dict, plots: dict | None = None, mlflow: dict | None = Non
     ev = st.get("evaluate", {}).get("summary", {})
     for key in ("paired", "comparison", "failures"):
         if ev.get(key):
-            parts += [f"<h3>{key}</h3><pre>{html.escape(json.dumps(ev[key], indent=2))}</pre>"]
+            parts += [f"<h3>{html.escape(key)}</h3><pre>{html.escape(json.dumps(ev[key], indent=2))}"
+                      "</pre>"]
     plots = plots or {}
     if plots:
         parts.append("<h2>Training curves</h2><div class='charts'>")
@@ -341,8 +345,8 @@ def render_html(card: dict, plots: dict | None = None, mlflow: dict | None = Non
     gate_docs = st.get("gate", {}).get("outputs", {}).get("data_docs")
     if gate_docs:
         index = Path(gate_docs) / "index.html"
-        links.append(f"<li><a href='{index.as_uri() if index.is_absolute() else index}'>Great "
-                     "Expectations Data Docs</a></li>")
+        href = html.escape(index.as_uri() if index.is_absolute() else str(index))
+        links.append(f"<li><a href='{href}'>Great Expectations Data Docs</a></li>")
     dep = st.get("deploy", {}).get("outputs", {})
     if dep.get("endpoint"):
         links.append(f"<li>served at <code>{html.escape(dep['endpoint'])}</code></li>")
@@ -359,7 +363,8 @@ def render_html(card: dict, plots: dict | None = None, mlflow: dict | None = Non
     parts += ["<h2>Stage metrics</h2>"]
     for name, s in st.items():
         if s.get("metrics"):
-            parts += [f"<h3>{name}</h3>", _table(sorted(s["metrics"].items()), ["metric", "value"])]
+            parts += [f"<h3>{html.escape(name)}</h3>",  # a folder's name: anything but '/'
+                      _table(sorted(s["metrics"].items()), ["metric", "value"])]
     parts.append("</body></html>")
     return "\n".join(parts)
 

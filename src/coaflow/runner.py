@@ -26,7 +26,7 @@ import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -54,7 +54,7 @@ from coaflow.digest import digest as _digest
 from coaflow.errors import PipelineError, PromotionRefused, os_failure
 from coaflow.tracking import Tracker, redact, registry_uri
 
-__all__ = ["cache_key", "execute", "list_runs", "run_pipeline", "show_run"]
+__all__ = ["cache_key", "execute", "list_runs", "run_pipeline", "show_run", "stage_setup"]
 
 
 def _field(section: Any, dotted: str) -> Any:
@@ -90,7 +90,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _owned_by(path: Path, name: str) -> bool:
+def owned_by(path: Path, name: str) -> bool:
     """Whether coaflow may wipe ``path`` for stage ``name``: it is absent or empty, or coaflow
     made it for this stage (its ``OWNER`` file names the stage). A folder from before ``OWNER``
     existed counts when it holds the ``STARTED`` key and nothing but stage files."""
@@ -123,7 +123,7 @@ def check_out_dir(name: str, out: Path, inputs: Mapping[str, Path | str]) -> Non
                                     f"folder")
     if real.exists() and not real.is_dir():
         raise PipelineError(f"--out {out}: exists and is not a folder")
-    if not _owned_by(real, name):
+    if not owned_by(real, name):
         raise PipelineError(f"--out {out}: holds files coaflow did not write for stage {name!r} "
                             f"(no {OWNER} naming it): refusing to wipe it; pick an empty or new "
                             f"folder")
@@ -173,11 +173,12 @@ def _cached_folder(workdir: Path, name: str, key: str, out: Path) -> Path | None
     return None
 
 
-def _link_tree(src: Path, dst: Path) -> None:
+def _link_tree(src: Path, dst: Path, name: str) -> None:
     """Copy ``src`` to ``dst`` as hard links (no data copied; a stage never rewrites a finished
-    file), falling back to a real copy across file systems; the marker goes last."""
+    file), falling back to a real copy across file systems; the marker goes last. A failure (a
+    read-only folder, a full disk) is the same one line as in a stage run, and leaves neither
+    the half-made ``.linking`` folder nor a ``dst`` that looks complete."""
     tmp = dst.with_name(dst.name + ".linking")
-    _wipe(tmp)
 
     def link(s, d):
         try:
@@ -185,10 +186,20 @@ def _link_tree(src: Path, dst: Path) -> None:
         except OSError:
             shutil.copy2(s, d)
 
-    shutil.copytree(src, tmp, copy_function=link, ignore=shutil.ignore_patterns(MARKER))
-    _wipe(dst)
-    tmp.rename(dst)
-    shutil.copy2(src / MARKER, dst / MARKER)
+    try:
+        _wipe(tmp)
+        shutil.copytree(src, tmp, copy_function=link, ignore=shutil.ignore_patterns(MARKER))
+        _wipe(dst)
+        tmp.rename(dst)
+        shutil.copy2(src / MARKER, dst / MARKER)
+    except (OSError, shutil.Error) as e:
+        for left in (tmp, dst / MARKER):
+            with contextlib.suppress(OSError):
+                _wipe(left)
+        if isinstance(e, shutil.Error):  # copytree's list of (src, dst, why): the first
+            why = e.args[0][0][2] if e.args and e.args[0] else str(e)
+            e = OSError(errno.ENOSPC if "No space" in why else errno.EIO, why)
+        raise os_failure(e, f"stage {name} in {dst}") from None
 
 
 # --- the one entry point --------------------------------------------------------------------
@@ -204,8 +215,8 @@ def stage_inputs(module, inputs: Mapping[str, Path | str | Sequence[Path | str]]
     input given as several folders is a stage run in shards (``contract.merge_shards``)."""
     results: dict[str, Result] = {}
     for n, value in inputs.items():
-        parts = []
-        for d in folders(value):
+        parts, given = [], folders(value)
+        for d in given:
             r = read_result(d)
             if r is None:
                 raise PipelineError(f"input {n}={d}: not a completed stage folder (no {RESULT} "
@@ -216,7 +227,7 @@ def stage_inputs(module, inputs: Mapping[str, Path | str | Sequence[Path | str]]
                 raise PipelineError(f"input {n}={d}: a folder of stage {made_by!r}, not {n!r}")
             parts.append(r)
         if parts:
-            results[n] = merge_shards(n, parts)
+            results[n] = merge_shards(n, parts, given)
     missing = [n for n in needs(module) if n not in results]
     if missing:
         raise PipelineError(f"stage {module.NAME!r} needs the output of {', '.join(missing)} "
@@ -225,22 +236,39 @@ def stage_inputs(module, inputs: Mapping[str, Path | str | Sequence[Path | str]]
     return {n: r for n, r in results.items() if n in wanted}
 
 
+class StageSetup(NamedTuple):
+    module: Any  # the stage module
+    run: Any  # the ``run`` section, its workdir an absolute path
+    section: Any  # the stage's config section
+    inputs: dict[str, Result]  # its completed input folders, read
+    key: str  # its cache key
+
+
+def stage_setup(name: str, cfg, inputs: Mapping[str, Any], module=None) -> StageSetup:
+    """What stage ``name`` of ``cfg`` reads and its cache key: the one function that builds
+    them, for ``execute`` and for every torchrun rank (``coaflow.launch``). Why one: a worker
+    that built its key without the run's ``tracking.uri`` looked up another champion, waited
+    for a key rank 0 never wrote, and hung for 30 minutes."""
+    module = module or load_stage(name)
+    run = cfg.run.model_copy(update={"workdir": str(Path(cfg.run.workdir).resolve())})
+    section = getattr(cfg, name, None)
+    results = stage_inputs(module, inputs)
+    key = cache_key(name, module, section, run, {n: r.key or "" for n, r in results.items()},
+                    tracking_uri=registry_uri(run.workdir, cfg.tracking.uri))
+    return StageSetup(module, run, section, results, key)
+
+
 def execute(name: str, cfg, out_dir: str | Path, inputs: Mapping[str, Path | str] | None = None,
             *, tracker: Tracker | None = None, run_id: str | None = None, module=None,
             use_cache: bool = True, log=print) -> Result:
     """Run stage ``name`` of config ``cfg`` in ``out_dir`` with its inputs' completed folders,
     or return the cached result (``result.cached``). ``PromotionRefused`` is raised after the
     stage is recorded complete, and again on a cache hit of that refusal."""
-    module = module or load_stage(name)
-    run = cfg.run.model_copy(update={"workdir": str(Path(cfg.run.workdir).resolve())})
+    module, run, section, results, key = stage_setup(name, cfg, inputs or {}, module)
     workdir = Path(run.workdir)
-    section = getattr(cfg, name, None)
-    results = stage_inputs(module, inputs or {})
     check_out_dir(name, Path(out_dir), inputs or {})
     tracker = tracker or Tracker(workdir, uri=cfg.tracking.uri, enabled=cfg.tracking.enabled,
                                  experiment=cfg.tracking.experiment or cfg.run.name)
-    key = cache_key(name, module, section, run, {n: r.key or "" for n, r in results.items()},
-                    tracking_uri=tracker.uri)
     out = Path(out_dir).resolve()
     cacheable = use_cache and getattr(module, "CACHE", True)
     run_id = run_id or os.environ.get("COAFLOW_RUN_ID") or new_run_id()
@@ -250,14 +278,14 @@ def execute(name: str, cfg, out_dir: str | Path, inputs: Mapping[str, Path | str
     if cacheable and (done is None or done.key != key):
         src = _cached_folder(workdir, name, key, out)
         if src is not None:
-            _link_tree(src, out)
+            _link_tree(src, out, name)
             _write_atomic(out / "cached_from", str(src))
             done = read_result(out)
     if done is not None and done.key == key:
         log(f"[{name}] cached ({src or out})")
         _remember(workdir, name, key, out)
         done.cached = True
-        tracker.cached_stage(name, run_id, str(src or out), done.metrics)
+        tracker.cached_stage(name, run_id, str(src or out), done.metrics, folder=str(out))
         if (out / REFUSED).exists():  # the same decision again: the run stops here again
             raise PromotionRefused((out / REFUSED).read_text(), done)
         return done
@@ -280,7 +308,7 @@ def execute(name: str, cfg, out_dir: str | Path, inputs: Mapping[str, Path | str
         params = section.model_dump(mode="json") if hasattr(section, "model_dump") else {}
         log(f"[{name}] running -> {out}")
         start, refused = time.time(), None
-        with tracker.stage_run(name, run_id, params):
+        with tracker.stage_run(name, run_id, params, folder=str(out)):
             try:
                 result = module.run(section, ctx)
             except PromotionRefused as e:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -20,6 +21,8 @@ import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from coaflow.errors import CoaflowError, ServiceUnavailable, UserError
 
 # "token" and "auth" only as the last segment of a key: hf_token, auth, access_token are secret;
 # max_tokens, mean_token_accuracy, tokenizer, author are not.
@@ -170,6 +173,70 @@ def terminate_as_interrupt() -> None:
         signal.signal(signal.SIGTERM, raise_terminated)
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` store URI, else None (a server, a plain path).
+
+    >>> str(sqlite_path("sqlite:////w/mlflow.db")), sqlite_path("http://mlflow:5000")
+    ('/w/mlflow.db', None)
+    """
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+@contextlib.contextmanager
+def store_lock(uri: str, purpose: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<db>.<purpose>.lock`` beside a SQLite store, held for the
+    block (nothing for a server store: the server serializes its own writes)."""
+    path = sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    from coaflow.errors import os_failure
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path.with_name(f"{path.name}.{purpose}.lock"), "a")  # noqa: SIM115
+    except OSError as e:
+        raise os_failure(e, f"MLflow store {path}") from None
+    with fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def store_failure(e: BaseException, uri: str):
+    """The one-line error for a failure of the MLflow store itself, or None when ``e`` is
+    something else: a read-only SQLite file is bad input (2, naming the file); a store locked
+    by another process is worth a retry (75)."""
+    if not any(c.__module__.split(".")[0] in ("mlflow", "sqlalchemy", "sqlite3")
+               for c in type(e).__mro__):
+        return None
+    text = str(e)
+    where = str(sqlite_path(uri) or safe_url(uri))
+    if "readonly database" in text or "read-only file system" in text.lower():
+        return UserError(f"MLflow store {where}: read-only (attempt to write a readonly "
+                         "database): make it writable or set tracking.uri to another store")
+    if "database is locked" in text:
+        return ServiceUnavailable(f"MLflow store {where}: locked by another process (database "
+                                  "is locked): retry")
+    if "unable to open database file" in text:
+        return UserError(f"MLflow store {where}: cannot open it (unable to open database file): "
+                         "check the folder exists and is writable")
+    return None
+
+
+@contextlib.contextmanager
+def store_errors(uri: str) -> Iterator[None]:
+    """Turn a failure of the store (``store_failure``) into its one-line error."""
+    try:
+        yield
+    except Exception as e:
+        mapped = store_failure(e, uri)
+        if mapped is None:
+            raise
+        raise mapped from None
+
+
 def default_uri(workdir: str | Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or \
         f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
@@ -180,6 +247,34 @@ def registry_uri(workdir: str | Path, tracking_uri: str | None = None) -> str:
     ``tracking.uri``, else ``default_uri``. The one answer for both a stage's ``run()`` and its
     ``cache_extras``: a champion looked up elsewhere than where it is moved is a stale cache."""
     return tracking_uri or default_uri(workdir)
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def process_tag(pid: int | None = None) -> str:
+    """``host:pid:start time`` of a process: names it uniquely on its machine (a pid alone is
+    reused)."""
+    import socket
+
+    pid = pid or os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_start_time(pid) or ''}"
+
+
+def process_alive(tag: str) -> bool:
+    """Whether the process ``process_tag`` named still runs. One on another machine counts as
+    gone: the stage folder it worked in is this process's now."""
+    import socket
+
+    parts = tag.rsplit(":", 2)
+    if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    return pid != os.getpid() and _start_time(pid) == parts[2]
 
 
 class Tracker:
@@ -214,19 +309,15 @@ class Tracker:
             os.environ["MLFLOW_TRACKING_URI"] = user_uri
         if self._mlflow is None:
             self.workdir.mkdir(parents=True, exist_ok=True)
+            # MLflow logs every database error with its traceback and then raises it anyway:
+            # the raised one is reported (``store_errors``), once, as one line
+            logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
             try:
-                exp = mlflow.get_experiment_by_name(self.experiment)
-                if exp is None:
-                    location = None
-                    if self.uri.startswith("sqlite:"):
-                        location = (self.workdir / "mlartifacts").resolve().as_uri()
-                    self._experiment_id = mlflow.create_experiment(
-                        self.experiment, artifact_location=location)
-                else:
-                    self._experiment_id = exp.experiment_id
+                with store_lock(self.uri, "init"), store_errors(self.uri):
+                    self._experiment_id = self._get_or_create_experiment(mlflow)
+            except CoaflowError:
+                raise
             except Exception as e:  # an unreachable server: worth a retry, not a traceback
-                from coaflow.errors import ServiceUnavailable
-
                 if "sqlite" in self.uri or not _looks_unreachable(e):
                     raise
                 raise ServiceUnavailable(f"MLflow tracking server {safe_url(self.uri)} did not answer: "
@@ -234,6 +325,28 @@ class Tracker:
                                          ) from None
             self._mlflow = mlflow
         return self._mlflow
+
+    def _get_or_create_experiment(self, mlflow) -> str:
+        """The experiment's id, creating it if needed. A SQLite store is opened (its tables
+        made) and the experiment created under ``store_lock``. Why: MLflow creates a new SQLite
+        store's tables (and runs its migrations) in whichever process opens it first, with no
+        lock; two shards starting at once on a new workdir (KFP's ParallelFor, Airflow's
+        ``.expand()``) both migrated it, and one died of "duplicate column name" or "table ...
+        already exists" (3 of 3 tries). Against a server, a concurrent creation by another shard
+        is an "already exists" answer, after which the experiment is read."""
+        exp = mlflow.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:"):
+            location = (self.workdir / "mlartifacts").resolve().as_uri()
+        try:
+            return mlflow.create_experiment(self.experiment, artifact_location=location)
+        except Exception as e:
+            exp = mlflow.get_experiment_by_name(self.experiment)
+            if exp is None or "already exists" not in str(e).lower():
+                raise
+            return exp.experiment_id
 
     @property
     def experiment_id(self) -> str:
@@ -246,7 +359,7 @@ class Tracker:
         is interrupted or terminated (``Terminated``, from ``terminate_as_interrupt``)."""
         run_id = None
         try:
-            with self.mlflow.start_run(**start_run) as run:
+            with store_errors(self.uri), self.mlflow.start_run(**start_run) as run:
                 run_id = run.info.run_id
                 yield run
         except KeyboardInterrupt:
@@ -276,25 +389,47 @@ class Tracker:
             yield run.info.run_id
 
     @contextlib.contextmanager
-    def stage_run(self, stage: str, run_id: str, params: Mapping | None = None):
+    def stage_run(self, stage: str, run_id: str, params: Mapping | None = None,
+                  folder: str | None = None):
+        """The stage's MLflow run. With ``folder`` (the stage folder), a run of the same folder
+        left RUNNING by a process that no longer exists (SIGKILL, a lost node) is ended KILLED
+        first: it can never end by itself."""
         if not self.enabled:
             yield None
             return
         mlflow = self.mlflow
+        if folder is not None:
+            self._close_stale(stage, folder)
         with self._killable(run_name=stage, nested=mlflow.active_run() is not None,
                             experiment_id=self.experiment_id) as run:
             mlflow.set_tags({"coaflow.run_id": run_id, "coaflow.kind": "stage",
-                             "coaflow.stage": stage})
+                             "coaflow.stage": stage,
+                             **({"coaflow.folder": folder, "coaflow.process": process_tag()}
+                                if folder is not None else {})})
             if params:
                 self.log_params(params)
             yield run.info.run_id
 
-    def cached_stage(self, stage: str, run_id: str, source: str, metrics: Mapping) -> None:
+    def _close_stale(self, stage: str, folder: str) -> None:
+        from mlflow import MlflowClient
+
+        with store_errors(self.uri):
+            runs = self.mlflow.search_runs(
+                experiment_ids=[self.experiment_id], output_format="list",
+                filter_string=f"tags.`coaflow.kind` = 'stage' and tags.`coaflow.stage` = "
+                f"'{stage}' and attributes.status = 'RUNNING'")
+            for r in runs:
+                if r.data.tags.get("coaflow.folder") == folder and \
+                        not process_alive(r.data.tags.get("coaflow.process", "")):
+                    MlflowClient(self.uri).set_terminated(r.info.run_id, "KILLED")
+
+    def cached_stage(self, stage: str, run_id: str, source: str, metrics: Mapping,
+                     folder: str | None = None) -> None:
         """Record a cache hit: a stage run tagged ``coaflow.cached`` with the folder it came from
         and the cached metrics, so the run's page in MLflow lists every stage."""
         if not self.enabled:
             return
-        with self.stage_run(stage, run_id):
+        with self.stage_run(stage, run_id, folder=folder):
             self.mlflow.set_tags({"coaflow.cached": "true", "coaflow.cached_from": source})
             self.log_metrics(metrics)
 

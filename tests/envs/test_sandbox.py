@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from coaflow.envs import sandbox
 from coaflow.envs.sandbox import format_observation, run_python
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -318,3 +319,65 @@ def test_sigterm_to_env_call_takes_the_sandbox_and_its_folder_down_at_once():
     finally:
         cli.kill()
         cli.wait()
+
+
+# --- issue 32 (20): files, memory per call, host paths in site-packages ----------------------
+
+def test_the_work_folder_caps_the_number_of_files():
+    """Empty files cost kernel memory the size cap does not count (before: 650,000 files in
+    4.8 s, +550 MB); now ``disk_mb * FILES_PER_MB`` of them at most, then "disk full"."""
+    code = ("n = 0\ntry:\n    while True:\n        open(f'f{n}', 'w').close()\n        n += 1\n"
+            "except OSError as e:\n    print(n, e.errno)")
+    res = run(code, timeout_s=20, disk_mb=8)
+    assert res.exit_code == 0 and res.error is None, res
+    n, errno_ = map(int, res.stdout.split())
+    assert errno_ == 28 and 1000 <= n <= max(1024, 8 * sandbox.FILES_PER_MB), res.stdout
+
+
+FORK_3X300 = """
+import os, time
+kids = []
+for i in range(3):
+    pid = os.fork()
+    if pid == 0:
+        b = bytearray(300 << 20)
+        for j in range(0, len(b), 4096):
+            b[j] = 1
+        time.sleep(1.5)
+        os._exit(0)
+    kids.append(pid)
+print([os.waitstatus_to_exitcode(os.waitpid(k, 0)[1]) for k in kids])
+"""
+
+
+@pytest.mark.parametrize("how", ["cgroup", "counted"])
+def test_memory_is_capped_per_call_not_per_process(how, monkeypatch):
+    """Three processes of 300 MB each under ``memory_mb=512`` (each below the per-process
+    RLIMIT_AS): before, all three held their 900 MB; now the call is capped, by a cgroup where
+    one can be made, else by adding up the call's resident memory."""
+    if how == "counted":
+        monkeypatch.setattr(sandbox, "_make_cgroup", lambda mb: None, raising=False)
+    elif os.geteuid() != 0 or getattr(sandbox, "_cgroup_base", lambda: True)() is None:
+        pytest.skip("no writable memory cgroup here")
+    res = run(FORK_3X300, timeout_s=20, memory_mb=512)
+    assert res.error == "memory", res
+    assert res.stdout.strip() != "[0, 0, 0]"
+    assert run("print(1)").ok  # and the next call is fine
+
+
+def test_site_packages_files_naming_host_paths_read_empty():
+    """An editable install's ``.pth`` (and ``direct_url.json``) name the project's folder on the
+    host; inside they read as empty, while the packages still import."""
+    code = ("import glob\nfor f in sorted(glob.glob('/opt/site-packages-*/*.pth') + glob.glob("
+            "'/opt/site-packages-*/*.egg-link') + glob.glob('/opt/site-packages-*/*.dist-info/"
+            "direct_url.json')):\n    print(f, repr(open(f).read()))")
+    res = run(code)
+    assert res.ok, res
+    _, binds, _ = sandbox._python_paths()
+    named = {line.strip() for host, _ in binds[1:] for f in Path(host).glob("*.pth")
+             for line in f.read_text().splitlines() if line.startswith("/")}
+    if not named:
+        pytest.skip("no .pth file names a host folder here (not an editable install)")
+    assert not [p for p in named if p in res.stdout], res.stdout
+    assert "file:" not in res.stdout, res.stdout
+    assert run("import numpy, sympy; print('ok')").stdout.strip() == "ok"

@@ -63,6 +63,24 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, tiny_dir, traject
     assert (Path(result.outputs["model"]) / "config.json").exists()
 
 
+def test_a_resumed_run_reports_the_whole_training(tmp_path, tiny_dir, trajectories):
+    """Issue 32: after a resume, ``train_loss_initial`` and ``train_tokens`` were the resumed
+    half's (4.09 for 7.36; 61,847 of 124,105 tokens): they are the whole training's, as an
+    uninterrupted run reports them."""
+    extra = ["sft.max_steps=6", "sft.save_steps=3"]
+    cfg, ctx = fast_ctx(tmp_path / "whole", trajectories[:16], tiny_dir, extra)
+    whole = sft.train(cfg.sft, ctx).metrics
+    cfg, ctx = fast_ctx(tmp_path / "cut", trajectories[:16], tiny_dir, extra)
+    with pytest.raises(Interrupt):
+        sft.train(cfg.sft, ctx, callbacks=(interrupt_at(4),))
+    cfg, ctx = fast_ctx(tmp_path / "cut", trajectories[:16], tiny_dir, extra, resume=True)
+    resumed = sft.train(cfg.sft, ctx).metrics
+    assert resumed["resumed_from_step"] == 3
+    assert resumed["train_loss_initial"] == pytest.approx(whole["train_loss_initial"], rel=1e-5)
+    assert resumed["train_tokens"] == whole["train_tokens"] > 0
+    assert resumed["train_loss_final"] == pytest.approx(whole["train_loss_final"], rel=1e-3)
+
+
 def test_empty_dataset_is_one_clear_error(tmp_path, tiny_dir):
     (tmp_path / "accepted").mkdir()
     cfg, ctx = make_ctx(tmp_path, tmp_path / "accepted", [f"sft.model={tiny_dir}"])

@@ -56,10 +56,12 @@ def runs(tmp_path_factory):
 def test_shard_i_solves_exactly_its_slice_of_the_single_runs_tasks(runs):
     root, cfg, shards = runs
     tasks = [t.task_id for t in load_tasks(cfg.synthesize, cfg.run.seed)]
-    solved = []
+    solved, runs_seen = [], set()
     for i, folder in enumerate(shards):
         result = read_result(folder)
-        assert result.summary["shard"] == {"index": i, "of": SHARDS, "tasks": len(tasks)}
+        info = dict(result.summary["shard"])
+        runs_seen.add(info.pop("run"))  # which run the shard is of: the gate refuses a mix
+        assert info == {"index": i, "of": SHARDS, "tasks": len(tasks)}
         ids = [json.loads(line)["task"]["task_id"]
                for f in sorted((folder / "trajectories").iterdir())
                for line in f.read_text().splitlines()]
@@ -68,6 +70,7 @@ def test_shard_i_solves_exactly_its_slice_of_the_single_runs_tasks(runs):
         assert sorted(ids) == sorted(tasks[shard_slice(len(tasks), i, SHARDS)])
         solved += ids
     assert sorted(solved) == sorted(tasks)  # every task once, none twice
+    assert len(runs_seen) == 1
 
 
 def test_the_gate_accepts_the_same_trajectories_from_the_shards_as_from_one_run(runs):

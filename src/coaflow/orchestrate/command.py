@@ -10,6 +10,8 @@ import argparse
 import sys
 from collections.abc import Mapping, Sequence
 
+from coaflow.errors import UserError
+
 
 def stage_argv(stage: str, *, profile: str, out: str,
                inputs: Mapping[str, str | Sequence[str] | None] = {},  # noqa: B006
@@ -41,10 +43,15 @@ def local(argv: Sequence[str], python: str | None = None) -> list[str]:
     return [python or sys.executable, "-m", "coaflow.cli", *argv[1:]]
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2 (a UserError), not usage + exit 2
+        raise UserError(f"{self.prog}: {message}")
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     """``stage_argv``'s options read back: what a torchrun worker (``coaflow.launch``) and the
-    Trainer launch step need of the argv rank 0 runs."""
-    p = argparse.ArgumentParser(prog="python -m coaflow.launch")
+    Trainer launch step need of the argv rank 0 runs. Bad options are a ``UserError``."""
+    p = _Parser(prog="coaflow stage")
     p.add_argument("command", choices=["stage"])
     p.add_argument("name")
     p.add_argument("--config", default="tiny")
@@ -54,3 +61,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--run-id", default=None)
     p.add_argument("--no-cache", action="store_true")
     return p.parse_args(argv)
+
+
+def input_folders(items: Sequence[str]) -> dict[str, list[str]]:
+    """``--input STAGE=DIR`` options as ``{stage: [folders]}`` (a stage named twice or more:
+    its shards' folders, in the order given).
+
+    >>> input_folders(["gate=/g", "synthesize=/s0", "synthesize=/s1"])
+    {'gate': ['/g'], 'synthesize': ['/s0', '/s1']}
+    """
+    pairs: dict[str, list[str]] = {}
+    for item in items:
+        stage, sep, folder = item.partition("=")
+        if not sep or not stage or not folder:
+            raise UserError(f"--input {item!r}: expected STAGE=DIR, e.g. gate=/data/r1/gate")
+        pairs.setdefault(stage, []).append(folder)
+    return pairs

@@ -28,7 +28,6 @@ the models of the Kubeflow SDK 0.5), and submit -> wait -> logs -> exit code aga
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
@@ -39,7 +38,20 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from coaflow.config import ConfigError
+from coaflow.contract import MARKER, OWNER, RESULT, read_result
+from coaflow.errors import (
+    EXIT_RETRY,
+    CoaflowError,
+    PipelineError,
+    ServiceUnavailable,
+    UserError,
+    os_failure,
+)
 from coaflow.orchestrate.k8s import GPU_RESOURCE, KubernetesSettings
+from coaflow.orchestrate.kube import api_errors, clients
+from coaflow.orchestrate.kube import status as _status
+from coaflow.tracking import redact
 
 API_VERSION = "trainer.kubeflow.org/v1alpha1"
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
@@ -72,8 +84,8 @@ def manifest(stage: str, stage_args: Sequence[str], ks: KubernetesSettings, *, n
     """The TrainJob of ``coaflow stage STAGE STAGE_ARGS...`` on ``nodes`` x ``gpus_per_node``
     (one process per GPU; the stage's batch size is per process)."""
     if nodes < 1 or gpus_per_node < 1:
-        raise ValueError(f"{stage}: nodes and gpus_per_node must be >= 1, got {nodes}, "
-                         f"{gpus_per_node}")
+        raise ConfigError(f"{stage}: nodes and gpus_per_node must be >= 1, got {nodes}, "
+                          f"{gpus_per_node}")
     per_node = {**ks.node_resources(stage, gpus_per_node), GPU_RESOURCE: str(gpus_per_node)}
     pod = {
         "serviceAccountName": ks.service_account,
@@ -141,22 +153,6 @@ def job_name(run_id: str, stage: str, out: str) -> str:
 
 # --- submit, wait, logs, exit code ------------------------------------------------------------
 
-def clients():
-    """``(CustomObjectsApi, CoreV1Api)`` of the cluster this runs in (its service account), else
-    of the local kubeconfig."""
-    from kubernetes import client, config
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    return client.CustomObjectsApi(), client.CoreV1Api()
-
-
-def _status(e: Exception) -> int | None:
-    return getattr(e, "status", None)
-
-
 def state(job: Mapping[str, Any]) -> str:
     """``succeeded``, ``failed``, ``suspended`` or ``running`` (created, pods pending or up),
     from the TrainJob's conditions, as the Kubeflow SDK reads them."""
@@ -197,8 +193,7 @@ def submit(custom, job: Mapping[str, Any], log: Callable[[str], None] = print,
         return
     log(f"TrainJob {ns}/{name} exists and {state(old)}: deleting it and submitting again")
     custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
-    deadline = time.monotonic() + gone_s
-    while time.monotonic() < deadline:
+    for _ in range(max(1, int(gone_s / 2.0))):  # counted, not timed: ``sleep`` is the clock
         try:
             custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
         except Exception as e:  # noqa: BLE001
@@ -206,7 +201,13 @@ def submit(custom, job: Mapping[str, Any], log: Callable[[str], None] = print,
                 break
             raise
         sleep(2.0)
-    custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, dict(job))
+    try:
+        custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, dict(job))
+    except Exception as e:  # noqa: BLE001
+        if _status(e) != 409:
+            raise
+        raise ServiceUnavailable(f"TrainJob {ns}/{name}: deleted, but still there after "
+                                 f"{gone_s:.0f} s (a finalizer?): retry later") from None
     log(f"submitted TrainJob {ns}/{name}")
 
 
@@ -245,6 +246,10 @@ def exit_code(pods: Sequence, logs: Mapping[str, str]) -> int:
     return 1
 
 
+class JobGone(ServiceUnavailable):
+    """The TrainJob was deleted while it was waited on: worth a retry (it is submitted again)."""
+
+
 def wait(custom, core, namespace: str, name: str, *, poll_s: float = 10.0,
          log: Callable[[str], None] = print, sleep: Callable[[float], None] = time.sleep,
          tail: int = 200) -> int:
@@ -252,7 +257,14 @@ def wait(custom, core, namespace: str, name: str, *, poll_s: float = 10.0,
     log as it grows; at the end every node's log tail. Returns the stage's exit code."""
     seen, shown = None, 0
     while True:
-        job = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        try:
+            job = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except Exception as e:  # noqa: BLE001
+            if _status(e) != 404:
+                raise
+            raise JobGone(f"TrainJob {namespace}/{name} was deleted while it ran "
+                                     f"(last seen {seen or 'not yet'}): the stage did not "
+                                     "finish; a retry submits it again") from None
         now = state(job)
         if now != seen:
             log(f"TrainJob {namespace}/{name}: {now}")
@@ -277,6 +289,9 @@ def wait(custom, core, namespace: str, name: str, *, poll_s: float = 10.0,
     if now == "succeeded":
         return 0
     code = exit_code(pods, logs)
+    if code < 0:  # a rank killed by a signal (lost node, OOM): exit(-9) would read as 247
+        log(f"a rank was killed by signal {-code}: worth a retry")
+        code = EXIT_RETRY
     log(f"TrainJob {namespace}/{name} failed ({_message(job) or 'no reason given'}): the stage "
         f"exits {code}")
     return code
@@ -288,30 +303,101 @@ def _on_volume(path: str, mount: str) -> bool:
     return Path(path).resolve().is_relative_to(Path(mount).resolve())
 
 
+def _folders(value: str | Sequence[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def check(stage: str, out: str, inputs: Mapping[str, str | Sequence[str]], nodes: int,
+          gpus_per_node: int) -> None:
+    """What the launch step checks before it copies or submits anything: the size, the input
+    folders (completed stage folders), and ``out`` (absent, empty, or this stage's own folder:
+    the rule of ``coaflow stage --out``; it is replaced when the job succeeds)."""
+    if nodes < 1 or gpus_per_node < 1:
+        raise ConfigError(f"{stage}: nodes and gpus_per_node must be >= 1, got {nodes}, "
+                          f"{gpus_per_node}")
+    for key, value in inputs.items():
+        for folder in _folders(value):
+            if not folder or read_result(Path(folder)) is None:
+                raise PipelineError(f"--input {key}={folder}: not a completed stage folder (no "
+                                    f"{RESULT} and {MARKER})")
+    target = Path(out)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise PipelineError(f"--out {out}: exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()):
+        owner = target / OWNER
+        if not owner.is_file() or owner.read_text().strip() != stage:
+            raise PipelineError(f"--out {out}: holds files coaflow did not write for stage "
+                                f"{stage!r} (no {OWNER} naming it): refusing to replace it")
+
+
+def replace_folder(src: Path, dst: Path) -> None:
+    """Make ``dst`` hold exactly ``src``'s files (never a merge with what was there), the
+    completion marker last. ``dst`` is emptied, not removed: it may be a mount point."""
+    tmp = dst.with_name(f".{dst.name}.copying")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(src, tmp, symlinks=True, ignore=shutil.ignore_patterns(MARKER))
+        dst.mkdir(parents=True, exist_ok=True)
+        for child in list(dst.iterdir()):
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        for child in list(tmp.iterdir()):
+            shutil.move(str(child), str(dst / child.name))
+        shutil.copy2(src / MARKER, dst / MARKER)
+    except OSError as e:
+        raise os_failure(e, f"copying the stage folder {src} to {dst}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def launch(stage: str, *, profile: str, out: str, inputs: Mapping[str, str | Sequence[str]],
            overrides: Sequence[str], run_id: str, ks: KubernetesSettings, nodes: int,
            gpus_per_node: int, apis=None, log: Callable[[str], None] = print,
            poll_s: float = 10.0, sleep: Callable[[float], None] = time.sleep) -> int:
-    """Run ``coaflow stage STAGE`` as a TrainJob and wait for it; returns its exit code.
+    """Run ``coaflow stage STAGE`` as a TrainJob and wait for it; returns its exit code. An
+    error of the step itself (bad input, credentials, an API that does not answer) is one line
+    on stderr and its exit code (2, 75), as ``coaflow stage`` gives them.
 
     The nodes see only the PVC (``ks.mount_path``): an input folder elsewhere (a KFP artifact in
-    this pod) is copied to ``<mount>/runs/<run id>/.launch/<job name>/inputs/``, and an ``out``
-    elsewhere is trained in ``<mount>/runs/<run id>/.launch/<job name>/<stage>`` and copied into
-    ``out`` when it succeeded."""
+    this pod) is copied to ``<mount>/runs/<run id>/.launch/<job name>/inputs/`` once every check
+    passed and the API answered (and removed when the job has ended), and an ``out`` elsewhere is
+    trained in ``<mount>/runs/<run id>/.launch/<job name>/<stage>`` and replaces ``out``'s
+    contents when it succeeded."""
+    try:
+        return _launch(stage, profile=profile, out=out, inputs=inputs, overrides=overrides,
+                       run_id=run_id, ks=ks, nodes=nodes, gpus_per_node=gpus_per_node,
+                       apis=apis, log=log, poll_s=poll_s, sleep=sleep)
+    except CoaflowError as e:
+        print(f"Error: {redact(str(e))}", file=sys.stderr, flush=True)
+        return e.exit_code
+
+
+def _launch(stage: str, *, profile: str, out: str, inputs: Mapping[str, str | Sequence[str]],
+            overrides: Sequence[str], run_id: str, ks: KubernetesSettings, nodes: int,
+            gpus_per_node: int, apis, log: Callable[[str], None], poll_s: float,
+            sleep: Callable[[float], None]) -> int:
     from coaflow.orchestrate.command import stage_argv
 
+    check(stage, out, inputs, nodes, gpus_per_node)
     mount, run_id = ks.mount_path, run_id or "run"
     name = job_name(run_id, stage, out)
     staging = Path(mount) / "runs" / run_id / ".launch" / name
+    custom, core = apis if apis is not None else clients()
+    with api_errors(f"listing the pods of TrainJob {ks.namespace}/{name}", core):
+        node_pods(core, ks.namespace, name)  # the API answers, and lets us in
     placed: dict[str, list[str]] = {}
+    copied: list[Path] = []
     for key, value in inputs.items():
-        for i, folder in enumerate([value] if isinstance(value, str) else list(value)):
+        for i, folder in enumerate(_folders(value)):
             if _on_volume(folder, mount):
                 placed.setdefault(key, []).append(folder)
                 continue
             dst = staging / "inputs" / (key if isinstance(value, str) else f"{key}-{i}")
-            shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(folder, dst, symlinks=True)
+            try:
+                shutil.rmtree(dst, ignore_errors=True)
+                shutil.copytree(folder, dst, symlinks=True)
+            except OSError as e:
+                raise os_failure(e, f"copying input {key}={folder} to {dst}") from None
+            copied.append(dst)
             log(f"input {key}: {folder} -> {dst} (on the shared volume)")
             placed.setdefault(key, []).append(str(dst))
     work = out if _on_volume(out, mount) else str(staging / stage)
@@ -319,16 +405,30 @@ def launch(stage: str, *, profile: str, out: str, inputs: Mapping[str, str | Seq
                       run_id=run_id)
     job = manifest(stage, argv[3:], ks, nodes=nodes, gpus_per_node=gpus_per_node, name=name,
                    run_id=run_id)
-    custom, core = apis if apis is not None else clients()
-    submit(custom, job, log=log, sleep=sleep)
-    code = wait(custom, core, ks.namespace, job["metadata"]["name"], poll_s=poll_s, log=log,
-                sleep=sleep)
-    if code in (0, 4) and work != out:  # 4: a refused promotion is a complete stage folder
-        shutil.copytree(work, out, symlinks=True, dirs_exist_ok=True)
-        log(f"stage folder {work} -> {out}")
+    with api_errors(f"submitting TrainJob {ks.namespace}/{name}", custom):
+        submit(custom, job, log=log, sleep=sleep)
+    ended = False
+    try:
+        with api_errors(f"waiting for TrainJob {ks.namespace}/{name}", custom):
+            code = wait(custom, core, ks.namespace, name, poll_s=poll_s, log=log, sleep=sleep)
+        ended = True
+    except JobGone:
+        ended = True
+        raise
+    finally:  # once the job has ended its copies of the inputs are not read again
+        for dst in copied if ended else []:
+            shutil.rmtree(dst, ignore_errors=True)
+    if code in (0, 4):  # 4: a refused promotion is a complete stage folder
+        if read_result(Path(work)) is None:
+            raise PipelineError(f"TrainJob {ks.namespace}/{name} ended with exit {code} but "
+                                f"left no completed stage folder at {work}: do the nodes "
+                                f"mount the volume at {mount} (pvc {ks.pvc})?")
+        if work != out:
+            replace_folder(Path(work), Path(out))
+            log(f"stage folder {work} -> {out}")
     if code == 0:
-        custom.delete_namespaced_custom_object(GROUP, VERSION, ks.namespace, PLURAL,
-                                               job["metadata"]["name"])
+        with api_errors(f"deleting TrainJob {ks.namespace}/{name}", custom):
+            custom.delete_namespaced_custom_object(GROUP, VERSION, ks.namespace, PLURAL, name)
     return code
 
 
@@ -337,35 +437,51 @@ def main(argv: list[str] | None = None) -> int:
     -- coaflow stage NAME --config ... --out ... [--input S=DIR ...] [--set K=V ...]``: the
     launch step of an Airflow task; exits with the stage's code."""
     from coaflow.orchestrate import k8s
-    from coaflow.orchestrate.command import parse
+    from coaflow.orchestrate.command import _Parser, input_folders, parse
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" not in argv:
         print("usage: python -m coaflow.orchestrate.trainjob --nodes N --gpus-per-node G "
               "[--k8s-json JSON] -- coaflow stage NAME ...", file=sys.stderr)
         return 2
-    cut = argv.index("--")
-    p = argparse.ArgumentParser(prog="python -m coaflow.orchestrate.trainjob")
-    p.add_argument("--nodes", type=int, required=True)
-    p.add_argument("--gpus-per-node", type=int, required=True)
-    p.add_argument("--k8s-json", help="the Kubernetes settings (default: the packaged file, or "
-                   "$COAFLOW_K8S_CONFIG)")
-    p.add_argument("--poll-s", type=float, default=10.0)
-    opts = p.parse_args(argv[:cut])
-    stage_cmd = argv[cut + 1:]
-    if stage_cmd[:1] == ["coaflow"]:
-        stage_cmd = stage_cmd[1:]
-    args = parse(stage_cmd)
-    ks = (KubernetesSettings.model_validate(json.loads(opts.k8s_json)) if opts.k8s_json
-          else k8s.load())
-    inputs: dict[str, list[str]] = {}
-    for item in args.inputs:
-        name, _, folder = item.partition("=")
-        inputs.setdefault(name, []).append(folder)
+    try:
+        cut = argv.index("--")
+        p = _Parser(prog="python -m coaflow.orchestrate.trainjob")
+        p.add_argument("--nodes", type=int, required=True)
+        p.add_argument("--gpus-per-node", type=int, required=True)
+        p.add_argument("--k8s-json", help="the Kubernetes settings (default: the packaged file, "
+                       "or $COAFLOW_K8S_CONFIG)")
+        p.add_argument("--poll-s", type=float, default=10.0)
+        opts = p.parse_args(argv[:cut])
+        stage_cmd = argv[cut + 1:]
+        if stage_cmd[:1] == ["coaflow"]:
+            stage_cmd = stage_cmd[1:]
+        args = parse(stage_cmd)
+        ks = _settings(opts.k8s_json) if opts.k8s_json else k8s.load()
+        inputs = input_folders(args.inputs)
+    except CoaflowError as e:
+        print(f"Error: {redact(str(e))}", file=sys.stderr, flush=True)
+        return e.exit_code
     return launch(args.name, profile=args.config, out=args.out, inputs=inputs,
                   overrides=args.overrides, run_id=args.run_id or "run", ks=ks,
                   nodes=opts.nodes, gpus_per_node=opts.gpus_per_node, poll_s=opts.poll_s,
                   log=lambda line: print(line, flush=True))
+
+
+def _settings(text: str) -> KubernetesSettings:
+    """``--k8s-json``: the settings as JSON, one line naming what is wrong."""
+    from pydantic import ValidationError
+
+    from coaflow.orchestrate.k8s import invalid
+
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--k8s-json: not JSON ({e})") from None
+    try:
+        return KubernetesSettings.model_validate(data)
+    except ValidationError as e:
+        raise invalid("--k8s-json", e) from None
 
 
 if __name__ == "__main__":

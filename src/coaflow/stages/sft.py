@@ -145,6 +145,7 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
     last = get_last_checkpoint(str(ckpt_dir)) if ctx.resume and ckpt_dir.is_dir() else None
     trainer, history = build_trainer(cfg, model, tokenizer, data.examples, ckpt_dir, ctx.run.seed,
                                      tracker=ctx.tracker, callbacks=callbacks)
+    tokens_before = continue_from(trainer, history, last)
     ctx.tracker.log_dataset(
         [{"id": t.id, "suite": t.task.suite, "task_id": t.task.task_id, "steps": len(t.content),
           "tool_calls": len(t.tool_calls())} for t in data.train],
@@ -171,6 +172,8 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
         ctx.tracker.log_artifact(final, "model")
     metrics = _metrics(cfg, data, stats, history, out, trainer, train_seconds, check)
     metrics["resumed_from_step"] = float(int(Path(last).name.rsplit("-", 1)[-1]) if last else 0)
+    if last and train_seconds > 0:  # a rate is this attempt's: its own tokens over its seconds
+        metrics["tokens_per_second"] = (metrics["train_tokens"] - tokens_before) / train_seconds
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the final model is in model/; checkpoints were
     # only the resume points of this attempt
     from coaflow.stages.sft_data import tool_names
@@ -199,6 +202,21 @@ def _budgets(cfg: Config, data: TrainingData, tokenizer, template: str | None, o
                              max_turns=cfg.heldout_max_turns,
                              max_new_tokens=cfg.sample_max_new_tokens, allow_tight=True)
     return held
+
+
+def continue_from(trainer, history: list[dict], checkpoint: str | None) -> float:
+    """On resume, make the metrics describe the whole training, not the resumed half: the
+    checkpoint's logged history goes before this attempt's (``train_loss_initial`` is step 1's)
+    and the token count continues from it (``train_tokens`` counts every step). Returns the
+    tokens trained before this attempt. (``train_loss_mean`` stays the trainer's own, which is
+    this attempt's: the loss of the steps between the last log and the checkpoint is lost.)"""
+    if not checkpoint:
+        return 0.0
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    earlier = [dict(h) for h in state.get("log_history", []) if "loss" in h]
+    history[:0] = earlier
+    trainer._total_train_tokens = max((h.get("num_tokens", 0) for h in earlier), default=0)
+    return float(trainer._total_train_tokens)
 
 
 @dataclass

@@ -14,6 +14,8 @@ attempt failed, with the reason). Resumable: a rerun after a crash skips tasks a
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import random
 import re
 import time
@@ -96,8 +98,12 @@ def load_tasks(cfg: Config, seed: int):
     from coaflow.envs import make_tasks
     from coaflow.envs.external import load_tasks as load_file
 
-    tasks = [t for suite, n in cfg.suites.items() if n > 0
-             for t in make_tasks(suite, cfg.split, n, seed=seed)]
+    tasks = []
+    for suite, n in cfg.suites.items():
+        try:
+            tasks += make_tasks(suite, cfg.split, n, seed=seed) if n > 0 else []
+        except ValueError as e:  # more distinct questions than the suite can draw
+            raise PipelineError(f"synthesize.suites.{suite}={n}: {e}") from None
     for path in cfg.task_files:
         tasks += _file_tasks(cfg, path, load_file)
     return tasks
@@ -182,8 +188,12 @@ def _tasks(cfg: Config, seed: int) -> tuple[list, dict | None]:
         raise PipelineError("synthesize: no tasks (synthesize.suites and task_files are empty)")
     if cfg.shard is None:
         return tasks, None
-    # the whole list is generated (cheap, by seed), then sliced
-    shard = {"index": cfg.shard, "of": cfg.shards, "tasks": len(tasks)}
+    # the whole list is generated (cheap, by seed), then sliced. ``run`` names the run the
+    # shard belongs to (its config but the index, and the seed): the gate refuses a mix
+    run = json.dumps({**cfg.model_dump(mode="json", exclude={"shard"}), "seed": seed},
+                     sort_keys=True)
+    shard = {"index": cfg.shard, "of": cfg.shards, "tasks": len(tasks),
+             "run": hashlib.sha256(run.encode()).hexdigest()[:16]}
     tasks = tasks[shard_slice(len(tasks), cfg.shard, cfg.shards)]
     if not tasks:
         raise PipelineError(f"synthesize: shard {cfg.shard} of {cfg.shards} has no tasks "
