@@ -50,10 +50,13 @@ def _user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         from coaflow.errors import CoaflowError, PromotionRefused
-        from coaflow.tracking import redact  # a URL's password or an echoed key: never shown
+        from coaflow.tracking import Terminated, redact  # redact: a URL's password, never shown
 
         try:
             return fn(*a, **kw)
+        except Terminated as e:  # SIGTERM: one line and 143 (128 + 15), as a shell reports it
+            click.echo(f"coaflow: {e}; stopped", err=True)
+            sys.exit(143)
         except PromotionRefused as e:
             click.echo(f"promotion refused: {redact(str(e))}", err=True)
             sys.exit(e.exit_code)
