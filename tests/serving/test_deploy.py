@@ -239,6 +239,7 @@ def test_a_deploy_killed_while_its_server_starts_leaves_no_server(tmp_path, monk
     """``kill`` the deploy while its server loads: the server goes too, nothing is left for
     ``undeploy`` to miss (it kept answering /health with no server.json); SIGTERM ends deploy
     with one line and 143 (it printed "Aborted!" and exited 1)."""
+    import os
     import signal
     import subprocess
     import sys
@@ -257,13 +258,20 @@ def test_a_deploy_killed_while_its_server_starts_leaves_no_server(tmp_path, monk
          "--set", "deploy.smoke_tasks=0", "--set", "deploy.threads=1"],
         env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline, server = time.time() + 300, None
-    while server is None and time.time() < deadline and proc.poll() is None:
-        server = next((c for c in _children(proc.pid) if b"serve" in _cmdline(c)), None)
-        time.sleep(0.05)
-    assert server, f"deploy started no server: {proc.communicate()}"
-    proc.send_signal(getattr(signal, sig))
-    out, err = proc.communicate(timeout=120)
-    assert _gone(server, 60), "the server outlived its deploy"
+    try:
+        while server is None and time.time() < deadline and proc.poll() is None:
+            server = next((c for c in _children(proc.pid) if b"serve" in _cmdline(c)), None)
+            time.sleep(0.05)
+        assert server, f"deploy started no server: {proc.communicate()}"
+        proc.send_signal(getattr(signal, sig))
+        out, err = proc.communicate(timeout=120)
+        assert _gone(server, 60), "the server outlived its deploy"
+    finally:  # whatever failed: no deploy and no server of this test left running
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if server and deploy._alive(server):
+            os.kill(server, signal.SIGKILL)
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
     assert deploy.read_state(work, MODEL) is None
