@@ -229,10 +229,14 @@ class TransformersEngine:
         self.incoming.put(req)
         return seqs
 
-    def shutdown(self) -> None:
-        """Stop: every unfinished row ends with an error event within one step."""
+    def shutdown(self, wait_s: float = 0) -> None:
+        """Stop: every unfinished row ends with an error event within one step; wait up to
+        ``wait_s`` for the loop to leave the model (a process exiting while a daemon thread is
+        inside a torch op aborts)."""
         self._stopping.set()
         self.incoming.put(None)  # wakes an idle loop
+        if wait_s:
+            self._thread.join(wait_s)
 
     # --- the generation thread -----------------------------------------------------------------
 

@@ -195,4 +195,6 @@ def serve(spec: str, *, host: str = "127.0.0.1", port: int = 8000, engine: str =
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn raises the signal again once it has shut down
         pass
+    finally:
+        eng.shutdown(wait_s=30)
     log(f"stopped serving {served}")
