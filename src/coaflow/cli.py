@@ -50,10 +50,13 @@ def _user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         from coaflow.errors import CoaflowError, PromotionRefused
-        from coaflow.tracking import redact  # a URL's password or an echoed key: never shown
+        from coaflow.tracking import Terminated, redact  # redact: a URL's password, never shown
 
         try:
             return fn(*a, **kw)
+        except Terminated as e:  # SIGTERM: one line and 143 (128 + 15), as a shell reports it
+            click.echo(f"coaflow: {e}; stopped", err=True)
+            sys.exit(143)
         except PromotionRefused as e:
             click.echo(f"promotion refused: {redact(str(e))}", err=True)
             sys.exit(e.exit_code)
@@ -327,9 +330,16 @@ def registry_options(fn):
 @click.option("--name", help="model name clients send [the registered model or folder name]")
 @click.option("--system-prompt", help="system prompt when a client sends none [the one recorded "
               "with the model]")
-@click.option("--max-batch", default=16, show_default=True, help="sequences per generate call")
+@click.option("--max-batch", default=16, show_default=True, help="sequences decoded together; "
+              "shared out by request, not by row")
+@click.option("--max-n", default=16, show_default=True, help="largest n (choices) a request may "
+              "ask for; more is a 400 naming n")
 @click.option("--batch-wait-ms", default=10.0, show_default=True,
-              help="how long the first request waits for others to join its batch")
+              help="how long the first request on an idle server waits for others")
+@click.option("--prefill-chunk", default=256, show_default=True, help="prompt tokens encoded "
+              "between two decode steps (a short request waits at most one chunk)")
+@click.option("--prefix-cache-mb", default=1024, show_default=True, help="memory for keys and "
+              "values of finished contexts a later request may start with (0: none)")
 @click.option("--max-tokens", default=512, show_default=True, help="default max_tokens")
 @click.option("--reuse-port", is_flag=True, help="bind with SO_REUSEPORT (a replacement server "
               "starts beside the old one)")
@@ -338,8 +348,9 @@ def registry_options(fn):
               "default; 1 is fastest on a CPU shared with other work)")
 @registry_options
 @_user_errors
-def serve_cmd(model, host, port, engine, name, system_prompt, max_batch, batch_wait_ms,
-              max_tokens, reuse_port, vllm_args, threads, workdir, registry_uri):
+def serve_cmd(model, host, port, engine, name, system_prompt, max_batch, max_n, batch_wait_ms,
+              prefill_chunk, prefix_cache_mb, max_tokens, reuse_port, vllm_args, threads, workdir,
+              registry_uri):
     """Serve MODEL behind an OpenAI-compatible API: models:/NAME@ALIAS, models:/NAME/N, a local
     HF folder or a hub id.
 
@@ -353,7 +364,8 @@ def serve_cmd(model, host, port, engine, name, system_prompt, max_batch, batch_w
           registry_uri=_registry_uri(workdir, registry_uri),
           cache_dir=Path(workdir).resolve() / "serving" / "models", max_batch=max_batch,
           batch_wait_ms=batch_wait_ms, max_tokens=max_tokens, reuse_port=reuse_port,
-          vllm_args=list(vllm_args), threads=threads, log=lambda m: click.echo(m, err=True))
+          vllm_args=list(vllm_args), threads=threads, max_n=max_n, prefill_chunk=prefill_chunk,
+          prefix_cache_mb=prefix_cache_mb, log=lambda m: click.echo(m, err=True))
 
 
 @main.group("models")

@@ -138,3 +138,146 @@ def test_kubernetes_rollout_patches_and_waits():
     with pytest.raises(ServiceUnavailable, match="1/2 updated"):
         deploy.rollout_kubernetes(slow, "models:/m-agent/4", 4, FakeApps(ready_after=10 ** 6),
                                   poll_s=0.01)
+
+
+# --- issue 32: a managed server is recorded before it answers and dies with its deploy ---------
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    from pathlib import Path
+
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:  # gone meanwhile
+        return b""
+
+
+def _gone(pid: int, within: float) -> bool:
+    import time
+
+    deadline = time.time() + within
+    while time.time() < deadline:
+        if not deploy._alive(pid):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.slow
+def test_a_managed_server_answers_only_once_recorded_and_stops_with_its_deploy(tiny_dir,
+                                                                                tmp_path):
+    """The pipe ``deploy`` hands its server: no port before ``R`` (deploy has written
+    server.json by then), and the pipe closing before ``H`` stops it (deploy died)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from coaflow.serving.server import PARENT_FD
+    from tests.serving.serve_fixtures import env
+
+    port = free_port()
+    watch, tell = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "coaflow.cli", "serve", str(tiny_dir),
+                             "--port", str(port), "--engine", "transformers", "--name", "t",
+                             "--workdir", str(tmp_path), "--threads", "1"],
+                            env={**env(), PARENT_FD: str(watch)}, pass_fds=(watch,),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    os.close(watch)
+    url = f"http://127.0.0.1:{port}/health"
+    try:
+        deadline = time.time() + 20  # the tiny model loads in a few seconds: it would answer
+        while time.time() < deadline:
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(url, timeout=1)
+            time.sleep(0.5)
+        os.write(tell, b"R")
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(url, timeout=1).json()["pid"] == proc.pid:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            pytest.fail(f"not serving after R: {proc.stderr.read()[-1000:]}")
+        os.close(tell)  # the deploy is gone before handing the server over
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _registered(tmp_path, model):
+    work = (tmp_path / "work").resolve()
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    reg = Registry(uri)
+    reg.register(MODEL, model, tags={}, info={"system_prompt": SYSTEM}, experiment=NAME)
+    reg.promote(MODEL, 1, "test")
+    registered = rf.stage_folder(tmp_path / "register", Result(summary={
+        "model": MODEL, "registry_uri": uri, "promoted": True, "version": 1}), "reg-key")
+    return work, registered
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_deploy_killed_while_its_server_starts_leaves_no_server(tmp_path, monkeypatch,
+                                                                  tiny_dir, sig):
+    """``kill`` the deploy while its server loads: the server goes too, nothing is left for
+    ``undeploy`` to miss (it kept answering /health with no server.json); SIGTERM ends deploy
+    with one line and 143 (it printed "Aborted!" and exited 1)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.serving.serve_fixtures import env
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    work, registered = _registered(tmp_path, tiny_dir)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coaflow.cli", "stage", "deploy", "--config", "tiny",
+         "--out", str(tmp_path / "deploy"), "--input", f"register={registered}",
+         "--set", f"run.workdir={work}", "--set", f"run.name={NAME}",
+         "--set", f"deploy.port={port}", "--set", "deploy.engine=transformers",
+         "--set", "deploy.smoke_tasks=0", "--set", "deploy.threads=1"],
+        env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, server = time.time() + 300, None
+    try:
+        while server is None and time.time() < deadline and proc.poll() is None:
+            server = next((c for c in _children(proc.pid) if b"serve" in _cmdline(c)), None)
+            time.sleep(0.05)
+        assert server, f"deploy started no server: {proc.communicate()}"
+        proc.send_signal(getattr(signal, sig))
+        out, err = proc.communicate(timeout=120)
+        assert _gone(server, 60), "the server outlived its deploy"
+    finally:  # whatever failed: no deploy and no server of this test left running
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if server and deploy._alive(server):
+            os.kill(server, signal.SIGKILL)
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+    assert deploy.read_state(work, MODEL) is None
+    assert deploy.undeploy(work, MODEL, log=lambda *_: None) is None
+    if sig == "SIGTERM":
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert proc.returncode == 143, err[-2000:]
+        assert "Aborted" not in err and "Traceback" not in err, err[-2000:]
+        assert "terminated by signal 15" in lines[-1]

@@ -2,14 +2,20 @@
 framework speak.
 
     POST /v1/chat/completions   messages (+ tools): the model's <tool_call> blocks come back as
-                                ``tool_calls``; stream=true sends server-sent events; n, max_tokens,
-                                temperature, top_p, stop
+                                ``tool_calls``; stream=true sends server-sent events; n (at most
+                                the server's --max-n, 16 by default), max_tokens, temperature,
+                                top_p, stop, seed, logprobs/top_logprobs, tool_choice
     GET  /v1/models             the one model served
     GET  /health                200 once the model is loaded
-    GET  /metrics               Prometheus text: requests, latency, tokens, batches
+    GET  /metrics               Prometheus text: requests, latency, tokens, decode steps
 
-When the client sends no system message, the system prompt the model was trained with (recorded
-in the model folder's ``coaflow_model.json`` at registration) is put first, as in training.
+What is checked and what is refused: ``schema``. When the client sends no system message, the
+system prompt the model was trained with (recorded in the model folder's ``coaflow_model.json``
+at registration) is put first, as in training.
+
+A prompt is rendered and tokenized off the event loop, at most ``TOKENIZE_AT_ONCE`` at a time
+(each may be megabytes), only while its client is still there, and refused by its length in
+characters before it is tokenized when it cannot fit the model's context.
 """
 
 from __future__ import annotations
@@ -20,129 +26,26 @@ import os
 import re
 import time
 import uuid
-from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from coaflow.models.toolcalls import TOOL_CALL_RE, parse_tool_calls
 from coaflow.serving.engine import EngineError
 from coaflow.serving.metrics import Metrics
+from coaflow.serving.schema import (  # noqa: F401 - ChatRequest and to_messages are this API's
+    TOOL_OPEN,
+    ChatRequest,
+    check,
+    forced_start,
+    request_tools,
+    to_messages,
+    validation_message,
+)
 
-TOOL_OPEN = "<tool_call>"
-
-
-MAX_STOP, MAX_STOP_CHARS = 4, 256  # OpenAI's limit on stop sequences; a stop string's length
 MAX_BODY_BYTES = 4 << 20  # a request body larger than this is refused (413) before it is parsed
-
-
-class _Strict(BaseModel):
-    # strict: "8" is not 8 and "yes" is not true; NaN/Infinity are not numbers
-    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
-
-
-class Function(_Strict):
-    name: str = Field(min_length=1, max_length=256)
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-
-
-class Tool(_Strict):
-    type: Literal["function"] = "function"
-    function: Function
-
-
-class ToolCallFunction(_Strict):
-    name: str = Field(min_length=1)
-    arguments: str
-
-
-class ToolCall(_Strict):
-    id: str | None = None
-    type: Literal["function"] = "function"
-    function: ToolCallFunction
-
-
-class ContentPart(_Strict):
-    type: str
-    text: str | None = None
-
-
-class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-    tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
-
-
-class ChatRequest(_Strict):
-    """The OpenAI chat request, checked strictly: a bad field is a 400 naming it, never a 500
-    (fields coaflow does not use, such as seed or user, are accepted and ignored)."""
-
-    model: str
-    messages: list[Message] = Field(min_length=1)
-    tools: list[Tool] | None = Field(None, max_length=128)
-    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
-    stream: bool = False
-    n: int = Field(1, ge=1, le=16)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    stop: str | list[str] | None = None
-    ignore_eos: bool = False  # vLLM's extra: generate max_tokens tokens (benchmarks)
-
-    @field_validator("temperature", "top_p", mode="before")
-    @classmethod
-    def _int_is_a_number(cls, v: Any) -> Any:
-        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
-
-    @field_validator("stop")
-    @classmethod
-    def _bounded_stop(cls, v: str | list[str] | None) -> str | list[str] | None:
-        stops = [v] if isinstance(v, str) else v or []
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(stops)}")
-        if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
-            raise ValueError(f"a stop sequence has 1 to {MAX_STOP_CHARS} characters")
-        return v
-
-
-def validation_message(err: Any) -> tuple[str, str]:
-    """(field, message) of the first error of a ``RequestValidationError`` or pydantic
-    ``ValidationError``, without the input value (it may be NaN, which JSON cannot carry)."""
-    first = err.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    field = ".".join(loc) or "(body)"
-    return field, f"{field}: {first.get('msg', 'invalid')}"
-
-
-def _text(content: Any) -> str:
-    """OpenAI content may be a string or a list of parts; the model reads text."""
-    if isinstance(content, list):
-        return "".join(p.get("text") or "" for p in content if isinstance(p, dict))
-    return content or ""
-
-
-def to_messages(req: ChatRequest, system_prompt: str | None) -> list[dict]:
-    messages = []
-    for msg in req.messages:
-        m = msg.model_dump(exclude_none=True)
-        m["content"] = _text(m.get("content"))
-        messages.append(m)
-    if system_prompt and not any(m.get("role") in ("system", "developer") for m in messages):
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    return [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
-
-
-def request_tools(req: ChatRequest) -> list[dict] | None:
-    """The request's tool schemas as the chat template renders them (as training did)."""
-    if req.tool_choice == "none":
-        return None
-    return [t.model_dump(exclude_none=True) for t in req.tools or []]
+TOKENIZE_AT_ONCE = 2  # prompts rendered and tokenized at the same time (CPU and memory bound)
 
 
 def split_tool_calls(text: str, tools_given: bool) -> tuple[str | None, list[dict]]:
@@ -188,12 +91,12 @@ class BodyLimit:
         await self.app(scope, receive, send)
 
 
-async def _drain(s) -> str:
-    """Wait for one generated sequence to end; its finish reason (or "error")."""
+async def _drain(s) -> tuple[str, str]:
+    """Wait for one generated sequence to end: ("done", finish reason) or ("error", message)."""
     while True:
         event = await s.events.get()
         if event[0] in ("done", "error"):
-            return "error" if event[0] == "error" else event[1]
+            return event[0], event[1]
 
 
 async def _watch(request: Request, seqs) -> None:
@@ -208,39 +111,34 @@ async def _watch(request: Request, seqs) -> None:
             return
 
 
-async def _choices(seqs, tools_given: bool) -> list[dict] | str:
-    """The ``choices`` of a finished (non-streamed) completion, or "cancelled"/"error"."""
-    choices = []
-    for i, s in enumerate(seqs):
-        reason = await _drain(s)
-        if reason in ("cancelled", "error"):
-            return reason
-        content, calls = split_tool_calls(s.text, tools_given)
-        message = {"role": "assistant", "content": content}
-        if calls:
-            message["tool_calls"] = calls
-        choices.append({"index": i, "message": message, "logprobs": None,
-                        "finish_reason": "tool_calls" if calls else reason})
-    return choices
-
-
 def create_app(engine, model_name: str, system_prompt: str | None = None,
-               max_tokens_default: int = 512, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_tokens_default: int = 512, max_body_bytes: int = MAX_BODY_BYTES,
+               max_n: int = 16) -> FastAPI:
     app = FastAPI(title="coaflow serving", version="1")
     metrics = Metrics(engine)
     watchers: set[asyncio.Task] = set()
     created = int(time.time())
+    tokenizing = asyncio.Semaphore(TOKENIZE_AT_ONCE)
 
-    def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-        return JSONResponse({"error": {"message": message, "type": kind, "code": status}},
-                            status_code=status)
+    def error(status: int, message: str, kind: str = "invalid_request_error",
+              param: str | None = None) -> JSONResponse:
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param,
+                                       "code": status}}, status_code=status)
+
+    def logprob_items(entries) -> list[dict]:
+        """OpenAI's ``logprobs.content`` items for (token id, logprob, top alternatives)."""
+        def one(tid: int, lp: float) -> dict:
+            text = engine.tokenizer.decode([tid])
+            return {"token": text, "logprob": max(lp, -9999.0), "bytes": list(text.encode())}
+
+        return [{**one(t, lp), "top_logprobs": [one(a, b) for a, b in top]}
+                for t, lp, top in entries]
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         field, message = validation_message(exc)
         metrics.request("chat", 400, 0)
-        return JSONResponse({"error": {"message": message, "type": "invalid_request_error",
-                                       "param": field, "code": 400}}, status_code=400)
+        return error(400, message, param=field)
 
     app.add_middleware(BodyLimit, limit=max_body_bytes)
 
@@ -263,38 +161,67 @@ def create_app(engine, model_name: str, system_prompt: str | None = None,
         if req.model != model_name:
             metrics.request("chat", 404, 0)
             return error(404, f"The model `{req.model}` does not exist (serving: {model_name})",
-                         "not_found_error")
-        tools = request_tools(req)
-        try:  # rendering and tokenizing a long prompt is CPU work: off the event loop
-            ids = await asyncio.to_thread(engine.prompt_ids, to_messages(req, system_prompt),
-                                          tools)
+                         "not_found_error", "model")
+        bad = check(req, max_n)
+        if bad:
+            metrics.request("chat", 400, 0)
+            return error(400, bad[1], param=bad[0])
+        tools, forced = request_tools(req), forced_start(req)
+        max_tokens = req.max_completion_tokens or req.max_tokens or max_tokens_default
+        try:
+            async with tokenizing:  # a few prompts at a time, and only for clients still there
+                if await request.is_disconnected():
+                    metrics.request("chat", 499, time.perf_counter() - start)
+                    return error(499, "client closed the request")
+                ids = await asyncio.to_thread(engine.prompt_ids, to_messages(req, system_prompt),
+                                              tools, max_tokens, forced)
             stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-            max_tokens = req.max_completion_tokens or req.max_tokens or max_tokens_default
             seqs = engine.submit(ids, req.n, max_tokens, engine.sampling(req.temperature,
                                                                           req.top_p), stops,
-                                 asyncio.get_running_loop(), ignore_eos=req.ignore_eos)
-        except Exception as e:  # noqa: BLE001 - bad messages, a template error, too long: 400
+                                 asyncio.get_running_loop(), ignore_eos=req.ignore_eos,
+                                 logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+                                 seed=req.seed, forced=forced)
+        except EngineError as e:
+            status = 503 if e.field == "(server)" else 400
+            metrics.request("chat", status, time.perf_counter() - start)
+            return error(status, str(e), param=e.field)
+        except Exception as e:  # noqa: BLE001 - bad messages, a template error: 400
             metrics.request("chat", 400, time.perf_counter() - start)
-            return error(400, f"{type(e).__name__}: {e}" if not isinstance(e, EngineError)
-                         else str(e))
+            return error(400, f"messages: {type(e).__name__}: {e}", param="messages")
         watcher = asyncio.create_task(_watch(request, seqs))
         watchers.add(watcher)  # held until done: the loop keeps only weak references to tasks
         watcher.add_done_callback(watchers.discard)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        usage = req.stream_options.include_usage if req.stream_options else False
         if req.stream:
-            return StreamingResponse(_stream(rid, seqs, len(ids), bool(tools), start),
+            return StreamingResponse(_stream(rid, seqs, len(ids), bool(tools), start, usage,
+                                             req.parallel_tool_calls),
                                      media_type="text/event-stream")
         try:
-            choices = await _choices(seqs, bool(tools))
+            choices = []
+            for i, s in enumerate(seqs):
+                kind, value = await _drain(s)
+                if kind == "error" or value == "cancelled":
+                    break
+                content, calls = split_tool_calls(s.text, bool(tools))
+                calls = calls if req.parallel_tool_calls else calls[:1]
+                message = {"role": "assistant", "content": content}
+                if calls:
+                    message["tool_calls"] = calls
+                choices.append({"index": i, "message": message, "finish_reason":
+                                "tool_calls" if calls else value, "logprobs":
+                                {"content": logprob_items(s.token_logprobs)}
+                                if s.logprobs is not None else None})
         finally:
             for s in seqs:
                 s.cancel()  # a no-op for finished rows; stops the rest if the handler ends
-        if choices == "cancelled":  # the client is gone: nobody reads an answer
+        if value == "cancelled":  # the client is gone: nobody reads an answer
             metrics.request("chat", 499, time.perf_counter() - start)
             return error(499, "client closed the request")
-        if choices == "error":
-            metrics.request("chat", 500, time.perf_counter() - start)
-            return error(500, "generation failed", "server_error")
+        if kind == "error":
+            status = 503 if "shutting down" in value else 500
+            metrics.request("chat", status, time.perf_counter() - start)
+            return error(status, f"generation failed: {value}", "server_error")
         completion = sum(len(s.ids) for s in seqs)
         metrics.request("chat", 200, time.perf_counter() - start, len(ids), completion)
         return {"id": rid, "object": "chat.completion", "created": int(time.time()),
@@ -302,20 +229,21 @@ def create_app(engine, model_name: str, system_prompt: str | None = None,
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": completion,
                           "total_tokens": len(ids) + completion}}
 
-    async def _stream(rid: str, seqs, prompt_tokens: int, tools_given: bool, start: float):
+    async def _stream(rid: str, seqs, prompt_tokens: int, tools_given: bool, start: float,
+                      usage: bool, parallel: bool):
         """Server-sent events: a role chunk, text deltas as they are generated (text from the
         first ``<tool_call>`` on is held until the turn ends and sent as ``tool_calls``), a
-        finish chunk per choice, then ``[DONE]``."""
+        finish chunk per choice, a usage chunk when asked, then ``[DONE]``."""
 
-        def chunk(i: int, delta: dict, finish: str | None = None) -> str:
+        def chunk(i: int, delta: dict, finish: str | None = None, lp=None) -> str:
             body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
                     "model": model_name, "choices": [{"index": i, "delta": delta,
-                                                      "logprobs": None, "finish_reason": finish}]}
+                                                      "logprobs": lp, "finish_reason": finish}]}
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         status = 200
         try:
-            async for event in _events(seqs, tools_given, chunk):
+            async for event in _events(seqs, tools_given, chunk, parallel):
                 if event is None:
                     status = 500
                     continue
@@ -323,17 +251,31 @@ def create_app(engine, model_name: str, system_prompt: str | None = None,
         finally:  # the client went away (the generator is closed): stop generating for it
             for s in seqs:
                 s.cancel()
+        completion = sum(len(s.ids) for s in seqs)
+        if usage:
+            body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+                    "model": model_name, "choices": [], "usage": {
+                        "prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                        "total_tokens": prompt_tokens + completion}}
+            yield f"data: {json.dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
-        metrics.request("chat", status, time.perf_counter() - start, prompt_tokens,
-                        sum(len(s.ids) for s in seqs))
+        metrics.request("chat", status, time.perf_counter() - start, prompt_tokens, completion)
 
-    async def _events(seqs, tools_given: bool, chunk):
+    async def _events(seqs, tools_given: bool, chunk, parallel: bool):
         """The chunks of every choice in turn; None marks a generation error."""
         for i, s in enumerate(seqs):
             yield chunk(i, {"role": "assistant", "content": ""})
-            got, sent = "", 0  # text generated so far; characters of it streamed as content
+            got, sent, lp_sent = "", 0, 0  # text so far; characters and logprobs streamed
+
+            def logprobs(upto: int, s=s):
+                nonlocal lp_sent
+                if s.logprobs is None:
+                    return None
+                items, lp_sent = logprob_items(s.token_logprobs[lp_sent:upto]), upto
+                return {"content": items}
+
             while True:
-                kind, value = await s.events.get()
+                kind, value, *count = await s.events.get()
                 if kind == "text":
                     got += value
                     visible = got
@@ -341,7 +283,7 @@ def create_app(engine, model_name: str, system_prompt: str | None = None,
                         cut = got.find(TOOL_OPEN)
                         visible = got[:cut] if cut >= 0 else _without_partial_tag(got)
                     if len(visible) > sent:
-                        yield chunk(i, {"content": visible[sent:]})
+                        yield chunk(i, {"content": visible[sent:]}, lp=logprobs(count[0]))
                         sent = len(visible)
                     continue
                 if kind == "error":
@@ -349,6 +291,7 @@ def create_app(engine, model_name: str, system_prompt: str | None = None,
                     yield f"data: {json.dumps({'error': {'message': value}})}\n\n"
                     break
                 content, calls = split_tool_calls(got, tools_given)
+                calls = calls if parallel else calls[:1]
                 if calls:
                     streamed = got[:sent].strip()
                     rest = (content or "")[len(streamed):] if (content or "").startswith(
@@ -359,7 +302,8 @@ def create_app(engine, model_name: str, system_prompt: str | None = None,
                     yield chunk(i, {"content": rest})
                 if calls:
                     yield chunk(i, {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]})
-                yield chunk(i, {}, "tool_calls" if calls else value)
+                yield chunk(i, {}, "tool_calls" if calls else value,
+                            lp=logprobs(len(s.token_logprobs)))
                 break
 
     return app
@@ -375,4 +319,3 @@ def _without_partial_tag(text: str) -> str:
         if text.endswith(TOOL_OPEN[:k]):
             return text[:-k]
     return text
-

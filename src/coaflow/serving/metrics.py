@@ -4,7 +4,8 @@ not need a client library.
     coaflow_requests_total{endpoint="chat",status="200"} 12
     coaflow_request_seconds_bucket{endpoint="chat",le="0.5"} 9
     coaflow_prompt_tokens_total 1450 / coaflow_completion_tokens_total 980
-    coaflow_batches_total 7 / coaflow_batched_sequences_total 12 / coaflow_queue_depth 0
+    coaflow_decode_steps_total 310 / coaflow_decode_rows_total 1240 / coaflow_queue_depth 0
+    coaflow_prefill_tokens_total 5200 / coaflow_prefix_cache_tokens_total 3900
 """
 
 from __future__ import annotations
@@ -13,6 +14,18 @@ import threading
 from collections import Counter
 
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ENGINE_SERIES = (  # (name, type, help) of the engine's counters (engine.stats, less "_total")
+    ("decode_steps_total", "counter", "Decode steps (one token for every row in the batch)."),
+    ("decode_rows_total", "counter", "Rows summed over decode steps (/ steps: the mean batch)."),
+    ("decode_seconds_total", "counter", "Seconds spent in decode steps."),
+    ("prefill_tokens_total", "counter", "Prompt tokens encoded."),
+    ("prefill_chunks_total", "counter", "Prompt chunks encoded (one between two decode steps)."),
+    ("prefill_seconds_total", "counter", "Seconds spent encoding prompts."),
+    ("prefix_cache_tokens_total", "counter", "Prompt tokens whose keys and values were reused "
+     "from an earlier request instead of encoded."),
+    ("preemptions_total", "counter", "Rows set aside (keys and values kept) to give another "
+     "request its share of the batch."),
+)
 
 
 class Metrics:
@@ -66,20 +79,13 @@ class Metrics:
                         f"coaflow_{name} {value}"]
         stats = getattr(self.engine, "stats", None)
         if stats is not None:
-            out += ["# HELP coaflow_batches_total Generate calls (each one batch).",
-                    "# TYPE coaflow_batches_total counter", f"coaflow_batches_total {stats['batches']}",
-                    "# HELP coaflow_batched_sequences_total Sequences generated in batches.",
-                    "# TYPE coaflow_batched_sequences_total counter",
-                    f"coaflow_batched_sequences_total {stats['batched_sequences']}",
-                    "# HELP coaflow_decode_steps_total Decode steps of the engine (one token "
-                    "per row of the batch).",
-                    "# TYPE coaflow_decode_steps_total counter",
-                    f"coaflow_decode_steps_total {stats.get('decode_steps', 0)}",
-                    "# HELP coaflow_preemptions_total Batches stopped early to let a waiting "
-                    "request in.",
-                    "# TYPE coaflow_preemptions_total counter",
-                    f"coaflow_preemptions_total {stats.get('preemptions', 0)}",
-                    "# HELP coaflow_queue_depth Sequences waiting for a batch.",
+            for name, kind, text in ENGINE_SERIES:
+                out += [f"# HELP coaflow_{name} {text}", f"# TYPE coaflow_{name} {kind}",
+                        f"coaflow_{name} {stats[name.removesuffix('_total')]}"]
+            out += ["# HELP coaflow_queue_depth Sequences waiting to be encoded or for a place.",
                     "# TYPE coaflow_queue_depth gauge",
-                    f"coaflow_queue_depth {self.engine.pending.qsize()}"]
+                    f"coaflow_queue_depth {self.engine.queue_depth()}",
+                    "# HELP coaflow_running_sequences Sequences in the decode batch.",
+                    "# TYPE coaflow_running_sequences gauge",
+                    f"coaflow_running_sequences {len(self.engine.running)}"]
         return "\n".join(out) + "\n"

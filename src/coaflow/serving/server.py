@@ -13,7 +13,14 @@ there, else transformers.
 
 The model is loaded *before* the port is bound, so a client never waits on a half-started server;
 with ``reuse_port`` a replacement binds the same port while the old server still answers (the
-deploy stage swaps servers this way, then stops the old one).
+deploy stage swaps servers this way, then stops the old one). SIGTERM stops it promptly: the
+engine ends every generation within a step (their clients get an error, 503 or a stream's error
+event), uvicorn closes the connections, and the process exits 0.
+
+A server that ``deploy`` manages watches a pipe from it (its read end's number in
+``COAFLOW_PARENT_FD``): it binds its port only once deploy has recorded it (``R``), serves on
+its own once handed over (``H``), and stops when the pipe closes before that (deploy was killed):
+no server runs that ``coaflow undeploy`` cannot find.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import json
 import os
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from coaflow.errors import UserError
@@ -108,12 +116,36 @@ def vllm_argv(model: str, name: str, host: str, port: int, template: str | None,
     return argv + list(extra)
 
 
+PARENT_FD = "COAFLOW_PARENT_FD"  # the pipe of the deploy that manages this server
+
+
+def wait_recorded(fd: int) -> None:
+    """Block until the managing deploy has recorded this server (``R`` on the pipe)."""
+    if os.read(fd, 1) != b"R":  # end of file: deploy is gone before it recorded us
+        raise UserError("the deploy that started this server ended before recording it; "
+                        "not serving")
+
+
+def watch_parent(fd: int, stop) -> threading.Thread:
+    """Call ``stop`` when the pipe closes before the handover byte ``H`` comes."""
+    def run():
+        while (b := os.read(fd, 1)) not in (b"H", b""):
+            pass
+        os.close(fd)
+        if not b:
+            stop()
+
+    thread = threading.Thread(target=run, name="coaflow-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def serve(spec: str, *, host: str = "127.0.0.1", port: int = 8000, engine: str = "auto",
           name: str | None = None, registry_uri: str, cache_dir: str | Path,
           system_prompt: str | None = None, max_batch: int = 16, batch_wait_ms: float = 10.0,
           max_tokens: int = 512, reuse_port: bool = False, vllm_args: list[str] = (),
-          threads: int = 0,
-          log=print) -> None:
+          threads: int = 0, max_n: int = 16, prefill_chunk: int = 256,
+          prefix_cache_mb: int = 1024, log=print) -> None:
     model, served = resolve(spec, registry_uri, cache_dir)
     served = name or served
     prompt = system_prompt if system_prompt is not None else trained_system_prompt(model)
@@ -136,14 +168,33 @@ def serve(spec: str, *, host: str = "127.0.0.1", port: int = 8000, engine: str =
     from coaflow.serving.app import create_app
     from coaflow.serving.engine import TransformersEngine
 
+    parent = os.environ.pop(PARENT_FD, None)  # not handed down to anything this starts
     try:
         eng = TransformersEngine(model, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
-                                threads=threads)
+                                 threads=threads, prefill_chunk=prefill_chunk,
+                                 prefix_cache_mb=prefix_cache_mb)
     except Exception as e:  # a missing or corrupt checkpoint: one line, not a traceback
         raise UserError(f"{spec}: cannot load the model from {model}: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    app = create_app(eng, served, prompt, max_tokens_default=max_tokens)
+    app = create_app(eng, served, prompt, max_tokens_default=max_tokens, max_n=max_n)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGTERM/SIGINT: end the generations first
+            eng.shutdown()
+            super().handle_exit(sig, frame)
+
+    # a stream still open after the engine stopped is closed after this many seconds
+    server = Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                   timeout_graceful_shutdown=5))
+    if parent:
+        wait_recorded(int(parent))
+        watch_parent(int(parent), lambda: server.handle_exit(15, None))
     sock = bind(host, port, reuse_port)
     log(f"serving {served} ({model}) with transformers on http://{host}:{port}/v1")
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn raises the signal again once it has shut down
+        pass
+    finally:
+        eng.shutdown(wait_s=30)
+    log(f"stopped serving {served}")

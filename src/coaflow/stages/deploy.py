@@ -32,6 +32,7 @@ from pydantic import Field
 from coaflow.config import Section
 from coaflow.contract import Context, PipelineError, Result
 from coaflow.errors import CoaflowError, ServiceUnavailable, UserError
+from coaflow.serving.server import PARENT_FD
 
 NAME = "deploy"
 NEEDS = ("register",)
@@ -195,9 +196,23 @@ def _load_state(f: Path) -> dict | None:
 
 
 def read_state(workdir, name: str) -> dict | None:
-    """The record of the managed server of ``name`` while that very process runs."""
+    """The record of the managed server of ``name`` while that very process runs (a server
+    still starting whose deploy died is gone with it: the one it was replacing, if any)."""
     state = _load_state(state_file(workdir, name))
-    return state if state and _ours(state) else None
+    for s in (state, (state or {}).get("previous")):
+        if isinstance(s, dict) and _ours(s):
+            return s
+    return None
+
+
+def _write_state(workdir, name: str, state: dict | None) -> None:
+    f = state_file(workdir, name)
+    if state is None:
+        f.unlink(missing_ok=True)
+        return
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, f)
 
 
 def stop(pid: int, timeout_s: float = 30) -> None:
@@ -241,30 +256,43 @@ def start_local(cfg: Config, workdir: Path, name: str, version: int, registry_ur
             "--host", cfg.host, "--port", str(cfg.port), "--engine", cfg.engine, "--name", name,
             "--reuse-port", "--workdir", str(workdir), "--registry-uri", registry_uri,
             "--threads", str(cfg.threads)]
+    # the server binds its port only after reading R on this pipe (it is recorded by then), and
+    # stops if the pipe closes before H (this process died before handing it over)
+    watch, tell = os.pipe()
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)  # outlives this run, as a server does
-    deadline = time.time() + cfg.startup_timeout_s
-    while True:  # a health answer from the *new* process (the old one shares the port)
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            raise UserError(f"deploy: the server for {name} version {version} exited with "
-                            f"{proc.returncode}: {tail[0]} (log: {log})")
-        h = _health(url)
-        if h and h.get("pid") == proc.pid:
-            break
-        if time.time() > deadline:
-            stop(proc.pid)
-            raise ServiceUnavailable(f"deploy: {name} version {version} not healthy on {url} "
-                                     f"after {cfg.startup_timeout_s:.0f}s (log: {log})")
-        time.sleep(0.3)
+                                pass_fds=(watch,), env={**os.environ, PARENT_FD: str(watch)},
+                                start_new_session=True)  # no terminal signal reaches it
+    os.close(watch)
     state = {"pid": proc.pid, "identity": process_identity(proc.pid),
              "host": cfg.host, "port": cfg.port, "version": version,
              "model": f"models:/{name}/{version}", "log": str(log), "endpoint": f"{url}/v1",
              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    tmp = state_file(workdir, name).with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, state_file(workdir, name))
+    handed = False
+    try:
+        _write_state(workdir, name, {**state, "starting": True, "previous": old})
+        os.write(tell, b"R")
+        deadline = time.time() + cfg.startup_timeout_s
+        while True:  # a health answer from the *new* process (the old one shares the port)
+            if proc.poll() is not None:
+                tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+                raise UserError(f"deploy: the server for {name} version {version} exited with "
+                                f"{proc.returncode}: {tail[0]} (log: {log})")
+            h = _health(url)
+            if h and h.get("pid") == proc.pid:
+                break
+            if time.time() > deadline:
+                raise ServiceUnavailable(f"deploy: {name} version {version} not healthy on "
+                                         f"{url} after {cfg.startup_timeout_s:.0f}s (log: {log})")
+            time.sleep(0.3)
+        _write_state(workdir, name, state)
+        os.write(tell, b"H")
+        handed = True
+    finally:  # a failure, an exception, SIGTERM: the new server goes, the old record returns
+        os.close(tell)
+        if not handed:
+            stop(proc.pid, 10)
+            _write_state(workdir, name, old)
     if old:
         stop(old["pid"])
     return state
@@ -278,13 +306,15 @@ def undeploy(workdir: str | Path, name: str, log=print) -> dict | None:
     state = _load_state(f)
     if state is None:
         return None
-    if _ours(state):
-        stop(state["pid"])
-    else:
+    stopped = None
+    for s in (state.get("previous"), state):  # a replacement may have been starting
+        if isinstance(s, dict) and _ours(s):
+            stop(s["pid"])
+            stopped = s
+    if stopped is None:
         log(f"the server of {name} (pid {state['pid']}) is gone; removing its record {f}")
-        state = None
     f.unlink(missing_ok=True)
-    return state
+    return stopped
 
 
 # --- the kubernetes target ----------------------------------------------------------------------
