@@ -368,10 +368,10 @@ def test_no_secret_in_any_file_of_a_run_or_the_mlflow_store(tmp_path, monkeypatc
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     real = scripted.solve
 
-    def echoing(task, log, rng, mistakes):  # an endpoint that echoes the key in its error
+    def echoing(task, log, rng, mistakes, *rest):  # an endpoint that echoes the key in its error
         if task.task_id.endswith(("0", "1", "2")):
             raise ValueError(f"401 from https://me:{password}@llm.example/v1: bad key {key}")
-        return real(task, log, rng, mistakes)
+        return real(task, log, rng, mistakes, *rest)
 
     monkeypatch.setattr(scripted, "solve", echoing)
     work = tmp_path / "w"

@@ -15,7 +15,9 @@ import time
 NAME = "smollm2-135m-instruct"
 
 
-def install(tiny_dir, slow_s: float = 0.0) -> None:
+def install(tiny_dir, slow_s: float = 0.0, monkeypatch=None) -> None:
+    """Patch transformers' loaders; inside a test pass ``monkeypatch`` so that they are undone
+    when it ends (left in place they made a later test convert the tiny model)."""
     import transformers
 
     real_tok = transformers.AutoTokenizer.from_pretrained
@@ -38,8 +40,9 @@ def install(tiny_dir, slow_s: float = 0.0) -> None:
     def model(path, *a, gguf_file=None, **kw):
         return real_model(str(tiny_dir) if gguf_file is not None else path, *a, **kw)
 
-    transformers.AutoTokenizer.from_pretrained = tokenizer
-    transformers.AutoModelForCausalLM.from_pretrained = model
+    put = monkeypatch.setattr if monkeypatch is not None else setattr
+    put(transformers.AutoTokenizer, "from_pretrained", tokenizer)
+    put(transformers.AutoModelForCausalLM, "from_pretrained", model)
 
 
 if __name__ == "__main__":

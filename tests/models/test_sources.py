@@ -39,7 +39,7 @@ def test_the_cache_folder_is_named_by_the_wheels_file_hash(tmp_path, monkeypatch
     requires.module("gguf")
     path, sha = sources._locate(NAME, PYPI_MODELS[NAME])
     assert path.name.endswith(".gguf") and len(sha) == 64 and source_digest(NAME) == sha
-    fake_gguf.install(tiny_dir)
+    fake_gguf.install(tiny_dir, monkeypatch=monkeypatch)
     done = resolve(NAME, cache=tmp_path)
     assert done == str(tmp_path / f"{NAME}-{sha[:16]}")
     stamp = (Path(done) / "model.safetensors").stat().st_mtime_ns
@@ -93,13 +93,14 @@ def _spoil(folder: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["foreign", "record", "truncated", "no-tokenizer"])
-def test_a_cache_entry_that_is_not_this_conversion_is_rebuilt(tmp_path, tiny_dir, how):
+def test_a_cache_entry_that_is_not_this_conversion_is_rebuilt(tmp_path, tiny_dir, how,
+                                                              monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     requires.module("gguf")
     sha = source_digest(NAME)
     shutil.copytree(tiny_dir, tmp_path / "other")
-    fake_gguf.install(tiny_dir)
+    fake_gguf.install(tiny_dir, monkeypatch=monkeypatch)
     folder = Path(resolve(NAME, cache=tmp_path))
     want = json.loads((folder / sources.SOURCE_INFO).read_text())
     _spoil(folder, how)
