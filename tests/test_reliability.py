@@ -306,7 +306,7 @@ def test_champion_lookups_use_the_runs_tracking_uri(tmp_path, monkeypatch):
                                 "sft.model=champion", "evaluate.models=[candidate, champion]"])
     for name in ("evaluate", "sft"):
         cache_key(name, load_stage(name), getattr(cfg, name), cfg.run, {"sft": "k"},
-                  tracking_uri=uri)
+                  registry=uri)
     assert seen == [uri, uri]
 
 

@@ -1,6 +1,6 @@
 """``coaflow``: run the pipeline or one stage, inspect runs, convert and check data.
 
-    coaflow run                                  # every stage on the tiny profile
+    coaflow run                                  # every stage on the default profile
     coaflow run --profile qwen3-0.6b-1gpu --set sft.epochs=2
     coaflow run --run-id 20261128-101500-ab12 --from sft   # reuse earlier stages of a run
     coaflow runs list | coaflow runs show RUN
@@ -222,11 +222,11 @@ def _stage_command(name: str):
 
 def _register_stages() -> None:
     """One subcommand per stage module that exists; ``coaflow --help`` names them in order."""
-    from coaflow.contract import STAGES
+    from coaflow.contract import ORDER
 
-    for name in STAGES:
+    for name in ORDER:
         main.add_command(_stage_command(name))
-    main.help = inspect.cleandoc(main.help or "") + f"\n\nStages, in order: {', '.join(STAGES)}."
+    main.help = inspect.cleandoc(main.help or "") + f"\n\nStages, in order: {', '.join(ORDER)}."
 
 
 # --- runs ---------------------------------------------------------------------------------------
@@ -285,18 +285,13 @@ def runs_report(run_id, workdir):
 
 # --- serving and the registry --------------------------------------------------------------------
 
-def _registry_uri(workdir: str, registry_uri: str | None) -> str:
-    from coaflow.tracking import default_uri
-
-    return registry_uri or default_uri(workdir)
-
-
 def _registry(workdir: str, registry_uri: str | None):
     """The registry a `models` command reads or moves. A SQLite store that does not exist is
     an error, not a new empty one: looking must not create state (a mistyped --workdir)."""
     from coaflow.registry import Registry
+    from coaflow.registry import registry_uri as where
 
-    uri = _registry_uri(workdir, registry_uri)
+    uri = where(workdir, registry=registry_uri)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise UserError(f"no registry at {uri[len('sqlite:///'):]} (--workdir {workdir}): "
                         "nothing registered there yet")
@@ -358,10 +353,11 @@ def serve_cmd(model, host, port, engine, name, system_prompt, max_batch, max_n, 
     coaflow serve models:/coaflow-agent@champion --port 8000
     curl localhost:8000/v1/models ; curl localhost:8000/metrics
     """
+    from coaflow.registry import registry_uri as where
     from coaflow.serving.server import serve
 
     serve(model, host=host, port=port, engine=engine, name=name, system_prompt=system_prompt,
-          registry_uri=_registry_uri(workdir, registry_uri),
+          registry_uri=where(workdir, registry=registry_uri),
           cache_dir=Path(workdir).resolve() / "serving" / "models", max_batch=max_batch,
           batch_wait_ms=batch_wait_ms, max_tokens=max_tokens, reuse_port=reuse_port,
           vllm_args=list(vllm_args), threads=threads, max_n=max_n, prefill_chunk=prefill_chunk,

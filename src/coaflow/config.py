@@ -70,9 +70,9 @@ class TrackingSection(Section):
 
 def _stage_sections() -> dict[str, type[Section]]:
     """Config class of every registered stage, by stage name (imports light modules only)."""
-    from coaflow.contract import STAGES, load_stage
+    from coaflow.contract import ORDER, load_stage
 
-    return {name: load_stage(name).Config for name in STAGES}
+    return {name: load_stage(name).Config for name in ORDER}
 
 
 @functools.cache

@@ -133,7 +133,7 @@ def worker(argv: list[str], since: float) -> int:
     from coaflow.contract import OWNER, Context
     from coaflow.tracking import Tracker
 
-    args, (module, run, section, inputs, key), scratch = check_worker(argv)
+    args, (module, run, section, inputs, key, registry), scratch = check_worker(argv)
     out = Path(args.out).resolve()
     if wait_for_rank0(out, key, since) == "done":
         return 0
@@ -145,7 +145,8 @@ def worker(argv: list[str], since: float) -> int:
         (scratch / name).symlink_to(out / name, target_is_directory=True)
     ctx = Context(run_id=args.run_id or os.environ.get("COAFLOW_RUN_ID") or "worker",
                   out=scratch, inputs=inputs, run=run,
-                  tracker=Tracker(run.workdir, enabled=False), resume=True)
+                  tracker=Tracker(run.workdir, enabled=False), registry_uri=registry,
+                  resume=True)
     try:
         module.run(section, ctx)
     finally:

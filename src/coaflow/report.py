@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from coaflow.contract import MARKER, STAGES, read_result
+from coaflow.contract import MARKER, ORDER, read_result
 
 CURVE_PREFIXES = ("train/", "rl/", "reward", "success")
 
@@ -28,8 +28,8 @@ def collect(run_dir: Path) -> dict[str, Any]:
     """Per stage: status (done / cached / incomplete / not run), metrics, summary, outputs."""
     run_dir = Path(run_dir)
     stages: dict[str, Any] = {}
-    names = list(STAGES) + sorted(p.name for p in run_dir.iterdir() if p.is_dir()
-                                  and p.name not in STAGES and (p / MARKER).exists())
+    names = list(ORDER) + sorted(p.name for p in run_dir.iterdir() if p.is_dir()
+                                 and p.name not in ORDER and (p / MARKER).exists())
     for name in names:
         folder = run_dir / name
         r = read_result(folder) if folder.is_dir() else None
@@ -83,7 +83,7 @@ def run_links(tracking_uri: str | None, runs: list) -> list[tuple[str, str, str 
                f"{r.info.run_id}" if str(tracking_uri).startswith(("http://", "https://"))
                else None)
         out.append((name, r.info.run_id, url))
-    order = {n: i for i, n in enumerate(["pipeline", *STAGES])}
+    order = {n: i for i, n in enumerate(["pipeline", *ORDER])}
     return sorted(out, key=lambda x: order.get(x[0], len(order)))
 
 

@@ -180,6 +180,43 @@ def test_the_cache_key_looks_for_the_champion_where_run_moves_it(tmp_path, monke
     assert first.summary["promoted"] and first.summary["registry_uri"] == other
     cfg = _cfg(work, f"tracking.uri={other}")
     run = cfg.run.model_copy(update={"workdir": str(work.resolve())})
-    assert register.cache_extras(cfg.register, run, {"sft": "sft-b"}, tracking_uri=other) == \
+    assert register.cache_extras(cfg.register, run, {"sft": "sft-b"}, registry_uri=other) == \
         {"champion": 1}
-    assert register.cache_extras(cfg.register, run, {"sft": "sft-b"}) == {"champion": None}
+    workdir_store = f"sqlite:///{work.resolve() / 'mlflow.db'}"
+    assert register.cache_extras(cfg.register, run, {"sft": "sft-b"}, workdir_store) == \
+        {"champion": None}
+
+
+def test_a_separate_registry_is_the_one_evaluate_and_sft_read(tmp_path, monkeypatch, tiny_dir):
+    """``register.registry_uri`` names a second store: register moves the champion there, and
+    evaluate compares with that champion and ``sft.model=champion`` retrains it. (Before, both
+    looked in the tracking store: evaluate never saw a champion, so ``fresh_comparison`` failed
+    on every later run, and sft silently started from ``first_model``.)"""
+    from coaflow.contract import Result
+    from coaflow.runner import stage_setup
+    from coaflow.stages import sft
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    work, data = tmp_path / "work", tmp_path / "stages"
+    other = f"sqlite:///{(tmp_path / 'registry.db').resolve()}"
+    first = _register(work, rf.sft_folder(data, tiny_dir, "sft-a"),
+                      rf.evaluate_folder(data, rf.evaluation({"kbqa": .4, "calc": .5}), "ev-a"),
+                      rf.gate_folder(data), "r1", f"register.registry_uri={other}")
+    assert first.summary["promoted"] and first.summary["registry_uri"] == other
+    cfg = _cfg(work, f"register.registry_uri={other}", "tracking.enabled=false",
+               "evaluate.models=[candidate, champion]", "evaluate.suites={kbqa: 1, calc: 1}",
+               "evaluate.max_turns=1", "evaluate.max_new_tokens=8", "evaluate.tight_budget=true",
+               "sft.model=champion")
+    ev = execute("evaluate", cfg, work / "runs" / "r2" / "evaluate",
+                 {"sft": rf.sft_folder(data, tiny_dir, "sft-b")}, log=lambda *_: None)
+    assert ev.summary["champion"] == {"version": 1}
+    assert set(ev.summary["table"]) == {"candidate", "champion"}
+
+    setup = stage_setup("sft", cfg, {"gate": rf.gate_folder(data)})
+    assert setup.registry == other  # the key holds the champion's version from there
+    assert sft.cache_extras(cfg.sft, setup.run, registry_uri=setup.registry) == {"base": "t-agent/1"}
+    monkeypatch.setattr(sft, "run", lambda section, ctx: Result(summary={
+        "base": sft.base_model(section, ctx)}))
+    started = execute("sft", cfg, work / "runs" / "r2" / "sft", {"gate": rf.gate_folder(data)},
+                      log=lambda *_: None)
+    assert Path(started.summary["base"]).name == "t-agent-v1"  # the champion, fetched

@@ -568,7 +568,7 @@ def pull_inputs(ti, stage: str, task_ids) -> dict[str, Any]:
     """Input folders for ``stage`` from the XComs of the stage tasks it reads (``ti``: the
     running task instance; a skipped or absent stage is left out; a mapped one gives a list)."""
     return stage_inputs(stage, {n: ti.xcom_pull(task_ids=n) for n in task_ids
-                                if n in contract.STAGES and n != stage})
+                                if n in contract.ORDER and n != stage})
 
 
 def container_exit_code(remote_pod, container: str = "base") -> int | None:

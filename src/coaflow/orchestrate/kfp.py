@@ -222,7 +222,7 @@ def build_pipeline(ks: KubernetesSettings, profile: str = "default",
     from coaflow.orchestrate.shape import Shape
 
     shape = Shape.of(load_config(profile, [*ks.overrides, *overrides]))
-    stages = list(contract.STAGES)
+    stages = list(contract.ORDER)
     components = {n: stage_component(n, ks.images.cpu, LAUNCH_PREFIX + n)
                   if n in shape.launched else stage_component(n, ks.image_for(n))
                   for n in stages}

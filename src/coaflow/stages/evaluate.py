@@ -111,29 +111,22 @@ def champion_version(name: str, uri: str, candidate_key: str | None = None) -> i
     not exist is not created."""
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         return None
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    from coaflow.registry import Registry
 
-    try:
-        mv = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(
-            name, "champion")
-    except MlflowException:
+    champ = Registry(uri).champion(name)
+    if champ is None or (candidate_key and champ.tags.get("coaflow.candidate_key") == candidate_key):
         return None
-    if candidate_key and (mv.tags or {}).get("coaflow.candidate_key") == candidate_key:
-        return None
-    return int(mv.version)
+    return champ.version
 
 
-def cache_extras(cfg: Config, run, inputs: dict[str, str], tracking_uri: str | None = None) -> dict:
+def cache_extras(cfg: Config, run, inputs: dict[str, str], registry_uri: str) -> dict:
     """A new champion changes the table: its version is part of the cache key (none when the
     champion is this very candidate: a rerun with nothing changed stays a cache hit)."""
-    from coaflow.tracking import registry_uri
-
     if "champion" not in cfg.models:
         return {}
     from coaflow.registry import model_name
 
-    version = champion_version(model_name(run.name), registry_uri(run.workdir, tracking_uri),
+    version = champion_version(model_name(run.name), registry_uri,
                                candidate_key=inputs.get("rl") or inputs.get("sft"))
     return {"champion": version}
 
@@ -158,7 +151,7 @@ def budgets_for(cfg: Config, runs: dict) -> tuple[dict, dict]:
 
 
 def run_model(spec: str, tasks: list, cfg: Config, *, budgets: dict, field: str,
-              tracking_uri: str | None, seed: int, tokenizer: str | None = None,
+              registry_uri: str | None, seed: int, tokenizer: str | None = None,
               terse: bool = False, cache: Path | None = None, samples: int = 1,
               temperature: float = 0.0) -> tuple[list, bool]:
     """``(trajectories, cached)``: every task through the agent loop with the model ``spec``
@@ -173,7 +166,7 @@ def run_model(spec: str, tasks: list, cfg: Config, *, budgets: dict, field: str,
 
     with tempfile.TemporaryDirectory() as download:
         local = spec if spec == "scripted" or is_endpoint(spec) else resolve_model(
-            spec, tracking_uri=tracking_uri, download_dir=download)
+            spec, registry_uri=registry_uri, download_dir=download)
         path = _row_path(cache, local, (tokenizer, terse), tasks, budgets, cfg, seed, samples,
                          temperature)
         if path is not None and path.is_file():
@@ -445,7 +438,7 @@ def html_table(md: str) -> str:
 
 def evaluate(specs: dict[str, str], tasks: list, cfg: Config, out: Path, *, seed: int,
              budgets: dict, fit: dict | None = None, tokenizer: str | None = None,
-             terse: bool = False, cache: Path | None = None, tracking_uri: str | None = None,
+             terse: bool = False, cache: Path | None = None, registry_uri: str | None = None,
              tracker=None) -> tuple[list[dict], dict]:
     """Run every model of ``specs`` (row name -> model spec, or ``scripted``) on ``tasks``
     within ``budgets``; write outcomes, transcripts and tables under ``out``;
@@ -456,7 +449,7 @@ def evaluate(specs: dict[str, str], tasks: list, cfg: Config, out: Path, *, seed
     out.mkdir(parents=True, exist_ok=True)
     (out / "transcripts").mkdir(exist_ok=True)
     rows, pass_k, sample, seconds, cached = [], {}, [], {}, []
-    common = dict(budgets=budgets, tracking_uri=tracking_uri, seed=seed, tokenizer=tokenizer,
+    common = dict(budgets=budgets, registry_uri=registry_uri, seed=seed, tokenizer=tokenizer,
                   terse=terse, cache=cache if cfg.row_cache else None)
     for model, spec in specs.items():
         start = time.perf_counter()
@@ -512,14 +505,12 @@ def model_specs(cfg: Config, ctx: Context) -> tuple[dict[str, str], dict, dict |
         specs["candidate"] = candidate["model"]
     champion = None
     if "champion" in cfg.models:
-        from coaflow.registry import model_name
-        from coaflow.tracking import registry_uri
+        from coaflow.registry import CHAMPION, alias_uri, model_name
 
         name = model_name(ctx.run.name)
-        version = champion_version(name, registry_uri(ctx.run.workdir, ctx.tracking_uri),
-                                   candidate_key=(rl or sft).key)
+        version = champion_version(name, ctx.registry_uri, candidate_key=(rl or sft).key)
         if version is not None:
-            specs["champion"] = f"models:/{name}@champion"
+            specs["champion"] = alias_uri(name, CHAMPION)
             champion = {"version": version}
     if "teacher" in cfg.models:
         specs["teacher"] = cfg.teacher
@@ -538,7 +529,7 @@ def run(cfg: Config, ctx: Context) -> Result:
                              fit=fit, tokenizer=candidate["model"],
                              terse=recorded_teacher(record) == team_name(terse=True),
                              cache=Path(ctx.run.workdir) / "cache" / NAME,
-                             tracking_uri=ctx.tracking_uri or None, tracker=ctx.tracker)
+                             registry_uri=ctx.registry_uri or None, tracker=ctx.tracker)
     summary.update(candidate=candidate, champion=champion)
     metrics = {k: v for k, v in metrics_of(summary).items()
                if k.endswith(("/success", "/format_error_rate", "/diff", "/p_value"))}
@@ -560,7 +551,7 @@ CLI_OPTIONS = [
 
 def standalone(cfg, model=None, suite=(), n=None, output=None) -> None:
     """``coaflow evaluate --model SPEC``: one model on the test split, outside a pipeline run."""
-    from coaflow.tracking import default_uri
+    from coaflow.registry import run_registry
 
     if not model:
         raise click.UsageError("standalone evaluate needs --model")
@@ -583,6 +574,6 @@ def standalone(cfg, model=None, suite=(), n=None, output=None) -> None:
     _, summary = evaluate({"model": model}, tasks, section, out, seed=cfg.run.seed,
                           budgets=budgets, fit=fit, tokenizer=tokenizer,
                           cache=Path(cfg.run.workdir) / "cache" / NAME,
-                          tracking_uri=default_uri(cfg.run.workdir))
+                          registry_uri=run_registry(cfg))
     click.echo(f"model: {model}\n" + markdown(summary))
     click.echo(f"outcomes: {out / 'outcomes.jsonl'}")

