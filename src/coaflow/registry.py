@@ -135,6 +135,8 @@ class Registry:
     """The registry behind ``uri`` (a tracking URI: sqlite, http(s), databricks...)."""
 
     def __init__(self, uri: str, artifact_root: str | Path | None = None):
+        if not uri:  # MLflow would take its process-wide default: some other store
+            raise RegistryError("no registry URI (registry.registry_uri gives a run's)")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         bounded_http()
         from mlflow import MlflowClient

@@ -26,7 +26,8 @@ def context(tmp_path, model, overrides=(), registry_uri="", budget=None):
     sft = Result(outputs={"model": str(model), **({"budget": str(budget)} if budget else {})},
                  summary={"base_model": str(model)})
     ctx = Context(run_id="t", out=tmp_path / "evaluate", inputs={"sft": sft}, run=cfg.run,
-                  tracker=Tracker(tmp_path, enabled=False), registry_uri=registry_uri)
+                  tracker=Tracker(tmp_path, enabled=False),
+                  registry_uri=registry_uri or f"sqlite:///{tmp_path / 'mlflow.db'}")
     ctx.out.mkdir(parents=True, exist_ok=True)
     return cfg, ctx
 

@@ -51,6 +51,7 @@ from pydantic import Field, field_validator
 
 from coaflow.config import Section
 from coaflow.contract import Context, PipelineError, Result
+from coaflow.report import EvalSummary, eval_html, eval_markdown
 
 NAME = "evaluate"
 NEEDS = ("sft",)
@@ -59,6 +60,7 @@ RESUMABLE = False
 PATH_FIELDS = ("teacher",)  # local files/folders: their contents are in the cache key
 
 ROWS = ("base", "sft", "candidate", "champion", "teacher")
+markdown = eval_markdown  # the bench scripts' name for it (bench/paired_eval.py, study_rl.py)
 
 
 class Config(Section):
@@ -114,7 +116,8 @@ def champion_version(name: str, uri: str, candidate_key: str | None = None) -> i
     from coaflow.registry import Registry
 
     champ = Registry(uri).champion(name)
-    if champ is None or (candidate_key and champ.tags.get("coaflow.candidate_key") == candidate_key):
+    if champ is None or (candidate_key
+                         and champ.tags.get("coaflow.candidate_key") == candidate_key):
         return None
     return champ.version
 
@@ -306,7 +309,7 @@ def compare(a: list[dict], b: list[dict], resamples: int, seed: int) -> dict:
     return out
 
 
-def summarize(rows: list[dict], cfg: Config, seed: int, pass_k: dict) -> dict:
+def summarize(rows: list[dict], cfg: Config, seed: int, pass_k: dict) -> EvalSummary:
     models = list(dict.fromkeys(r["model"] for r in rows))
     suites = list(dict.fromkeys(r["suite"] for r in rows))
     pick = {(m, s): [r for r in rows if r["model"] == m and r["suite"] == s]
@@ -319,7 +322,7 @@ def summarize(rows: list[dict], cfg: Config, seed: int, pass_k: dict) -> dict:
             for s in suites:
                 top = details["teacher"][s]["success"]
                 details[m][s]["ceiling_share"] = details[m][s]["success"] / top if top else None
-    summary = {"table": {m: {s: rate(pick[m, s]) for s in suites} for m in models},
+    summary: EvalSummary = {"table": {m: {s: rate(pick[m, s]) for s in suites} for m in models},
                "details": details,
                "slices": {m: {s: slices(pick[m, s]) for s in suites} for m in models},
                "tasks": {s: len(pick[models[0], s]) for s in suites}}
@@ -331,12 +334,6 @@ def summarize(rows: list[dict], cfg: Config, seed: int, pass_k: dict) -> dict:
                                          cfg.bootstrap, seed)
         for other in ("champion", "base", "sft") if "candidate" in models and other in models}
     return summary
-
-
-def _cell(d: dict) -> str:
-    share = d.get("ceiling_share")
-    return (f"{d['success']:.1%} [{d['lo']:.1%}, {d['hi']:.1%}]"
-            + (f" ({share:.0%} of ceiling)" if share is not None and d.get("n") else ""))
 
 
 def pass_at_k(trajs: list, k: int) -> dict:
@@ -366,80 +363,12 @@ def metrics_of(summary: dict) -> dict[str, float]:
     return m
 
 
-def markdown(summary: dict) -> str:
-    """The table: one line per model, per suite success [95 % CI], format errors, turns; then the
-    difficulty / hop slices and the paired comparison."""
-    details = summary["details"]
-    suites = list(summary["tasks"])
-    lines = []
-    if summary.get("budget"):
-        lines += ["| suite | budget | teacher runs it fits |", "|---|---|---|"]
-        for s, b in summary["budget"].items():
-            fit = (f"{b['fits']:.1%} of {b['teacher_runs']}" if b.get("fits") is not None
-                   else "no teacher runs measured (the documented default)")
-            lines.append(f"| {s} | {b['max_turns']} turns x {b['max_new_tokens']} tokens | "
-                         f"{fit} |")
-        lines.append("")
-    lines += ["| model | " + " | ".join(f"{s} (n={summary['tasks'][s]})" for s in suites)
-              + " | format errors | mean turns | mean tool calls |",
-              "|---|" + "---|" * (len(suites) + 3)]
-    for model, per in details.items():
-        cells = [_cell(per[s]) for s in suites]
-        n = sum(per[s]["n"] for s in suites)
-        avg = {k: sum(per[s][k] * per[s]["n"] for s in suites) / n
-               for k in ("format_error_rate", "mean_turns", "mean_tool_calls")}
-        lines.append(f"| {model} | " + " | ".join(cells) + f" | {avg['format_error_rate']:.1%} | "
-                     f"{avg['mean_turns']:.2f} | {avg['mean_tool_calls']:.2f} |")
-    lines += ["", "| model | suite | slice | success [95 % CI] (n) |", "|---|---|---|---|"]
-    for model, per in summary["slices"].items():
-        for suite, sl in per.items():
-            for key, groups in sl.items():
-                for g, r in groups.items():
-                    lines.append(f"| {model} | {suite} | {key} {g} | {r['success']:.1%} "
-                                 f"[{r['lo']:.1%}, {r['hi']:.1%}] ({r['n']}) |")
-    lines += ["", "| model | suite | how episodes ended |", "|---|---|---|"]
-    for model, per in details.items():
-        for suite in suites:
-            cats = ", ".join(f"{k} {v}" for k, v in sorted(per[suite]["categories"].items()))
-            cuts = ", ".join(f"turn {k}: {v}" for k, v in per[suite]["cut_turns"].items())
-            lines.append(f"| {model} | {suite} | {cats}" + (f" (cut at {cuts})" if cuts else "")
-                         + " |")
-    for name, comp in summary.get("comparison", {}).items():
-        other = name.removeprefix("candidate_vs_")
-        lines += ["", f"| candidate - {other} | diff [95 % CI] | McNemar p | n |",
-                  "|---|---|---|---|"]
-        lines += [f"| {s} | {c['diff']:+.1%} [{c['lo']:+.1%}, {c['hi']:+.1%}] | "
-                  f"{c['p_value']:.3g} | {c['n']} |" for s, c in comp.items()]
-    return "\n".join(lines) + "\n"
-
-
-def html_table(md: str) -> str:
-    """The markdown tables as a standalone HTML page."""
-    import html
-
-    parts, in_table = ["<html><body><h1>coaflow evaluation (test split)</h1>"], False
-    for line in md.splitlines():
-        if not line.startswith("|"):
-            parts.append("</table>" if in_table else "")
-            in_table = False
-            continue
-        cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
-        if set("".join(cells)) <= {"-"}:
-            continue
-        tag = "th" if not in_table else "td"
-        parts.append(("<table border=1 cellpadding=3>" if not in_table else "")
-                     + "<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>")
-        in_table = True
-    parts.append("</table></body></html>" if in_table else "</body></html>")
-    return "\n".join(parts)
-
-
 # --- the stage --------------------------------------------------------------------------------
 
 def evaluate(specs: dict[str, str], tasks: list, cfg: Config, out: Path, *, seed: int,
              budgets: dict, fit: dict | None = None, tokenizer: str | None = None,
              terse: bool = False, cache: Path | None = None, registry_uri: str | None = None,
-             tracker=None) -> tuple[list[dict], dict]:
+             tracker=None) -> tuple[list[dict], EvalSummary]:
     """Run every model of ``specs`` (row name -> model spec, or ``scripted``) on ``tasks``
     within ``budgets``; write outcomes, transcripts and tables under ``out``;
     ``(rows, summary)``."""
@@ -476,9 +405,9 @@ def evaluate(specs: dict[str, str], tasks: list, cfg: Config, out: Path, *, seed
 
         fit = fit_table({}, budgets)
     summary.update(seconds=seconds, cached_rows=cached, budget=fit)
-    md = markdown(summary)
+    md = eval_markdown(summary)
     (out / "table.md").write_text(md)
-    (out / "table.html").write_text(html_table(md))
+    (out / "table.html").write_text(eval_html(md))
     if tracker is not None:
         tracker.log_metrics(metrics_of(summary))
         for name in ("outcomes.jsonl", "table.md", "table.html"):
@@ -575,5 +504,5 @@ def standalone(cfg, model=None, suite=(), n=None, output=None) -> None:
                           budgets=budgets, fit=fit, tokenizer=tokenizer,
                           cache=Path(cfg.run.workdir) / "cache" / NAME,
                           registry_uri=run_registry(cfg))
-    click.echo(f"model: {model}\n" + markdown(summary))
+    click.echo(f"model: {model}\n" + eval_markdown(summary))
     click.echo(f"outcomes: {out / 'outcomes.jsonl'}")

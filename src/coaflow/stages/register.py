@@ -41,6 +41,7 @@ from pydantic import Field
 from coaflow.config import Section
 from coaflow.contract import Context, PipelineError, Result
 from coaflow.errors import PromotionRefused
+from coaflow.report import EvalSummary
 
 NAME = "register"
 NEEDS = ("evaluate", "sft")
@@ -91,7 +92,8 @@ def _rule(name: str, ok: bool, detail: str, **numbers) -> dict:
     return {"rule": name, "passed": bool(ok), "detail": detail, **numbers}
 
 
-def judge(cfg: Config, evaluation: dict, gate: dict | None, champion: int | None) -> list[dict]:
+def judge(cfg: Config, evaluation: EvalSummary, gate: dict | None,
+          champion: int | None) -> list[dict]:
     """Every promotion rule applied to evaluate's summary (``table``, ``comparison``, ``champion``)
     and the gate's summary; ``champion`` is the version that holds the alias now.
 
@@ -138,7 +140,7 @@ def judge(cfg: Config, evaluation: dict, gate: dict | None, champion: int | None
     return rules
 
 
-def _paired_rule(name: str, evaluation: dict, other: str, on: str, margin: float) -> dict:
+def _paired_rule(name: str, evaluation: EvalSummary, other: str, on: str, margin: float) -> dict:
     """The candidate beats ``other``: the paired 95 % lower bound of the difference on ``on``
     (a suite, or 'all') is above ``margin``."""
     comp = evaluation.get("comparison", {}).get(f"candidate_vs_{other}", {})
@@ -163,7 +165,7 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _eval_tags(evaluation: dict) -> dict[str, str]:
+def _eval_tags(evaluation: EvalSummary) -> dict[str, str]:
     tags = {}
     for model, suites in evaluation.get("table", {}).items():
         for suite, r in suites.items():
