@@ -88,6 +88,18 @@ def test_help_names_every_stage_in_order(cli):
     assert f"Stages, in order: {', '.join(ORDER)}." in cli("--help").output
 
 
+def test_the_exit_codes_have_one_table():
+    """errors.EXIT_CODES is the table; the docs and `coaflow --help` show it as it is."""
+    from click.testing import CliRunner
+
+    from coaflow.errors import EXIT_CODES, exit_codes_markdown
+
+    assert exit_codes_markdown() in (ROOT / "docs" / "stages.md").read_text()
+    shown = CliRunner().invoke(main, ["--help"], terminal_width=200).output
+    for code, _, meaning in EXIT_CODES:
+        assert f"  {code:<3} {meaning}" in shown
+
+
 @pytest.mark.parametrize("doc", ["README.md", *sorted(p.name for p in (ROOT / "docs").glob("*.md"))])
 def test_docs_link_only_files_inside_the_repository(doc):
     path = ROOT / doc if (ROOT / doc).exists() else ROOT / "docs" / doc

@@ -19,35 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from coaflow.errors import UserError
+from coaflow.section import ConfigError, Section
 
 PROFILE_DIR = Path(__file__).parent / "configs"
-MAX_INT = 2**31 - 1  # the largest integer a config value may have (seeds, counts, steps, sizes)
-
-
-class ConfigError(UserError, ValueError):
-    """A user error in a profile or an override; the message is meant to be shown as is."""
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are checked on assignment."""
-
-    # inf/nan are never a sensible knob value (`--set sft.lr=.inf` is a typo, not a choice)
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    @field_validator("*")
-    @classmethod
-    def _bounded_ints(cls, v: Any) -> Any:
-        """Every integer knob (also inside a dict or list: ``synthesize.suites``) fits in 32
-        bits: ``run.seed=10**26`` or ``sft.max_steps=10**29`` is a typo that would otherwise pass
-        here and overflow in torch or numpy an hour later."""
-        values = v.values() if isinstance(v, dict) else v if isinstance(v, list) else [v]
-        for x in values:
-            if isinstance(x, int) and not isinstance(x, bool) and not -MAX_INT <= x <= MAX_INT:
-                raise ValueError(f"{x} is out of range (at most {MAX_INT:,} in size)")
-        return v
+# Section and ConfigError live in coaflow.section, below the stages this module loads
+__all__ = ["PROFILE_DIR", "ConfigError", "Section", "config_model", "load_config", "read_profile"]
 
 
 class RunSection(Section):

@@ -120,6 +120,8 @@ class Result:
     cached: bool = False
     key: str | None = None  # the cache key of the stage folder it came from
     parts: list[Result] = field(default_factory=list)  # a stage run in shards: one per shard
+    data: str | None = None  # the output holding the trajectories it hands on (synthesize's
+    # "trajectories", the gate's "accepted"): what `coaflow data` and `gate --input` read in it
 
     def path(self, name: str) -> Path:
         if self.parts:
@@ -137,13 +139,14 @@ class Result:
     def to_json(self, base: Path | None = None) -> dict:
         """JSON for ``result.json``; outputs inside ``base`` become ``./relative`` paths."""
         outputs = {k: _relative(v, base) for k, v in self.outputs.items()}
-        return {"outputs": outputs, "metrics": self.metrics, "summary": self.summary}
+        return {"outputs": outputs, "metrics": self.metrics, "summary": self.summary,
+                **({"data": self.data} if self.data else {})}
 
     @classmethod
     def from_json(cls, d: Mapping, base: Path | None = None) -> Result:
         outputs = {k: resolve_output(v, base) for k, v in dict(d.get("outputs", {})).items()}
         return cls(outputs=outputs, metrics=dict(d.get("metrics", {})),
-                   summary=dict(d.get("summary", {})))
+                   summary=dict(d.get("summary", {})), data=d.get("data"))
 
 
 SHARD = "shard"  # summary key of a shard's folder: {"index": i, "of": n, "run": digest, ...}
@@ -225,6 +228,7 @@ class Context:
 # --- run ids ----------------------------------------------------------------------------------
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RUN_ID_ENV = "COAFLOW_RUN_ID"  # the run id an engine hands a stage process (a pod, a worker)
 
 
 def check_run_id(run_id: str) -> str:

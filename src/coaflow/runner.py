@@ -37,6 +37,7 @@ from coaflow.contract import (
     OWNER,
     REFUSED,
     RESULT,
+    RUN_ID_ENV,
     STARTED,
     Context,
     Result,
@@ -89,6 +90,11 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_result(out: Path, result: Result) -> None:
+    """``out/result.json``: paths inside ``out`` relative, secrets redacted, written whole."""
+    _write_atomic(out / RESULT, json.dumps(redact(result.to_json(base=out)), indent=2))
 
 
 def owned_by(path: Path, name: str) -> bool:
@@ -275,7 +281,7 @@ def execute(name: str, cfg, out_dir: str | Path, inputs: Mapping[str, Path | str
                                  experiment=cfg.tracking.experiment or cfg.run.name)
     out = Path(out_dir).resolve()
     cacheable = use_cache and getattr(module, "CACHE", True)
-    run_id = run_id or os.environ.get("COAFLOW_RUN_ID") or new_run_id()
+    run_id = run_id or os.environ.get(RUN_ID_ENV) or new_run_id()
 
     done = read_result(out) if cacheable else None
     src = None
@@ -321,7 +327,7 @@ def execute(name: str, cfg, out_dir: str | Path, inputs: Mapping[str, Path | str
                 result, refused = e.result, e
             result.metrics.setdefault("wall_seconds", round(time.time() - start, 2))
             tracker.log_metrics(result.metrics)
-            _write_atomic(out / RESULT, json.dumps(redact(result.to_json(base=out)), indent=2))
+            write_result(out, result)
             if refused is not None:
                 _write_atomic(out / REFUSED, str(refused))
             tracker.log_artifact(out / RESULT)

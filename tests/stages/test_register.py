@@ -69,17 +69,18 @@ def test_champion_lifecycle(tmp_path, monkeypatch, tiny_dir):
     # 3. a better one: champion moves, the old one becomes previous
     better = rf.evaluation({"kbqa": .6, "calc": .6}, champion=1,
                            diff={"all": (.15, .05, .25), "kbqa": (.2, .1, .3), "calc": (.1, 0, .2)})
-    key_before = register.cache_extras(_cfg(work).register, _cfg(work).run, {"sft": "other"})
+    key_before = register.cache_extras(_cfg(work).register, _cfg(work).run, {"sft": "other"},
+                                       reg.uri)
     third = _register(work, rf.sft_folder(data, tiny_dir, "sft-c"),
                       rf.evaluate_folder(data, better, "ev-c"), gate, "r3")
     assert third.summary["promoted"] and third.summary["version"] == 3
     assert (reg.champion(MODEL).version, reg.alias(MODEL, "previous").version) == (3, 1)
     assert register.cache_extras(_cfg(work).register, _cfg(work).run,
-                                 {"sft": "other"}) != key_before
+                                 {"sft": "other"}, reg.uri) != key_before
     # the champion made from this very candidate counts as none: a rerun is a cache hit
     own = reg.champion(MODEL).tags["coaflow.candidate_key"]
     assert register.cache_extras(_cfg(work).register, _cfg(work).run,
-                                 {"sft": own}) == {"champion": None}
+                                 {"sft": own}, reg.uri) == {"champion": None}
 
     # 4. the same candidate again is not registered twice
     again = rf.evaluation({"kbqa": .6, "calc": .6}, champion=3,

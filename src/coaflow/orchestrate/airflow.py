@@ -36,21 +36,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from coaflow import contract
 from coaflow.errors import (
-    EXIT_BUG,
-    EXIT_GATE,
     EXIT_OK,
     EXIT_PROMOTION,
-    EXIT_RETRY,
     EXIT_USER,
     RETRYABLE_EXIT_CODES,
     UserError,
+    exit_meaning,
 )
 from coaflow.orchestrate import k8s
 from coaflow.orchestrate.command import local, stage_argv
 from coaflow.orchestrate.k8s import GPU_RESOURCE, KubernetesSettings, PodResources, SecretEnv
-from coaflow.orchestrate.shape import Shape, check, of_profile
-
-SHARDED = "synthesize"  # the stage mapped over its shards (synthesize.shards)
+from coaflow.orchestrate.shape import SHARDED, Shape, check, of_profile
 
 __all__ = ["GPU_RESOURCE", "KubernetesSettings", "PodResources", "SecretEnv", "Settings",
            "load_settings", "pod_spec", "plan", "task_argv", "outcome"]
@@ -312,11 +308,6 @@ def stage_inputs(stage: str, done: Mapping[str, Any]) -> dict[str, Any]:
 
 # --- exit codes -> what Airflow does -------------------------------------------------------
 
-MEANING = {EXIT_BUG: "a bug (read the log)", EXIT_USER: "bad config or input",
-           EXIT_GATE: "the data quality gate refused the batch",
-           EXIT_RETRY: "a service was unavailable"}
-
-
 def outcome(code: int) -> Literal["ok", "refused", "retry", "fail"]:
     """What the task does with ``coaflow stage``'s exit code.
 
@@ -362,7 +353,7 @@ def raise_for(stage: str, code: int, tail: str = "") -> None:
     ``AirflowFailException`` is not."""
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-    what = MEANING.get(code, f"killed by signal {-code}" if code < 0 else "an error")
+    what = f"killed by signal {-code}" if code < 0 else exit_meaning(code)
     msg = f"stage {stage} exited {code} ({what})" + (f": {tail}" if tail else "")
     if outcome(code) == "retry":
         raise AirflowException(msg)
@@ -381,7 +372,7 @@ def run_local(stage: str, the_plan: Mapping[str, Any], inputs: Mapping[str, Any]
         argv = command_argv(stage, the_plan, inputs, ks, shard, python or sys.executable)
         cmd = argv
     print("+ " + shlex.join(argv), flush=True)
-    env = {**os.environ, "COAFLOW_RUN_ID": the_plan["run_id"], "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, contract.RUN_ID_ENV: the_plan["run_id"], "PYTHONUNBUFFERED": "1"}
     tail: list[str] = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=env, bufsize=1) as proc:
@@ -460,8 +451,7 @@ def pod_spec(stage: str, settings: Settings, command: Sequence[str], run_id: str
     limits = {"cpu": res.cpu, "memory": res.memory}
     if res.gpus:
         limits[GPU_RESOURCE] = str(res.gpus)
-    env = [km.V1EnvVar(name="COAFLOW_RUN_ID", value=run_id),
-           km.V1EnvVar(name="GX_ANALYTICS_ENABLED", value="false")]
+    env = [km.V1EnvVar(name=contract.RUN_ID_ENV, value=run_id)]
     env += [km.V1EnvVar(name=s.env, value_from=km.V1EnvVarSource(
         secret_key_ref=km.V1SecretKeySelector(name=s.secret, key=s.key, optional=True)))
         for s in ks.secrets]
@@ -546,7 +536,7 @@ def pod_operator(stage: str, settings: Settings, shape: Shape | None = None):
                 code = container_exit_code(remote_pod)
                 if code is not None and outcome(code) == "fail":
                     raise AirflowFailException(
-                        f"stage {stage} exited {code} ({MEANING.get(code, 'an error')})") from e
+                        f"stage {stage} exited {code} ({exit_meaning(code)})") from e
                 raise
 
     ks = settings.kubernetes

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from coaflow.errors import UserError
 
+SHARDED = "synthesize"  # the stage an engine fans out over its shards (synthesize.shards)
+
 
 @dataclass(frozen=True)
 class Shape:

@@ -29,9 +29,9 @@ from typing import Literal
 import httpx
 from pydantic import Field
 
-from coaflow.config import Section
 from coaflow.contract import Context, PipelineError, Result
 from coaflow.errors import CoaflowError, ServiceUnavailable, UserError
+from coaflow.section import Section
 from coaflow.serving.server import PARENT_FD
 
 NAME = "deploy"

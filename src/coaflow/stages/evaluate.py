@@ -46,12 +46,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Literal
 
-import click
 from pydantic import Field, field_validator
 
-from coaflow.config import Section
 from coaflow.contract import Context, PipelineError, Result
 from coaflow.report import EvalSummary, eval_html, eval_markdown
+from coaflow.section import Section
 
 NAME = "evaluate"
 NEEDS = ("sft",)
@@ -466,43 +465,3 @@ def run(cfg: Config, ctx: Context) -> Result:
                            "transcripts": str(ctx.out / "transcripts"),
                            "table": str(ctx.out / "table.md")},
                   metrics=metrics, summary=summary)
-
-
-CLI_OPTIONS = [
-    click.option("--model", "model", help="standalone: evaluate this model (a folder, hub id, "
-                 "models:/NAME@ALIAS or http(s)://HOST/v1 endpoint)"),
-    click.option("--suite", multiple=True, help="suite (repeatable); default: evaluate.suites"),
-    click.option("-n", "n", type=int, help="test tasks per suite"),
-    click.option("--output", type=click.Path(file_okay=False), help="standalone: write outcomes "
-                 "and tables here [<workdir>/eval/<time>]"),
-]
-
-
-def standalone(cfg, model=None, suite=(), n=None, output=None) -> None:
-    """``coaflow evaluate --model SPEC``: one model on the test split, outside a pipeline run."""
-    from coaflow.registry import run_registry
-
-    if not model:
-        raise click.UsageError("standalone evaluate needs --model")
-    section = cfg.evaluate
-    if suite or n is not None:
-        names = list(suite) or list(section.suites)
-        try:
-            section = Config.model_validate({**section.model_dump(), "suites": {
-                s: n if n is not None else section.suites.get(s, 60) for s in names}})
-        except ValueError as e:
-            raise PipelineError(f"evaluate: {str(e).splitlines()[-1].strip()}") from None
-    out = Path(output or Path(cfg.run.workdir) / "eval" / time.strftime("%Y%m%d-%H%M%S"))
-    tasks = load_test_tasks(section.suites, cfg.run.seed)
-    budgets, fit = budgets_for(section, {})  # no training data here: the documented defaults
-    tokenizer = None
-    if model == "scripted" and cfg.sft.model != "tiny":
-        from coaflow.models.sources import resolve
-
-        tokenizer = resolve(cfg.sft.model)  # the teacher's turns in the profile student's tokens
-    _, summary = evaluate({"model": model}, tasks, section, out, seed=cfg.run.seed,
-                          budgets=budgets, fit=fit, tokenizer=tokenizer,
-                          cache=Path(cfg.run.workdir) / "cache" / NAME,
-                          registry_uri=run_registry(cfg))
-    click.echo(f"model: {model}\n" + eval_markdown(summary))
-    click.echo(f"outcomes: {out / 'outcomes.jsonl'}")

@@ -38,10 +38,10 @@ from typing import Any
 
 from pydantic import Field
 
-from coaflow.config import Section
 from coaflow.contract import Context, PipelineError, Result
 from coaflow.errors import PromotionRefused
 from coaflow.report import EvalSummary
+from coaflow.section import Section
 
 NAME = "register"
 NEEDS = ("evaluate", "sft")
@@ -186,7 +186,7 @@ def _eval_tags(evaluation: EvalSummary) -> dict[str, str]:
 
 def run(cfg: Config, ctx: Context) -> Result:
     from coaflow.registry import CHALLENGER, Registry, model_name
-    from coaflow.schema.render import DEFAULT_SYSTEM_PROMPT
+    from coaflow.schema.markup import DEFAULT_SYSTEM_PROMPT
 
     ev = ctx.input("evaluate")
     rl, gate = ctx.optional("rl"), ctx.optional("gate")

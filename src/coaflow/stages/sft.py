@@ -25,6 +25,7 @@ well-formed tool call grounded in the question (the ``heldout_*`` metrics; episo
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -34,11 +35,10 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from coaflow.agent import budget
-from coaflow.config import Section
 from coaflow.contract import Context, PipelineError, Result
 from coaflow.models.tiny import TinyModel
-from coaflow.models.toolcalls import grounded_tool_call
 from coaflow.schema import write_jsonl
+from coaflow.section import Section
 from coaflow.stages import sft_trainer
 from coaflow.stages.sft_trainer import build_trainer, continue_from, process_group_env
 
@@ -399,3 +399,30 @@ def first_turn_calls(traj) -> list[dict]:
         elif step.class_ == "api_action":
             calls.append({"name": step.function, "arguments": step.kwargs})
     return calls
+
+
+_SALIENT = re.compile(r"\b[A-Z][\w'-]{2,}\b|\d+(?:\.\d+)?")
+
+
+def grounded_tool_call(question: str, calls: list[dict]) -> bool:
+    """True when the first well-formed call is built from the question: it shares a name or a
+    number with it (thousands separators ignored) and names nobody the question does not. A model
+    that learned the format but not the task calls the same tool with the same, or half-copied,
+    arguments whatever it is asked; this check tells them apart.
+
+    >>> q = "Who founded Varn Labs?"
+    >>> grounded_tool_call(q, [{"name": "search", "arguments": {"query": "Varn Labs"}}])
+    True
+    >>> grounded_tool_call(q, [{"name": "search", "arguments": {"query": "Ulad Labs"}}])
+    False
+    >>> grounded_tool_call("Pay 1,250 for 3 books", [{"name": "python",
+    ...                     "arguments": {"code": "print(round(1250 / 3, 2))"}}])
+    True
+    """
+    first = next((c for c in calls if "error" not in c), None)
+    if first is None:
+        return False
+    asked = set(_SALIENT.findall(re.sub(r"(?<=\d),(?=\d{3})", "", question)))
+    used = set(_SALIENT.findall(json.dumps(first.get("arguments", {}))))
+    names = {u for u in used if not u[0].isdigit()}
+    return bool(asked & used) and names <= asked

@@ -21,9 +21,9 @@ from pathlib import Path
 from pydantic import Field
 
 from coaflow.agent.openai import ChatClient, MalformedResponse
-from coaflow.config import Section
 from coaflow.schema import Task
 from coaflow.schema.convert import parse_tool_call
+from coaflow.section import Section
 from coaflow.teachers.log import TeamLog
 
 PROMPTS = {
