@@ -71,6 +71,37 @@ def config_model() -> type[BaseModel]:
         return create_model("Config", __config__=ConfigDict(extra="forbid"), **fields)
 
 
+def explain() -> str:
+    """Every knob with its default and what it does, from the ``Config`` classes themselves: the
+    reference a profile is written against (docs/config.md holds it; a test compares). A profile
+    sets only what differs from these."""
+    import json
+
+    lines = ["# Every knob", "",
+             "Generated from the stages' `Config` classes by `coaflow config --explain`; "
+             "a test fails when this page and the code differ. A profile (`src/coaflow/configs/`) "
+             "sets only what differs from these defaults; `coaflow config --profile P` prints "
+             "the values a profile runs with.", ""]
+
+    def rows(model: type[BaseModel], prefix: str) -> list[str]:
+        out = []
+        for key, field in model.model_fields.items():
+            kind = field.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                out += rows(kind, f"{prefix}{key}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            text = (field.description or "").replace("|", "\\|")
+            out.append(f"| `{prefix}{key}` | `{json.dumps(default)}` | {text} |")
+        return out
+
+    for name, field in config_model().model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            lines += [f"## {name}", "", "| key | default | what it does |", "|---|---|---|",
+                      *rows(field.annotation, f"{name}."), ""]
+    return "\n".join(lines)
+
+
 def profile_path(profile: str | Path) -> Path:
     p = Path(profile)
     if p.suffix in (".yaml", ".yml") or p.exists():

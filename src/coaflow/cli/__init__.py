@@ -208,16 +208,23 @@ def runs_report(run_id, workdir):
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
 @click.option("--show-secrets", is_flag=True, help="print secrets as they are (a URL's "
               "password, a key's value) instead of ***")
+@click.option("--explain", is_flag=True, help="every knob with its default and what it does "
+              "(docs/config.md), instead of a profile's values")
 @user_errors
-def config_cmd(profile, overrides, show_secrets):
+def config_cmd(profile, overrides, show_secrets, explain):
     """Print the resolved config of a profile (after --set overrides) as YAML.
 
     Secrets are shown as *** (as the run's own config.yaml and MLflow record them) unless
     --show-secrets is given, as `kubectl config view` does with --raw."""
     import yaml
 
+    from coaflow.config import explain as reference
     from coaflow.config import load_config
     from coaflow.tracking import redact
+
+    if explain:
+        click.echo(reference())
+        return
 
     data = load_config(profile, overrides).model_dump(mode="json")
     click.echo(yaml.safe_dump(data if show_secrets else redact(data), sort_keys=False), nl=False)
