@@ -33,6 +33,7 @@ from airflow.sdk import Param, chain, dag, task
 
 from coaflow.contract import ORDER, PROMOTION
 from coaflow.orchestrate import airflow as af
+from coaflow.orchestrate import airflow_pods as ap
 from coaflow.orchestrate.shape import SHARDED
 
 # the settings file beside this one, wherever the DAG folder is (/opt/airflow/dags in the image)
@@ -85,7 +86,7 @@ def coaflow_retrain():
             raise AirflowFailException(str(e)) from None
 
     stages = {n: local_stage(n) if SETTINGS.mode == "local"
-              else af.pod_operator(n, SETTINGS, SHAPE) for n in ORDER}
+              else ap.pod_operator(n, SETTINGS, SHAPE) for n in ORDER}
     names = list(stages)
     cut = names.index(PROMOTION) + 1 if PROMOTION in names else len(names)
     chain(configure(), *[stages[n] for n in names[:cut]])

@@ -10,6 +10,7 @@ import pytest
 
 from coaflow.contract import ORDER
 from coaflow.orchestrate import airflow as af
+from coaflow.orchestrate import airflow_pods as ap
 from tests.dags.conftest import airflow_env, python
 from tests.pods import pod_manifest
 
@@ -54,12 +55,13 @@ def load(**env):
     if os.environ.get("COAFLOW_AIRFLOW_MODE") == "kubernetes":  # the pod as the operator sends it
         from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
         from coaflow.orchestrate import airflow as af
+        from coaflow.orchestrate import airflow_pods as ap
         KubernetesHook.is_in_cluster = property(lambda self: True)  # a label; asks the cluster
         plan = {"profile": "tiny", "overrides": ["run.workdir=/data/coaflow"], "run_id": "r1",
                 "run_dir": "/data/coaflow/runs/r1"}
         op = dag.get_task("sft")
-        op.full_pod_spec = af.pod_spec("sft", af.load_settings(),
-                                       af.pod_command("sft", plan, {"gate": plan["run_dir"] + "/gate"}), "r1")
+        op.full_pod_spec = ap.pod_spec("sft", af.load_settings(),
+                                       ap.pod_command("sft", plan, {"gate": plan["run_dir"] + "/gate"}), "r1")
         from kubernetes.client import ApiClient
         info["pod"] = ApiClient().sanitize_for_serialization(op.build_pod_request_obj())
         # a failed pod as the provider reports it, without a cluster: which codes are retried
@@ -234,8 +236,8 @@ def test_pod_specs_pass_the_kubernetes_schema(stage):
     settings = af.load_settings(env={"COAFLOW_AIRFLOW_MODE": "kubernetes"})
     plan = {"profile": "qwen3-0.6b-1gpu", "overrides": ["run.workdir=/data/coaflow"],
             "run_id": "manual__x", "run_dir": "/data/coaflow/runs/manual__x"}
-    command = af.pod_command(stage, plan, {"gate": "/data/coaflow/runs/manual__x/gate"})
-    manifest = pod_manifest(af.pod_spec(stage, settings, command, "manual__x"))
+    command = ap.pod_command(stage, plan, {"gate": "/data/coaflow/runs/manual__x/gate"})
+    manifest = pod_manifest(ap.pod_spec(stage, settings, command, "manual__x"))
     _validate(manifest)
     c = manifest["spec"]["containers"][0]
     assert c["image"] == settings.kubernetes.image_for(stage) and c["name"] == "base"
@@ -289,7 +291,7 @@ def test_a_broken_pod_spec_is_caught_by_the_schema():
     import kubernetes_validate
 
     settings = af.load_settings(env={"COAFLOW_AIRFLOW_MODE": "kubernetes"})
-    manifest = pod_manifest(af.pod_spec("sft", settings, ["true"]))
+    manifest = pod_manifest(ap.pod_spec("sft", settings, ["true"]))
     manifest["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] = ["1"]
     with pytest.raises(kubernetes_validate.ValidationError):
         _validate(manifest)
@@ -310,7 +312,7 @@ def test_the_pod_writes_the_xcom_and_a_refusal_exits_zero(tmp_path):
         (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
         (bin_dir / name).chmod(0o755)
     plan = {"profile": "tiny", "overrides": [], "run_id": "r", "run_dir": str(tmp_path / "runs/r")}
-    script = af.pod_command("register", plan, {})[2].replace(af.XCOM_FILE,
+    script = ap.pod_command("register", plan, {})[2].replace(ap.XCOM_FILE,
                                                              str(tmp_path / "xcom.json"))
     script = script.replace("mkdir -p /airflow/xcom", f"mkdir -p {tmp_path}")
     for code, want in [(4, 0), (75, 75), (3, 3), (0, 0)]:
