@@ -60,10 +60,17 @@ def load(**env):
         plan = {"profile": "tiny", "overrides": ["run.workdir=/data/coaflow"], "run_id": "r1",
                 "run_dir": "/data/coaflow/runs/r1"}
         op = dag.get_task("sft")
-        op.full_pod_spec = ap.pod_spec("sft", af.load_settings(),
-                                       ap.pod_command("sft", plan, {"gate": plan["run_dir"] + "/gate"}), "r1")
+        command = ap.pod_command("sft", plan, {"gate": plan["run_dir"] + "/gate"})
+        for key, value in ap.run_args(command, "r1", op.env_vars).items():  # as execute() does
+            setattr(op, key, value)
+        pod = op.build_pod_request_obj()
+        for callback in op.callbacks:  # as the operator calls them before creating the pod
+            callback.on_pod_manifest_created(pod_request=pod, client=None, mode="sync",
+                                             operator=op, context={})
         from kubernetes.client import ApiClient
-        info["pod"] = ApiClient().sanitize_for_serialization(op.build_pod_request_obj())
+        info["pod"] = ApiClient().sanitize_for_serialization(pod)
+        info["pod_spec"] = ApiClient().sanitize_for_serialization(
+            ap.pod_spec("sft", af.load_settings(), command, "r1"))
         # a failed pod as the provider reports it, without a cluster: which codes are retried
         from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
         from airflow.sdk.exceptions import AirflowException
@@ -280,6 +287,26 @@ def test_the_operator_renders_a_valid_pod_with_the_xcom_sidecar(info):
     assert base["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert "--input gate=/data/coaflow/runs/r1/gate" in base["command"][2]
     assert pod["metadata"]["namespace"] == "coaflow"
+
+
+def test_the_operator_sends_the_pod_that_pod_spec_describes(info):
+    """The checks of the pod that need no Airflow (schemas, Helm values, Pod Security) read
+    ``pod_spec``; the operator renders the pod from the same documented arguments. Apart from
+    what the provider adds (its XCom volume and sidecar, a name, its own labels and defaults)
+    they are one pod."""
+    sent, described = info["full"]["pod"], info["full"]["pod_spec"]
+    base, ours = sent["spec"]["containers"][0], described["spec"]["containers"][0]
+    for key, value in ours.items():
+        if key == "volumeMounts":
+            assert [m for m in base[key] if m["name"] != "xcom"] == value, key
+        else:
+            assert base[key] == value, key
+    for key, value in described["spec"].items():
+        if key == "volumes":
+            assert [v for v in sent["spec"][key] if v["name"] != "xcom"] == value, key
+        elif key != "containers":
+            assert sent["spec"][key] == value, key
+    assert described["metadata"]["labels"].items() <= sent["metadata"]["labels"].items()
 
 
 def test_a_failed_pod_is_retried_only_for_exit_75_or_a_lost_pod(info):

@@ -8,6 +8,7 @@ its ``result.json`` on as XCom. Imports no Airflow at module level.
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 import sys
@@ -56,14 +57,15 @@ def container_security(uid: int | None = None):
         run_as_user=uid, run_as_group=uid)
 
 
-def pod_spec(stage: str, settings: Settings, command: Sequence[str], run_id: str = "",
-             launcher: bool = False):
-    """The ``V1Pod`` for one stage: the base container (KubernetesPodOperator's ``base``) runs
-    ``command`` in the stage's image (GPU stages the GPU image, the rest the CPU one), as the
-    images' non-root user, with the run's PVC, secrets, MLflow ConfigMap and, for GPU stages,
+def pod_args(stage: str, settings: Settings, launcher: bool = False) -> dict[str, Any]:
+    """The stage's pod as ``KubernetesPodOperator``'s documented arguments: the stage's image
+    (GPU stages the GPU image, the rest the CPU one), as the images' non-root user under Pod
+    Security "restricted", with the run's PVC, the secrets as env (optional: a Secret not
+    created yet does not keep the pod from starting), the MLflow ConfigMap and, for GPU stages,
     GPU limits, tolerations, a node selector and a RAM-backed /dev/shm. Every value comes from
     the Kubernetes settings file the Kubeflow pipeline reads too. A ``launcher`` (the pod that
-    submits a stage's TrainJob) is a CPU pod with the launcher's resources."""
+    submits a stage's TrainJob) is a CPU pod with the launcher's resources. The command and the
+    run id are the run's: ``run_args``."""
     from kubernetes.client import models as km
 
     ks = settings.kubernetes
@@ -71,12 +73,6 @@ def pod_spec(stage: str, settings: Settings, command: Sequence[str], run_id: str
     limits = {"cpu": res.cpu, "memory": res.memory}
     if res.gpus:
         limits[GPU_RESOURCE] = str(res.gpus)
-    env = [km.V1EnvVar(name=contract.RUN_ID_ENV, value=run_id)]
-    env += [km.V1EnvVar(name=s.env, value_from=km.V1EnvVarSource(
-        secret_key_ref=km.V1SecretKeySelector(name=s.secret, key=s.key, optional=True)))
-        for s in ks.secrets]
-    env_from = ([km.V1EnvFromSource(config_map_ref=km.V1ConfigMapEnvSource(
-        name=ks.mlflow_configmap))] if ks.mlflow_configmap else None)
     mounts = [km.V1VolumeMount(name="work", mount_path=ks.mount_path)]
     volumes = [km.V1Volume(name="work", persistent_volume_claim=(
         km.V1PersistentVolumeClaimVolumeSource(claim_name=ks.pvc)))]
@@ -84,68 +80,108 @@ def pod_spec(stage: str, settings: Settings, command: Sequence[str], run_id: str
         mounts.append(km.V1VolumeMount(name="dshm", mount_path="/dev/shm"))
         volumes.append(km.V1Volume(name="dshm", empty_dir=km.V1EmptyDirVolumeSource(
             medium="Memory", size_limit=ks.shm_size)))
-    container = km.V1Container(
-        name="base", image=ks.images.cpu if launcher else ks.image_for(stage),
+    return dict(
+        namespace=ks.namespace, image=ks.images.cpu if launcher else ks.image_for(stage),
         image_pull_policy=ks.image_pull_policy,
-        command=list(command), env=env, env_from=env_from, volume_mounts=mounts,
-        resources=km.V1ResourceRequirements(requests=dict(limits), limits=limits),
-        security_context=container_security(ks.uid))
-    tolerations = [km.V1Toleration(**t) for t in ks.gpu_tolerations] if res.gpus else None
+        labels={"app.kubernetes.io/name": "coaflow", "coaflow/stage": stage},
+        env_vars=[km.V1EnvVar(name=s.env, value_from=km.V1EnvVarSource(
+            secret_key_ref=km.V1SecretKeySelector(name=s.secret, key=s.key, optional=True)))
+            for s in ks.secrets],
+        env_from=[km.V1EnvFromSource(config_map_ref=km.V1ConfigMapEnvSource(
+            name=ks.mlflow_configmap))] if ks.mlflow_configmap else None,
+        volumes=volumes, volume_mounts=mounts,
+        container_resources=km.V1ResourceRequirements(requests=dict(limits), limits=limits),
+        tolerations=[km.V1Toleration(**t) for t in ks.gpu_tolerations] if res.gpus else None,
+        node_selector=dict(ks.gpu_node_selector) if res.gpus and ks.gpu_node_selector else None,
+        service_account_name=ks.service_account,
+        security_context=km.V1PodSecurityContext(
+            run_as_non_root=True, run_as_user=ks.uid, run_as_group=ks.uid,
+            seccomp_profile=km.V1SeccompProfile(type="RuntimeDefault")),
+        container_security_context=container_security(ks.uid))
+
+
+def run_args(command: Sequence[str], run_id: str, env_vars: Sequence) -> dict[str, Any]:
+    """The run's part of the pod: its command and ``$COAFLOW_RUN_ID`` before the stage's env."""
+    from kubernetes.client import models as km
+
+    return dict(cmds=list(command), arguments=[],
+                env_vars=[km.V1EnvVar(name=contract.RUN_ID_ENV, value=run_id), *env_vars])
+
+
+def pod_spec(stage: str, settings: Settings, command: Sequence[str], run_id: str = "",
+             launcher: bool = False):
+    """The ``V1Pod`` the operator sends for these arguments (before it adds its XCom sidecar):
+    the base container (the operator's ``base``) and the pod around it, built from the same
+    ``pod_args`` and ``run_args`` (tests/dags/test_dag.py compares it with the operator's own
+    rendering), for the checks that need no Airflow."""
+    from kubernetes.client import models as km
+
+    a = pod_args(stage, settings, launcher)
+    run = run_args(command, run_id, a["env_vars"])
+    container = km.V1Container(
+        name="base", image=a["image"], image_pull_policy=a["image_pull_policy"],
+        command=run["cmds"], env=run["env_vars"], env_from=a["env_from"],
+        volume_mounts=a["volume_mounts"], resources=a["container_resources"],
+        security_context=a["container_security_context"])
     return km.V1Pod(
         api_version="v1", kind="Pod",
-        metadata=km.V1ObjectMeta(namespace=ks.namespace, labels={
-            "app.kubernetes.io/name": "coaflow", "coaflow/stage": stage}),
+        metadata=km.V1ObjectMeta(namespace=a["namespace"], labels=a["labels"]),
         spec=km.V1PodSpec(
-            containers=[container], volumes=volumes, restart_policy="Never",
-            service_account_name=ks.service_account, tolerations=tolerations,
-            security_context=km.V1PodSecurityContext(
-                run_as_non_root=True, run_as_user=ks.uid, run_as_group=ks.uid,
-                seccomp_profile=km.V1SeccompProfile(type="RuntimeDefault")),
-            node_selector=dict(ks.gpu_node_selector) if res.gpus and ks.gpu_node_selector
-            else None))
+            containers=[container], volumes=a["volumes"], restart_policy="Never",
+            service_account_name=a["service_account_name"], tolerations=a["tolerations"],
+            security_context=a["security_context"], node_selector=a["node_selector"]))
 
 
-def harden_sidecar(pod, settings: Settings):
-    """The provider's XCom sidecar as the base container: a pinned image (its default is an
-    untagged ``alpine``), the restricted security context, a memory limit."""
+def harden_sidecar(pod, image: str, uid: int | None):
+    """The provider's XCom sidecar as the base container: a pinned ``image`` (its default is an
+    untagged ``alpine``), the restricted security context, a memory limit. (The provider has no
+    argument for the sidecar's security context: this runs as its documented
+    ``on_pod_manifest_created`` callback.)"""
     from kubernetes.client import models as km
 
     for c in pod.spec.containers:
         if c.name == "airflow-xcom-sidecar":
-            c.image = settings.kubernetes.xcom_sidecar_image
-            c.security_context = container_security(settings.kubernetes.uid)
+            c.image = image
+            c.security_context = container_security(uid)
             c.resources = km.V1ResourceRequirements(requests={"cpu": "1m", "memory": "10Mi"},
                                                      limits={"memory": "32Mi"})
     return pod
 
 
-def pod_operator(stage: str, settings: Settings, shape: Shape | None = None):
-    """A KubernetesPodOperator for ``stage``: its pod is built at run time from the run's plan
-    and its inputs' XComs; a failed pod is retried only for the retryable exit codes. With
-    ``shape`` (the DAG's): synthesize is mapped over its shards (``.expand(shard=...)``), and a
-    launched stage's pod is the TrainJob launcher on the CPU image."""
+@functools.cache
+def operator_class():
+    """``CoaflowPodOperator`` (defined on first use: the provider loads only in kubernetes
+    mode). The pod is ``KubernetesPodOperator``'s from its documented arguments (``pod_args``);
+    at run time ``execute`` sets the run's command and run id (``run_args``), the XCom sidecar
+    is hardened in the documented ``on_pod_manifest_created`` callback, and ``cleanup`` turns a
+    non-retryable exit code (2, 3, a bug) into ``AirflowFailException``: the provider retries
+    every failed pod and has no option for exit codes that a retry cannot fix."""
+    from airflow.providers.cncf.kubernetes.callbacks import KubernetesPodOperatorCallback
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-    shape = shape or Shape()
-    launcher = stage in shape.launched
+    class HardenedSidecar(KubernetesPodOperatorCallback):
+        @staticmethod
+        def on_pod_manifest_created(*, pod_request, operator, **_):
+            harden_sidecar(pod_request, operator.k8s.xcom_sidecar_image, operator.k8s.uid)
 
     class CoaflowPodOperator(KubernetesPodOperator):
-        def __init__(self, *, shard: int | None = None, **kwargs):
-            super().__init__(**kwargs)
-            self.shard = shard
+        def __init__(self, *, k8s_json: str, shard: int | None = None, **kwargs):
+            super().__init__(callbacks=[HardenedSidecar], **kwargs)
+            self.k8s_json, self.shard = k8s_json, shard
+
+        @property
+        def k8s(self) -> KubernetesSettings:
+            return KubernetesSettings.model_validate_json(self.k8s_json)
 
         def execute(self, context):
             ti = context["ti"]
             the_plan = ti.xcom_pull(task_ids="configure")
-            inputs = pull_inputs(ti, stage, self.dag.task_ids)
-            command = pod_command(stage, the_plan, inputs, self.shard, settings.kubernetes)
-            self.full_pod_spec = pod_spec(stage, settings, command, the_plan["run_id"],
-                                          launcher=launcher)
+            inputs = pull_inputs(ti, self.task_id, self.dag.task_ids)
+            command = pod_command(self.task_id, the_plan, inputs, self.shard, self.k8s)
+            for key, value in run_args(command, the_plan["run_id"], self.env_vars).items():
+                setattr(self, key, value)
             return super().execute(context)
-
-        def build_pod_request_obj(self, context=None):
-            return harden_sidecar(super().build_pod_request_obj(context), settings)
 
         def cleanup(self, pod, remote_pod):
             try:
@@ -156,13 +192,22 @@ def pod_operator(stage: str, settings: Settings, shape: Shape | None = None):
                 code = container_exit_code(remote_pod)
                 if code is not None and outcome(code) == "fail":
                     raise AirflowFailException(
-                        f"stage {stage} exited {code} ({exit_meaning(code)})") from e
+                        f"stage {self.task_id} exited {code} ({exit_meaning(code)})") from e
                 raise
 
+    return CoaflowPodOperator
+
+
+def pod_operator(stage: str, settings: Settings, shape: Shape | None = None):
+    """The task of ``stage`` in kubernetes mode (``operator_class``). With ``shape`` (the DAG's):
+    synthesize is mapped over its shards (``.expand(shard=...)``), and a launched stage's pod is
+    the TrainJob launcher on the CPU image."""
+    shape = shape or Shape()
+    launcher = stage in shape.launched
     ks = settings.kubernetes
     args = dict(
         task_id=stage, name=f"coaflow-{'launch-' if launcher else ''}{stage}",
-        namespace=ks.namespace, image=ks.images.cpu if launcher else ks.image_for(stage),
+        k8s_json=ks.model_dump_json(), **pod_args(stage, settings, launcher),
         kubernetes_conn_id=ks.kubernetes_conn_id, in_cluster=ks.in_cluster,
         do_xcom_push=True, get_logs=True, on_finish_action="delete_succeeded_pod",
         startup_timeout_seconds=ks.startup_timeout_s,
@@ -170,8 +215,8 @@ def pod_operator(stage: str, settings: Settings, shape: Shape | None = None):
                 f"{shape.launched[stage][0]} x {shape.launched[stage][1]} GPUs and waits for it"
                 if launcher else None))
     if stage == SHARDED and shape.shards > 1:
-        return CoaflowPodOperator.partial(**args).expand(shard=list(range(shape.shards)))
-    return CoaflowPodOperator(**args)
+        return operator_class().partial(**args).expand(shard=list(range(shape.shards)))
+    return operator_class()(**args)
 
 
 def container_exit_code(remote_pod, container: str = "base") -> int | None:
