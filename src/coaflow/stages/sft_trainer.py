@@ -15,12 +15,8 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from coaflow.contract import PipelineError
-
-if TYPE_CHECKING:
-    from coaflow.stages.sft import Config as SftConfig
 
 DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
 
@@ -63,10 +59,11 @@ def process_group_env(enabled: bool):
             dist.destroy_process_group()
 
 
-def build_trainer(cfg: SftConfig, model, tokenizer, examples: list[dict], output_dir: Path,
+def build_trainer(cfg, model, tokenizer, examples: list[dict], output_dir: Path,
                   seed: int = 0, tracker=None, callbacks: tuple = ()):
-    """``(SFTTrainer, history)``: the trainer with its whole data path (tokenizing, masks, labels,
-    packing, collator) set up; ``history`` fills with the logged dicts as training goes."""
+    """``(SFTTrainer, history)`` for an sft ``Config`` ``cfg``: the trainer with its whole data
+    path (tokenizing, masks, labels, packing, collator) set up; ``history`` fills with the logged
+    dicts as training goes."""
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
