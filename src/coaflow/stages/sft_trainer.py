@@ -2,8 +2,8 @@
 
 ``build_trainer`` turns chat examples and an sft ``Config`` into a ready trainer (tokenizing,
 assistant-only masks, packing, collator, DeepSpeed, LoRA); ``save_final`` writes the trained
-model as a plain HF folder. The sft stage trains with them, and rl's rejection-sampling rounds
-fine-tune with the same ones. Nothing heavy is imported before a trainer is built.
+model as a plain HF folder (sft's and rl's final model). Nothing heavy is imported before a
+trainer is built.
 """
 
 from __future__ import annotations
