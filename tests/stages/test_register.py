@@ -169,16 +169,23 @@ def test_a_first_candidate_that_does_not_beat_its_base_is_never_champion(tmp_pat
     assert ok.summary["promoted"]
 
 
-def test_the_cache_key_looks_for_the_champion_where_run_moves_it(tmp_path, monkeypatch, tiny_dir):
-    """With ``tracking.uri`` set, ``cache_extras`` reads the champion from that store, as ``run()``
-    moves it there (it used to read the workdir's store: a stale key after a promotion)."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def _first_champion(tmp_path, tiny_dir, key: str):
+    """A first version promoted into a second store that config ``key`` names:
+    ``(workdir, stage folders, that store's URI)``."""
     work, data = tmp_path / "work", tmp_path / "stages"
     other = f"sqlite:///{(tmp_path / 'other.db').resolve()}"
     first = _register(work, rf.sft_folder(data, tiny_dir, "sft-a"),
                       rf.evaluate_folder(data, rf.evaluation({"kbqa": .4, "calc": .5}), "ev-a"),
-                      rf.gate_folder(data), "r1", f"tracking.uri={other}")
+                      rf.gate_folder(data), "r1", f"{key}={other}")
     assert first.summary["promoted"] and first.summary["registry_uri"] == other
+    return work, data, other
+
+
+def test_the_cache_key_looks_for_the_champion_where_run_moves_it(tmp_path, monkeypatch, tiny_dir):
+    """With ``tracking.uri`` set, ``cache_extras`` reads the champion from that store, as ``run()``
+    moves it there (it used to read the workdir's store: a stale key after a promotion)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    work, data, other = _first_champion(tmp_path, tiny_dir, "tracking.uri")
     cfg = _cfg(work, f"tracking.uri={other}")
     run = cfg.run.model_copy(update={"workdir": str(work.resolve())})
     assert register.cache_extras(cfg.register, run, {"sft": "sft-b"}, registry_uri=other) == \
@@ -198,12 +205,7 @@ def test_a_separate_registry_is_the_one_evaluate_and_sft_read(tmp_path, monkeypa
     from coaflow.stages import sft
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    work, data = tmp_path / "work", tmp_path / "stages"
-    other = f"sqlite:///{(tmp_path / 'registry.db').resolve()}"
-    first = _register(work, rf.sft_folder(data, tiny_dir, "sft-a"),
-                      rf.evaluate_folder(data, rf.evaluation({"kbqa": .4, "calc": .5}), "ev-a"),
-                      rf.gate_folder(data), "r1", f"register.registry_uri={other}")
-    assert first.summary["promoted"] and first.summary["registry_uri"] == other
+    work, data, other = _first_champion(tmp_path, tiny_dir, "register.registry_uri")
     cfg = _cfg(work, f"register.registry_uri={other}", "tracking.enabled=false",
                "evaluate.models=[candidate, champion]", "evaluate.suites={kbqa: 1, calc: 1}",
                "evaluate.max_turns=1", "evaluate.max_new_tokens=8", "evaluate.tight_budget=true",

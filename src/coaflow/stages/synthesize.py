@@ -234,14 +234,10 @@ class _Record:
                                             start_index=start))
 
     def start(self, task):
-        """A team log over a fresh environment per task (cheap: worlds and indexes are cached),
-        so concurrent LLM conversations never share tool state; reset() picks the kbqa world."""
-        from coaflow.envs import make_env, task_to_row
-        from coaflow.teachers.log import TeamLog
+        """The task's team log (``teachers.log.team_log``: a fresh environment per task)."""
+        from coaflow.teachers.log import team_log
 
-        env = make_env(task.suite, seed=self.seed)
-        env.reset(**task_to_row(task))
-        return TeamLog(task=task, env=env, suite=task.suite)
+        return team_log(task, self.seed)
 
     def finish(self, task, log, answer, error: str | None, started) -> None:
         from coaflow.envs.rewards import score

@@ -60,6 +60,17 @@ class TeamLog:
         return {"task_id": self.task.task_id, "suite": self.suite, "events": self.events}
 
 
+def team_log(task: Task, seed: int) -> TeamLog:
+    """A log over a fresh environment of ``task``'s suite, reset to the task (cheap: worlds and
+    indexes are cached), so concurrent teams never share tool state; ``reset`` picks kbqa's
+    world. Every teacher episode starts here: synthesize's and the evaluation's ceiling."""
+    from coaflow.envs import make_env, task_to_row
+
+    env = make_env(task.suite, seed=seed)
+    env.reset(**task_to_row(task))
+    return TeamLog(task=task, env=env, suite=task.suite)
+
+
 def distill(log: TeamLog, traj_id: str, final_answer: str | None, provenance: Provenance,
             outcome: Outcome) -> Trajectory:
     content: list[Any] = [TextObservation(source="user", content=log.task.question)]
