@@ -40,6 +40,8 @@ def test_table_outcomes_and_transcripts(tmp_path, tiny_dir):
     assert r.summary["champion"] is None
     assert list(r.summary["comparison"]) == ["candidate_vs_base"]  # what promotion must beat
     assert r.summary["candidate"] == {"source": "sft", "model": str(tiny_dir)}
+    from coaflow.report import EvalSummary  # the summary's one description: every key it has
+    assert set(r.summary) == set(EvalSummary.__annotations__)
     # the teacher plays by the same rules: 2 turns of 16 tokens cut its first turn short
     assert table["teacher"]["calc"]["success"] == 0.0
     assert r.summary["details"]["teacher"]["calc"]["categories"] == {"turn_tokens": 3}
