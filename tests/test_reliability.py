@@ -259,7 +259,7 @@ def test_every_path_valued_config_key_is_declared():
     one are listed here, each with why."""
     from pydantic import BaseModel
 
-    from coaflow.contract import STAGES, load_stage
+    from coaflow.contract import ORDER, load_stage
 
     not_paths = {"synthesize.llm.cache": "a switch", "gate.data_docs": "a switch",
                  "sft.lora_dropout": "a number", "sft.log_model_artifact": "a switch",
@@ -275,7 +275,7 @@ def test_every_path_valued_config_key_is_declared():
             elif any(w in (info.description or "").lower() for w in words):
                 yield f"{prefix}{field}"
 
-    missing = [f"{name}.{dotted}" for name in STAGES for dotted in fields(load_stage(name).Config)
+    missing = [f"{name}.{dotted}" for name in ORDER for dotted in fields(load_stage(name).Config)
                if dotted not in getattr(load_stage(name), "PATH_FIELDS", ())
                and f"{name}.{dotted}" not in not_paths]
     assert missing == []
@@ -368,10 +368,10 @@ def test_no_secret_in_any_file_of_a_run_or_the_mlflow_store(tmp_path, monkeypatc
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     real = scripted.solve
 
-    def echoing(task, log, rng, mistakes):  # an endpoint that echoes the key in its error
+    def echoing(task, log, rng, mistakes, *rest):  # an endpoint that echoes the key in its error
         if task.task_id.endswith(("0", "1", "2")):
             raise ValueError(f"401 from https://me:{password}@llm.example/v1: bad key {key}")
-        return real(task, log, rng, mistakes)
+        return real(task, log, rng, mistakes, *rest)
 
     monkeypatch.setattr(scripted, "solve", echoing)
     work = tmp_path / "w"
