@@ -131,8 +131,8 @@ def first_calls(model, tok, trajs: list, max_new_tokens: int, batch_size: int = 
 
     from coaflow.envs import call_tool, make_env, task_to_row
     from coaflow.envs.rewards import score
-    from coaflow.models import parse_tool_calls
     from coaflow.models.prompt import prompt_messages, to_example
+    from coaflow.schema.markup import parse_tool_calls
 
     end = tok.convert_tokens_to_ids("<|im_end|>")
     tok.padding_side = "left"

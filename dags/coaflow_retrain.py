@@ -31,12 +31,14 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import Param, chain, dag, task
 
-from coaflow.contract import PROMOTION, STAGES
+from coaflow.contract import ORDER, PROMOTION
 from coaflow.orchestrate import airflow as af
+from coaflow.orchestrate import airflow_pods as ap
+from coaflow.orchestrate.shape import SHARDED
 
 # the settings file beside this one, wherever the DAG folder is (/opt/airflow/dags in the image)
 SETTINGS = af.load_settings(default=Path(__file__).with_name("coaflow_retrain.yaml"))
-FORM = af.trigger_params(SETTINGS, list(STAGES))
+FORM = af.trigger_params(SETTINGS, list(ORDER))
 SHAPE = af.dag_shape(SETTINGS)
 
 
@@ -49,7 +51,7 @@ def local_stage(name: str):
                             af.pull_inputs(ti, name, context["dag"].task_ids), SETTINGS.python,
                             shard=shard, ks=SETTINGS.kubernetes)
 
-    if name == af.SHARDED and SHAPE.shards > 1:
+    if name == SHARDED and SHAPE.shards > 1:
         return stage.expand(shard=list(range(SHAPE.shards)))
     return stage()
 
@@ -77,14 +79,14 @@ def coaflow_retrain():
     @task(retries=0)
     def configure(**context):
         try:
-            return af.plan(context["params"], context["run_id"], SETTINGS, list(STAGES))
+            return af.plan(context["params"], context["run_id"], SETTINGS, list(ORDER))
         except af.UserError as e:
             from airflow.sdk.exceptions import AirflowFailException
 
             raise AirflowFailException(str(e)) from None
 
     stages = {n: local_stage(n) if SETTINGS.mode == "local"
-              else af.pod_operator(n, SETTINGS, SHAPE) for n in STAGES}
+              else ap.pod_operator(n, SETTINGS, SHAPE) for n in ORDER}
     names = list(stages)
     cut = names.index(PROMOTION) + 1 if PROMOTION in names else len(names)
     chain(configure(), *[stages[n] for n in names[:cut]])

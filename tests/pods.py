@@ -2,7 +2,7 @@
 
 
 def pod_manifest(pod) -> dict:
-    """A ``V1Pod`` (``orchestrate.airflow.pod_spec``) as the JSON the API server receives."""
+    """A ``V1Pod`` (``orchestrate.airflow_pods.pod_spec``) as the JSON the API server receives."""
     from kubernetes.client import ApiClient
 
     return ApiClient().sanitize_for_serialization(pod)

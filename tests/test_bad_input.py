@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from coaflow.cli import main
-from coaflow.contract import STAGES, load_stage
+from coaflow.contract import ORDER, load_stage
 from coaflow.errors import EXIT_OK, EXIT_RETRY, EXIT_USER
 from coaflow.schema import write_jsonl
 from tests.conftest import make_trajectory
@@ -127,7 +127,7 @@ CASES = [
 
 
 # every stage that exists, run without the stages it needs: one line naming the missing input
-for _name in STAGES:
+for _name in ORDER:
     _needs = load_stage(_name).NEEDS
     CASES.append(([_name, "--set", f"{_name}.nosuch=1", "--workdir", "{o}"], EXIT_USER,
                   [f"{_name}.nosuch", "unknown key"]))

@@ -241,6 +241,7 @@ def airflow_pods(walk: Walk, state: dict) -> list[dict]:
     TrainJob launcher pod."""
     from coaflow.contract import ORDER
     from coaflow.orchestrate import airflow as af
+    from coaflow.orchestrate import airflow_pods as ap
     from tests.pods import pod_manifest
 
     (release,) = state["external"].values()
@@ -251,7 +252,7 @@ def airflow_pods(walk: Walk, state: dict) -> list[dict]:
     path = walk.cwd / "mounted-k8s.yaml"
     path.write_text(content)
     s = af.load_settings(env={"COAFLOW_AIRFLOW_MODE": "kubernetes", "COAFLOW_K8S_CONFIG": str(path)})
-    return [pod_manifest(af.pod_spec(stage, s, ["true"], launcher=launcher))
+    return [pod_manifest(ap.pod_spec(stage, s, ["true"], launcher=launcher))
             for stage in ORDER for launcher in (False, True)], s
 
 

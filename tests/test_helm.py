@@ -223,11 +223,12 @@ def _stage_pod_refs() -> set[tuple[str, str]]:
     refer to: ServiceAccounts, ConfigMaps, Secrets, PVCs."""
     from coaflow.contract import ORDER
     from coaflow.orchestrate import airflow as af
+    from coaflow.orchestrate import airflow_pods as ap
 
     refs = set()
     settings = af.load_settings(env={"COAFLOW_AIRFLOW_MODE": "kubernetes"})
     for stage in ORDER:
-        pod = pod_manifest(af.pod_spec(stage, settings, ["true"]))["spec"]
+        pod = pod_manifest(ap.pod_spec(stage, settings, ["true"]))["spec"]
         refs.add(("ServiceAccount", pod["serviceAccountName"]))
         for c in pod["containers"]:
             refs |= {("ConfigMap", e["configMapRef"]["name"]) for e in c.get("envFrom", [])}

@@ -22,9 +22,53 @@ def hadolint() -> str:
     return found
 
 
-def test_the_images_exist():
-    assert {p.name for p in DOCKERFILES} >= {"cpu.Dockerfile", "gpu.Dockerfile",
-                                              "airflow.Dockerfile", "tracking.Dockerfile"}
+def _installs(dockerfile: Path) -> list[list[str]]:
+    """The words of every ``pip install`` / ``uv pip install`` in ``dockerfile``'s RUN lines."""
+    import shlex
+
+    text = dockerfile.read_text().replace("\\\n", " ")
+    runs = [line[4:] for line in text.splitlines() if line.startswith("RUN ")]
+    out = []
+    for run in runs:
+        for part in run.split("&&"):
+            words = shlex.split(part)
+            if "install" in words and "pip" in words:
+                out.append(words[words.index("install") + 1:])
+    return out
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_every_image_installs_its_lock_and_nothing_unpinned(dockerfile):
+    """Each image of ``images/lock.py`` has its Dockerfile, and what that Dockerfile installs is
+    its lock (``-r`` of the copied lock, or a file cut from it), coaflow's own source with
+    ``--no-deps``, or a package pinned ``==`` to the version the Makefile installs: never a
+    name a resolver picks a version of on build day."""
+    image = dockerfile.name.removesuffix(".Dockerfile")
+    assert image in _lock_module().IMAGES
+    makefile = (ROOT / "Makefile").read_text()
+    installs = _installs(dockerfile)
+    assert installs, dockerfile.name
+    locked = False
+    for words in installs:
+        assert "--no-deps" in words, (dockerfile.name, words)  # the lock has every dependency
+        skip = False
+        for w in words:
+            if skip or w.startswith("-"):
+                skip = w in ("-r", "--index-url", "--extra-index-url")
+                if w == "-r":
+                    locked = True
+                continue
+            if w in ("/src", "/opt/coaflow"):
+                continue  # coaflow itself
+            if w.startswith("$(grep '^"):  # one line of the lock, installed apart
+                assert "/tmp/requirements.txt" in w, (dockerfile.name, w)
+                continue
+            assert "==" in w and w in makefile, (dockerfile.name, w)
+    assert locked, f"{dockerfile.name}: installs no lock"
+
+
+def test_every_locked_image_has_a_dockerfile():
+    assert {p.name.removesuffix(".Dockerfile") for p in DOCKERFILES} == set(_lock_module().IMAGES)
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)

@@ -126,6 +126,7 @@ def test_the_cli_prints_the_settings_and_the_airflow_charts_values(tmp_path):
 
 def test_the_airflow_dag_takes_the_values_profile_and_overrides(tmp_path):
     from coaflow.orchestrate import airflow as af
+    from coaflow.orchestrate import airflow_pods as ap
 
     env = {k8s.ENV_VAR: str(write(tmp_path, VALUES)), "COAFLOW_AIRFLOW_MODE": "kubernetes"}
     settings = af.load_settings(env=env)
@@ -135,7 +136,7 @@ def test_the_airflow_dag_takes_the_values_profile_and_overrides(tmp_path):
     plan = af.plan({}, "manual__1", settings, stages)
     assert plan["overrides"][1:len(settings.kubernetes.overrides) + 1] == \
         settings.kubernetes.overrides
-    pod = af.pod_spec("sft", settings, ["true"])
+    pod = ap.pod_spec("sft", settings, ["true"])
     assert pod.metadata.namespace == "ml"
     assert pod.spec.containers[0].image == "reg.example.com/x/coaflow-gpu:2.0.0"
     # COAFLOW_AIRFLOW_PROFILE still wins; local mode ignores the cluster's overrides

@@ -7,6 +7,7 @@ import yaml
 
 from coaflow.contract import ORDER
 from coaflow.orchestrate import airflow as af
+from coaflow.orchestrate import airflow_pods as ap
 from coaflow.orchestrate import k8s as k8s_settings
 from tests.pods import pod_manifest
 
@@ -26,7 +27,7 @@ def kfp(tmp_path_factory):
 
 def _airflow(stage: str) -> dict:
     settings = af.load_settings(env={"COAFLOW_AIRFLOW_MODE": "kubernetes"})
-    return pod_manifest(af.pod_spec(stage, settings, ["true"]))
+    return pod_manifest(ap.pod_spec(stage, settings, ["true"]))
 
 
 @pytest.mark.parametrize("stage", ORDER)

@@ -191,9 +191,9 @@ def test_every_rank_builds_the_key_rank_0_builds_with_tracking_uri_set(gate, tmp
     another registry and would have waited 30 minutes (here: still waiting after 60 s)."""
     from coaflow.config import load_config
     from coaflow.contract import STARTED, load_stage
+    from coaflow.registry import run_registry
     from coaflow.runner import cache_key, stage_inputs
     from coaflow.stages import sft
-    from coaflow.tracking import Tracker
     from tests.test_reliability import _fake_model
 
     root, argv = gate
@@ -206,8 +206,8 @@ def test_every_rank_builds_the_key_rank_0_builds_with_tracking_uri_set(gate, tmp
     run = cfg.run.model_copy(update={"workdir": str(Path(cfg.run.workdir).resolve())})
     inputs = stage_inputs(load_stage("sft"), {"gate": root / "gate"})
     key = cache_key("sft", load_stage("sft"), cfg.sft, run, {"gate": inputs["gate"].key},
-                    tracking_uri=Tracker(run.workdir, uri=cfg.tracking.uri).uri)
-    assert "coaflow-agent/1" in str(sft.cache_extras(cfg.sft, run, tracking_uri=uri))
+                    registry=run_registry(cfg, run.workdir))
+    assert "coaflow-agent/1" in str(sft.cache_extras(cfg.sft, run, registry_uri=uri))
     out.mkdir()
     (out / STARTED).write_text(key)
     trained: list = []

@@ -259,7 +259,7 @@ def test_every_path_valued_config_key_is_declared():
     one are listed here, each with why."""
     from pydantic import BaseModel
 
-    from coaflow.contract import STAGES, load_stage
+    from coaflow.contract import ORDER, load_stage
 
     not_paths = {"synthesize.llm.cache": "a switch", "gate.data_docs": "a switch",
                  "sft.lora_dropout": "a number", "sft.log_model_artifact": "a switch",
@@ -275,7 +275,7 @@ def test_every_path_valued_config_key_is_declared():
             elif any(w in (info.description or "").lower() for w in words):
                 yield f"{prefix}{field}"
 
-    missing = [f"{name}.{dotted}" for name in STAGES for dotted in fields(load_stage(name).Config)
+    missing = [f"{name}.{dotted}" for name in ORDER for dotted in fields(load_stage(name).Config)
                if dotted not in getattr(load_stage(name), "PATH_FIELDS", ())
                and f"{name}.{dotted}" not in not_paths]
     assert missing == []
@@ -306,7 +306,7 @@ def test_champion_lookups_use_the_runs_tracking_uri(tmp_path, monkeypatch):
                                 "sft.model=champion", "evaluate.models=[candidate, champion]"])
     for name in ("evaluate", "sft"):
         cache_key(name, load_stage(name), getattr(cfg, name), cfg.run, {"sft": "k"},
-                  tracking_uri=uri)
+                  registry=uri)
     assert seen == [uri, uri]
 
 

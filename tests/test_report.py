@@ -77,18 +77,13 @@ def test_report_card_renders_in_a_real_browser(workdir, tmp_path):
     assert len(png) > 30_000, len(png)
 
 
-def test_eval_rows_read_the_evaluate_table_and_metric_forms():
+def test_eval_rows_read_the_evaluate_table():
     nested = {"evaluate": {"summary": {"table": {
         "candidate": {"kbqa": {"success": 0.61, "lo": 0.48, "hi": 0.72, "n": 60}},
         "base": {"kbqa": {"success": 0.0, "lo": 0.0, "hi": 0.06, "n": 60}}}}}}
     rows = report.eval_rows(nested)
     assert {(r["model"], r["suite"], r["ci95"]) for r in rows} == {
         ("candidate", "kbqa", "[0.48, 0.72]"), ("base", "kbqa", "[0.00, 0.06]")}
-    flat = {"evaluate": {"metrics": {"eval/sft/calc/success": 0.8,
-                                     "eval/sft/calc/success_lo": 0.7,
-                                     "eval/sft/calc/success_hi": 0.9}}}
-    assert report.eval_rows(flat) == [{"model": "sft", "suite": "calc", "success": 0.8, "n": "",
-                                       "ci95": "[0.70, 0.90]"}]
 
 
 def test_the_summary_shows_one_evaluated_episode(tmp_path):

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from coaflow.orchestrate import airflow as af
+from coaflow.orchestrate import airflow_pods as ap
 from coaflow.orchestrate import k8s as k8s_settings
 from coaflow.orchestrate import trainjob
 from tests import requires
@@ -44,7 +45,7 @@ def test_it_runs_the_stage_command_under_torchrun_with_the_stage_pods_settings()
     assert trainer["command"][5:] == ARGS
     assert (trainer["numNodes"], trainer["numProcPerNode"]) == (2, 8)
     settings = af.load_settings(env={"COAFLOW_AIRFLOW_MODE": "kubernetes"})
-    pod = pod_manifest(af.pod_spec("sft", settings, ["true"]))["spec"]
+    pod = pod_manifest(ap.pod_spec("sft", settings, ["true"]))["spec"]
     base = pod["containers"][0]
     assert trainer["image"] == base["image"]
     limits = trainer["resourcesPerNode"]["limits"]

@@ -1,3 +1,8 @@
 """coaflow: the Chain-of-Agents recipe for agent foundation models, as an MLOps pipeline."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("coaflow")  # pyproject.toml's, as installed
+except PackageNotFoundError:  # source on sys.path, never installed
+    __version__ = "0+unknown"

@@ -19,35 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from coaflow.errors import UserError
+from coaflow.section import ConfigError, Section
 
 PROFILE_DIR = Path(__file__).parent / "configs"
-MAX_INT = 2**31 - 1  # the largest integer a config value may have (seeds, counts, steps, sizes)
-
-
-class ConfigError(UserError, ValueError):
-    """A user error in a profile or an override; the message is meant to be shown as is."""
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are checked on assignment."""
-
-    # inf/nan are never a sensible knob value (`--set sft.lr=.inf` is a typo, not a choice)
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    @field_validator("*")
-    @classmethod
-    def _bounded_ints(cls, v: Any) -> Any:
-        """Every integer knob (also inside a dict or list: ``synthesize.suites``) fits in 32
-        bits: ``run.seed=10**26`` or ``sft.max_steps=10**29`` is a typo that would otherwise pass
-        here and overflow in torch or numpy an hour later."""
-        values = v.values() if isinstance(v, dict) else v if isinstance(v, list) else [v]
-        for x in values:
-            if isinstance(x, int) and not isinstance(x, bool) and not -MAX_INT <= x <= MAX_INT:
-                raise ValueError(f"{x} is out of range (at most {MAX_INT:,} in size)")
-        return v
+# Section and ConfigError live in coaflow.section, below the stages this module loads
+__all__ = ["PROFILE_DIR", "ConfigError", "Section", "config_model", "load_config", "read_profile"]
 
 
 class RunSection(Section):
@@ -70,9 +48,9 @@ class TrackingSection(Section):
 
 def _stage_sections() -> dict[str, type[Section]]:
     """Config class of every registered stage, by stage name (imports light modules only)."""
-    from coaflow.contract import STAGES, load_stage
+    from coaflow.contract import ORDER, load_stage
 
-    return {name: load_stage(name).Config for name in STAGES}
+    return {name: load_stage(name).Config for name in ORDER}
 
 
 @functools.cache
@@ -91,6 +69,37 @@ def config_model() -> type[BaseModel]:
         # the "register" section shadows ABCMeta.register, a class method no config calls
         warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
         return create_model("Config", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+def explain() -> str:
+    """Every knob with its default and what it does, from the ``Config`` classes themselves: the
+    reference a profile is written against (docs/config.md holds it; a test compares). A profile
+    sets only what differs from these."""
+    import json
+
+    lines = ["# Every knob", "",
+             "Generated from the stages' `Config` classes by `coaflow config --explain`; "
+             "a test fails when this page and the code differ. A profile (`src/coaflow/configs/`) "
+             "sets only what differs from these defaults; `coaflow config --profile P` prints "
+             "the values a profile runs with.", ""]
+
+    def rows(model: type[BaseModel], prefix: str) -> list[str]:
+        out = []
+        for key, field in model.model_fields.items():
+            kind = field.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                out += rows(kind, f"{prefix}{key}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            text = (field.description or "").replace("|", "\\|")
+            out.append(f"| `{prefix}{key}` | `{json.dumps(default)}` | {text} |")
+        return out
+
+    for name, field in config_model().model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            lines += [f"## {name}", "", "| key | default | what it does |", "|---|---|---|",
+                      *rows(field.annotation, f"{name}."), ""]
+    return "\n".join(lines)
 
 
 def profile_path(profile: str | Path) -> Path:

@@ -10,8 +10,9 @@ A stage is a module ``coaflow/stages/<name>.py`` with
     OPTIONAL = ("rl",)                  # stages it reads when they ran (ctx.optional)
     RESUMABLE = False                   # True: a killed attempt's files are kept for run() to resume
     CACHE = True                        # False: always runs (it acts on outside state: deploy)
-    def cache_extras(cfg, run[, inputs]) -> dict  # optional: outside state it reads (a champion);
-                                        # inputs: {stage: cache key} of its inputs
+    def cache_extras(cfg, run[, inputs][, registry_uri]) -> dict  # optional: outside state it
+                                        # reads (a champion); inputs: {stage: cache key} of its
+                                        # inputs; registry_uri: the run's model registry
     PATH_FIELDS = ("decontam_file",)    # config keys that name local files or folders: their
                                         # contents enter the cache key
     class Config(Section): ...          # its config section
@@ -36,7 +37,6 @@ their tasks from these.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import re
 import secrets
@@ -48,15 +48,11 @@ from typing import Any
 
 from coaflow.errors import PipelineError, PromotionRefused
 
-__all__ = ["MARKER", "ORDER", "PROMOTION", "RESULT", "STAGES", "Context", "PipelineError",
+__all__ = ["MARKER", "ORDER", "PROMOTION", "RESULT", "Context", "PipelineError",
            "PromotionRefused", "Result", "load_stage", "merge_shards", "read_result", "reads"]
 
-# Pipeline order. A stage is listed (CLI, config, runner) once its module exists: nothing here
-# pretends to work before it does.
+# Pipeline order: the stages, each the module coaflow.stages.<name>.
 ORDER = ("synthesize", "gate", "sft", "rl", "evaluate", "register", "deploy")
-STAGES: dict[str, str] = {
-    n: f"coaflow.stages.{n}" for n in ORDER if importlib.util.find_spec(f"coaflow.stages.{n}")
-}
 PROMOTION = "register"  # its refusal (exit 4, PromotionRefused) skips the stages after it
 
 MARKER = ".complete"
@@ -69,9 +65,9 @@ OWNER = ".coaflow-stage"  # the stage name, written when coaflow makes a stage f
 
 
 def load_stage(name: str):
-    if name not in STAGES:
-        raise PipelineError(f"unknown stage {name!r} (stages: {', '.join(STAGES) or 'none'})")
-    return importlib.import_module(STAGES[name])
+    if name not in ORDER:
+        raise PipelineError(f"unknown stage {name!r} (stages: {', '.join(ORDER)})")
+    return importlib.import_module(f"coaflow.stages.{name}")
 
 
 def needs(stage) -> tuple[str, ...]:
@@ -85,7 +81,7 @@ def reads(stage, present: Iterable[str] | None = None) -> tuple[str, ...]:
     OPTIONAL stages among ``present`` (default: every stage that exists)."""
     module = load_stage(stage) if isinstance(stage, str) else stage
     required = needs(module)
-    present = set(STAGES if present is None else present)
+    present = set(ORDER if present is None else present)
     return required + tuple(s for s in getattr(module, "OPTIONAL", ())
                             if s in present and s not in required)
 
@@ -124,6 +120,8 @@ class Result:
     cached: bool = False
     key: str | None = None  # the cache key of the stage folder it came from
     parts: list[Result] = field(default_factory=list)  # a stage run in shards: one per shard
+    data: str | None = None  # the output holding the trajectories it hands on (synthesize's
+    # "trajectories", the gate's "accepted"): what `coaflow data` and `gate --input` read in it
 
     def path(self, name: str) -> Path:
         if self.parts:
@@ -141,13 +139,14 @@ class Result:
     def to_json(self, base: Path | None = None) -> dict:
         """JSON for ``result.json``; outputs inside ``base`` become ``./relative`` paths."""
         outputs = {k: _relative(v, base) for k, v in self.outputs.items()}
-        return {"outputs": outputs, "metrics": self.metrics, "summary": self.summary}
+        return {"outputs": outputs, "metrics": self.metrics, "summary": self.summary,
+                **({"data": self.data} if self.data else {})}
 
     @classmethod
     def from_json(cls, d: Mapping, base: Path | None = None) -> Result:
         outputs = {k: resolve_output(v, base) for k, v in dict(d.get("outputs", {})).items()}
         return cls(outputs=outputs, metrics=dict(d.get("metrics", {})),
-                   summary=dict(d.get("summary", {})))
+                   summary=dict(d.get("summary", {})), data=d.get("data"))
 
 
 SHARD = "shard"  # summary key of a shard's folder: {"index": i, "of": n, "run": digest, ...}
@@ -213,6 +212,7 @@ class Context:
     run: Any  # the ``run`` config section (name, seed, workdir as an absolute path)
     tracker: Any  # coaflow.tracking.Tracker: the stage's MLflow run
     tracking_uri: str = ""
+    registry_uri: str = ""  # the run's model registry (``registry.registry_uri``)
     resume: bool = False
 
     def input(self, stage: str) -> Result:
@@ -228,6 +228,7 @@ class Context:
 # --- run ids ----------------------------------------------------------------------------------
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RUN_ID_ENV = "COAFLOW_RUN_ID"  # the run id an engine hands a stage process (a pod, a worker)
 
 
 def check_run_id(run_id: str) -> str:

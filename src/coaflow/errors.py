@@ -1,17 +1,8 @@
 """The errors a run can end with, and the exit code an orchestrator acts on for each.
 
-=====  ======================  ==============================================================
-code   exception               meaning (what Airflow / KFP / a shell script should do)
-=====  ======================  ==============================================================
-0      -                       done (a cached stage counts as done)
-1      anything else           a bug in coaflow or a library: do not retry, read the traceback
-2      ``UserError``           bad config, bad file, bad argument: fix the input, do not retry
-3      ``GateRefused``         a data quality gate refused the batch: look at the quarantine
-4      ``PromotionRefused``    the candidate did not beat the champion: nothing moved; the run
-                               itself succeeded, and later stages that need a promotion are skipped
-75     ``ServiceUnavailable``  an endpoint or the tracking server was unreachable or timed out:
-                               worth a retry (75 is EX_TEMPFAIL of sysexits.h)
-=====  ======================  ==============================================================
+``EXIT_CODES`` below is the one table: ``coaflow --help`` prints it (``exit_codes_help``),
+docs/stages.md holds it (``exit_codes_markdown``; a test compares), and the Airflow and Kubeflow
+engines map the same codes. 75 is ``EX_TEMPFAIL`` of sysexits.h.
 
 Every message is one line meant to be shown as is: it names the file, field or URL at fault.
 """
@@ -22,6 +13,43 @@ from typing import Any
 
 EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_GATE, EXIT_PROMOTION, EXIT_RETRY = 0, 1, 2, 3, 4, 75
 RETRYABLE_EXIT_CODES = (EXIT_RETRY,)
+
+# code, what raises it, what it means (and what Airflow, KFP or a shell script should do)
+EXIT_CODES = (
+    (EXIT_OK, "-", "done (a cached stage counts as done)"),
+    (EXIT_BUG, "anything unexpected", "a bug in coaflow or a library: read the traceback, do "
+     "not retry"),
+    (EXIT_USER, "`UserError` (`ConfigError`, `DataError`, `PipelineError`)", "bad config, file "
+     "or argument: fix the input, do not retry"),
+    (EXIT_GATE, "`GateRefused`", "a data quality gate refused the batch: read the quarantine and "
+     "Data Docs"),
+    (EXIT_PROMOTION, "`PromotionRefused`", "promotion refused: the candidate did not win; "
+     "nothing moved, deploy is skipped, the run is not failed"),
+    (EXIT_RETRY, "`ServiceUnavailable`", "an endpoint or the tracking server was unreachable or "
+     "timed out: retry with backoff"),
+)
+
+
+def exit_codes_help() -> str:
+    """``EXIT_CODES`` as the epilog of ``coaflow --help`` (click keeps ``\\b`` blocks as they
+    are)."""
+    return "\b\nExit codes (what an orchestrator acts on):\n" + "".join(
+        f"  {code:<3} {meaning}\n" for code, _, meaning in EXIT_CODES)
+
+
+def exit_meaning(code: int) -> str:
+    """What exit ``code`` means, in a few words (a failed task's message).
+
+    >>> exit_meaning(75)
+    'an endpoint or the tracking server was unreachable or timed out'
+    """
+    return next((m.split(":")[0] for c, _, m in EXIT_CODES if c == code), "an error")
+
+
+def exit_codes_markdown() -> str:
+    """``EXIT_CODES`` as docs/stages.md's table."""
+    return "| code | raised as | what it means, what an orchestrator does |\n|---|---|---|\n" + \
+        "".join(f"| {code} | {raised} | {meaning} |\n" for code, raised, meaning in EXIT_CODES)
 
 
 class CoaflowError(Exception):

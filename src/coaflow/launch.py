@@ -130,10 +130,10 @@ def check_worker(argv: list[str]):
 
 def worker(argv: list[str], since: float) -> int:
     """Run the stage as a non-zero rank: training only, in a scratch folder."""
-    from coaflow.contract import OWNER, Context
+    from coaflow.contract import OWNER, RUN_ID_ENV, Context
     from coaflow.tracking import Tracker
 
-    args, (module, run, section, inputs, key), scratch = check_worker(argv)
+    args, (module, run, section, inputs, key, registry), scratch = check_worker(argv)
     out = Path(args.out).resolve()
     if wait_for_rank0(out, key, since) == "done":
         return 0
@@ -143,9 +143,10 @@ def worker(argv: list[str], since: float) -> int:
     for name in SHARED:
         (out / name).mkdir(parents=True, exist_ok=True)
         (scratch / name).symlink_to(out / name, target_is_directory=True)
-    ctx = Context(run_id=args.run_id or os.environ.get("COAFLOW_RUN_ID") or "worker",
+    ctx = Context(run_id=args.run_id or os.environ.get(RUN_ID_ENV) or "worker",
                   out=scratch, inputs=inputs, run=run,
-                  tracker=Tracker(run.workdir, enabled=False), resume=True)
+                  tracker=Tracker(run.workdir, enabled=False), registry_uri=registry,
+                  resume=True)
     try:
         module.run(section, ctx)
     finally:

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from coaflow.errors import ServiceUnavailable, UserError
-from coaflow.tracking import bounded_http, safe_url
+from coaflow.tracking import bounded_http, safe_url, store_uri
 
-CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
+CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"  # the aliases coaflow moves
 MODEL_INFO = "coaflow_model.json"
 MODEL_URI_RE = re.compile(r"^models:/(?P<name>[^@/]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
@@ -58,7 +58,7 @@ class Version:
 
     @property
     def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
+        return version_uri(self.name, self.version)
 
 
 def model_name(run_name: str) -> str:
@@ -68,6 +68,45 @@ def model_name(run_name: str) -> str:
     'coaflow-agent'
     """
     return f"{run_name}-agent"
+
+
+def registry_uri(workdir: str | Path, tracking_uri: str | None = None,
+                 registry: str | None = None) -> str:
+    """Where a run's model registry is: ``register.registry_uri`` (``registry``), else its
+    tracking store (``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else
+    ``sqlite:///<workdir>/mlflow.db``). The one answer for every stage's ``run()`` and
+    ``cache_extras`` (register moves the champion there; evaluate compares with it; sft retrains
+    it; deploy serves it) and for the CLI's ``models`` and ``serve``: a champion looked for
+    elsewhere than where it is moved is never found.
+
+    >>> registry_uri("/w", None, "http://mlflow:5000")
+    'http://mlflow:5000'
+    >>> registry_uri("/w", "sqlite:////t/m.db")
+    'sqlite:////t/m.db'
+    """
+    return registry or store_uri(workdir, tracking_uri)
+
+
+def run_registry(cfg, workdir: str | Path | None = None) -> str:
+    """``registry_uri`` of a run of config ``cfg`` (its ``register.registry_uri``,
+    ``tracking.uri`` and ``run.workdir``, or ``workdir`` when given)."""
+    register = getattr(cfg, "register", None)
+    return registry_uri(workdir or cfg.run.workdir, cfg.tracking.uri,
+                        getattr(register, "registry_uri", None))
+
+
+def alias_uri(name: str, alias: str) -> str:
+    """``models:/NAME@ALIAS``, as ``parse_model_uri`` reads it.
+
+    >>> alias_uri("coaflow-agent", CHAMPION)
+    'models:/coaflow-agent@champion'
+    """
+    return f"models:/{name}@{alias}"
+
+
+def version_uri(name: str, version: int) -> str:
+    """``models:/NAME/VERSION``."""
+    return f"models:/{name}/{version}"
 
 
 def parse_model_uri(uri: str) -> tuple[str, str | None, int | None]:
@@ -96,6 +135,8 @@ class Registry:
     """The registry behind ``uri`` (a tracking URI: sqlite, http(s), databricks...)."""
 
     def __init__(self, uri: str, artifact_root: str | Path | None = None):
+        if not uri:  # MLflow would take its process-wide default: some other store
+            raise RegistryError("no registry URI (registry.registry_uri gives a run's)")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         bounded_http()
         from mlflow import MlflowClient

@@ -7,6 +7,9 @@ It reads only what the stages left behind: each stage folder's ``result.json`` (
 funnel, the eval table, the registry decision) and the stage runs' metric histories in MLflow
 (training curves). A stage that did not run is shown as such; nothing is invented. Plots are inline
 SVG, so the file opens anywhere, offline, with no JavaScript.
+
+Below the card: the shape of evaluate's summary (``EvalSummary``) and its tables, ``table.md`` /
+``table.html`` (``eval_markdown``, ``eval_html``), which evaluate writes and the card shows.
 """
 
 from __future__ import annotations
@@ -15,11 +18,10 @@ import html
 import json
 import re
 import time
-from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
-from coaflow.contract import MARKER, STAGES, read_result
+from coaflow.contract import MARKER, ORDER, read_result
 
 CURVE_PREFIXES = ("train/", "rl/", "reward", "success")
 
@@ -28,8 +30,8 @@ def collect(run_dir: Path) -> dict[str, Any]:
     """Per stage: status (done / cached / incomplete / not run), metrics, summary, outputs."""
     run_dir = Path(run_dir)
     stages: dict[str, Any] = {}
-    names = list(STAGES) + sorted(p.name for p in run_dir.iterdir() if p.is_dir()
-                                  and p.name not in STAGES and (p / MARKER).exists())
+    names = list(ORDER) + sorted(p.name for p in run_dir.iterdir() if p.is_dir()
+                                 and p.name not in ORDER and (p / MARKER).exists())
     for name in names:
         folder = run_dir / name
         r = read_result(folder) if folder.is_dir() else None
@@ -83,7 +85,7 @@ def run_links(tracking_uri: str | None, runs: list) -> list[tuple[str, str, str 
                f"{r.info.run_id}" if str(tracking_uri).startswith(("http://", "https://"))
                else None)
         out.append((name, r.info.run_id, url))
-    order = {n: i for i, n in enumerate(["pipeline", *STAGES])}
+    order = {n: i for i, n in enumerate(["pipeline", *ORDER])}
     return sorted(out, key=lambda x: order.get(x[0], len(order)))
 
 
@@ -139,22 +141,10 @@ def funnel(stages: dict) -> list[tuple[str, Any]]:
 
 
 def eval_rows(stages: dict) -> list[dict]:
-    """One row per model and suite from the evaluate stage's summary ``table``
-    (``{model: {suite: {success, lo, hi, n}}}``), or from metrics named
-    ``eval/<model>/<suite>/success`` (+ ``_lo``/``_hi`` interval bounds)."""
-    ev = stages.get("evaluate", {})
-    table = ev.get("summary", {}).get("table")
-    if not table:
-        table = defaultdict(dict)
-        metrics = ev.get("metrics", {})
-        for key, value in metrics.items():
-            parts = key.split("/")
-            if len(parts) == 4 and parts[0] == "eval" and parts[3] == "success":
-                row = {"success": value}
-                if f"{key}_lo" in metrics and f"{key}_hi" in metrics:
-                    row |= {"lo": metrics[f"{key}_lo"], "hi": metrics[f"{key}_hi"]}
-                table[parts[1]][parts[2]] = row
-    details = ev.get("summary", {}).get("details", {})
+    """One row per model and suite from the evaluate stage's summary ``table``."""
+    summary: EvalSummary = stages.get("evaluate", {}).get("summary", {})
+    table = summary.get("table", {})
+    details = summary.get("details", {})
 
     def ceiling(model: str, suite: str) -> str:  # the row as a share of the teacher's
         share = details.get(model, {}).get(suite, {}).get("ceiling_share")
@@ -381,3 +371,119 @@ def write(run_dir: Path, tracking_uri: str | None = None, tracker=None) -> Path:
     if tracker is not None:
         tracker.log_artifact(path)
     return path
+
+
+# --- evaluate's summary: its shape, and its tables ------------------------------------------------
+
+class Rate(TypedDict):
+    """Success over ``n`` episodes, with its 95 % Wilson interval."""
+
+    success: float
+    lo: float
+    hi: float
+    n: int
+
+
+class Paired(TypedDict):
+    """Candidate - other on the same tasks: the success difference with its paired bootstrap
+    interval, the exact McNemar p-value and the discordant counts."""
+
+    diff: float
+    lo: float
+    hi: float
+    p_value: float
+    n: int
+    only_candidate: int
+    only_other: int
+
+
+class EvalSummary(TypedDict, total=False):
+    """What evaluate hands on (its ``result.json`` summary), read by register's rules and tags,
+    this report, ``coaflow runs show`` and the bench scripts. Rows are ``base``, ``sft``,
+    ``candidate``, ``champion``, ``teacher`` (or any name a caller gives its specs)."""
+
+    table: dict[str, dict[str, Rate]]  # row -> suite -> success
+    details: dict[str, dict[str, dict[str, Any]]]  # row -> suite -> Rate + format errors, turns,
+    # tool calls, tokens, categories, cut turns, ceiling_share, pass@k
+    slices: dict[str, dict[str, dict[str, dict[str, Rate]]]]  # row -> suite -> key -> group
+    tasks: dict[str, int]  # suite -> test tasks
+    comparison: dict[str, dict[str, Paired]]  # "candidate_vs_<row>" -> suite or "all"
+    seconds: dict[str, float]  # row -> wall seconds
+    cached_rows: list[str]  # rows read from the row cache
+    budget: dict[str, dict[str, Any]]  # suite -> agent.budget.fit_table's row
+    candidate: dict[str, str]  # {"source": "rl" | "sft", "model": folder}
+    champion: dict[str, int] | None  # {"version": N}: the champion compared with, or None
+
+def _cell(d: dict) -> str:
+    share = d.get("ceiling_share")
+    return (f"{d['success']:.1%} [{d['lo']:.1%}, {d['hi']:.1%}]"
+            + (f" ({share:.0%} of ceiling)" if share is not None and d.get("n") else ""))
+
+
+def eval_markdown(summary: EvalSummary) -> str:
+    """evaluate's ``table.md``: the budget, then one line per model (per suite success [95 % CI],
+    format errors, turns), the difficulty / hop slices, how episodes ended and the paired
+    comparisons."""
+    details = summary["details"]
+    suites = list(summary["tasks"])
+    lines = []
+    if summary.get("budget"):
+        lines += ["| suite | budget | teacher runs it fits |", "|---|---|---|"]
+        for s, b in summary["budget"].items():
+            fit = (f"{b['fits']:.1%} of {b['teacher_runs']}" if b.get("fits") is not None
+                   else "no teacher runs measured (the documented default)")
+            lines.append(f"| {s} | {b['max_turns']} turns x {b['max_new_tokens']} tokens | "
+                         f"{fit} |")
+        lines.append("")
+    lines += ["| model | " + " | ".join(f"{s} (n={summary['tasks'][s]})" for s in suites)
+              + " | format errors | mean turns | mean tool calls |",
+              "|---|" + "---|" * (len(suites) + 3)]
+    for model, per in details.items():
+        cells = [_cell(per[s]) for s in suites]
+        n = sum(per[s]["n"] for s in suites)
+        avg = {k: sum(per[s][k] * per[s]["n"] for s in suites) / n
+               for k in ("format_error_rate", "mean_turns", "mean_tool_calls")}
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | {avg['format_error_rate']:.1%} | "
+                     f"{avg['mean_turns']:.2f} | {avg['mean_tool_calls']:.2f} |")
+    lines += ["", "| model | suite | slice | success [95 % CI] (n) |", "|---|---|---|---|"]
+    for model, per in summary["slices"].items():
+        for suite, sl in per.items():
+            for key, groups in sl.items():
+                for g, r in groups.items():
+                    lines.append(f"| {model} | {suite} | {key} {g} | {r['success']:.1%} "
+                                 f"[{r['lo']:.1%}, {r['hi']:.1%}] ({r['n']}) |")
+    lines += ["", "| model | suite | how episodes ended |", "|---|---|---|"]
+    for model, per in details.items():
+        for suite in suites:
+            cats = ", ".join(f"{k} {v}" for k, v in sorted(per[suite]["categories"].items()))
+            cuts = ", ".join(f"turn {k}: {v}" for k, v in per[suite]["cut_turns"].items())
+            lines.append(f"| {model} | {suite} | {cats}" + (f" (cut at {cuts})" if cuts else "")
+                         + " |")
+    for name, comp in summary.get("comparison", {}).items():
+        other = name.removeprefix("candidate_vs_")
+        lines += ["", f"| candidate - {other} | diff [95 % CI] | McNemar p | n |",
+                  "|---|---|---|---|"]
+        lines += [f"| {s} | {c['diff']:+.1%} [{c['lo']:+.1%}, {c['hi']:+.1%}] | "
+                  f"{c['p_value']:.3g} | {c['n']} |" for s, c in comp.items()]
+    return "\n".join(lines) + "\n"
+
+
+def eval_html(md: str) -> str:
+    """``eval_markdown``'s tables as a standalone HTML page (evaluate's ``table.html``)."""
+    import html
+
+    parts, in_table = ["<html><body><h1>coaflow evaluation (test split)</h1>"], False
+    for line in md.splitlines():
+        if not line.startswith("|"):
+            parts.append("</table>" if in_table else "")
+            in_table = False
+            continue
+        cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
+        if set("".join(cells)) <= {"-"}:
+            continue
+        tag = "th" if not in_table else "td"
+        parts.append(("<table border=1 cellpadding=3>" if not in_table else "")
+                     + "<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>")
+        in_table = True
+    parts.append("</table></body></html>" if in_table else "</body></html>")
+    return "\n".join(parts)

@@ -37,7 +37,7 @@ from coaflow.contract import (
     OWNER,
     REFUSED,
     RESULT,
-    STAGES,
+    RUN_ID_ENV,
     STARTED,
     Context,
     Result,
@@ -52,7 +52,8 @@ from coaflow.contract import (
 from coaflow.digest import code_digest, path_digest
 from coaflow.digest import digest as _digest
 from coaflow.errors import PipelineError, PromotionRefused, os_failure
-from coaflow.tracking import Tracker, redact, registry_uri
+from coaflow.registry import registry_uri, run_registry
+from coaflow.tracking import Tracker, redact
 
 __all__ = ["cache_key", "execute", "list_runs", "run_pipeline", "show_run", "stage_setup"]
 
@@ -64,19 +65,20 @@ def _field(section: Any, dotted: str) -> Any:
 
 
 def cache_key(stage: str, module, section: Any, run: Any, input_keys: Mapping[str, str],
-              tracking_uri: str | None = None) -> str:
+              registry: str | None = None) -> str:
     """Everything the stage reads: its section, the contents of the files its ``PATH_FIELDS``
     name, ``run.name``/``run.seed``, its inputs' keys, ``cache_extras`` (outside state, e.g. the
-    champion's version), the coaflow version and its source (``code_digest``)."""
+    champion's version in the ``registry``), the coaflow version and its source
+    (``code_digest``)."""
     conf = section.model_dump(mode="json") if hasattr(section, "model_dump") else section
     files = {f: path_digest(_field(section, f)) for f in getattr(module, "PATH_FIELDS", ())}
     extras = None
-    if hasattr(module, "cache_extras"):  # (cfg, run[, inputs][, tracking_uri=]): what it takes
+    if hasattr(module, "cache_extras"):  # (cfg, run[, inputs][, registry_uri=]): what it takes
         params = inspect.signature(module.cache_extras).parameters
-        args = [section, run] + ([dict(input_keys)] if len(set(params) - {"tracking_uri"}) >= 3
+        args = [section, run] + ([dict(input_keys)] if len(set(params) - {"registry_uri"}) >= 3
                                  else [])
-        kw = {"tracking_uri": registry_uri(run.workdir, tracking_uri)} \
-            if "tracking_uri" in params else {}
+        kw = {"registry_uri": registry or registry_uri(run.workdir)} \
+            if "registry_uri" in params else {}
         extras = module.cache_extras(*args, **kw)
     return _digest({"stage": stage, "config": conf, "version": __version__, "code": code_digest(),
                     "run": {"name": getattr(run, "name", None), "seed": getattr(run, "seed", None)},
@@ -88,6 +90,11 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_result(out: Path, result: Result) -> None:
+    """``out/result.json``: paths inside ``out`` relative, secrets redacted, written whole."""
+    _write_atomic(out / RESULT, json.dumps(redact(result.to_json(base=out)), indent=2))
 
 
 def owned_by(path: Path, name: str) -> bool:
@@ -242,6 +249,7 @@ class StageSetup(NamedTuple):
     section: Any  # the stage's config section
     inputs: dict[str, Result]  # its completed input folders, read
     key: str  # its cache key
+    registry: str  # where the run's model registry is (``registry.registry_uri``)
 
 
 def stage_setup(name: str, cfg, inputs: Mapping[str, Any], module=None) -> StageSetup:
@@ -253,9 +261,10 @@ def stage_setup(name: str, cfg, inputs: Mapping[str, Any], module=None) -> Stage
     run = cfg.run.model_copy(update={"workdir": str(Path(cfg.run.workdir).resolve())})
     section = getattr(cfg, name, None)
     results = stage_inputs(module, inputs)
+    registry = run_registry(cfg, run.workdir)
     key = cache_key(name, module, section, run, {n: r.key or "" for n, r in results.items()},
-                    tracking_uri=registry_uri(run.workdir, cfg.tracking.uri))
-    return StageSetup(module, run, section, results, key)
+                    registry=registry)
+    return StageSetup(module, run, section, results, key, registry)
 
 
 def execute(name: str, cfg, out_dir: str | Path, inputs: Mapping[str, Path | str] | None = None,
@@ -264,14 +273,15 @@ def execute(name: str, cfg, out_dir: str | Path, inputs: Mapping[str, Path | str
     """Run stage ``name`` of config ``cfg`` in ``out_dir`` with its inputs' completed folders,
     or return the cached result (``result.cached``). ``PromotionRefused`` is raised after the
     stage is recorded complete, and again on a cache hit of that refusal."""
-    module, run, section, results, key = stage_setup(name, cfg, inputs or {}, module)
+    module, run, section, results, key, registry = stage_setup(name, cfg, inputs or {},
+                                                                  module)
     workdir = Path(run.workdir)
     check_out_dir(name, Path(out_dir), inputs or {})
     tracker = tracker or Tracker(workdir, uri=cfg.tracking.uri, enabled=cfg.tracking.enabled,
                                  experiment=cfg.tracking.experiment or cfg.run.name)
     out = Path(out_dir).resolve()
     cacheable = use_cache and getattr(module, "CACHE", True)
-    run_id = run_id or os.environ.get("COAFLOW_RUN_ID") or new_run_id()
+    run_id = run_id or os.environ.get(RUN_ID_ENV) or new_run_id()
 
     done = read_result(out) if cacheable else None
     src = None
@@ -304,7 +314,7 @@ def execute(name: str, cfg, out_dir: str | Path, inputs: Mapping[str, Path | str
         _write_atomic(out / OWNER, name)
         _write_atomic(started, key)
         ctx = Context(run_id=run_id, out=out, inputs=results, run=run, tracker=tracker,
-                      tracking_uri=tracker.uri, resume=resume)
+                      tracking_uri=tracker.uri, registry_uri=registry, resume=resume)
         params = section.model_dump(mode="json") if hasattr(section, "model_dump") else {}
         log(f"[{name}] running -> {out}")
         start, refused = time.time(), None
@@ -317,7 +327,7 @@ def execute(name: str, cfg, out_dir: str | Path, inputs: Mapping[str, Path | str
                 result, refused = e.result, e
             result.metrics.setdefault("wall_seconds", round(time.time() - start, 2))
             tracker.log_metrics(result.metrics)
-            _write_atomic(out / RESULT, json.dumps(redact(result.to_json(base=out)), indent=2))
+            write_result(out, result)
             if refused is not None:
                 _write_atomic(out / REFUSED, str(refused))
             tracker.log_artifact(out / RESULT)
@@ -341,11 +351,11 @@ def execute(name: str, cfg, out_dir: str | Path, inputs: Mapping[str, Path | str
 def run_pipeline(cfg, run_id: str | None = None, only: list[str] | None = None,
                  start_from: str | None = None, stages: Mapping[str, Any] | None = None,
                  use_cache: bool = True, log=print) -> dict[str, Result]:
-    """Run the stages of ``cfg`` in order. ``stages`` maps name -> module (default: STAGES).
+    """Run the stages of ``cfg`` in order. ``stages`` maps name -> module (default: every stage of ORDER).
 
     A refused promotion ends the run there (the stages after it need a promotion) and is
     raised once the results are recorded: the CLI exits 4."""
-    modules = dict(stages) if stages is not None else {n: load_stage(n) for n in STAGES}
+    modules = dict(stages) if stages is not None else {n: load_stage(n) for n in ORDER}
     names = list(modules)
     for n in (only or []) + ([start_from] if start_from else []):
         if n not in modules:

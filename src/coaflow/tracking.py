@@ -242,10 +242,9 @@ def default_uri(workdir: str | Path) -> str:
         f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
-def registry_uri(workdir: str | Path, tracking_uri: str | None = None) -> str:
-    """The MLflow store (tracking and registry) a stage of a run uses: the run's
-    ``tracking.uri``, else ``default_uri``. The one answer for both a stage's ``run()`` and its
-    ``cache_extras``: a champion looked up elsewhere than where it is moved is a stale cache."""
+def store_uri(workdir: str | Path, tracking_uri: str | None = None) -> str:
+    """The MLflow tracking store of a run: its ``tracking.uri``, else ``default_uri``. (Where its
+    model registry is: ``coaflow.registry.registry_uri``.)"""
     return tracking_uri or default_uri(workdir)
 
 
@@ -284,7 +283,7 @@ class Tracker:
                  enabled: bool = True):
         self.enabled = enabled
         self.workdir = Path(workdir)
-        self.uri = registry_uri(workdir, uri)
+        self.uri = store_uri(workdir, uri)
         self.experiment = redact(experiment)
         self._mlflow = None
         self._experiment_id: str | None = None

@@ -1,8 +1,6 @@
 """The compiled pipeline: committed YAML up to date, every stage a task with its image,
 resources, dependencies and Kubernetes settings; the full stage list wires the promotion gate."""
 
-import sys
-import types
 from pathlib import Path
 
 import yaml
@@ -53,7 +51,7 @@ def test_committed_yaml_is_what_the_pipeline_compiles_to(tmp_path):
 def test_every_stage_is_a_task_with_its_image_resources_inputs_and_k8s_settings():
     spec, platform = _docs(COMPILED)
     tasks = _tasks(spec)
-    assert sorted(tasks) == sorted(contract.STAGES)  # stage names = task names
+    assert sorted(tasks) == sorted(contract.ORDER)  # stage names = task names
     executors = spec["deploymentSpec"]["executors"]
     ks = k8s.load()
     ((secret, _),) = ks.secret_env().items()
@@ -92,23 +90,8 @@ def test_every_stage_is_a_task_with_its_image_resources_inputs_and_k8s_settings(
             "retries"} <= set(params)
 
 
-def _fake_stage(name, needs=(), optional=(), cache=True):
-    mod = types.ModuleType(f"coaflow.stages.{name}")
-    mod.NAME, mod.NEEDS, mod.OPTIONAL, mod.CACHE = name, needs, optional, cache
-    return mod
-
-
 def compile_full_pipeline(monkeypatch, path: Path) -> Path:
-    """The pipeline compiled over all of ORDER, whatever stages exist (the later ones faked as
-    modules, with their real NEEDS and OPTIONAL)."""
-    fakes = {"rl": _fake_stage("rl", ("sft",)),
-             "evaluate": _fake_stage("evaluate", ("sft",), ("rl", "gate")),
-             "register": _fake_stage("register", ("evaluate", "sft"), ("rl", "gate")),
-             "deploy": _fake_stage("deploy", ("register",), cache=False)}
-    for mod in fakes.values():
-        if mod.NAME not in contract.STAGES:
-            monkeypatch.setitem(sys.modules, mod.__name__, mod)
-    monkeypatch.setattr(contract, "STAGES", {n: f"coaflow.stages.{n}" for n in contract.ORDER})
+    """The pipeline of every stage of ORDER, compiled."""
     return compile_pipeline(path, k8s.load())
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from coaflow.contract import STAGES
+from coaflow.contract import ORDER
 
 ROOT = Path(__file__).resolve().parents[2]
 DAGS = ROOT / "dags"
@@ -100,7 +100,7 @@ def assert_run_succeeded(states: dict[str, str]) -> None:
     """Every stage task succeeded, except the branch's untaken side (skipped)."""
     from coaflow.contract import PROMOTION
 
-    names = list(STAGES)
+    names = list(ORDER)
     cut = names.index(PROMOTION) + 1 if PROMOTION in names else len(names)
     assert all(states[n] == "success" for n in ["configure", *names[:cut]]), states
     assert set(states.values()) <= {"success", "skipped"}, states

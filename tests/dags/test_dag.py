@@ -8,15 +8,15 @@ import json
 
 import pytest
 
-from coaflow.contract import ORDER, STAGES
+from coaflow.contract import ORDER
 from coaflow.orchestrate import airflow as af
+from coaflow.orchestrate import airflow_pods as ap
 from tests.dags.conftest import airflow_env, python
 from tests.pods import pod_manifest
 
 INSPECT = r"""
 import json, os, time
 from airflow.dag_processing.dagbag import DagBag
-import coaflow.contract as p
 
 def load(**env):
     os.environ.update(env)
@@ -55,14 +55,22 @@ def load(**env):
     if os.environ.get("COAFLOW_AIRFLOW_MODE") == "kubernetes":  # the pod as the operator sends it
         from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
         from coaflow.orchestrate import airflow as af
+        from coaflow.orchestrate import airflow_pods as ap
         KubernetesHook.is_in_cluster = property(lambda self: True)  # a label; asks the cluster
         plan = {"profile": "tiny", "overrides": ["run.workdir=/data/coaflow"], "run_id": "r1",
                 "run_dir": "/data/coaflow/runs/r1"}
         op = dag.get_task("sft")
-        op.full_pod_spec = af.pod_spec("sft", af.load_settings(),
-                                       af.pod_command("sft", plan, {"gate": plan["run_dir"] + "/gate"}), "r1")
+        command = ap.pod_command("sft", plan, {"gate": plan["run_dir"] + "/gate"})
+        for key, value in ap.run_args(command, "r1", op.env_vars).items():  # as execute() does
+            setattr(op, key, value)
+        pod = op.build_pod_request_obj()
+        for callback in op.callbacks:  # as the operator calls them before creating the pod
+            callback.on_pod_manifest_created(pod_request=pod, client=None, mode="sync",
+                                             operator=op, context={})
         from kubernetes.client import ApiClient
-        info["pod"] = ApiClient().sanitize_for_serialization(op.build_pod_request_obj())
+        info["pod"] = ApiClient().sanitize_for_serialization(pod)
+        info["pod_spec"] = ApiClient().sanitize_for_serialization(
+            ap.pod_spec("sft", af.load_settings(), command, "r1"))
         # a failed pod as the provider reports it, without a cluster: which codes are retried
         from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
         from airflow.sdk.exceptions import AirflowException
@@ -85,10 +93,6 @@ def load(**env):
     return info
 
 out = {"local": load()}
-# the stages the other engineers are building, as the DAG sees them once their modules land
-full = {n: f"coaflow.stages.{n}" for n in p.ORDER}
-p.STAGES.clear()
-p.STAGES.update(full)
 out["full"] = load(COAFLOW_AIRFLOW_MODE="kubernetes")
 print(json.dumps(out, default=str))
 """
@@ -111,7 +115,7 @@ def test_dagbag_loads_without_errors_and_fast(info):
 def test_a_task_per_stage_in_pipeline_order(info):
     dag = info["local"]
     stages = [t for t in dag["order"] if t in ORDER]
-    assert stages == list(STAGES)  # every stage module on main has its task, in order
+    assert stages == list(ORDER)  # every stage has its task, in order
     assert dag["order"][0] == "configure"
     for a, b in zip(stages, stages[1:], strict=False):  # directly, or through the branch
         down = dag["tasks"][a]["down"]
@@ -123,7 +127,7 @@ def test_a_task_per_stage_in_pipeline_order(info):
 
 
 def test_retries_with_backoff_and_a_failure_callback_on_every_stage(info):
-    for name in STAGES:
+    for name in ORDER:
         task = info["local"]["tasks"][name]
         assert task["retries"] == 3 and task["backoff"] is True
         assert "record_failure" in str(task["callback"])
@@ -136,7 +140,6 @@ def test_trigger_form(info):
     for name in ("seed", "base_model", "teacher", "teacher_base_url", "teacher_model",
                  "tasks_per_suite", "epochs", "overrides"):
         assert name in params and params[name]["description"], name
-    assert "promote" not in params or "register" in STAGES  # no knob for a stage that is absent
     full = info["full"]["params"]
     assert full["promote"]["default"] is True and full["promote"]["schema"]["type"] == "boolean"
     assert full["deploy_target"]["schema"]["enum"] == ["local", "kubernetes", "none"]
@@ -240,8 +243,8 @@ def test_pod_specs_pass_the_kubernetes_schema(stage):
     settings = af.load_settings(env={"COAFLOW_AIRFLOW_MODE": "kubernetes"})
     plan = {"profile": "qwen3-0.6b-1gpu", "overrides": ["run.workdir=/data/coaflow"],
             "run_id": "manual__x", "run_dir": "/data/coaflow/runs/manual__x"}
-    command = af.pod_command(stage, plan, {"gate": "/data/coaflow/runs/manual__x/gate"})
-    manifest = pod_manifest(af.pod_spec(stage, settings, command, "manual__x"))
+    command = ap.pod_command(stage, plan, {"gate": "/data/coaflow/runs/manual__x/gate"})
+    manifest = pod_manifest(ap.pod_spec(stage, settings, command, "manual__x"))
     _validate(manifest)
     c = manifest["spec"]["containers"][0]
     assert c["image"] == settings.kubernetes.image_for(stage) and c["name"] == "base"
@@ -286,6 +289,26 @@ def test_the_operator_renders_a_valid_pod_with_the_xcom_sidecar(info):
     assert pod["metadata"]["namespace"] == "coaflow"
 
 
+def test_the_operator_sends_the_pod_that_pod_spec_describes(info):
+    """The checks of the pod that need no Airflow (schemas, Helm values, Pod Security) read
+    ``pod_spec``; the operator renders the pod from the same documented arguments. Apart from
+    what the provider adds (its XCom volume and sidecar, a name, its own labels and defaults)
+    they are one pod."""
+    sent, described = info["full"]["pod"], info["full"]["pod_spec"]
+    base, ours = sent["spec"]["containers"][0], described["spec"]["containers"][0]
+    for key, value in ours.items():
+        if key == "volumeMounts":
+            assert [m for m in base[key] if m["name"] != "xcom"] == value, key
+        else:
+            assert base[key] == value, key
+    for key, value in described["spec"].items():
+        if key == "volumes":
+            assert [v for v in sent["spec"][key] if v["name"] != "xcom"] == value, key
+        elif key != "containers":
+            assert sent["spec"][key] == value, key
+    assert described["metadata"]["labels"].items() <= sent["metadata"]["labels"].items()
+
+
 def test_a_failed_pod_is_retried_only_for_exit_75_or_a_lost_pod(info):
     assert info["full"]["cleanup"] == {"75": "AirflowException", "3": "AirflowFailException",
                                        "1": "AirflowFailException", "None": "AirflowException"}
@@ -295,7 +318,7 @@ def test_a_broken_pod_spec_is_caught_by_the_schema():
     import kubernetes_validate
 
     settings = af.load_settings(env={"COAFLOW_AIRFLOW_MODE": "kubernetes"})
-    manifest = pod_manifest(af.pod_spec("sft", settings, ["true"]))
+    manifest = pod_manifest(ap.pod_spec("sft", settings, ["true"]))
     manifest["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] = ["1"]
     with pytest.raises(kubernetes_validate.ValidationError):
         _validate(manifest)
@@ -316,7 +339,7 @@ def test_the_pod_writes_the_xcom_and_a_refusal_exits_zero(tmp_path):
         (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
         (bin_dir / name).chmod(0o755)
     plan = {"profile": "tiny", "overrides": [], "run_id": "r", "run_dir": str(tmp_path / "runs/r")}
-    script = af.pod_command("register", plan, {})[2].replace(af.XCOM_FILE,
+    script = ap.pod_command("register", plan, {})[2].replace(ap.XCOM_FILE,
                                                              str(tmp_path / "xcom.json"))
     script = script.replace("mkdir -p /airflow/xcom", f"mkdir -p {tmp_path}")
     for code, want in [(4, 0), (75, 75), (3, 3), (0, 0)]:
@@ -334,7 +357,7 @@ def test_failure_callback_tags_the_run_in_mlflow(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     settings = af.load_settings(env={"COAFLOW_AIRFLOW_WORKDIR": str(tmp_path)})
-    plan = af.plan({}, "manual__2026-11-30T21:00:00+00:00", settings, list(STAGES))
+    plan = af.plan({}, "manual__2026-11-30T21:00:00+00:00", settings, list(ORDER))
 
     class TI:
         task_id = "gate"

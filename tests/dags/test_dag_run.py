@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from coaflow.contract import STAGES
+from coaflow.contract import ORDER
 from coaflow.orchestrate.airflow import safe_run_id
 from tests.dags.conftest import (
     ROOT,
@@ -40,7 +40,7 @@ def test_dag_test_runs_every_stage_locally(tmp_path, shared_workdir):
     out = python(DAG_TEST, {**env, "RUN_CONF": json.dumps(SMALL_CONF)}, timeout=600)
     print(f"dag.test(): {out['seconds']} s")
     assert out["state"] == "success", out
-    assert set(out["tasks"]) >= {"configure", *STAGES}
+    assert set(out["tasks"]) >= {"configure", *ORDER}
     assert_run_succeeded(out["tasks"])
     run_dir = shared_workdir / "runs" / safe_run_id(out["run_id"])
     synth = json.loads((run_dir / "synthesize" / "result.json").read_text())

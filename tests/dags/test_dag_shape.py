@@ -13,6 +13,7 @@ import pytest
 
 from coaflow.errors import UserError
 from coaflow.orchestrate import airflow as af
+from coaflow.orchestrate import airflow_pods as ap
 from tests.dags.conftest import ROOT, airflow_env, python
 from tests.pods import pod_manifest
 
@@ -68,9 +69,9 @@ def _plan(profile, **params):
 def test_the_launcher_pod_runs_the_trainjob_launcher_on_the_cpu_image(profile):
     settings, plan = _plan(profile)
     assert plan["shape"] == {"shards": 3, "launched": {"sft": [2, 8]}}
-    command = af.pod_command("sft", plan, {"gate": f"{plan['run_dir']}/gate"},
+    command = ap.pod_command("sft", plan, {"gate": f"{plan['run_dir']}/gate"},
                              ks=settings.kubernetes)
-    manifest = pod_manifest(af.pod_spec("sft", settings, command, "r1", launcher=True))
+    manifest = pod_manifest(ap.pod_spec("sft", settings, command, "r1", launcher=True))
     import kubernetes_validate
 
     kubernetes_validate.validate(manifest, "1.30.0", strict=True)
@@ -84,7 +85,7 @@ def test_the_launcher_pod_runs_the_trainjob_launcher_on_the_cpu_image(profile):
     assert f" -- coaflow stage sft --config {profile} --out {plan['run_dir']}/sft" in script
     assert "> /airflow/xcom/return.json" in script  # the XCom names the stage folder, as a pod's
     # rl, evaluate: a plain pod as before
-    assert af.pod_command("rl", plan, {}, ks=ks)[2].startswith("coaflow stage rl")
+    assert ap.pod_command("rl", plan, {}, ks=ks)[2].startswith("coaflow stage rl")
 
 
 def test_shard_tasks_write_their_own_folders_and_the_gate_gets_them_all(profile):

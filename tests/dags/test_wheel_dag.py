@@ -22,11 +22,12 @@ dag = bag.dags.get("coaflow_retrain")
 out = {"coaflow": coaflow.__file__, "errors": {k: str(v) for k, v in bag.import_errors.items()}}
 if dag is not None:
     from coaflow.orchestrate import airflow as af
+    from coaflow.orchestrate import airflow_pods as ap
     from coaflow.orchestrate.k8s import PACKAGED
     settings = af.load_settings(default=os.path.join(os.environ["AIRFLOW__CORE__DAGS_FOLDER"],
                                                      "coaflow_retrain.yaml"))
     from kubernetes.client import ApiClient
-    pod = ApiClient().sanitize_for_serialization(af.pod_spec("sft", settings, ["true"]))
+    pod = ApiClient().sanitize_for_serialization(ap.pod_spec("sft", settings, ["true"]))
     out.update(schedule=str(dag.schedule), mode=settings.mode, k8s=str(PACKAGED),
                sft=pod["spec"]["containers"][0]["resources"]["limits"],
                tolerations=pod["spec"].get("tolerations"),

@@ -21,9 +21,9 @@ def test_kfp_local_run_matches_the_cli_runner(tmp_path):
     assert kfp.returncode == 0, kfp.stdout[-3000:] + kfp.stderr[-3000:]
     run_dir = tmp_path / "runs" / "kfp"
     assert (run_dir / "report.html").exists()
-    from coaflow.contract import STAGES
+    from coaflow.contract import ORDER
 
-    stages = list(STAGES)  # every stage on main runs as a task
+    stages = list(ORDER)  # every stage runs as a task
     for s in stages:  # each task's result artifact is a complete stage folder
         assert (run_dir / s).resolve().is_relative_to(tmp_path / "kfp" / "kfp")
         assert (run_dir / s / ".complete").exists()

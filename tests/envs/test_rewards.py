@@ -1,3 +1,5 @@
+import pytest
+
 from coaflow.envs import rewards
 
 
@@ -41,3 +43,22 @@ def test_score_per_suite():
     assert rewards.score("somefile", "Paris", ["paris", "Paris, France"]) == 1.0
     assert rewards.score("kbqa", None, "x") == 0.0
     assert rewards.is_correct("calc", "42", "42") and not rewards.is_correct("kbqa", "4", "42")
+
+
+@pytest.mark.parametrize("text", [
+    "<think>x<answer>Veloria</answer></think>",  # an answer inside a thought
+    "<plan><plan>x</plan></plan><answer>Veloria</answer>",  # a tag inside itself
+    "<think>x</think><answer>Veloria</answer>",
+])
+def test_the_gate_and_the_format_reward_read_tags_alike(text):
+    """One check of the markup (``schema.markup``): what the gate quarantines as unbalanced tags
+    in a turn, the format reward scores 0, and the other way round. (They were two checks that
+    disagreed: the gate let an answer inside a thought through, the reward a tag inside itself.)"""
+    from coaflow.gates.validators import check_tags
+    from coaflow.schema import MessageAction
+    from tests.conftest import make_trajectory
+
+    traj = make_trajectory(1)
+    traj.content[-1] = MessageAction(agent="assistant", content=text)
+    gate_ok = not [p for p in check_tags(traj) if p[0] == "unbalanced_tags"]
+    assert gate_ok == (rewards.format_reward(text) == 1.0)

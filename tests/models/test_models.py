@@ -8,9 +8,10 @@ import shutil
 import pytest
 
 from coaflow.contract import PipelineError
-from coaflow.models import load_model_and_tokenizer, parse_tool_calls, well_formed_tool_call
+from coaflow.models import load_model_and_tokenizer
 from coaflow.models.prompt import to_example
 from coaflow.models.tiny import SPECIAL_TOKENS
+from coaflow.schema.markup import parse_tool_calls, well_formed_tool_call
 
 
 def test_tiny_folder_loads_with_auto_classes(tiny_dir, trajectories):

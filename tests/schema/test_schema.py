@@ -188,3 +188,21 @@ def test_corrupt_gzip_stream_is_reported_not_raised(tmp_path):
     problems = []
     list(iter_records(g, None, errors="skip", on_error=problems.append))
     assert problems and "unreadable" in problems[0].reason
+
+
+def test_a_folder_names_its_trajectories_in_result_json(tmp_path):
+    """The data layer reads where a stage says its trajectories are (``Result.data`` in its
+    ``result.json``); it knows no stage's folder names (it used to guess synthesize's
+    ``trajectories/`` beside ``raw/`` and the gate's ``accepted/`` beside ``gate_report.json``)."""
+    import json
+
+    from coaflow.contract import Result
+    from coaflow.schema.io import trajectory_source
+
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "trajectories").mkdir()
+    (tmp_path / "raw").mkdir()
+    assert trajectory_source(tmp_path) == tmp_path  # no result.json: the folder itself
+    result = Result(outputs={"kept": str(tmp_path / "kept")}, data="kept")
+    (tmp_path / "result.json").write_text(json.dumps(result.to_json(base=tmp_path)))
+    assert trajectory_source(tmp_path) == tmp_path / "kept"

@@ -8,7 +8,7 @@ import pytest
 
 from coaflow.config import load_config  # noqa: E402
 from coaflow.contract import Context, Result  # noqa: E402
-from coaflow.errors import PipelineError  # noqa: E402
+from coaflow.errors import PipelineError, UserError  # noqa: E402
 from coaflow.schema import read_trajectories  # noqa: E402
 from coaflow.stages import evaluate  # noqa: E402
 from coaflow.tracking import Tracker  # noqa: E402
@@ -20,13 +20,14 @@ SMALL = ["evaluate.suites={kbqa: 3, calc: 3}", "evaluate.max_new_tokens=16",
          "evaluate.max_turns=2"]
 
 
-def context(tmp_path, model, overrides=(), tracking_uri="", budget=None):
+def context(tmp_path, model, overrides=(), registry_uri="", budget=None):
     cfg = load_config("tiny", ["tracking.enabled=false", f"run.workdir={tmp_path}",
                                "evaluate.tight_budget=true", *SMALL, *overrides])
     sft = Result(outputs={"model": str(model), **({"budget": str(budget)} if budget else {})},
                  summary={"base_model": str(model)})
     ctx = Context(run_id="t", out=tmp_path / "evaluate", inputs={"sft": sft}, run=cfg.run,
-                  tracker=Tracker(tmp_path, enabled=False), tracking_uri=tracking_uri)
+                  tracker=Tracker(tmp_path, enabled=False),
+                  registry_uri=registry_uri or f"sqlite:///{tmp_path / 'mlflow.db'}")
     ctx.out.mkdir(parents=True, exist_ok=True)
     return cfg, ctx
 
@@ -39,6 +40,8 @@ def test_table_outcomes_and_transcripts(tmp_path, tiny_dir):
     assert r.summary["champion"] is None
     assert list(r.summary["comparison"]) == ["candidate_vs_base"]  # what promotion must beat
     assert r.summary["candidate"] == {"source": "sft", "model": str(tiny_dir)}
+    from coaflow.report import EvalSummary  # the summary's one description: every key it has
+    assert set(r.summary) == set(EvalSummary.__annotations__)
     # the teacher plays by the same rules: 2 turns of 16 tokens cut its first turn short
     assert table["teacher"]["calc"]["success"] == 0.0
     assert r.summary["details"]["teacher"]["calc"]["categories"] == {"turn_tokens": 3}
@@ -125,11 +128,11 @@ def test_champion_from_the_registry_and_the_paired_comparison(tmp_path, tiny_dir
     client.set_registered_model_alias("coaflow-agent", "champion", mv.version)
 
     cfg, ctx = context(tmp_path, tiny_dir, ["evaluate.models=[candidate, champion]"], uri)
-    assert evaluate.cache_extras(cfg.evaluate, cfg.run, {"sft": "k1"}) == {
+    assert evaluate.cache_extras(cfg.evaluate, cfg.run, {"sft": "k1"}, uri) == {
         "champion": int(mv.version)}
     # a champion registered from this very candidate is no champion to compare against
     client.set_model_version_tag("coaflow-agent", mv.version, "coaflow.candidate_key", "k1")
-    assert evaluate.cache_extras(cfg.evaluate, cfg.run, {"sft": "k1"}) == {"champion": None}
+    assert evaluate.cache_extras(cfg.evaluate, cfg.run, {"sft": "k1"}, uri) == {"champion": None}
     client.set_model_version_tag("coaflow-agent", mv.version, "coaflow.candidate_key", "k0")
     r = evaluate.run(cfg.evaluate, ctx)
     assert r.summary["champion"] == {"version": int(mv.version)}
@@ -157,9 +160,9 @@ def test_bad_models_fail_with_one_clear_error(tmp_path, tiny_dir):
     with pytest.raises(PipelineError, match="no such model folder"):
         evaluate.run(cfg.evaluate, ctx)
     assert not (ctx.out / "outcomes.jsonl").exists()  # no partial table
-    with pytest.raises(PipelineError, match="alias|not found|RESOURCE_DOES_NOT_EXIST"):
+    with pytest.raises(UserError, match="no registered model 'nope'"):
         evaluate.run_model("models:/nope@champion", [], cfg.evaluate, budgets={}, field="x",
-                           tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", seed=0)
+                           registry_uri=f"sqlite:///{tmp_path / 'm.db'}", seed=0)
     with pytest.raises(Exception, match="unknown suite 'math'"):
         load_config("tiny", ["evaluate.suites={math: 3}"])
 

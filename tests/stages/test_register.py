@@ -69,17 +69,18 @@ def test_champion_lifecycle(tmp_path, monkeypatch, tiny_dir):
     # 3. a better one: champion moves, the old one becomes previous
     better = rf.evaluation({"kbqa": .6, "calc": .6}, champion=1,
                            diff={"all": (.15, .05, .25), "kbqa": (.2, .1, .3), "calc": (.1, 0, .2)})
-    key_before = register.cache_extras(_cfg(work).register, _cfg(work).run, {"sft": "other"})
+    key_before = register.cache_extras(_cfg(work).register, _cfg(work).run, {"sft": "other"},
+                                       reg.uri)
     third = _register(work, rf.sft_folder(data, tiny_dir, "sft-c"),
                       rf.evaluate_folder(data, better, "ev-c"), gate, "r3")
     assert third.summary["promoted"] and third.summary["version"] == 3
     assert (reg.champion(MODEL).version, reg.alias(MODEL, "previous").version) == (3, 1)
     assert register.cache_extras(_cfg(work).register, _cfg(work).run,
-                                 {"sft": "other"}) != key_before
+                                 {"sft": "other"}, reg.uri) != key_before
     # the champion made from this very candidate counts as none: a rerun is a cache hit
     own = reg.champion(MODEL).tags["coaflow.candidate_key"]
     assert register.cache_extras(_cfg(work).register, _cfg(work).run,
-                                 {"sft": own}) == {"champion": None}
+                                 {"sft": own}, reg.uri) == {"champion": None}
 
     # 4. the same candidate again is not registered twice
     again = rf.evaluation({"kbqa": .6, "calc": .6}, champion=3,
@@ -168,18 +169,57 @@ def test_a_first_candidate_that_does_not_beat_its_base_is_never_champion(tmp_pat
     assert ok.summary["promoted"]
 
 
-def test_the_cache_key_looks_for_the_champion_where_run_moves_it(tmp_path, monkeypatch, tiny_dir):
-    """With ``tracking.uri`` set, ``cache_extras`` reads the champion from that store, as ``run()``
-    moves it there (it used to read the workdir's store: a stale key after a promotion)."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def _first_champion(tmp_path, tiny_dir, key: str):
+    """A first version promoted into a second store that config ``key`` names:
+    ``(workdir, stage folders, that store's URI)``."""
     work, data = tmp_path / "work", tmp_path / "stages"
     other = f"sqlite:///{(tmp_path / 'other.db').resolve()}"
     first = _register(work, rf.sft_folder(data, tiny_dir, "sft-a"),
                       rf.evaluate_folder(data, rf.evaluation({"kbqa": .4, "calc": .5}), "ev-a"),
-                      rf.gate_folder(data), "r1", f"tracking.uri={other}")
+                      rf.gate_folder(data), "r1", f"{key}={other}")
     assert first.summary["promoted"] and first.summary["registry_uri"] == other
+    return work, data, other
+
+
+def test_the_cache_key_looks_for_the_champion_where_run_moves_it(tmp_path, monkeypatch, tiny_dir):
+    """With ``tracking.uri`` set, ``cache_extras`` reads the champion from that store, as ``run()``
+    moves it there (it used to read the workdir's store: a stale key after a promotion)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    work, data, other = _first_champion(tmp_path, tiny_dir, "tracking.uri")
     cfg = _cfg(work, f"tracking.uri={other}")
     run = cfg.run.model_copy(update={"workdir": str(work.resolve())})
-    assert register.cache_extras(cfg.register, run, {"sft": "sft-b"}, tracking_uri=other) == \
+    assert register.cache_extras(cfg.register, run, {"sft": "sft-b"}, registry_uri=other) == \
         {"champion": 1}
-    assert register.cache_extras(cfg.register, run, {"sft": "sft-b"}) == {"champion": None}
+    workdir_store = f"sqlite:///{work.resolve() / 'mlflow.db'}"
+    assert register.cache_extras(cfg.register, run, {"sft": "sft-b"}, workdir_store) == \
+        {"champion": None}
+
+
+def test_a_separate_registry_is_the_one_evaluate_and_sft_read(tmp_path, monkeypatch, tiny_dir):
+    """``register.registry_uri`` names a second store: register moves the champion there, and
+    evaluate compares with that champion and ``sft.model=champion`` retrains it. (Before, both
+    looked in the tracking store: evaluate never saw a champion, so ``fresh_comparison`` failed
+    on every later run, and sft silently started from ``first_model``.)"""
+    from coaflow.contract import Result
+    from coaflow.runner import stage_setup
+    from coaflow.stages import sft
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    work, data, other = _first_champion(tmp_path, tiny_dir, "register.registry_uri")
+    cfg = _cfg(work, f"register.registry_uri={other}", "tracking.enabled=false",
+               "evaluate.models=[candidate, champion]", "evaluate.suites={kbqa: 1, calc: 1}",
+               "evaluate.max_turns=1", "evaluate.max_new_tokens=8", "evaluate.tight_budget=true",
+               "sft.model=champion")
+    ev = execute("evaluate", cfg, work / "runs" / "r2" / "evaluate",
+                 {"sft": rf.sft_folder(data, tiny_dir, "sft-b")}, log=lambda *_: None)
+    assert ev.summary["champion"] == {"version": 1}
+    assert set(ev.summary["table"]) == {"candidate", "champion"}
+
+    setup = stage_setup("sft", cfg, {"gate": rf.gate_folder(data)})
+    assert setup.registry == other  # the key holds the champion's version from there
+    assert sft.cache_extras(cfg.sft, setup.run, registry_uri=setup.registry) == {"base": "t-agent/1"}
+    monkeypatch.setattr(sft, "run", lambda section, ctx: Result(summary={
+        "base": sft.base_model(section, ctx)}))
+    started = execute("sft", cfg, work / "runs" / "r2" / "sft", {"gate": rf.gate_folder(data)},
+                      log=lambda *_: None)
+    assert Path(started.summary["base"]).name == "t-agent-v1"  # the champion, fetched

@@ -10,7 +10,7 @@ import pytest
 
 from coaflow.contract import PipelineError  # noqa: E402
 from coaflow.schema import TextObservation, Trajectory  # noqa: E402
-from coaflow.stages import sft  # noqa: E402
+from coaflow.stages import sft, sft_trainer  # noqa: E402
 from tests.models import sft_fixtures as fx
 
 tiny_dir, trajectories = fx.tiny_dir, fx.trajectories  # shared fixtures
@@ -242,7 +242,7 @@ def test_length_grouped_batches_hold_similar_lengths_in_a_new_order_each_epoch(
     model = __import__("transformers").AutoModelForCausalLM.from_pretrained(tiny_dir)
     trainer, _ = sft.build_trainer(cfg.sft, model, tok, examples, tmp_path / "ckpt")
     sampler = trainer._get_train_sampler()
-    assert isinstance(sampler, sft.LengthBucketSampler)
+    assert isinstance(sampler, sft_trainer.LengthBucketSampler)
     lengths = sampler.lengths
     assert lengths == [len(x) for x in trainer.train_dataset["input_ids"]]
     epoch0 = list(sampler)
@@ -256,7 +256,7 @@ def test_length_grouped_batches_hold_similar_lengths_in_a_new_order_each_epoch(
     assert list(sampler) != epoch0
     plain, _ = sft.build_trainer(cfg.sft.model_copy(update={"length_grouped": False}), model, tok,
                                  examples, tmp_path / "ckpt2")
-    assert not isinstance(plain._get_train_sampler(), sft.LengthBucketSampler)
+    assert not isinstance(plain._get_train_sampler(), sft_trainer.LengthBucketSampler)
 
 
 @pytest.mark.parametrize("decisive_weight", [1.0, 4.0])
@@ -284,7 +284,7 @@ def test_the_trained_positions_loss_is_trls_loss_and_gradient(tmp_path, tiny_dir
         loss.backward()
         return float(loss), model.get_output_embeddings().weight.grad.clone()
 
-    ours = loss_and_grad(lambda: sft._trained_positions_loss(trainer, model, dict(batch), None))
+    ours = loss_and_grad(lambda: sft_trainer._trained_positions_loss(trainer, model, dict(batch), None))
     trl = loss_and_grad(lambda: super(type(trainer), trainer).compute_loss(model, dict(batch)))
     if decisive_weight == 1.0:
         assert ours[0] == pytest.approx(trl[0], rel=1e-5)

@@ -6,7 +6,7 @@ question, its own earlier turns with their tool calls, every observation as a ``
 and writes one assistant turn. The loop reads it back:
 
 - an ``<answer>`` ends the episode (scored with the suite's reward);
-- tool calls (``models.toolcalls.parse_tool_calls``) run with the suite's real tools
+- tool calls (``schema.markup.parse_tool_calls``) run with the suite's real tools
   (``envs.call_tool``) and their results are appended for the next turn; a call identical to an
   earlier one, a call to a tool the suite does not have and a call that does not parse are
   answered with an ``Error:`` observation instead, and the episode goes on;
@@ -50,12 +50,17 @@ from coaflow.schema import (
     TextObservation,
     Trajectory,
 )
-from coaflow.schema.render import DEFAULT_SYSTEM_PROMPT, RAW_AGENT, extract_answer
+from coaflow.schema.markup import (
+    CALL_FORMAT,
+    DEFAULT_SYSTEM_PROMPT,
+    TOOL_CALL_RE,
+    extract_answer,
+    parse_tool_calls,
+)
+from coaflow.schema.render import RAW_AGENT
 from coaflow.schema.trajectory import utcnow
 
 Stop = Literal["answer", "max_turns", "turn_tokens", "repetition", "context", "no_action"]
-CALL_FORMAT = ('<tool_call>\n{"name": <tool name>, "arguments": {<argument>: <value>}}\n'
-               '</tool_call>')
 
 
 @dataclass
@@ -135,8 +140,6 @@ class Episode:
 
     def advance(self, c: Completion) -> None:
         """Take one generated turn: record it, run its tool calls, decide whether to go on."""
-        from coaflow.models.toolcalls import TOOL_CALL_RE, parse_tool_calls
-
         if c.finish == "context":
             self.stop = "context"
             return

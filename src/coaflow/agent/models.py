@@ -10,39 +10,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from coaflow.errors import PipelineError
-
 
 def is_endpoint(spec: str) -> bool:
     return spec.startswith(("http://", "https://"))
 
 
-def resolve_model(spec: str, *, tracking_uri: str | None = None,
+def resolve_model(spec: str, *, registry_uri: str | None = None,
                   download_dir: str | Path | None = None) -> str:
-    """A folder, hub id or endpoint URL for ``spec``; registry URIs are downloaded first."""
+    """A folder, hub id or endpoint URL for ``spec``; registry URIs are downloaded first from
+    the registry at ``registry_uri`` (``registry.registry_uri``: the run's)."""
     if is_endpoint(spec) or not spec.startswith("models:/"):
         return spec
-    import mlflow
-    from mlflow.exceptions import MlflowException
+    import tempfile
 
-    from coaflow.tracking import scoped_uri
+    from coaflow.registry import Registry
+    from coaflow.registry import registry_uri as default_registry
 
-    try:
-        with scoped_uri(tracking_uri):
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=spec, dst_path=str(download_dir) if download_dir else None)
-    except MlflowException as e:
-        raise PipelineError(f"model {spec!r}: {str(e).splitlines()[0]}") from None
-    folders = sorted((p.parent for p in Path(local).rglob("config.json")), key=lambda p: len(p.parts))
-    if not folders:
-        raise PipelineError(f"model {spec!r}: the downloaded artifacts at {local} hold no Hugging "
-                            "Face model folder (no config.json)")
-    return str(folders[0])
+    registry = Registry(registry_uri or default_registry("."))
+    folder, _ = registry.fetch(spec, download_dir or tempfile.mkdtemp(prefix="coaflow-model-"))
+    return str(folder)
 
 
 def make_backend(spec: str, *, batch_size: int = 16, concurrency: int = 16,
                  api_key: str | None = None, timeout_s: float = 120.0, max_retries: int = 5,
-                 tracking_uri: str | None = None, download_dir: str | Path | None = None,
+                 registry_uri: str | None = None, download_dir: str | Path | None = None,
                  dtype: str | None = None, threads: int | None = None, field: str = "model"):
     """``TransformersBackend`` for a folder / hub id / registry URI, ``OpenAIBackend`` for a URL."""
     if is_endpoint(spec):
@@ -53,7 +44,7 @@ def make_backend(spec: str, *, batch_size: int = 16, concurrency: int = 16,
                              timeout_s=timeout_s, max_retries=max_retries)
     from coaflow.agent.hf import TransformersBackend
 
-    return TransformersBackend(resolve_model(spec, tracking_uri=tracking_uri,
+    return TransformersBackend(resolve_model(spec, registry_uri=registry_uri,
                                              download_dir=download_dir),
                                batch_size=batch_size, dtype=dtype, threads=threads,
                                field=field)

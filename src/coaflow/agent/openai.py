@@ -23,6 +23,7 @@ import httpx
 
 from coaflow.agent.loop import Completion
 from coaflow.errors import PipelineError, ServiceUnavailable
+from coaflow.schema.markup import message_text
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
@@ -168,29 +169,6 @@ class ChatClient:
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay *= 2
         raise AssertionError("unreachable")
-
-
-def message_text(message: dict) -> str:
-    """An OpenAI assistant message as the text a chat model writes (Qwen3 layout): its content,
-    then one ``<tool_call>`` block per structured tool call. Arguments that are not JSON stay
-    verbatim, so the loop's parser reports them as a malformed call.
-
-    >>> message_text({"content": "ok", "tool_calls": [{"function": {"name": "search",
-    ...     "arguments": '{"query": "x"}'}}]})
-    'ok\\n<tool_call>\\n{"name": "search", "arguments": {"query": "x"}}\\n</tool_call>'
-    """
-    parts = [(message.get("content") or "").strip()]
-    for call in message.get("tool_calls") or []:
-        fn = call.get("function") or {}
-        args = fn.get("arguments", {})
-        try:
-            args_json = json.dumps(json.loads(args) if isinstance(args, str) else args,
-                                   ensure_ascii=False)
-        except ValueError:
-            args_json = str(args)
-        parts.append(f'<tool_call>\n{{"name": {json.dumps(fn.get("name"))}, "arguments": '
-                     f'{args_json}}}\n</tool_call>')
-    return "\n".join(p for p in parts if p)
 
 
 def to_openai(messages: list[dict]) -> list[dict]:

@@ -231,7 +231,7 @@ def answer_reward(completions, environments=None, answer=None, suite=None, **kwa
     ...               suite=["calc", "calc"])
     [1.0, 0.0]
     """
-    from coaflow.schema.render import extract_answer
+    from coaflow.schema.markup import extract_answer
 
     out = []
     for i, completion in enumerate(completions):

@@ -154,13 +154,10 @@ def numeric_match(pred: str | None, ref, rel_tol: float = 1e-6, abs_tol: float =
     return 0.0
 
 
-_TAG_RE = re.compile(r"<(/?)([a-z_]+)>")
-_KNOWN_TAGS = {"answer", "think", "plan", "reflection", "tool_call", "tool_response"}
-
-
 def format_reward(text: str | None) -> float:
-    """1.0 for a well-formed completion: exactly one ``<answer>``, balanced known tags, and every
-    ``<tool_call>`` body a JSON object with a ``name`` (Qwen3 / Hermes tool-call format).
+    """1.0 for a well-formed completion (``schema.markup.format_problems``: the gate's tag check,
+    exactly one ``<answer>``, every ``<tool_call>`` a JSON object with a name and object
+    arguments), else 0.0.
 
     >>> format_reward("<think>x</think><answer>Paris</answer>")
     1.0
@@ -176,35 +173,9 @@ def format_reward(text: str | None) -> float:
     >>> format_reward("Paris")
     0.0
     """
-    import json
+    from coaflow.schema.markup import format_problems
 
-    if not text:
-        return 0.0
-    stack: list[str] = []
-    answers = 0
-    for m in _TAG_RE.finditer(text):
-        closing, name = m.group(1) == "/", m.group(2)
-        if name not in _KNOWN_TAGS:
-            continue
-        if not closing:
-            if stack and name in ("answer", "tool_call"):  # no nesting of these
-                return 0.0
-            stack.append(name)
-            answers += name == "answer"
-        elif not stack or stack.pop() != name:
-            return 0.0
-    if stack or answers != 1:
-        return 0.0
-    for body in re.findall(r"<tool_call>(.*?)</tool_call>", text, re.S):
-        try:
-            call = json.loads(body)
-        except json.JSONDecodeError:
-            return 0.0
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            return 0.0
-        if not isinstance(call.get("arguments", {}), (dict, str)):
-            return 0.0
-    return 1.0
+    return 0.0 if not text or format_problems(text) else 1.0
 
 
 _PLAIN_NUMBER = re.compile(r"\s*[-+]?\$?[\d,_]*\.?\d+\s*%?\s*")

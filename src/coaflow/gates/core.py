@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from coaflow.errors import GateRefused, PipelineError
 from coaflow.gates import filters, validators
+from coaflow.gates.expectations import quiet_gx
 from coaflow.schema.io import (
     SHARD_SUFFIXES,
     BadRecord,
@@ -253,7 +254,7 @@ _worker: Checker | None = None  # the Checker of a spawned worker process (never
 
 def _worker_init(cfg, seed) -> None:
     global _worker
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    quiet_gx()
     _worker = Checker(cfg, seed)
 
 
@@ -439,7 +440,7 @@ def _refuse_a_bad_batch(report: dict, gx_result: dict, cfg, input_path) -> None:
 
 
 def _import_gx(timings: Counter) -> None:
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    quiet_gx()
     t = time.perf_counter()
     try:
         import great_expectations  # noqa: F401

@@ -70,11 +70,17 @@ def suite_table(frame):
     return g
 
 
+def quiet_gx() -> None:
+    """Great Expectations sends usage analytics unless told not to; set before it is imported
+    (every process that imports it calls this first: the gate, its worker processes)."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+
 def run_suite(frame, cfg: Any, docs_dir: Path | None) -> dict:
     """Validate the table; returns ``{"success", "results": [...], "failed": [...], "docs"}``.
 
     Each result is ``{"name", "expectation", "table", "success", "observed"}``."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    quiet_gx()
     import great_expectations as gx
     import great_expectations.expectations as gxe
     from great_expectations.data_context.types.base import ProgressBarsConfig

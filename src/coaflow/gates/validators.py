@@ -12,10 +12,10 @@ reject teaches the student exactly that mistake.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 
-from coaflow.schema.render import RAW_AGENT, TAGS, wrap
+from coaflow.schema.markup import ANSWER, ROLE_TAGS, extract_answer, span, tag_problems, wrap
+from coaflow.schema.render import RAW_AGENT
 from coaflow.schema.trajectory import (
     ANSWERER,
     ApiAction,
@@ -28,40 +28,12 @@ from coaflow.schema.trajectory import (
 
 Problem = tuple[str, str]
 
-TAG_RE = re.compile(r"<(/?)(think|plan|reflection|answer|tool_call|tool_response)>")
-TAGGED = {k: v for k, v in TAGS.items() if k != ANSWERER}  # answer text: checked as is
+TAGGED = {k: v for k, v in ROLE_TAGS.items() if v != ANSWER}  # answer text: checked as is
+OPEN_ANSWER = span(ANSWER)[0]
 JSON_TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
     "array": (list,), "object": (dict,), "null": (type(None),),
 }
-
-
-def tag_problems(text: str) -> list[str]:
-    """Unbalanced or nested role tags in one rendered agent step.
-
-    >>> tag_problems("<plan>a</plan><think>b</think>")
-    []
-    >>> tag_problems("<plan>a")
-    ['unclosed <plan>']
-    >>> tag_problems("<think>a</plan>")
-    ['</plan> closes <think>']
-    >>> tag_problems("<answer><answer>x</answer></answer>")
-    ['<answer> inside <answer>']
-    """
-    stack: list[str] = []
-    for m in TAG_RE.finditer(text):
-        closing, name = m.group(1) == "/", m.group(2)
-        if not closing:
-            if name in stack:
-                return [f"<{name}> inside <{name}>"]
-            stack.append(name)
-        elif not stack:
-            return [f"</{name}> without an opening tag"]
-        elif stack[-1] != name:
-            return [f"</{name}> closes <{stack[-1]}>"]
-        else:
-            stack.pop()
-    return [f"unclosed <{t}>" for t in stack]
 
 
 def _own_text(step) -> list[str]:
@@ -98,7 +70,7 @@ def check_tags(traj: Trajectory) -> list[Problem]:
             problems.append(("tag_order", f"content[{i}]: tool call "
                              f"{_call_name(step)!r} before any plan or thought"))
         if isinstance(step, MessageAction) and (
-                step.agent == ANSWERER or (step.agent == RAW_AGENT and "<answer>" in step.content)):
+                step.agent == ANSWERER or (step.agent == RAW_AGENT and OPEN_ANSWER in step.content)):
             answers.append(i)
         elif not is_call or step.description or step.reasoning_content:
             thought = True  # a plan, a reflection, a tool agent's note, or a call's own thought
@@ -117,15 +89,13 @@ def check_links(traj: Trajectory) -> list[Problem]:
 def answer_text(traj: Trajectory) -> str | None:
     """The final answer the trajectory teaches: the answerer's message (or the ``<answer>`` of a
     raw assistant message), else ``outcome.final_answer``; None if there is none."""
-    from coaflow.schema.render import extract_answer
-
     for step in reversed(traj.content):
         if isinstance(step, MessageAction):
             if step.agent == ANSWERER:
                 inner = extract_answer(step.content)
                 text = inner if inner is not None else step.content.strip()
                 return text or None
-            if step.agent == RAW_AGENT and "<answer>" in step.content:
+            if step.agent == RAW_AGENT and OPEN_ANSWER in step.content:
                 return extract_answer(step.content) or None
     fa = traj.outcome.final_answer
     return fa.strip() or None if isinstance(fa, str) else None

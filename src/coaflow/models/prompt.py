@@ -6,7 +6,7 @@ go through the same chat template). An example is
 
     {"messages": [system, user, assistant (+ tool_calls), tool, ...], "tools": [schema, ...]}
 
-with coaflow's system prompt (``schema.render.DEFAULT_SYSTEM_PROMPT``: the team's roles and tags)
+with coaflow's system prompt (``schema.markup.DEFAULT_SYSTEM_PROMPT``: the team's roles and tags)
 and the suite's tool schemas, which the chat template (``models.template``) writes into the system
 turn, Hermes/Qwen style, as every real tool model is trained and served. A student trained without
 the schemas makes no tool calls when a client sends ``tools=`` (measured: 0 of 60), and a base
@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import json
 
-from coaflow.schema.render import DEFAULT_SYSTEM_PROMPT, to_messages
+from coaflow.schema.markup import DEFAULT_SYSTEM_PROMPT
+from coaflow.schema.render import to_messages
 from coaflow.schema.trajectory import Trajectory
 
 END_OF_TURN = "<|im_end|>"

@@ -32,22 +32,31 @@ from pathlib import Path
 
 from pydantic import Field
 
-from coaflow.config import Section
 from coaflow.models.prompt import END_OF_TURN as EOS_TOKEN
 from coaflow.models.template import CHAT_TEMPLATE
+from coaflow.schema.markup import (
+    ANSWER,
+    PLAN,
+    REFLECTION,
+    THINK,
+    TOOL_CALL,
+    TOOL_RESPONSE,
+    span,
+)
+from coaflow.section import Section
 
 # The tokens the chat template writes, each one id in a tiny tokenizer (ids 0.. in this order); a
 # pretrained tokenizer brings its own (SmolLM2's spells the tags out in several tokens).
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>",
-                  "<tool_response>", "</tool_response>", "<think>", "</think>"]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>",
+                  *span(TOOL_CALL), *span(TOOL_RESPONSE), *span(THINK)]
 PAD_TOKEN = "<|endoftext|>"
 
 # Qwen3 treats im_start/im_end/endoftext as special (dropped by skip_special_tokens) and the
 # tool/think tags as plain added tokens (kept in decoded text, so tool calls stay parseable).
 CONTROL_TOKENS = SPECIAL_TOKENS[:3]
 TAG_TOKENS = SPECIAL_TOKENS[3:]
-# The team's role tags (coaflow.schema.render): one token each, kept in decoded text.
-ROLE_TAGS = ["<plan>", "</plan>", "<reflection>", "</reflection>", "<answer>", "</answer>"]
+# The team's role tags (coaflow.schema.markup): one token each, kept in decoded text.
+ROLE_TAGS = [*span(PLAN), *span(REFLECTION), *span(ANSWER)]
 # The space before an uppercase letter or a digit becomes its own token (see the module docstring).
 COPY_SPLIT = r" (?=[A-Z0-9])"
 # A run of digits cut into groups of three from the right: 3737160 -> 3 | 737 | 160.

@@ -4,7 +4,7 @@
 with ``COAFLOW_K8S_CONFIG``) says, per stage, the image, CPU/memory (requests = limits), GPUs, and
 for every pod the PVC, the secrets, the MLflow ConfigMap, the GPU node selector and tolerations,
 the /dev/shm size, the user and the service account. The Airflow DAG builds its pods from it
-(``orchestrate.airflow.pod_spec``), the Kubeflow pipeline its tasks (``orchestrate.kfp``) and a
+(``orchestrate.airflow_pods.pod_spec``), the Kubeflow pipeline its tasks (``orchestrate.kfp``) and a
 Trainer TrainJob its nodes (``orchestrate.trainjob``); ``tests/test_k8s_settings.py`` checks that
 Airflow's pods and KFP's tasks agree for every stage.
 

@@ -85,7 +85,7 @@ def run_component(stage: str, *, profile: str, overrides: Sequence[str], seed: i
             code = _launch(stage, launch, profile=profile, out=out, inputs=paths,
                            overrides=overrides + ([f"tracking.uri={tracking_uri}"]
                                                   if tracking_uri else []),
-                           run_id=run_id or os.environ.get(RUN_ID_ENV, ""))
+                           run_id=run_id or os.environ.get(contract.RUN_ID_ENV, ""))
         else:
             code = subprocess.call(argv, env=env)
         if code != EXIT_RETRY or attempt == retries:
@@ -137,7 +137,6 @@ def _launch(stage: str, launch: Mapping[str, Any], **kw) -> int:
 
 UPSTREAM = contract.ORDER[:-1]  # the stages a task can read: every one but the last
 MLFLOW_ENV = "MLFLOW_TRACKING_URI"  # the key of the MLflow ConfigMap every stage reads
-RUN_ID_ENV = "COAFLOW_RUN_ID"  # the KFP run's name, from the pod's annotation
 RUN_NAME_FIELD = "metadata.annotations['pipelines.kubeflow.org/run_name']"
 NAMESPACE_ENV = "COAFLOW_NAMESPACE"  # a launcher's own namespace (downward API)
 
@@ -199,12 +198,12 @@ def configure(task, name: str, ks: KubernetesSettings, launcher: bool = False) -
         kubernetes.use_secret_as_env(task, secret, key_to_env, optional=True)
     if ks.mlflow_configmap:
         kubernetes.use_config_map_as_env(task, ks.mlflow_configmap, {MLFLOW_ENV: MLFLOW_ENV})
-    kubernetes.use_field_path_as_env(task, "COAFLOW_RUN_ID", RUN_NAME_FIELD)
+    # the KFP run's name, from the pod's annotation
+    kubernetes.use_field_path_as_env(task, contract.RUN_ID_ENV, RUN_NAME_FIELD)
     if launcher:
         kubernetes.use_field_path_as_env(task, NAMESPACE_ENV, "metadata.namespace")
 
 
-SHARDED = "synthesize"  # the stage that fans out (synthesize.shards)
 LAUNCH_PREFIX = "launch-"  # the component of a stage launched as a TrainJob: launch-sft
 
 
@@ -219,10 +218,10 @@ def build_pipeline(ks: KubernetesSettings, profile: str = "default",
     Every task starts from the cluster's overrides (``ks.overrides``, from the install's values
     file), a constant of the compiled pipeline, so a run's own ``overrides`` cannot drop them."""
     from coaflow.config import load_config
-    from coaflow.orchestrate.shape import Shape
+    from coaflow.orchestrate.shape import SHARDED, Shape
 
     shape = Shape.of(load_config(profile, [*ks.overrides, *overrides]))
-    stages = list(contract.STAGES)
+    stages = list(contract.ORDER)
     components = {n: stage_component(n, ks.images.cpu, LAUNCH_PREFIX + n)
                   if n in shape.launched else stage_component(n, ks.image_for(n))
                   for n in stages}

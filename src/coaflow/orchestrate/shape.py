@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from coaflow.errors import UserError
 
+SHARDED = "synthesize"  # the stage an engine fans out over its shards (synthesize.shards)
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -64,9 +66,9 @@ def of_profile(profile: str, overrides: list[str] | tuple[str, ...] = ()) -> Sha
     from types import SimpleNamespace
 
     from coaflow.config import read_profile
-    from coaflow.contract import STAGES
+    from coaflow.contract import ORDER
 
     data = read_profile(profile, overrides)
     defaults = {"shards": 1, "nodes": 1, "gpus_per_node": 1}
     return Shape.of(SimpleNamespace(**{
-        name: SimpleNamespace(**{**defaults, **(data.get(name) or {})}) for name in STAGES}))
+        name: SimpleNamespace(**{**defaults, **(data.get(name) or {})}) for name in ORDER}))

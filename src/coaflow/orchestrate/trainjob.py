@@ -38,8 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from coaflow.config import ConfigError
-from coaflow.contract import MARKER, OWNER, RESULT, read_result
+from coaflow.contract import MARKER, OWNER, RESULT, RUN_ID_ENV, read_result
 from coaflow.errors import (
     EXIT_RETRY,
     CoaflowError,
@@ -51,6 +50,7 @@ from coaflow.errors import (
 from coaflow.orchestrate.k8s import GPU_RESOURCE, KubernetesSettings
 from coaflow.orchestrate.kube import api_errors, clients
 from coaflow.orchestrate.kube import status as _status
+from coaflow.section import ConfigError
 from coaflow.tracking import redact
 
 API_VERSION = "trainer.kubeflow.org/v1alpha1"
@@ -66,8 +66,7 @@ LAUNCHED = ("sft", "rl")  # the stages whose config has nodes / gpus_per_node
 
 
 def _env(ks: KubernetesSettings, run_id: str) -> list[dict]:
-    env = [{"name": "COAFLOW_RUN_ID", "value": run_id},
-           {"name": "GX_ANALYTICS_ENABLED", "value": "false"}]
+    env = [{"name": RUN_ID_ENV, "value": run_id}]
     env += [{"name": s.env, "valueFrom": {"secretKeyRef": {"name": s.secret, "key": s.key,
                                                             "optional": True}}}
             for s in ks.secrets]

@@ -1,7 +1,8 @@
 """Trajectory schema (ADP-compatible, extended for chain-of-agents), rendering, conversion, I/O."""
 
 from coaflow.schema.io import DataError, ShardWriter, iter_records, read_trajectories, write_jsonl
-from coaflow.schema.render import extract_answer, to_messages, to_text
+from coaflow.schema.markup import extract_answer
+from coaflow.schema.render import to_messages, to_text
 from coaflow.schema.trajectory import (
     SCHEMA_VERSION,
     ApiAction,

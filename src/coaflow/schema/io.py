@@ -87,29 +87,21 @@ def shard_files(path: str | Path) -> list[Path]:
 
 
 def trajectory_source(path: str | Path) -> Path:
-    """Where the trajectories of ``path`` are: a stage folder (``result.json``) or a standalone
-    ``synthesize --output`` / ``gate --output`` folder means its ``trajectories`` (or the gate's
-    ``accepted``) output, not the raw logs, failures or quarantine next to it; anything else is
-    ``path`` itself."""
+    """Where the trajectories of ``path`` are: in a folder whose ``result.json`` names its data
+    output (a synthesize or gate stage folder, or their standalone ``--output``; ``Result.data``),
+    that output, not the raw logs, failures or quarantine next to it; anything else is ``path``
+    itself."""
     path = Path(path)
     if not path.is_dir():
         return path
     from coaflow.contract import RESULT, resolve_output
 
     try:
-        outputs = json.loads((path / RESULT).read_text()).get("outputs", {})
-    except (OSError, ValueError, AttributeError):
-        outputs = {}
-    for name in ("accepted", "trajectories"):
-        if isinstance(outputs.get(name), str):
-            where = Path(resolve_output(outputs[name], path))
-            if where.is_dir():
-                return where
-    if (path / "trajectories").is_dir() and (path / "raw").is_dir():  # synthesize --output
-        return path / "trajectories"
-    if (path / "accepted").is_dir() and (path / "gate_report.json").exists():  # gate --output
-        return path / "accepted"
-    return path
+        result = json.loads((path / RESULT).read_text())
+        where = Path(resolve_output(result["outputs"][result["data"]], path))
+    except (OSError, ValueError, KeyError, TypeError):
+        return path
+    return where if where.is_dir() else path
 
 
 def _open_read(file: Path) -> IO[bytes]:

@@ -2,24 +2,19 @@
 
 The whole team speaks as one assistant. Consecutive agent steps merge into one assistant turn that
 ends either with tool calls (``tool_calls`` on the message, one ``tool`` message per observation
-after it) or with ``<answer>``. Each role's text is wrapped in its tag:
-
-    planner -> <plan>    critic, verifier -> <reflection>    answerer -> <answer>
-    a tool agent's thought (``description`` / ``reasoning_content``) -> <think>
+after it) or with ``<answer>``. Each role's text is wrapped in its tag (``schema.markup``: the
+tags and the system prompt); a tool agent's thought (``description`` / ``reasoning_content``) in
+``<think>``.
 
 Text from an ``assistant`` step (imported data that already carries its own markup) is kept as is.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
+from coaflow.schema.markup import DEFAULT_SYSTEM_PROMPT, ROLE_TAGS, THINK, wrap
 from coaflow.schema.trajectory import (
-    ANSWERER,
-    CRITIC,
-    PLANNER,
-    VERIFIER,
     ApiAction,
     CodeAction,
     MessageAction,
@@ -27,38 +22,23 @@ from coaflow.schema.trajectory import (
     Trajectory,
 )
 
-RAW_AGENT = "assistant"
-TAGS = {PLANNER: "plan", CRITIC: "reflection", VERIFIER: "reflection", ANSWERER: "answer"}
-
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a team of agents in one model. Plan in <plan>...</plan>, think in <think>...</think>, "
-    "call tools to gather evidence, check each result in <reflection>...</reflection>, and give the "
-    "final answer, short and exact, in <answer>...</answer>."
-)
-
-ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.S)
-
-
-def wrap(tag: str, text: str) -> str:
-    """``wrap("plan", "x") == "<plan>x</plan>"``, unless the text already is so wrapped."""
-    text = text.strip()
-    if text.startswith(f"<{tag}>") and text.endswith(f"</{tag}>"):
-        return text
-    return f"<{tag}>{text}</{tag}>"
+RAW_AGENT = "assistant"  # an imported step that carries its own markup: its text is kept as is
+__all__ = ["DEFAULT_SYSTEM_PROMPT", "RAW_AGENT", "step_text", "to_messages", "to_text",
+           "tool_call_message"]
 
 
 def step_text(step: MessageAction | ApiAction | CodeAction) -> str:
     """The assistant text one agent step contributes (tool calls themselves go in tool_calls)."""
     parts = []
     if step.reasoning_content:
-        parts.append(wrap("think", step.reasoning_content))
+        parts.append(wrap(THINK, step.reasoning_content))
     if isinstance(step, MessageAction):
         if step.agent == RAW_AGENT:
             parts.append(step.content.strip())
         else:
-            parts.append(wrap(TAGS.get(step.agent, "think"), step.content))
+            parts.append(wrap(ROLE_TAGS.get(step.agent, THINK), step.content))
     elif step.description:
-        parts.append(wrap("think", step.description))
+        parts.append(wrap(THINK, step.description))
     return "\n".join(p for p in parts if p)
 
 
@@ -100,18 +80,6 @@ def to_messages(traj: Trajectory, system_prompt: str | None = DEFAULT_SYSTEM_PRO
         if is_call:
             turn.setdefault("tool_calls", []).append(tool_call_message(step))
     return messages
-
-
-def extract_answer(text: str) -> str | None:
-    """The last ``<answer>`` in a completion, stripped; None if there is none.
-
-    >>> extract_answer("<think>hmm</think><answer> Paris </answer>")
-    'Paris'
-    >>> extract_answer("no tags") is None
-    True
-    """
-    found = ANSWER_RE.findall(text)
-    return found[-1].strip() if found else None
 
 
 def to_text(traj: Trajectory) -> str:

@@ -30,8 +30,7 @@ SCHEMA_VERSION = "1.0.0"
 # Team roles that have their own tag in rendered text. Tool agents are free-form names
 # (``searcher``, ``coder``, ...): a team may have as many as it has tools.
 PLANNER, CRITIC, VERIFIER, ANSWERER = "planner", "critic", "verifier", "answerer"
-USER, ENVIRONMENT = "user", "environment"
-REASONING_ROLES = (PLANNER, CRITIC, VERIFIER, ANSWERER)
+ENVIRONMENT = "environment"
 
 
 def utcnow() -> datetime:

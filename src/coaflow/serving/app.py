@@ -31,7 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from coaflow.models.toolcalls import TOOL_CALL_RE, parse_tool_calls
+from coaflow.schema.markup import TOOL_CALL_RE, parse_tool_calls
 from coaflow.serving.engine import EngineError
 from coaflow.serving.metrics import Metrics
 from coaflow.serving.schema import (  # noqa: F401 - ChatRequest and to_messages are this API's

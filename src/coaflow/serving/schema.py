@@ -22,9 +22,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from coaflow.schema.markup import TOOL_CALL, span
+
 MAX_STOP, MAX_STOP_CHARS = 4, 256  # OpenAI's limit on stop sequences; a stop string's length
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
-TOOL_OPEN = "<tool_call>"
+TOOL_OPEN = span(TOOL_CALL)[0]
 
 
 class _Strict(BaseModel):

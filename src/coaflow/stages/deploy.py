@@ -29,9 +29,9 @@ from typing import Literal
 import httpx
 from pydantic import Field
 
-from coaflow.config import Section
 from coaflow.contract import Context, PipelineError, Result
 from coaflow.errors import CoaflowError, ServiceUnavailable, UserError
+from coaflow.section import Section
 from coaflow.serving.server import PARENT_FD
 
 NAME = "deploy"
@@ -249,10 +249,13 @@ def start_local(cfg: Config, workdir: Path, name: str, version: int, registry_ur
     if old is None and not _port_free(cfg.host, cfg.port):
         raise UserError(f"deploy.port: port {cfg.port} on {cfg.host} is in use by a process "
                         "coaflow does not manage; pick another port or stop it")
+    from coaflow.registry import version_uri
+
     folder = state_file(workdir, name).parent
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / f"server-v{version}.log"
-    argv = [sys.executable, "-m", "coaflow.cli", "serve", f"models:/{name}/{version}",
+    uri = version_uri(name, version)
+    argv = [sys.executable, "-m", "coaflow.cli", "serve", uri,
             "--host", cfg.host, "--port", str(cfg.port), "--engine", cfg.engine, "--name", name,
             "--reuse-port", "--workdir", str(workdir), "--registry-uri", registry_uri,
             "--threads", str(cfg.threads)]
@@ -266,7 +269,7 @@ def start_local(cfg: Config, workdir: Path, name: str, version: int, registry_ur
     os.close(watch)
     state = {"pid": proc.pid, "identity": process_identity(proc.pid),
              "host": cfg.host, "port": cfg.port, "version": version,
-             "model": f"models:/{name}/{version}", "log": str(log), "endpoint": f"{url}/v1",
+             "model": uri, "log": str(log), "endpoint": f"{url}/v1",
              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     handed = False
     try:
@@ -372,11 +375,10 @@ def rollout_kubernetes(k: KubernetesTarget, model_uri: str, version: int, apps=N
 # --- the stage ------------------------------------------------------------------------------
 
 def run(cfg: Config, ctx: Context) -> Result:
-    from coaflow.registry import Registry
+    from coaflow.registry import PREVIOUS, Registry, version_uri
 
-    reg_summary = ctx.input("register").summary
-    name = reg_summary.get("model")
-    registry = Registry(reg_summary.get("registry_uri") or ctx.tracking_uri)
+    name = ctx.input("register").summary.get("model")
+    registry = Registry(ctx.registry_uri)
     champ = registry.champion(name) if name else None
     if champ is None:
         raise PipelineError(f"deploy: {name or 'the model'} has no champion in "
@@ -388,7 +390,7 @@ def run(cfg: Config, ctx: Context) -> Result:
         if cfg.target == "local":
             st = start_local(cfg, Path(ctx.run.workdir), name, version, registry.uri)
             return st["endpoint"], st
-        st = rollout_kubernetes(cfg.kubernetes, f"models:/{name}/{version}", version)
+        st = rollout_kubernetes(cfg.kubernetes, version_uri(name, version), version)
         if not cfg.kubernetes.service_url:
             raise UserError("deploy.kubernetes.service_url: needed for the smoke test")
         return cfg.kubernetes.service_url, st
@@ -403,7 +405,7 @@ def run(cfg: Config, ctx: Context) -> Result:
                "rolled_back": False, "state": state}
     if not smoke["passed"]:
         reason = f"smoke test of version {champ.version} failed: {smoke['detail']}"
-        if registry.alias(name, "previous") is None:
+        if registry.alias(name, PREVIOUS) is None:
             if cfg.target == "local":
                 undeploy(ctx.run.workdir, name)
             raise PipelineError(f"deploy: {reason}; there is no previous version to roll back "

@@ -46,11 +46,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Literal
 
-import click
 from pydantic import Field, field_validator
 
-from coaflow.config import Section
 from coaflow.contract import Context, PipelineError, Result
+from coaflow.report import EvalSummary, eval_html, eval_markdown
+from coaflow.section import Section
 
 NAME = "evaluate"
 NEEDS = ("sft",)
@@ -59,6 +59,7 @@ RESUMABLE = False
 PATH_FIELDS = ("teacher",)  # local files/folders: their contents are in the cache key
 
 ROWS = ("base", "sft", "candidate", "champion", "teacher")
+markdown = eval_markdown  # the bench scripts' name for it (bench/paired_eval.py, study_rl.py)
 
 
 class Config(Section):
@@ -111,29 +112,23 @@ def champion_version(name: str, uri: str, candidate_key: str | None = None) -> i
     not exist is not created."""
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         return None
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    from coaflow.registry import Registry
 
-    try:
-        mv = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(
-            name, "champion")
-    except MlflowException:
+    champ = Registry(uri).champion(name)
+    if champ is None or (candidate_key
+                         and champ.tags.get("coaflow.candidate_key") == candidate_key):
         return None
-    if candidate_key and (mv.tags or {}).get("coaflow.candidate_key") == candidate_key:
-        return None
-    return int(mv.version)
+    return champ.version
 
 
-def cache_extras(cfg: Config, run, inputs: dict[str, str], tracking_uri: str | None = None) -> dict:
+def cache_extras(cfg: Config, run, inputs: dict[str, str], registry_uri: str) -> dict:
     """A new champion changes the table: its version is part of the cache key (none when the
     champion is this very candidate: a rerun with nothing changed stays a cache hit)."""
-    from coaflow.tracking import registry_uri
-
     if "champion" not in cfg.models:
         return {}
     from coaflow.registry import model_name
 
-    version = champion_version(model_name(run.name), registry_uri(run.workdir, tracking_uri),
+    version = champion_version(model_name(run.name), registry_uri,
                                candidate_key=inputs.get("rl") or inputs.get("sft"))
     return {"champion": version}
 
@@ -158,7 +153,7 @@ def budgets_for(cfg: Config, runs: dict) -> tuple[dict, dict]:
 
 
 def run_model(spec: str, tasks: list, cfg: Config, *, budgets: dict, field: str,
-              tracking_uri: str | None, seed: int, tokenizer: str | None = None,
+              registry_uri: str | None, seed: int, tokenizer: str | None = None,
               terse: bool = False, cache: Path | None = None, samples: int = 1,
               temperature: float = 0.0) -> tuple[list, bool]:
     """``(trajectories, cached)``: every task through the agent loop with the model ``spec``
@@ -173,7 +168,7 @@ def run_model(spec: str, tasks: list, cfg: Config, *, budgets: dict, field: str,
 
     with tempfile.TemporaryDirectory() as download:
         local = spec if spec == "scripted" or is_endpoint(spec) else resolve_model(
-            spec, tracking_uri=tracking_uri, download_dir=download)
+            spec, registry_uri=registry_uri, download_dir=download)
         path = _row_path(cache, local, (tokenizer, terse), tasks, budgets, cfg, seed, samples,
                          temperature)
         if path is not None and path.is_file():
@@ -313,7 +308,7 @@ def compare(a: list[dict], b: list[dict], resamples: int, seed: int) -> dict:
     return out
 
 
-def summarize(rows: list[dict], cfg: Config, seed: int, pass_k: dict) -> dict:
+def summarize(rows: list[dict], cfg: Config, seed: int, pass_k: dict) -> EvalSummary:
     models = list(dict.fromkeys(r["model"] for r in rows))
     suites = list(dict.fromkeys(r["suite"] for r in rows))
     pick = {(m, s): [r for r in rows if r["model"] == m and r["suite"] == s]
@@ -326,7 +321,7 @@ def summarize(rows: list[dict], cfg: Config, seed: int, pass_k: dict) -> dict:
             for s in suites:
                 top = details["teacher"][s]["success"]
                 details[m][s]["ceiling_share"] = details[m][s]["success"] / top if top else None
-    summary = {"table": {m: {s: rate(pick[m, s]) for s in suites} for m in models},
+    summary: EvalSummary = {"table": {m: {s: rate(pick[m, s]) for s in suites} for m in models},
                "details": details,
                "slices": {m: {s: slices(pick[m, s]) for s in suites} for m in models},
                "tasks": {s: len(pick[models[0], s]) for s in suites}}
@@ -338,12 +333,6 @@ def summarize(rows: list[dict], cfg: Config, seed: int, pass_k: dict) -> dict:
                                          cfg.bootstrap, seed)
         for other in ("champion", "base", "sft") if "candidate" in models and other in models}
     return summary
-
-
-def _cell(d: dict) -> str:
-    share = d.get("ceiling_share")
-    return (f"{d['success']:.1%} [{d['lo']:.1%}, {d['hi']:.1%}]"
-            + (f" ({share:.0%} of ceiling)" if share is not None and d.get("n") else ""))
 
 
 def pass_at_k(trajs: list, k: int) -> dict:
@@ -373,80 +362,12 @@ def metrics_of(summary: dict) -> dict[str, float]:
     return m
 
 
-def markdown(summary: dict) -> str:
-    """The table: one line per model, per suite success [95 % CI], format errors, turns; then the
-    difficulty / hop slices and the paired comparison."""
-    details = summary["details"]
-    suites = list(summary["tasks"])
-    lines = []
-    if summary.get("budget"):
-        lines += ["| suite | budget | teacher runs it fits |", "|---|---|---|"]
-        for s, b in summary["budget"].items():
-            fit = (f"{b['fits']:.1%} of {b['teacher_runs']}" if b.get("fits") is not None
-                   else "no teacher runs measured (the documented default)")
-            lines.append(f"| {s} | {b['max_turns']} turns x {b['max_new_tokens']} tokens | "
-                         f"{fit} |")
-        lines.append("")
-    lines += ["| model | " + " | ".join(f"{s} (n={summary['tasks'][s]})" for s in suites)
-              + " | format errors | mean turns | mean tool calls |",
-              "|---|" + "---|" * (len(suites) + 3)]
-    for model, per in details.items():
-        cells = [_cell(per[s]) for s in suites]
-        n = sum(per[s]["n"] for s in suites)
-        avg = {k: sum(per[s][k] * per[s]["n"] for s in suites) / n
-               for k in ("format_error_rate", "mean_turns", "mean_tool_calls")}
-        lines.append(f"| {model} | " + " | ".join(cells) + f" | {avg['format_error_rate']:.1%} | "
-                     f"{avg['mean_turns']:.2f} | {avg['mean_tool_calls']:.2f} |")
-    lines += ["", "| model | suite | slice | success [95 % CI] (n) |", "|---|---|---|---|"]
-    for model, per in summary["slices"].items():
-        for suite, sl in per.items():
-            for key, groups in sl.items():
-                for g, r in groups.items():
-                    lines.append(f"| {model} | {suite} | {key} {g} | {r['success']:.1%} "
-                                 f"[{r['lo']:.1%}, {r['hi']:.1%}] ({r['n']}) |")
-    lines += ["", "| model | suite | how episodes ended |", "|---|---|---|"]
-    for model, per in details.items():
-        for suite in suites:
-            cats = ", ".join(f"{k} {v}" for k, v in sorted(per[suite]["categories"].items()))
-            cuts = ", ".join(f"turn {k}: {v}" for k, v in per[suite]["cut_turns"].items())
-            lines.append(f"| {model} | {suite} | {cats}" + (f" (cut at {cuts})" if cuts else "")
-                         + " |")
-    for name, comp in summary.get("comparison", {}).items():
-        other = name.removeprefix("candidate_vs_")
-        lines += ["", f"| candidate - {other} | diff [95 % CI] | McNemar p | n |",
-                  "|---|---|---|---|"]
-        lines += [f"| {s} | {c['diff']:+.1%} [{c['lo']:+.1%}, {c['hi']:+.1%}] | "
-                  f"{c['p_value']:.3g} | {c['n']} |" for s, c in comp.items()]
-    return "\n".join(lines) + "\n"
-
-
-def html_table(md: str) -> str:
-    """The markdown tables as a standalone HTML page."""
-    import html
-
-    parts, in_table = ["<html><body><h1>coaflow evaluation (test split)</h1>"], False
-    for line in md.splitlines():
-        if not line.startswith("|"):
-            parts.append("</table>" if in_table else "")
-            in_table = False
-            continue
-        cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
-        if set("".join(cells)) <= {"-"}:
-            continue
-        tag = "th" if not in_table else "td"
-        parts.append(("<table border=1 cellpadding=3>" if not in_table else "")
-                     + "<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>")
-        in_table = True
-    parts.append("</table></body></html>" if in_table else "</body></html>")
-    return "\n".join(parts)
-
-
 # --- the stage --------------------------------------------------------------------------------
 
 def evaluate(specs: dict[str, str], tasks: list, cfg: Config, out: Path, *, seed: int,
              budgets: dict, fit: dict | None = None, tokenizer: str | None = None,
-             terse: bool = False, cache: Path | None = None, tracking_uri: str | None = None,
-             tracker=None) -> tuple[list[dict], dict]:
+             terse: bool = False, cache: Path | None = None, registry_uri: str | None = None,
+             tracker=None) -> tuple[list[dict], EvalSummary]:
     """Run every model of ``specs`` (row name -> model spec, or ``scripted``) on ``tasks``
     within ``budgets``; write outcomes, transcripts and tables under ``out``;
     ``(rows, summary)``."""
@@ -456,7 +377,7 @@ def evaluate(specs: dict[str, str], tasks: list, cfg: Config, out: Path, *, seed
     out.mkdir(parents=True, exist_ok=True)
     (out / "transcripts").mkdir(exist_ok=True)
     rows, pass_k, sample, seconds, cached = [], {}, [], {}, []
-    common = dict(budgets=budgets, tracking_uri=tracking_uri, seed=seed, tokenizer=tokenizer,
+    common = dict(budgets=budgets, registry_uri=registry_uri, seed=seed, tokenizer=tokenizer,
                   terse=terse, cache=cache if cfg.row_cache else None)
     for model, spec in specs.items():
         start = time.perf_counter()
@@ -483,9 +404,9 @@ def evaluate(specs: dict[str, str], tasks: list, cfg: Config, out: Path, *, seed
 
         fit = fit_table({}, budgets)
     summary.update(seconds=seconds, cached_rows=cached, budget=fit)
-    md = markdown(summary)
+    md = eval_markdown(summary)
     (out / "table.md").write_text(md)
-    (out / "table.html").write_text(html_table(md))
+    (out / "table.html").write_text(eval_html(md))
     if tracker is not None:
         tracker.log_metrics(metrics_of(summary))
         for name in ("outcomes.jsonl", "table.md", "table.html"):
@@ -512,14 +433,12 @@ def model_specs(cfg: Config, ctx: Context) -> tuple[dict[str, str], dict, dict |
         specs["candidate"] = candidate["model"]
     champion = None
     if "champion" in cfg.models:
-        from coaflow.registry import model_name
-        from coaflow.tracking import registry_uri
+        from coaflow.registry import CHAMPION, alias_uri, model_name
 
         name = model_name(ctx.run.name)
-        version = champion_version(name, registry_uri(ctx.run.workdir, ctx.tracking_uri),
-                                   candidate_key=(rl or sft).key)
+        version = champion_version(name, ctx.registry_uri, candidate_key=(rl or sft).key)
         if version is not None:
-            specs["champion"] = f"models:/{name}@champion"
+            specs["champion"] = alias_uri(name, CHAMPION)
             champion = {"version": version}
     if "teacher" in cfg.models:
         specs["teacher"] = cfg.teacher
@@ -538,7 +457,7 @@ def run(cfg: Config, ctx: Context) -> Result:
                              fit=fit, tokenizer=candidate["model"],
                              terse=recorded_teacher(record) == team_name(terse=True),
                              cache=Path(ctx.run.workdir) / "cache" / NAME,
-                             tracking_uri=ctx.tracking_uri or None, tracker=ctx.tracker)
+                             registry_uri=ctx.registry_uri or None, tracker=ctx.tracker)
     summary.update(candidate=candidate, champion=champion)
     metrics = {k: v for k, v in metrics_of(summary).items()
                if k.endswith(("/success", "/format_error_rate", "/diff", "/p_value"))}
@@ -546,43 +465,3 @@ def run(cfg: Config, ctx: Context) -> Result:
                            "transcripts": str(ctx.out / "transcripts"),
                            "table": str(ctx.out / "table.md")},
                   metrics=metrics, summary=summary)
-
-
-CLI_OPTIONS = [
-    click.option("--model", "model", help="standalone: evaluate this model (a folder, hub id, "
-                 "models:/NAME@ALIAS or http(s)://HOST/v1 endpoint)"),
-    click.option("--suite", multiple=True, help="suite (repeatable); default: evaluate.suites"),
-    click.option("-n", "n", type=int, help="test tasks per suite"),
-    click.option("--output", type=click.Path(file_okay=False), help="standalone: write outcomes "
-                 "and tables here [<workdir>/eval/<time>]"),
-]
-
-
-def standalone(cfg, model=None, suite=(), n=None, output=None) -> None:
-    """``coaflow evaluate --model SPEC``: one model on the test split, outside a pipeline run."""
-    from coaflow.tracking import default_uri
-
-    if not model:
-        raise click.UsageError("standalone evaluate needs --model")
-    section = cfg.evaluate
-    if suite or n is not None:
-        names = list(suite) or list(section.suites)
-        try:
-            section = Config.model_validate({**section.model_dump(), "suites": {
-                s: n if n is not None else section.suites.get(s, 60) for s in names}})
-        except ValueError as e:
-            raise PipelineError(f"evaluate: {str(e).splitlines()[-1].strip()}") from None
-    out = Path(output or Path(cfg.run.workdir) / "eval" / time.strftime("%Y%m%d-%H%M%S"))
-    tasks = load_test_tasks(section.suites, cfg.run.seed)
-    budgets, fit = budgets_for(section, {})  # no training data here: the documented defaults
-    tokenizer = None
-    if model == "scripted" and cfg.sft.model != "tiny":
-        from coaflow.models.sources import resolve
-
-        tokenizer = resolve(cfg.sft.model)  # the teacher's turns in the profile student's tokens
-    _, summary = evaluate({"model": model}, tasks, section, out, seed=cfg.run.seed,
-                          budgets=budgets, fit=fit, tokenizer=tokenizer,
-                          cache=Path(cfg.run.workdir) / "cache" / NAME,
-                          tracking_uri=default_uri(cfg.run.workdir))
-    click.echo(f"model: {model}\n" + markdown(summary))
-    click.echo(f"outcomes: {out / 'outcomes.jsonl'}")

@@ -22,10 +22,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-import click
 from pydantic import Field
 
-from coaflow.config import Section
+from coaflow.section import Section
 
 if TYPE_CHECKING:
     from coaflow.contract import Context, Result
@@ -92,26 +91,15 @@ class Config(Section):
                          "parallel (one shard each; >1 costs ~2 s to start)")
 
 
-CLI_OPTIONS = [
-    click.option("--input", "input", type=click.Path(exists=True), help="standalone: a "
-                 "trajectory file or folder of shards (.jsonl, .jsonl.gz) to gate"),
-    click.option("--output", "output", type=click.Path(), help="standalone: folder for "
-                 "accepted/, quarantine.jsonl, data_docs/ and gate_report.json"),
-]
-
-
 def gate_folder(cfg: Config, input_path, out_dir, seed: int = 0, log=print) -> dict:
     """The one core both entry points share."""
-    import os
-
     from coaflow.gates.core import gate
 
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     return gate(input_path, out_dir, cfg, seed=seed, log=log)  # GateError / DataError: exit 2,
     # GateRefusedError (a failed expectation): exit 3
 
 
-def _result(report: dict, out) -> Result:
+def gate_result(report: dict, out) -> Result:
     from coaflow.contract import Result
 
     metrics = {"in": report["in"], "accepted": report["accepted"],
@@ -122,7 +110,8 @@ def _result(report: dict, out) -> Result:
                "skipped_files": report["skipped_files"][:20],
                "expectations": {r["name"]: r["success"] for r in report["expectations"]},
                "timings": report["timings"]}
-    return Result(outputs={"accepted": report["accepted_dir"], "quarantine": report["quarantine"],
+    return Result(data="accepted",
+                  outputs={"accepted": report["accepted_dir"], "quarantine": report["quarantine"],
                            "data_docs": str(out / "data_docs"),
                            "report": str(out / "gate_report.json")},
                   metrics=metrics, summary=summary)
@@ -136,26 +125,7 @@ def run(cfg: Config, ctx: Context) -> Result:
     finally:  # a failed batch's quarantine and Data Docs are what the user needs to look at
         for name in ("quarantine.jsonl", "gate_report.json", "data_docs"):
             ctx.tracker.log_artifact(ctx.out / name, None if name != "data_docs" else "data_docs")
-    result = _result(report, ctx.out)
+    result = gate_result(report, ctx.out)
     ctx.tracker.log_metrics({f"suite.{s}.{k}": v for s, c in report["suites"].items()
                              for k, v in c.items() if k in ("in", "accepted")})
     return result
-
-
-def standalone(cfg, input=None, output=None) -> dict:
-    """``coaflow gate --input FILE_OR_DIR --output DIR``: the same gate, outside a pipeline run.
-    ``cfg`` is the whole config (``cfg.gate`` its section, ``cfg.run.seed`` the test-split seed)."""
-    from coaflow.contract import PipelineError
-
-    if not input or not output:
-        raise PipelineError("coaflow gate: --input and --output go together (a trajectory file "
-                            "or folder, and a folder for the results)")
-    section = cfg.gate if hasattr(cfg, "gate") else cfg
-    seed = cfg.run.seed if hasattr(cfg, "run") else 0
-    report = gate_folder(section, input, output, seed=seed)
-    click.echo(f"gate: {report['accepted']}/{report['in']} accepted "
-               f"({report['accepted_fraction']:.1%}) -> {report['accepted_dir']}")
-    for reason, n in report["reasons"].items():
-        click.echo(f"  rejected {reason:<18} {n}")
-    click.echo(f"quarantine: {report['quarantine']}\nData Docs: {report['data_docs']}")
-    return report

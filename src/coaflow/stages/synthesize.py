@@ -1,7 +1,7 @@
 """synthesize: a teacher team solves tasks with real tools; its runs become chain-of-agents trajectories.
 
 \b
-    coaflow synthesize                                   # pipeline stage, tiny profile
+    coaflow synthesize                                   # pipeline stage, default profile
     coaflow synthesize --teacher scripted --suite calc -n 20 --output /tmp/calc
     coaflow synthesize --teacher llm --set synthesize.llm.base_url=http://host:8000/v1 \\
         --set synthesize.llm.model=Qwen/Qwen3-32B -n 100 --output data/
@@ -23,11 +23,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-import click
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from coaflow.config import Section
 from coaflow.contract import Context, PipelineError, Result
+from coaflow.section import Section
 from coaflow.teachers.llm import LlmTeacherConfig
 from coaflow.tracking import redact, secret_values
 
@@ -235,14 +234,10 @@ class _Record:
                                             start_index=start))
 
     def start(self, task):
-        """A team log over a fresh environment per task (cheap: worlds and indexes are cached),
-        so concurrent LLM conversations never share tool state; reset() picks the kbqa world."""
-        from coaflow.envs import make_env, task_to_row
-        from coaflow.teachers.log import TeamLog
+        """The task's team log (``teachers.log.team_log``: a fresh environment per task)."""
+        from coaflow.teachers.log import team_log
 
-        env = make_env(task.suite, seed=self.seed)
-        env.reset(**task_to_row(task))
-        return TeamLog(task=task, env=env, suite=task.suite)
+        return team_log(task, self.seed)
 
     def finish(self, task, log, answer, error: str | None, started) -> None:
         from coaflow.envs.rewards import score
@@ -352,7 +347,8 @@ def summarize(traj_dir: Path, fail_dir: Path, solved_now: int, elapsed: float, c
                             context="synthesized")
         for t in trajs[:1]:
             tracker.log_text(to_text(t), "sample_trajectory.txt")
-    return Result(outputs={"trajectories": str(traj_dir), "raw": str(traj_dir.parent / "raw"),
+    return Result(data="trajectories",
+                  outputs={"trajectories": str(traj_dir), "raw": str(traj_dir.parent / "raw"),
                            "failed": str(fail_dir)},
                   metrics=metrics,
                   summary={"by_suite": dict(by_suite), "by_difficulty": dict(by_difficulty),
@@ -362,39 +358,3 @@ def summarize(traj_dir: Path, fail_dir: Path, solved_now: int, elapsed: float, c
 def run(cfg: Config, ctx: Context) -> Result:
     cache = Path(ctx.run.workdir) / "cache" / "llm"
     return synthesize(cfg, ctx.out, ctx.run.seed, cache, ctx.tracker)
-
-
-CLI_OPTIONS = [
-    click.option("--teacher", type=click.Choice(["scripted", "llm"]), help="which teacher team"),
-    click.option("--suite", multiple=True, help="suite to solve (repeatable); default: the "
-                 "profile's synthesize.suites"),
-    click.option("-n", "n", type=int, help="tasks per suite"),
-    click.option("--output", type=click.Path(file_okay=False), help="standalone: write here, "
-                 "outside any pipeline run"),
-]
-
-
-def standalone(cfg, teacher=None, suite=(), n=None, output=None) -> None:
-    """``coaflow synthesize --output DIR``: the same code, outside a pipeline run."""
-    section = cfg.synthesize
-    updates = {}
-    if teacher:
-        updates["teacher"] = teacher
-    if suite or n is not None:
-        names = list(suite) or list(section.suites)
-        updates["suites"] = {s: n if n is not None else section.suites.get(s, 10) for s in names}
-    section = section.model_copy(update=updates)
-    if not output:
-        raise click.UsageError("standalone synthesize needs --output DIR")
-    try:
-        section = Config.model_validate(section.model_dump())
-    except ValidationError as e:
-        from coaflow.config import ConfigError
-
-        raise ConfigError(f"synthesize: {e.errors()[0]['msg'].removeprefix('Value error, ')}"
-                          ) from None
-    res = synthesize(section, Path(output), cfg.run.seed,
-                     Path(cfg.run.workdir) / "cache" / "llm")
-    click.echo(f"wrote {res.metrics['trajectories']} trajectories to {res.outputs['trajectories']}"
-               f" (success rate {res.metrics['teacher_success_rate']:.0%}, "
-               f"{res.metrics['failed_attempts']} failed attempts)")

@@ -21,9 +21,9 @@ from pathlib import Path
 from pydantic import Field
 
 from coaflow.agent.openai import ChatClient, MalformedResponse
-from coaflow.config import Section
 from coaflow.schema import Task
 from coaflow.schema.convert import parse_tool_call
+from coaflow.section import Section
 from coaflow.teachers.log import TeamLog
 
 PROMPTS = {
@@ -51,7 +51,7 @@ class LlmTeacherConfig(Section):
     timeout_s: float = Field(60.0, gt=0, description="per-request timeout")
     max_retries: int = Field(5, ge=0, description="retries on 429/5xx/timeouts before giving up")
     backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles each retry")
-    temperature: float = Field(0.3, ge=0)
+    temperature: float = Field(0.3, ge=0, description="sampling temperature of the team's calls")
     max_tokens: int = Field(1024, ge=1, description="completion tokens per call")
     max_turns: int = Field(8, ge=1, description="tool calls per task before giving up")
     cache: bool = Field(True, description="cache responses on disk under <workdir>/cache/llm")

@@ -13,7 +13,6 @@ thought; private notes are dropped.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +35,6 @@ class TeamLog:
     env: Any  # the suite's environment instance; tools run on it
     suite: str
     events: list[dict] = field(default_factory=list)
-    tool_seconds: float = 0.0
     _calls: int = 0
 
     def say(self, agent: str, text: str, to: str = "team") -> None:
@@ -53,15 +51,24 @@ class TeamLog:
         call_id = f"call_{self._calls}"
         self.events.append({"type": "tool_call", "agent": agent, "tool": tool, "args": args,
                             "call_id": call_id, "thought": thought})
-        start = time.perf_counter()
         observation = call_tool(self.suite, tool, args, env=self.env)
-        self.tool_seconds += time.perf_counter() - start
         self.events.append({"type": "observation", "tool": tool, "call_id": call_id,
                             "content": observation})
         return observation
 
     def to_json(self) -> dict:
         return {"task_id": self.task.task_id, "suite": self.suite, "events": self.events}
+
+
+def team_log(task: Task, seed: int) -> TeamLog:
+    """A log over a fresh environment of ``task``'s suite, reset to the task (cheap: worlds and
+    indexes are cached), so concurrent teams never share tool state; ``reset`` picks kbqa's
+    world. Every teacher episode starts here: synthesize's and the evaluation's ceiling."""
+    from coaflow.envs import make_env, task_to_row
+
+    env = make_env(task.suite, seed=seed)
+    env.reset(**task_to_row(task))
+    return TeamLog(task=task, env=env, suite=task.suite)
 
 
 def distill(log: TeamLog, traj_id: str, final_answer: str | None, provenance: Provenance,

@@ -22,14 +22,11 @@ from coaflow.schema import Outcome, Provenance, Task, Trajectory
 def scripted_trajectory(task: Task, seed: int, terse: bool = False) -> Trajectory:
     """The mistake-free scripted team's run of ``task`` (``terse``: in its terse style),
     distilled to a trajectory."""
-    from coaflow.envs import make_env, task_to_row
     from coaflow.envs.rewards import score
     from coaflow.teachers import scripted
-    from coaflow.teachers.log import TeamLog, distill
+    from coaflow.teachers.log import distill, team_log
 
-    env = make_env(task.suite, seed=seed)
-    env.reset(**task_to_row(task))
-    log = TeamLog(task=task, env=env, suite=task.suite)
+    log = team_log(task, seed)
     try:
         answer = scripted.solve(task, log, random.Random(f"{seed}-{task.task_id}"),
                                 scripted.Mistakes(0.0, 0.0), terse)

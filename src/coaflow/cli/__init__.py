@@ -1,6 +1,6 @@
 """``coaflow``: run the pipeline or one stage, inspect runs, convert and check data.
 
-    coaflow run                                  # every stage on the tiny profile
+    coaflow run                                  # every stage on the default profile
     coaflow run --profile qwen3-0.6b-1gpu --set sft.epochs=2
     coaflow run --run-id 20261128-101500-ab12 --from sft   # reuse earlier stages of a run
     coaflow runs list | coaflow runs show RUN
@@ -18,54 +18,18 @@ from pathlib import Path
 import click
 
 from coaflow import __version__
-
-PROFILE_HELP = "profile name (see src/coaflow/configs) or path to a YAML file"
-
-
-EXIT_CODES_HELP = """\b
-Exit codes (what an orchestrator acts on):
-  0   done (cached stages count as done)
-  1   a bug: read the traceback, do not retry
-  2   bad config, file or argument: fix the input
-  3   a data quality gate refused the batch (see the gate's quarantine)
-  4   promotion refused: the candidate did not beat the champion; nothing moved
-  75  an endpoint or tracking server was unreachable or timed out: retry
-"""
-
-
-class UserError(click.ClickException):
-    """Shown as one line, without a traceback; ``exit_code`` from ``coaflow.errors``."""
-
-    exit_code = 2
-
-    def __init__(self, message: str, exit_code: int = 2):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def _user_errors(fn):
-    """Turn the errors a user or the outside world can cause into one line and an exit code."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*a, **kw):
-        from coaflow.errors import CoaflowError, PromotionRefused
-        from coaflow.tracking import Terminated, redact  # redact: a URL's password, never shown
-
-        try:
-            return fn(*a, **kw)
-        except Terminated as e:  # SIGTERM: one line and 143 (128 + 15), as a shell reports it
-            click.echo(f"coaflow: {e}; stopped", err=True)
-            sys.exit(143)
-        except PromotionRefused as e:
-            click.echo(f"promotion refused: {redact(str(e))}", err=True)
-            sys.exit(e.exit_code)
-        except CoaflowError as e:
-            raise UserError(redact(str(e)), e.exit_code) from None
-        except FileNotFoundError as e:
-            raise UserError(redact(str(e))) from None
-
-    return wrapper
+from coaflow.cli.common import (
+    EXIT_CODES_HELP,
+    PROFILE_HELP,
+    UserError,
+    load,
+    pipeline_options,
+    report,
+    user_errors,
+)
+from coaflow.cli.models import models_group, serve_cmd, undeploy_cmd
+from coaflow.cli.stages import stage_command
+from coaflow.envs.cli import env_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
@@ -84,29 +48,6 @@ def main():
     terminate_as_interrupt()  # SIGTERM unwinds: MLflow runs end KILLED, not RUNNING
 
 
-def pipeline_options(fn):
-    fn = click.option("--run-id", help="reuse (resume, cache) this run instead of starting one")(fn)
-    fn = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-                      help="override a config value; repeatable, e.g. --set sft.epochs=2")(fn)
-    fn = click.option("--workdir", help="folder for runs and the MLflow store [run.workdir]")(fn)
-    fn = click.option("--profile", default="default", show_default=True, help=PROFILE_HELP)(fn)
-    return fn
-
-
-def _load(profile, workdir, overrides):
-    from coaflow.config import load_config
-
-    overrides = list(overrides) + ([f"run.workdir={workdir}"] if workdir else [])
-    return load_config(profile, overrides)
-
-
-def _report(results) -> None:
-    for name, r in results.items():
-        shown = {k: v for k, v in r.metrics.items() if k != "wall_seconds"}
-        click.echo(f"  {name:<11} {'cached' if r.cached else 'done':<7} "
-                   + " ".join(f"{k}={v:g}" for k, v in list(shown.items())[:6]))
-
-
 @main.command("run", epilog=EXIT_CODES_HELP)
 @pipeline_options
 @click.option("--from", "start_from", metavar="STAGE", help="start at STAGE; earlier stages' "
@@ -117,7 +58,7 @@ def _report(results) -> None:
 @click.option("--engine", type=click.Choice(["local", "kfp"]), default="local", show_default=True,
               help="local: stages in this process; kfp: the Kubeflow pipeline on kfp.local "
               "(components/coaflow_pipeline.py, one subprocess per stage)")
-@_user_errors
+@user_errors
 def run_cmd(profile, workdir, overrides, run_id, start_from, only, no_cache, engine):
     """Run the pipeline: every stage in order, each cached and tracked in MLflow.
 
@@ -129,7 +70,7 @@ def run_cmd(profile, workdir, overrides, run_id, start_from, only, no_cache, eng
     from coaflow.contract import check_run_id, new_run_id
     from coaflow.runner import run_pipeline
 
-    cfg = _load(profile, workdir, overrides)
+    cfg = load(profile, workdir, overrides)
     run_id = check_run_id(run_id) if run_id else new_run_id()
     if engine == "kfp":
         if start_from or only or no_cache:
@@ -174,7 +115,7 @@ def _summary(run_dir: Path) -> None:
               help="override a config value; repeatable")
 @click.option("--run-id", help="pipeline run id recorded in MLflow [$COAFLOW_RUN_ID, else new]")
 @click.option("--no-cache", is_flag=True, help="run even if a completed stage has the same key")
-@_user_errors
+@user_errors
 def stage_cmd(name, config, out, inputs, overrides, run_id, no_cache):
     """Run one stage NAME in folder --out from its input folders: the entry point that every
     engine calls (a container, an Airflow task, a Kubeflow component, `coaflow run` itself).
@@ -194,39 +135,16 @@ def stage_cmd(name, config, out, inputs, overrides, run_id, no_cache):
     pairs = input_folders(inputs)  # a stage named twice or more: its shards' folders
     cfg = load_config(config, overrides)
     result = execute(name, cfg, out, pairs, run_id=run_id, use_cache=not no_cache)
-    _report({name: result})
-
-
-def _stage_command(name: str):
-    from coaflow.contract import load_stage
-
-    module = load_stage(name)
-    doc = (module.__doc__ or name).strip()
-
-    @pipeline_options
-    @_user_errors
-    def cmd(profile, workdir, overrides, run_id, **extra):
-        from coaflow.runner import run_pipeline
-
-        standalone = getattr(module, "standalone", None)
-        if standalone is not None and any(v not in (None, (), False) for v in extra.values()):
-            standalone(_load(profile, workdir, overrides), **extra)
-            return
-        cfg = _load(profile, workdir, overrides)
-        _report(run_pipeline(cfg, run_id=run_id, only=[name]))
-
-    for opt in reversed(getattr(module, "CLI_OPTIONS", [])):
-        cmd = opt(cmd)
-    return click.command(name, help=doc, short_help=doc.splitlines()[0])(cmd)
+    report({name: result})
 
 
 def _register_stages() -> None:
     """One subcommand per stage module that exists; ``coaflow --help`` names them in order."""
-    from coaflow.contract import STAGES
+    from coaflow.contract import ORDER
 
-    for name in STAGES:
-        main.add_command(_stage_command(name))
-    main.help = inspect.cleandoc(main.help or "") + f"\n\nStages, in order: {', '.join(STAGES)}."
+    for name in ORDER:
+        main.add_command(stage_command(name))
+    main.help = inspect.cleandoc(main.help or "") + f"\n\nStages, in order: {', '.join(ORDER)}."
 
 
 # --- runs ---------------------------------------------------------------------------------------
@@ -253,7 +171,7 @@ def runs_list(workdir):
 @click.argument("run_id")
 @click.option("--workdir", default="work", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="status, metrics and outputs as JSON")
-@_user_errors
+@user_errors
 def runs_show(run_id, workdir, as_json):
     """The report card of RUN_ID: stage timings, data funnel, eval table, registry decision."""
     from coaflow.report import collect, render_text
@@ -272,7 +190,7 @@ def runs_show(run_id, workdir, as_json):
 @runs_group.command("report")
 @click.argument("run_id")
 @click.option("--workdir", default="work", show_default=True)
-@_user_errors
+@user_errors
 def runs_report(run_id, workdir):
     """(Re)write RUN_ID's self-contained HTML report card and print its path."""
     from coaflow.report import write
@@ -283,184 +201,6 @@ def runs_report(run_id, workdir):
     click.echo(write(Path(info["path"]), default_uri(workdir)))
 
 
-# --- serving and the registry --------------------------------------------------------------------
-
-def _registry_uri(workdir: str, registry_uri: str | None) -> str:
-    from coaflow.tracking import default_uri
-
-    return registry_uri or default_uri(workdir)
-
-
-def _registry(workdir: str, registry_uri: str | None):
-    """The registry a `models` command reads or moves. A SQLite store that does not exist is
-    an error, not a new empty one: looking must not create state (a mistyped --workdir)."""
-    from coaflow.registry import Registry
-
-    uri = _registry_uri(workdir, registry_uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise UserError(f"no registry at {uri[len('sqlite:///'):]} (--workdir {workdir}): "
-                        "nothing registered there yet")
-    return Registry(uri)
-
-
-def _reason(ctx, param, value: str) -> str:
-    """A promotion or rollback is recorded with why: an empty reason is refused."""
-    if not value or not value.strip():
-        raise click.BadParameter("a reason is required (why this version?)")
-    return value.strip()
-
-
-VERSION = click.IntRange(1, 2**31 - 1)  # MLflow stores versions as 32-bit integers
-
-
-def registry_options(fn):
-    fn = click.option("--registry-uri", help="MLflow registry [$MLFLOW_TRACKING_URI, else "
-                      "sqlite:///<workdir>/mlflow.db]")(fn)
-    fn = click.option("--workdir", default="work", show_default=True,
-                      help="workdir whose MLflow store holds the registry")(fn)
-    return fn
-
-
-@main.command("serve", epilog=EXIT_CODES_HELP)
-@click.argument("model", metavar="MODEL")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--engine", type=click.Choice(["auto", "transformers", "vllm"]), default="auto",
-              show_default=True, help="auto: vLLM when installed and a GPU is there")
-@click.option("--name", help="model name clients send [the registered model or folder name]")
-@click.option("--system-prompt", help="system prompt when a client sends none [the one recorded "
-              "with the model]")
-@click.option("--max-batch", default=16, show_default=True, help="sequences decoded together; "
-              "shared out by request, not by row")
-@click.option("--max-n", default=16, show_default=True, help="largest n (choices) a request may "
-              "ask for; more is a 400 naming n")
-@click.option("--batch-wait-ms", default=10.0, show_default=True,
-              help="how long the first request on an idle server waits for others")
-@click.option("--prefill-chunk", default=256, show_default=True, help="prompt tokens encoded "
-              "between two decode steps (a short request waits at most one chunk)")
-@click.option("--prefix-cache-mb", default=1024, show_default=True, help="memory for keys and "
-              "values of finished contexts a later request may start with (0: none)")
-@click.option("--max-tokens", default=512, show_default=True, help="default max_tokens")
-@click.option("--reuse-port", is_flag=True, help="bind with SO_REUSEPORT (a replacement server "
-              "starts beside the old one)")
-@click.option("--vllm-arg", "vllm_args", multiple=True, help="extra argument for vLLM's server")
-@click.option("--threads", default=0, show_default=True, help="torch CPU threads (0: torch's "
-              "default; 1 is fastest on a CPU shared with other work)")
-@registry_options
-@_user_errors
-def serve_cmd(model, host, port, engine, name, system_prompt, max_batch, max_n, batch_wait_ms,
-              prefill_chunk, prefix_cache_mb, max_tokens, reuse_port, vllm_args, threads, workdir,
-              registry_uri):
-    """Serve MODEL behind an OpenAI-compatible API: models:/NAME@ALIAS, models:/NAME/N, a local
-    HF folder or a hub id.
-
-    \b
-    coaflow serve models:/coaflow-agent@champion --port 8000
-    curl localhost:8000/v1/models ; curl localhost:8000/metrics
-    """
-    from coaflow.serving.server import serve
-
-    serve(model, host=host, port=port, engine=engine, name=name, system_prompt=system_prompt,
-          registry_uri=_registry_uri(workdir, registry_uri),
-          cache_dir=Path(workdir).resolve() / "serving" / "models", max_batch=max_batch,
-          batch_wait_ms=batch_wait_ms, max_tokens=max_tokens, reuse_port=reuse_port,
-          vllm_args=list(vllm_args), threads=threads, max_n=max_n, prefill_chunk=prefill_chunk,
-          prefix_cache_mb=prefix_cache_mb, log=lambda m: click.echo(m, err=True))
-
-
-@main.group("models")
-def models_group():
-    """The model registry: versions, aliases (champion, previous, challenger), promotion."""
-
-
-@models_group.command("list")
-@click.argument("name", required=False)
-@click.option("--json", "as_json", is_flag=True, help="versions with all their tags as JSON")
-@registry_options
-@_user_errors
-def models_list(name, as_json, workdir, registry_uri):
-    """Versions of NAME (default: every registered model): aliases, evaluation, lineage."""
-    from dataclasses import asdict
-
-    reg = _registry(workdir, registry_uri)
-    names = [name] if name else reg.models()
-    if name and not reg.exists(name):
-        raise UserError(f"no registered model {name!r} in {reg.uri} "
-                        f"(models: {', '.join(reg.models()) or 'none'})")
-    rows = [v for n in names for v in reg.versions(n)]
-    if as_json:
-        click.echo(json.dumps([asdict(v) for v in rows], indent=2))
-        return
-    if not rows:
-        click.echo(f"no registered models in {reg.uri}")
-    for v in rows:
-        evals = " ".join(f"{k[5:]}={t.split(' ')[0]}" for k, t in sorted(v.tags.items())
-                         if k.startswith("eval.candidate.") or k.startswith("eval.vs_champion."))
-        click.echo(f"{v.name} v{v.version:<3} {','.join(v.aliases) or '-':<22} "
-                   f"run={v.tags.get('coaflow.run_id', '-')} "
-                   f"from={v.tags.get('coaflow.candidate_source', '-')} "
-                   f"commit={v.tags.get('coaflow.git_commit', '-')[:8]}  {evals}")
-
-
-@models_group.command("promote")
-@click.argument("name")
-@click.argument("version", type=VERSION)
-@click.option("--reason", required=True, callback=_reason,
-              help="why (recorded as a tag on the version)")
-@registry_options
-@_user_errors
-def models_promote(name, version, reason, workdir, registry_uri):
-    """Make VERSION of NAME the champion by hand; the old champion becomes previous."""
-
-    old = _registry(workdir, registry_uri).promote(name, version, f"by hand: {reason}")
-    click.echo(f"{name}: champion is version {version}"
-               + (f" (previous: version {old.version})" if old and old.version != version else ""))
-
-
-@models_group.command("rollback")
-@click.argument("name")
-@click.option("--reason", required=True, callback=_reason,
-              help="why (recorded as a tag on both versions)")
-@registry_options
-@_user_errors
-def models_rollback(name, reason, workdir, registry_uri):
-    """Move NAME's champion back to its previous version."""
-
-    now, was = _registry(workdir, registry_uri).rollback(name, reason)
-    click.echo(f"{name}: champion is version {now.version} again (rolled back from "
-               f"version {was.version})")
-
-
-@models_group.command("fetch")
-@click.argument("uri", metavar="models:/NAME@ALIAS")
-@click.option("--dst", default=None, help="folder to download into [<workdir>/serving/models]")
-@registry_options
-@_user_errors
-def models_fetch(uri, dst, workdir, registry_uri):
-    """Download a registered model (an HF folder) and print its path."""
-
-    folder, v = _registry(workdir, registry_uri).fetch(
-        uri, dst or Path(workdir).resolve() / "serving" / "models")
-    click.echo(str(folder))
-
-
-@main.command("undeploy")
-@click.option("--name", help="registered model whose server to stop [<run.name>-agent of the "
-              "profile]")
-@pipeline_options
-@_user_errors
-def undeploy_cmd(name, profile, workdir, overrides, run_id):
-    """Stop the managed local server that `coaflow deploy` started (target: local)."""
-    from coaflow.registry import model_name
-    from coaflow.stages.deploy import undeploy
-
-    cfg = _load(profile, workdir, overrides)
-    name = name or model_name(cfg.run.name)
-    state = undeploy(Path(cfg.run.workdir).resolve(), name)
-    click.echo(f"stopped {name} version {state['version']} (pid {state['pid']}, port "
-               f"{state['port']})" if state else f"no managed server for {name}")
-
-
 # --- config -------------------------------------------------------------------------------------
 
 @main.command("config")
@@ -468,16 +208,23 @@ def undeploy_cmd(name, profile, workdir, overrides, run_id):
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
 @click.option("--show-secrets", is_flag=True, help="print secrets as they are (a URL's "
               "password, a key's value) instead of ***")
-@_user_errors
-def config_cmd(profile, overrides, show_secrets):
+@click.option("--explain", is_flag=True, help="every knob with its default and what it does "
+              "(docs/config.md), instead of a profile's values")
+@user_errors
+def config_cmd(profile, overrides, show_secrets, explain):
     """Print the resolved config of a profile (after --set overrides) as YAML.
 
     Secrets are shown as *** (as the run's own config.yaml and MLflow record them) unless
     --show-secrets is given, as `kubectl config view` does with --raw."""
     import yaml
 
+    from coaflow.config import explain as reference
     from coaflow.config import load_config
     from coaflow.tracking import redact
+
+    if explain:
+        click.echo(reference())
+        return
 
     data = load_config(profile, overrides).model_dump(mode="json")
     click.echo(yaml.safe_dump(data if show_secrets else redact(data), sort_keys=False), nl=False)
@@ -502,7 +249,7 @@ def data_group():
               "stopping at the first")
 @click.argument("input_path", metavar="IN", type=click.Path(exists=True))
 @click.argument("output_path", metavar="OUT", type=click.Path())
-@_user_errors
+@user_errors
 def data_convert(src_fmt, dst_fmt, suite, skip_bad, input_path, output_path):
     """Convert trajectories from IN (a JSONL or JSON-array file, a folder of shards, or a stage
     folder) to OUT (.jsonl or .jsonl.gz; ADP written as a .json array keeps that shape).
@@ -534,7 +281,7 @@ def data_convert(src_fmt, dst_fmt, suite, skip_bad, input_path, output_path):
 @data_group.command("validate")
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--max-errors", default=20, show_default=True, help="errors to print")
-@_user_errors
+@user_errors
 def data_validate(path, max_errors):
     """Check every record of PATH against the coaflow schema; exit 2 if any is bad (or none)."""
     from coaflow.errors import EXIT_USER
@@ -551,7 +298,7 @@ def data_validate(path, max_errors):
 
 @data_group.command("stats")
 @click.argument("path", type=click.Path(exists=True))
-@_user_errors
+@user_errors
 def data_stats(path):
     """Counts per suite, difficulty, teacher and outcome, plus steps and tool calls per trajectory.
     PATH is a file, a folder of shards, or a stage folder (its trajectories are read)."""
@@ -579,8 +326,7 @@ def data_stats(path):
 
 
 _register_stages()
-from coaflow.envs.cli import env_group  # noqa: E402, I001
+main.add_command(serve_cmd)
+main.add_command(models_group)
+main.add_command(undeploy_cmd)
 main.add_command(env_group)
-
-if __name__ == "__main__":
-    main()
