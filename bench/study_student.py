@@ -68,6 +68,9 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", default="", help="optimizer steps to snapshot at, e.g. 16,32")
     ap.add_argument("--profile", default="default", help="the profile the overrides apply to")
     ap.add_argument("--n", type=int, default=60, help="test tasks per suite")
+    ap.add_argument("--reuse", action="store_true",
+                    help="the label's sft run is done (its result.json and snap-* folders are in "
+                         "--out): evaluate them again without training")
     ap.add_argument("--out", default="/tmp/student_study", help="work folder")
     ap.add_argument("--results", default=str(Path(__file__).parent / "results" /
                                               "student_study.jsonl"))
@@ -89,14 +92,28 @@ def main(argv=None) -> None:
                                    [int(m) for m in args.steps.split(",") if m], out, saved,
                                    tokens),)
     wrapped.run = lambda section, ctx: sft_module.train(section, ctx, callbacks=callbacks)
-    t0 = time.time()
-    result = execute("sft", cfg, out / "sft", {"gate": args.gate}, module=wrapped,
-                     use_cache=False)
-    sft_minutes = (time.time() - t0) / 60
+    done = out / "sft" / "result.json"
+    if args.reuse:
+        if not done.exists():
+            raise SystemExit(f"--reuse: {done} does not exist (train the label first)")
+        from coaflow.contract import Result
+
+        result = Result.from_json(json.loads(done.read_text()), base=done.parent)
+        sft_minutes = result.metrics["train_seconds"] / 60
+        saved = [{"minutes": None, "step": int(f.name.removeprefix("snap-step")), "tokens": None,
+                  "model": str(f)} for f in sorted(out.glob("snap-step*"),
+                                                   key=lambda f: int(f.name[9:]))]
+    else:
+        t0 = time.time()
+        result = execute("sft", cfg, out / "sft", {"gate": args.gate}, module=wrapped,
+                         use_cache=False)
+        sft_minutes = (time.time() - t0) / 60
     models = [*saved, {"minutes": round(result.metrics["train_seconds"] / 60, 2),
                        "step": int(result.metrics["global_step"]),
                        "tokens": int(result.metrics["train_tokens"]),
                        "model": str(result.path("model")), "final": True}]
+    if args.reuse:  # the finished model first: the point that matters most
+        models = models[::-1]
 
     from coaflow.agent.budget import read_record
 
