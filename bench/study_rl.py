@@ -42,8 +42,8 @@ def dropped_share(p: float, g: int) -> float:
 
 
 def signal(model: str, tasks: list, k: int, temperature: float, budgets: dict,
-           seed: int = 0, batch_size: int = 64, threads: int | None = None,
-           backend=None) -> dict:
+           seed: int = 0, batch_size: int = 32, threads: int | None = None,
+           backend=None, chunk: int = 32) -> dict:
     """Pass rate per task over ``k`` sampled episodes, and the numbers RL's signal hangs on."""
     from coaflow.agent import TransformersBackend, run_episodes
     from coaflow.envs import rewards
@@ -63,8 +63,15 @@ def signal(model: str, tasks: list, k: int, temperature: float, budgets: dict,
         print(f"  {done[0]}/{len(tasks) * k} episodes, {time.perf_counter() - start:.0f} s",
               flush=True)
 
-    trajs = run_episodes(backend, tasks, budgets=budgets, temperature=temperature, seed=seed,
-                         samples=k, progress=progress)
+    # a few tasks at a time: the backend keeps every live episode's KV cache (fp32 on a CPU
+    # without bf16 kernels: ~46 kB a token for this student), so 160 long episodes at once
+    # would not fit beside other jobs
+    per = max(1, chunk // k)
+    trajs = []
+    for i in range(0, len(tasks), per):
+        trajs += run_episodes(backend, tasks[i:i + per], budgets=budgets,
+                              temperature=temperature, seed=seed + i, samples=k,
+                              progress=progress)
     seconds = time.perf_counter() - start
     from coaflow.agent import category
     from coaflow.stages.rl_rft import follows_hops
@@ -131,7 +138,7 @@ def cmd_signal(a) -> dict:
     budgets = study_budgets(a.model, a.budget, sizes)
     load = os.getloadavg()[0]
     res = signal(str(a.model), tasks, a.k, a.temperature, budgets, seed=a.seed,
-                 threads=a.threads)
+                 threads=a.threads, chunk=a.chunk, batch_size=a.chunk)
     trajs = res.pop("_trajs")
     if a.transcripts:
         write_transcripts(a.transcripts, trajs, per_task=2)
@@ -285,24 +292,43 @@ def cmd_eval(a) -> dict:
 def paired_eval(specs: dict[str, str], n: int, cfg, out: Path, split: str,
                 threads: int = 1) -> dict:
     """Every model of ``specs`` on the same ``n`` tasks per suite of ``split``, greedy, within
-    the sft model's fair budget (evaluate's own functions and row cache); each paired against
-    the ``sft`` row. Per model and suite: success [Wilson], format errors, turns and tool calls
-    per episode by hop, how episodes ended."""
+    the sft model's fair budget (evaluate's own ``run_model``, row cache and summary); each
+    paired against the ``sft`` row. Per model and suite: success [Wilson], format errors, turns
+    and tool calls per episode by hop, how episodes ended. One suite at a time: the backend
+    keeps every live episode's KV cache (fp32 here), and 120 long episodes at once did not fit
+    beside the other jobs of a shared box."""
     from coaflow.agent.budget import read_record
     from coaflow.envs import make_tasks
+    from coaflow.schema import write_jsonl
     from coaflow.stages import evaluate as E
 
     ev = cfg.evaluate.model_copy(update={"suites": {s: n for s in ("kbqa", "calc")},
-                                         "transcripts": 2, "threads": threads})
-    tasks = [t for s, k in ev.suites.items() for t in make_tasks(s, split, k, seed=cfg.run.seed)]
+                                         "threads": threads})
     budgets, fit = E.budgets_for(ev, read_record(Path(specs["sft"]).parent / "budget.json"))
-    print(f"evaluating {list(specs)} on {len(tasks)} {split} tasks", flush=True)
+    cache = Path(cfg.run.workdir).resolve() / "cache" / "evaluate"
+    (out / "transcripts").mkdir(parents=True, exist_ok=True)
+    print(f"evaluating {list(specs)} on {n} + {n} {split} tasks", flush=True)
     start = time.perf_counter()
-    rows, summary = E.evaluate(specs, tasks, ev, out, seed=cfg.run.seed, budgets=budgets,
-                               fit=fit, tokenizer=specs["sft"],
-                               cache=Path(cfg.run.workdir).resolve() / "cache" / "evaluate")
+    rows, seconds, cached = [], {}, []
+    for name, spec in specs.items():
+        t0 = time.perf_counter()
+        trajs = []
+        for suite in ev.suites:
+            tasks = make_tasks(suite, split, n, seed=cfg.run.seed)
+            got, hit = E.run_model(spec, tasks, ev, budgets=budgets, tracking_uri=None,
+                                   seed=cfg.run.seed, cache=cache, field=f"{name} {suite}")
+            trajs += got
+            if hit:
+                cached.append(f"{name}/{suite}")
+        seconds[name] = round(time.perf_counter() - t0, 1)
+        write_jsonl(out / "transcripts" / f"{name.replace('/', '_')}.jsonl", trajs)
+        rows += [E.outcome_row(name, t) for t in trajs]
+        print(f"  {name}: {seconds[name]} s", flush=True)
+    summary = E.summarize(rows, ev, cfg.run.seed, {})
+    summary.update(budget=fit)
+    (out / "table.md").write_text(E.markdown(summary))
     res = {"n": n, "split": split, "seconds": round(time.perf_counter() - start, 1),
-           "row_seconds": summary["seconds"], "cached_rows": summary["cached_rows"],
+           "row_seconds": seconds, "cached_rows": cached,
            "budget": {s: str(b) for s, b in budgets.items()}, "models": {}, "paired_vs_sft": {}}
     for name, spec in specs.items():
         mine = [r for r in rows if r["model"] == name]
@@ -349,6 +375,7 @@ def main(argv=None) -> None:
     s.add_argument("--budget", default="derived", help="derived (the sft stage's budget.json "
                    "beside --model) or TURNSxTOKENS for every suite, e.g. 4x128")
     s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--chunk", type=int, default=32, help="episodes run (and cached) at once")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--transcripts", help="write a few episodes here as text")
     s.add_argument("--json", help="append the result as one JSON line to this file")

@@ -236,6 +236,14 @@ def test_steps_change_the_weights_and_resume(tmp_path, tiny_dir):
     assert not (ctx.out / "checkpoints").exists()
 
 
+def test_max_minutes_is_a_ceiling(tmp_path, tiny_dir):
+    """rl.max_minutes: no step starts that would end past it, judged by the last step's length
+    (the study compares algorithms at equal minutes)."""
+    cfg, ctx = make_ctx(tmp_path, tiny_dir, ["rl.max_steps=3", "rl.max_minutes=0.0001"])
+    res = rl.train(cfg, ctx, episodes=scripted)
+    assert res.metrics["global_step"] == 1
+
+
 def test_clear_errors(tmp_path, tiny_dir):
     import shutil
 

@@ -132,6 +132,7 @@ def make_ctx(root: Path, model_dir, overrides=(), resume=False, budget=None):
                                "rl.suites={kbqa: 8}", "rl.max_turns=2", "rl.max_new_tokens=16",
                                "rl.rft_tasks=2", "rl.rft_samples=2", "rl.rft_batch_size=2",
                                "rl.rft_teacher_mix=null", "rl.rft_lr=0.01",
+                               "rl.rft_max_length=4096",  # the test tokenizer: 512 tokens
                                "rl.select_suites={kbqa: 2}", *overrides])
     out = root / "rl"
     out.mkdir(parents=True, exist_ok=True)
@@ -194,10 +195,11 @@ def test_algorithm_none_passes_the_sft_model_on(tmp_path, tiny_dir):
         (Path(tiny_dir) / "model.safetensors").read_bytes()
 
 
-def test_select_off_keeps_the_policy(tmp_path, tiny_dir):
-    cfg, ctx = make_ctx(tmp_path, tiny_dir, ["rl.algorithm=rft", "rl.rft_rounds=1",
-                                             "rl.select=false"])
+def test_select_off_keeps_the_policy_and_minutes_bound_the_rounds(tmp_path, tiny_dir):
+    cfg, ctx = make_ctx(tmp_path, tiny_dir, ["rl.algorithm=rft", "rl.rft_rounds=3",
+                                             "rl.max_minutes=0.0001", "rl.select=false"])
     res = rl.train(cfg, ctx)
+    assert res.metrics["rounds"] == 1  # a second round would have ended past the budget
     assert res.summary["decision"]["chosen"] == "policy" and "policy" not in res.outputs
     assert weights(res.outputs["model"]).keys() == weights(tiny_dir).keys()
 

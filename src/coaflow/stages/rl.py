@@ -51,8 +51,9 @@ class Config(Section):
         "rejection-sampling fine-tuning on the student's own verified successes (rl_rft); none: "
         "no rl, the sft model goes on as the candidate (the stage says so)")
     max_minutes: float | None = Field(None, gt=0, description="wall-time budget of the "
-                                      "training (checked after every grpo step and before every "
-                                      "rft round); null: max_steps / rft_rounds alone")
+                                      "training: no grpo step or rft round starts that would end "
+                                      "past it (judged by the last one's length); null: "
+                                      "max_steps / rft_rounds alone")
     suites: dict[str, int] = Field({"kbqa": 64, "calc": 32}, description="tasks per suite of "
                                    "rl.split (the pool steps draw from)")
     split: Literal["rl", "train"] = Field(
@@ -343,13 +344,16 @@ def build_trainer(cfg: Config, model, tokenizer, template: str | None, tasks: li
                                     step=state.global_step)
 
     class WallTime(TrainerCallback):
-        """Stop after the step that reaches ``rl.max_minutes`` of training."""
+        """Stop when the next step would end past ``rl.max_minutes`` of training (judged by the
+        last step's length), so the budget is a ceiling, not a floor."""
 
         def on_train_begin(self, args, state, control, **kw):
-            self.start = time.perf_counter()
+            self.start = self.last = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            if cfg.max_minutes and (time.perf_counter() - self.start) / 60 >= cfg.max_minutes:
+            now = time.perf_counter()
+            step, self.last = now - self.last, now
+            if cfg.max_minutes and (now - self.start + step) / 60 > cfg.max_minutes:
                 control.should_training_stop = True
 
     reward_funcs = [f for f, _ in shaped]

@@ -57,18 +57,8 @@ def follows_hops(traj) -> bool:
     """Whether a solution used the tools the task takes, not a shortcut: kbqa opens at least as
     many pages (that opened) as its chain has distinct entities (a 1-hop question: one page, a
     2-hop chain or a comparison: two); calc ran a program that printed something (no error).
-    Other suites: any tool result. The scripted teacher's runs all follow their hops.
-
-    >>> from coaflow.schema import Task, Trajectory, ApiAction, TextObservation
-    >>> t = Task(suite="kbqa", task_id="k", split="train", question="q", answer="a",
-    ...          difficulty=1, metadata={"hops": [{"subject": "A"}]})
-    >>> run = lambda *steps: Trajectory.model_construct(task=t, content=list(steps))
-    >>> search = ApiAction(agent="a", function="search", kwargs={"query": "A"})
-    >>> page = ApiAction(agent="a", function="open_page", kwargs={"title": "A"})
-    >>> ok = TextObservation(source="environment", content="A is ...")
-    >>> follows_hops(run(search, ok)), follows_hops(run(search, ok, page, ok))
-    (False, True)
-    """
+    Other suites: any tool result. The scripted teacher's runs all follow their hops
+    (tests/stages/test_rl_rft.py checks both on real episodes)."""
     from coaflow.schema import ApiAction, CodeAction, TextObservation
 
     used: list[str] = []
@@ -266,6 +256,7 @@ def train(cfg, ctx, sft_model: Path, tasks: list, budgets: dict, callbacks: tupl
     policy = sft_model
     start = time.perf_counter()
     per_round = min(cfg.rft_tasks, len(tasks))
+    last_round = 0.0
     for r in range(1, cfg.rft_rounds + 1):
         folder = root / str(r)
         if ctx.resume and (folder / "done").is_file() and (folder / "model").is_dir():
@@ -275,8 +266,9 @@ def train(cfg, ctx, sft_model: Path, tasks: list, budgets: dict, callbacks: tupl
             continue
         shutil.rmtree(folder, ignore_errors=True)
         spent = (time.perf_counter() - start) / 60
-        if cfg.max_minutes is not None and spent >= cfg.max_minutes:
-            break
+        if cfg.max_minutes is not None and spent + last_round > cfg.max_minutes:
+            break  # the next round would end past the budget (judged by the last one's length)
+        began = time.perf_counter()
         first = (r - 1) * per_round
         picked = [tasks[(first + i) % len(tasks)] for i in range(per_round)]
         seed = ctx.run.seed * 100_003 + r
@@ -291,6 +283,7 @@ def train(cfg, ctx, sft_model: Path, tasks: list, budgets: dict, callbacks: tupl
             policy, tuned = fine_tune(cfg, policy, data, folder, ctx.run.seed + r, callbacks)
             row.update(tuned)
         row["minutes"] = (time.perf_counter() - start) / 60
+        last_round = (time.perf_counter() - began) / 60
         row["model"] = str(policy)
         (folder / "done").write_text(json.dumps(row))
         history.append(row)

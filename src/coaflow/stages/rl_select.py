@@ -38,11 +38,14 @@ def judge(cfg, sft_model: Path, policy: Path, budgets: dict, seed: int, cache: P
     ev = E.Config(suites={s: n for s, n in cfg.select_suites.items() if n},
                   batch_size=cfg.select_batch_size, threads=cfg.rollout_threads,
                   dtype=cfg.rollout_dtype, transcripts=0)
-    rows = {}
+    rows: dict[str, list] = {"sft": [], "policy": []}
     for name, spec in (("sft", sft_model), ("policy", policy)):
-        trajs, _ = E.run_model(str(spec), tasks, ev, budgets=budgets, tracking_uri=None,
-                               seed=seed, cache=cache, field=f"rl: validation, {name} model")
-        rows[name] = [E.outcome_row(name, t) for t in trajs]
+        for suite in ev.suites:  # a suite at a time: every live episode keeps its KV cache
+            mine = [t for t in tasks if t.suite == suite]
+            trajs, _ = E.run_model(str(spec), mine, ev, budgets=budgets, tracking_uri=None,
+                                   seed=seed, cache=cache,
+                                   field=f"rl: validation, {name} model, {suite}")
+            rows[name] += [E.outcome_row(name, t) for t in trajs]
     cmp = E.compare(rows["policy"], rows["sft"], ev.bootstrap, seed)
     success = {name: {s: sum(r["success"] for r in rs if r["suite"] == s)
                       for s in ev.suites} for name, rs in rows.items()}
