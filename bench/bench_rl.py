@@ -38,13 +38,14 @@ def paired(before: list[float], after: list[float]) -> dict:
             "lo": mean - half, "hi": mean + half}
 
 
-def success(model_dir: Path, tasks: list, cfg) -> dict[str, list[float]]:
-    """Greedy episodes: per task, success and evidence (a tool result held the answer)."""
+def success(model_dir: Path, tasks: list, budgets: dict) -> dict[str, list[float]]:
+    """Greedy episodes within ``budgets`` (rl's): per task, success and evidence (a tool result
+    held the answer)."""
     from coaflow.agent import TransformersBackend, run_episodes
     from coaflow.stages.rl_rollout import evidence, from_trajectory
 
     trajs = run_episodes(TransformersBackend(str(model_dir), batch_size=32), tasks,
-                         max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens)
+                         budgets=budgets)
     return {"success": [float(bool(t.outcome.correct)) for t in trajs],
             "evidence": [evidence(t.task.suite, t.task.answer, from_trajectory(t)[0])
                          for t in trajs]}
@@ -69,16 +70,20 @@ def main() -> None:
         root = Path(tmp)
         cfg = load_config("tiny", ["tracking.enabled=false", f"run.workdir={root}",
                                    f"rl.max_steps={a.steps}", f"rl.save_steps={a.steps}",
-                                   *a.overrides])
+                                   "rl.algorithm=grpo", "rl.select=false", *a.overrides])
         mix = cfg.rl.difficulty_mix
         test = [t for s in cfg.rl.suites for t in
                 envs.make_tasks(s, "test", a.measure, seed=cfg.run.seed, difficulty_mix=mix)] \
             if a.measure else []
-        before = success(a.model, test, cfg.rl) if test else {}
+        record = a.model.resolve().parent / "budget.json"  # the sft stage's, when there is one
+        sft = Result(outputs={"model": str(a.model.resolve()),
+                              **({"budget": str(record)} if record.is_file() else {})})
+        budgets = rl.budgets_for(cfg.rl, sft)
+        before = success(a.model, test, budgets) if test else {}
         out = root / "rl"
         out.mkdir()
         ctx = Context(run_id="bench", out=out, run=cfg.run, tracker=Tracker(root, enabled=False),
-                      inputs={"sft": Result(outputs={"model": str(a.model.resolve())})})
+                      inputs={"sft": sft})
         res = rl.train(cfg.rl, ctx)
         hist = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
         timed = hist[1:] or hist  # the first step warms up
@@ -99,7 +104,7 @@ def main() -> None:
             "metrics": res.metrics,
         }
         if test:
-            after = success(res.path("model"), test, cfg.rl)
+            after = success(res.path("model"), test, budgets)
             report["heldout"] = {}
             for key in ("success", "evidence"):
                 b, f = before[key], after[key]

@@ -1,11 +1,15 @@
 """Two models on the same test tasks, whole episodes, and the paired difference per suite.
 
-What the rl issue asks of RL: success after RL minus success after SFT, on the same tasks, with a
-paired 95 % interval (bootstrap over tasks) and McNemar's exact p-value.
+What the rl issue asks of rl: success after rl minus success after sft, on the same tasks, within
+the same (fair) budget, with a paired 95 % interval (bootstrap over tasks) and McNemar's exact
+p-value.
 
-    python bench/paired_eval.py --a RUN/sft/model --b RUN/rl/model --n 120
+    python bench/paired_eval.py --a RUN/sft/model --b RUN/rl/model --n 60 --threads 1
 
-Prints the table and the comparison; ``--json FILE`` appends the numbers.
+The budget is the one the sft stage derived from the teacher runs it trained on (``budget.json``
+beside ``--a``; ``agent.budget.DEFAULTS`` without one), as evaluate's. Rows come from evaluate's
+cross-run row cache (``--workdir``/cache/evaluate) when the same model ran on the same tasks
+before. Prints the table and the comparison; ``--json FILE`` appends the numbers.
 """
 
 from __future__ import annotations
@@ -21,18 +25,27 @@ def main(argv=None) -> None:
     ap.add_argument("--b", required=True, help="model compared with it (e.g. the rl model)")
     ap.add_argument("--n", type=int, default=60, help="test tasks per suite")
     ap.add_argument("--suites", default="kbqa,calc")
+    ap.add_argument("--split", default="test", help="test, or validation (rl's choice)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads while generating")
+    ap.add_argument("--workdir", default="work", help="its cache/evaluate holds the row cache")
     ap.add_argument("--out", default="/tmp/paired_eval")
     ap.add_argument("--json", help="append the result as one JSON line to this file")
     args = ap.parse_args(argv)
 
+    from coaflow.agent.budget import read_record
     from coaflow.config import load_config
+    from coaflow.envs import make_tasks
     from coaflow.stages import evaluate as E
 
-    cfg = load_config("tiny", [])
-    ev = cfg.evaluate.model_copy(update={"suites": {s: args.n for s in args.suites.split(",")}})
-    tasks = E.load_test_tasks(ev.suites, cfg.run.seed)
+    cfg = load_config("default", [])
+    ev = cfg.evaluate.model_copy(update={"suites": {s: args.n for s in args.suites.split(",")},
+                                         "threads": args.threads})
+    tasks = [t for s, n in ev.suites.items() for t in make_tasks(s, args.split, n,
+                                                                  seed=cfg.run.seed)]
+    budgets, fit = E.budgets_for(ev, read_record(Path(args.a).resolve().parent / "budget.json"))
     rows, summary = E.evaluate({"a": args.a, "b": args.b}, tasks, ev, Path(args.out),
-                               seed=cfg.run.seed)
+                               seed=cfg.run.seed, budgets=budgets, fit=fit, tokenizer=args.a,
+                               cache=Path(args.workdir).resolve() / "cache" / "evaluate")
     diff = E.compare([r for r in rows if r["model"] == "b"], [r for r in rows if r["model"] == "a"],
                      ev.bootstrap, cfg.run.seed)
     print(E.markdown(summary))
@@ -42,8 +55,9 @@ def main(argv=None) -> None:
               f"n={d['n']})")
     if args.json:
         with open(args.json, "a") as f:
-            f.write(json.dumps({"a": args.a, "b": args.b, "table": summary["table"],
-                                "diff": diff}) + "\n")
+            f.write(json.dumps({"a": args.a, "b": args.b, "split": args.split,
+                                "budget": {s: str(b) for s, b in budgets.items()},
+                                "table": summary["table"], "diff": diff}) + "\n")
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def make_ctx(root: Path, model_dir, overrides=(), resume=False):
     cfg = load_config("tiny", ["tracking.enabled=false", f"run.workdir={root}",
                                "rl.suites={kbqa: 8}", "rl.tasks_per_step=2",
                                "rl.num_generations=2", "rl.batch_size=4", "rl.save_steps=1",
-                               "rl.lr=0.01", *overrides])
+                               "rl.lr=0.01", "rl.select=false", *overrides])
     out = root / "rl"
     out.mkdir(parents=True, exist_ok=True)
     ctx = Context(run_id="test", out=out, run=cfg.run, resume=resume,
@@ -180,6 +180,37 @@ def test_groups_without_signal_are_dropped_from_the_batch(tmp_path, tiny_dir):
     assert trainer._metrics["train"]["rows_skipped"] == [4.0]
 
 
+def test_malformed_episodes_carry_no_loss_when_asked(tmp_path, tiny_dir):
+    """rl.skip_malformed: an episode with a malformed call (or a void turn) leaves the loss,
+    after its reward has counted in its group's baseline; off, it trains like any other."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def sloppy(trainer, tasks):
+        out = scripted(trainer, tasks)
+        msgs, answer, info = out[1]  # group 0's wrong episode: its call did not parse
+        out[1] = (msgs, answer, {**info, "format_errors": 1})
+        msgs, answer, info = out[4]  # group 2's right one ended on a void turn
+        out[4] = (msgs, answer, {**info, "stop": "no_action"})
+        return out
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    for skip, kept in ((False, [0, 1, 4, 5]), (True, [0, 5])):
+        cfg, ctx = make_ctx(tmp_path, tiny_dir, ["rl.tasks_per_step=4",
+                                                 f"rl.skip_malformed={str(skip).lower()}"])
+        trainer, _, stats = rl.build_trainer(
+            cfg, AutoModelForCausalLM.from_pretrained(tiny_dir), tok, None,
+            rl.rl_tasks(cfg, 0), tmp_path / "ckpt", 0, sloppy,
+            rl.budgets_for(cfg, ctx.input("sft")))
+        trainer.model.train()
+        batch = trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+        mask = (batch["completion_mask"] * batch["tool_mask"]).sum(1).tolist()
+        assert [i for i, m in enumerate(mask) if m > 0] == kept
+        assert batch["advantages"][1].item() < 0  # the malformed one still set the baseline
+        assert stats["malformed"] == [2 / 8]
+        if skip:
+            assert trainer._metrics["train"]["malformed_skipped"] == [2 / 8]
+
+
 def test_steps_change_the_weights_and_resume(tmp_path, tiny_dir):
     import torch
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -203,6 +234,14 @@ def test_steps_change_the_weights_and_resume(tmp_path, tiny_dir):
     assert len(moved) > len(before) // 2
     assert (ctx.out / "history.jsonl").read_text().count("\n") == 1  # the resumed attempt's step
     assert not (ctx.out / "checkpoints").exists()
+
+
+def test_max_minutes_is_a_ceiling(tmp_path, tiny_dir):
+    """rl.max_minutes: no step starts that would end past it, judged by the last step's length
+    (the study compares algorithms at equal minutes)."""
+    cfg, ctx = make_ctx(tmp_path, tiny_dir, ["rl.max_steps=3", "rl.max_minutes=0.0001"])
+    res = rl.train(cfg, ctx, episodes=scripted)
+    assert res.metrics["global_step"] == 1
 
 
 def test_clear_errors(tmp_path, tiny_dir):
@@ -245,7 +284,7 @@ def test_one_step_with_the_agent_loop_tracked(tmp_path, tiny_dir):
 
     sft = types.SimpleNamespace(NAME="sft", NEEDS=(), RESUMABLE=False, Config=None,
                                 run=lambda cfg, ctx: Result(outputs={"model": str(tiny_dir)}))
-    cfg = load_config("tiny", [f"run.workdir={tmp_path}", "rl.suites={kbqa: 8}",
+    cfg = load_config("tiny", [f"run.workdir={tmp_path}", "rl.suites={kbqa: 8}", "rl.select=false",
                                "rl.tasks_per_step=2", "rl.num_generations=2", "rl.max_steps=1",
                                "rl.max_turns=2", "rl.max_new_tokens=24", "rl.temperature=1.5",
                                "rl.sample_rollouts=3"])

@@ -10,7 +10,7 @@ Suites: ``kbqa`` (multi-hop questions over a seeded fictional world; tools ``sea
 ``open_page``) and ``calc`` (exact-arithmetic word problems; tool ``python`` in the sandbox).
 Files of other tasks load with ``envs.external.load_tasks``.
 
-Splits ``train`` / ``rl`` / ``test`` come from different random streams *and* from disjoint
+Splits ``train`` / ``rl`` / ``validation`` / ``test`` come from different random streams *and* from disjoint
 slices of question space (a question belongs to the split its hash falls into), so the same
 question can never appear in two splits whatever the seeds and sizes; ``check_disjoint`` verifies
 it on any set of task lists.
@@ -25,7 +25,9 @@ from coaflow.envs import calc, kbqa, rewards
 from coaflow.schema import Task
 
 SUITES = {"kbqa": kbqa, "calc": calc}
-SPLITS = {"train": range(0, 6), "rl": range(6, 8), "test": range(8, 10)}  # hash buckets of 10
+# hash buckets of 10; validation (rl's checkpoint choice) was carved out of rl's two buckets, so
+# train and test hold exactly the questions they held before
+SPLITS = {"train": range(0, 6), "rl": range(6, 7), "validation": range(7, 8), "test": range(8, 10)}
 DEFAULT_MIX = {1: 0.3, 2: 0.4, 3: 0.3}
 KBQA_DEFAULTS = {"world_seed": 0, "n_entities": 400}
 

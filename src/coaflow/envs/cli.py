@@ -39,7 +39,7 @@ def list_cmd():
 @env_group.command("sample")
 @click.argument("suite")
 @click.option("--split", default="train", show_default=True, type=click.Choice(["train", "rl",
-              "test"]), help="which split to draw from")
+              "validation", "test"]), help="which split to draw from")
 @click.option("-n", "n", default=5, show_default=True, type=click.IntRange(0), help="how many tasks")
 @click.option("--seed", default=0, show_default=True, help="sampling seed (same seed, same tasks)")
 @click.option("--world-seed", type=int, help="kbqa only: seed of the fictional world [0]")

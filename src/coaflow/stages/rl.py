@@ -46,6 +46,14 @@ RESUMABLE = True
 
 
 class Config(Section):
+    algorithm: Literal["grpo", "rft", "none"] = Field(
+        "grpo", description="grpo: group-relative policy optimization on TRL; rft: rounds of "
+        "rejection-sampling fine-tuning on the student's own verified successes (rl_rft); none: "
+        "no rl, the sft model goes on as the candidate (the stage says so)")
+    max_minutes: float | None = Field(None, gt=0, description="wall-time budget of the "
+                                      "training: no grpo step or rft round starts that would end "
+                                      "past it (judged by the last one's length); null: "
+                                      "max_steps / rft_rounds alone")
     suites: dict[str, int] = Field({"kbqa": 64, "calc": 32}, description="tasks per suite of "
                                    "rl.split (the pool steps draw from)")
     split: Literal["rl", "train"] = Field(
@@ -81,6 +89,9 @@ class Config(Section):
                                              "max_completion_length")
     format_weight: float = Field(0.0, ge=0, description="weight of the shaped format reward "
                                  "(0: success only)")
+    skip_malformed: bool = Field(False, description="grpo: episodes with a malformed tool call "
+                                 "or a void turn (neither a call nor an answer) carry no loss "
+                                 "(they still count in their group's advantage baseline)")
     evidence_weight: float = Field(0.0, ge=0, description="weight of the shaped evidence "
                                    "reward: a tool result holding the gold answer (0: off; "
                                    "it did not help the from-scratch student, docs/rl.md, and "
@@ -114,6 +125,30 @@ class Config(Section):
     save_steps: int = Field(5, ge=1, description="checkpoint every N steps (resume point)")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept")
     sample_rollouts: int = Field(16, ge=0, description="episodes logged as an MLflow table")
+    rft_rounds: int = Field(3, ge=1, description="rft: sample -> keep -> fine-tune rounds")
+    rft_tasks: int = Field(16, ge=1, description="rft: pool tasks sampled per round (the pool's "
+                           "next ones, in its seeded order)")
+    rft_samples: int = Field(4, ge=1, description="rft: episodes per task and round (K)")
+    rft_keep_per_task: int = Field(2, ge=1, description="rft: distinct successes kept per task")
+    rft_shortcuts: bool = Field(False, description="rft: also train on successes that skipped "
+                                "the task's hops (a kbqa answer from a search snippet)")
+    rft_teacher_mix: float | None = Field(
+        1.0, ge=0, description="rft: teacher runs of tasks the round did not solve, per kept "
+        "student episode (0: self-training only; null: every unsolved task's)")
+    rft_lr: float = Field(2e-5, gt=0, description="rft: learning rate of a round's fine-tune "
+                          "(constant)")
+    rft_epochs: int = Field(1, ge=1, description="rft: passes over a round's examples")
+    rft_batch_size: int = Field(4, ge=1, description="rft: examples per optimizer step")
+    rft_max_length: int = Field(2048, ge=64, description="rft: longest example in tokens "
+                                "(longer ones are left out)")
+    select: bool = Field(True, description="keep the trained policy only if it beats the sft "
+                         "model on the validation split (rl_select); else sft's model goes on")
+    select_suites: dict[str, int] = Field({"kbqa": 30, "calc": 30}, description="validation "
+                                          "tasks per suite the choice is made on")
+    select_margin: float = Field(0.0, description="the policy's paired success gain over all "
+                                 "validation tasks must be above this")
+    select_max_drop: float = Field(0.05, ge=0, description="... and no suite may lose more")
+    select_batch_size: int = Field(32, ge=1, description="validation episodes decoded together")
     nodes: int = Field(1, ge=1, description="GPU nodes (a cluster setting, as sft.nodes)")
     gpus_per_node: int = Field(1, ge=1, description="GPUs (torchrun processes) per node")
 
@@ -123,27 +158,10 @@ def run(cfg: Config, ctx: Context) -> Result:
 
 
 def load_policy(model_dir: Path):
-    """``(model, tokenizer, template)`` of the SFT checkpoint; ``template`` is the chat template
-    with ``{% generation %}`` markers used to mask the loss (None: the tokenizer's own)."""
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+    """``(model, tokenizer, template)`` of the sft checkpoint (``rl_rollout.load_policy``)."""
+    from coaflow.stages.rl_rollout import load_policy as load
 
-    from coaflow.models import load_model_and_tokenizer
-
-    model, tok, _ = load_model_and_tokenizer(str(model_dir), field="rl: the sft model")
-    if not tok.chat_template:
-        raise PipelineError(f"rl: the sft model at {model_dir} has no chat template; the agent "
-                            "loop and the loss mask need one")
-    if "tool_call" not in tok.chat_template and "tools" not in tok.chat_template:
-        raise PipelineError(f"rl: the chat template of {model_dir} has no tool-call support "
-                            "(no 'tools' / '<tool_call>' in it); agentic RL needs tool calls")
-    if has_generation_markers(tok.chat_template):
-        return model, tok, None
-    try:
-        return model, tok, get_training_chat_template(tok)
-    except ValueError:
-        raise PipelineError(f"rl: the chat template of {model_dir} has no {{% generation %}} "
-                            "markers and TRL has no training variant of it, so model tokens "
-                            "cannot be told from tool observations") from None
+    return load(model_dir)
 
 
 def rl_tasks(cfg: Config, seed: int) -> list:
@@ -170,7 +188,7 @@ def budgets_for(cfg: Config, sft) -> dict:
     from coaflow.agent import budget
 
     try:
-        budgets, _ = budget.resolve(sorted(cfg.suites), budget.read_record(
+        budgets, _ = budget.resolve(sorted({*cfg.suites, *cfg.select_suites}), budget.read_record(
             sft.outputs.get("budget")), max_turns=cfg.max_turns,
             max_new_tokens=cfg.max_new_tokens, allow_tight=cfg.tight_budget, field="rl")
     except ValueError as e:
@@ -314,6 +332,7 @@ def build_trainer(cfg: Config, model, tokenizer, template: str | None, tasks: li
                    "score_seconds": max(scored_s - gen_s, 0.0),
                    "update_seconds": max(step_s - scored_s, 0.0)}
             for k in ("success", "format", "evidence", "tool_calls", "tool_errors", "turns",
+                      "malformed",
                       "model_tokens", "rollout_entropy", "rollout_tokens_per_s", "curriculum_seen", "curriculum_mixed",
                       "curriculum_prior"):
                 if stats[k]:
@@ -324,12 +343,26 @@ def build_trainer(cfg: Config, model, tokenizer, template: str | None, tasks: li
                                      if isinstance(v, (int, float)) and k != "step"},
                                     step=state.global_step)
 
+    class WallTime(TrainerCallback):
+        """Stop when the next step would end past ``rl.max_minutes`` of training (judged by the
+        last step's length), so the budget is a ceiling, not a floor."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.start = self.last = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.perf_counter()
+            step, self.last = now - self.last, now
+            if cfg.max_minutes and (now - self.start + step) / 60 > cfg.max_minutes:
+                control.should_training_stop = True
+
     reward_funcs = [f for f, _ in shaped]
     dataset = Dataset.from_list([{"prompt": t.question, "task_id": t.task_id} for t in tasks])
     trainer = R.make_trainer_class()(
         model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
         processing_class=tokenizer, rollout_func=rollout, dynamic_sampling=cfg.dynamic_sampling,
-        timings=stats, callbacks=[LogToTracker(), *callbacks])
+        timings=stats, skip_malformed=cfg.skip_malformed,
+        callbacks=[LogToTracker(), WallTime(), *callbacks])
     return trainer, history, stats
 
 
@@ -337,34 +370,70 @@ def _metric(key: str) -> str:
     return key.replace("rewards/", "reward_").replace("/", "_")
 
 
-def train(cfg: Config, ctx: Context, callbacks: tuple = (), episodes=None) -> Result:
-    """The stage; ``callbacks`` are extra ``TrainerCallback``s (tests use one to interrupt)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    from coaflow.stages import rl_rollout as R
-    from coaflow.stages.sft import save_final
+def train(cfg: Config, ctx: Context, callbacks: tuple = (), episodes=None,
+          on_round=None) -> Result:
+    """The stage; ``callbacks`` are extra ``TrainerCallback``s (tests use one to interrupt; rft
+    passes them to every round's fine-tune), ``episodes`` replaces grpo's rollout (tests),
+    ``on_round(row, model_dir)`` is called after every rft round (the study's curve)."""
+    from coaflow.stages import rl_select
 
     if cfg.epsilon_high < cfg.epsilon:
         raise PipelineError(f"rl.epsilon_high={cfg.epsilon_high} is below rl.epsilon="
                             f"{cfg.epsilon}: clip-higher needs epsilon_high >= epsilon")
     sft_model = ctx.input("sft").path("model")
+    budgets = budgets_for(cfg, ctx.input("sft"))
+    summary = {"algorithm": cfg.algorithm, "sft_model": str(sft_model),
+               "budget": {s: [b.max_turns, b.max_new_tokens] for s, b in budgets.items()}}
+    if cfg.algorithm == "none":
+        final, decision = rl_select.finish(
+            cfg, ctx, sft_model, None, budgets, why="rl skipped: rl.algorithm is none (docs/rl.md: "
+            "no rl recipe has beaten the sft model at this size yet); the sft model is the "
+            "candidate")
+        print(f"[rl] {decision['why']}", flush=True)
+        return Result(outputs={"model": str(final)}, metrics={"policy_chosen": 0.0},
+                      summary={**summary, "decision": decision})
+    start = time.time()
+    if cfg.algorithm == "rft":
+        policy, metrics, extra = _train_rft(cfg, ctx, sft_model, budgets, callbacks, on_round)
+    else:
+        policy, metrics, extra = _train_grpo(cfg, ctx, sft_model, budgets, callbacks, episodes)
+    metrics["train_seconds"] = round(time.time() - start, 2)
+    final, decision = rl_select.finish(cfg, ctx, sft_model, policy, budgets)
+    print(f"[rl] {decision['why']}", flush=True)
+    metrics["policy_chosen"] = float(decision["chosen"] == "policy")
+    for suite, d in decision.get("compare", {}).items():
+        metrics[f"validation_{suite}_diff"] = d["diff"]
+    if cfg.algorithm == "rft":
+        from coaflow.stages.rl_rft import drop_round_models
+
+        drop_round_models(ctx.out)  # the chosen model is in model/ (a losing policy in policy/)
+    outputs = {"model": str(final)}
+    if decision.get("policy"):
+        outputs["policy"] = decision["policy"]
+    return Result(outputs=outputs, metrics=metrics,
+                  summary={**summary, **extra, "decision": decision})
+
+
+def _train_grpo(cfg: Config, ctx: Context, sft_model: Path, budgets: dict, callbacks: tuple,
+                episodes) -> tuple[Path, dict, dict]:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from coaflow.stages import rl_rollout as R
+    from coaflow.stages.sft_trainer import save_final
+
     model, tokenizer, template = load_policy(sft_model)
     tasks = rl_tasks(cfg, ctx.run.seed)
     ckpt_dir = ctx.out / "checkpoints"
     last = get_last_checkpoint(str(ckpt_dir)) if ctx.resume and ckpt_dir.is_dir() else None
     resumed_from = int(Path(last).name.rsplit("-", 1)[-1]) if last else 0
-    budgets = budgets_for(cfg, ctx.input("sft"))
     trainer, history, stats = build_trainer(
         cfg, model, tokenizer, template, tasks, ckpt_dir, ctx.run.seed,
         episodes or agent_episodes(cfg, sft_model, ctx.run.seed, budgets), budgets,
         tracker=ctx.tracker, callbacks=callbacks)
     ctx.tracker.log_params({"rl.tasks": len(tasks), "rl.reward": R.REWARD_DOC,
                             "rl.sft_model": str(sft_model)})
-
-    start = time.time()
     trainer.train(resume_from_checkpoint=last)
-    seconds = time.time() - start
-    final = save_final(trainer, _NoLora(), ctx.out / "model")
+    final = save_final(trainer, ctx.out / "model")
     (ctx.out / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     ctx.tracker.log_artifact(ctx.out / "history.jsonl")
     log_rollouts(ctx, stats["samples"])
@@ -384,19 +453,44 @@ def train(cfg: Config, ctx: Context, callbacks: tuple = (), episodes=None) -> Re
         "reward_mean": mean("reward"), "success_first": edge("success", 0),
         "success_last": edge("success", -1), "success_mean": mean("success"),
         "groups_dropped_mean": mean("groups_dropped"), "tool_calls_mean": mean("tool_calls"),
+        "malformed_skipped_mean": mean("malformed_skipped"),
         "seconds_per_step": total / len(history) if history else float("nan"),
         "generate_share": gen / total if total else float("nan"),
+        "rollout_seconds_per_step": gen / len(history) if history else float("nan"),
         "score_seconds_per_step": mean("score_seconds"),
         "update_seconds_per_step": mean("update_seconds"),
-        "train_seconds": round(seconds, 2), "global_step": float(trainer.state.global_step),
+        "global_step": float(trainer.state.global_step),
         "resumed_from_step": float(resumed_from), "tasks": float(len(tasks)),
     }
-    return Result(outputs={"model": str(final)}, metrics=metrics,
-                  summary={"sft_model": str(sft_model), "reward": R.REWARD_DOC,
-                           "budget": {s: [b.max_turns, b.max_new_tokens]
-                                      for s, b in budgets.items()},
-                           "loss_type": cfg.loss_type, "beta": cfg.beta,
-                           "dynamic_sampling": cfg.dynamic_sampling})
+    return final, metrics, {"reward": R.REWARD_DOC, "loss_type": cfg.loss_type,
+                            "beta": cfg.beta, "dynamic_sampling": cfg.dynamic_sampling,
+                            "skip_malformed": cfg.skip_malformed}
+
+
+def _train_rft(cfg: Config, ctx: Context, sft_model: Path, budgets: dict, callbacks: tuple,
+               on_round) -> tuple[Path, dict, dict]:
+    from coaflow.stages import rl_rft
+
+    tasks = rl_tasks(cfg, ctx.run.seed)
+    ctx.tracker.log_params({"rl.tasks": len(tasks), "rl.sft_model": str(sft_model)})
+    policy, history = rl_rft.train(cfg, ctx, sft_model, tasks, budgets, callbacks, on_round)
+    (ctx.out / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    ctx.tracker.log_artifact(ctx.out / "history.jsonl")
+
+    def total(key: str) -> float:
+        return float(sum(h.get(key, 0) for h in history))
+
+    n = max(len(history), 1)
+    metrics = {"rounds": float(len(history)), "tasks": float(len(tasks)),
+               "success_first": history[0]["success"] if history else float("nan"),
+               "success_last": history[-1]["success"] if history else float("nan"),
+               "student_examples": total("student_examples"),
+               "teacher_examples": total("teacher_examples"),
+               "shortcuts": total("shortcuts"),
+               "rollout_seconds_per_round": total("rollout_seconds") / n,
+               "update_seconds_per_round": total("update_seconds") / n}
+    return policy, metrics, {"rounds": [{k: v for k, v in h.items() if k != "model"}
+                                        for h in history]}
 
 
 def log_rollouts(ctx: Context, rows: list[dict]) -> None:
@@ -407,6 +501,3 @@ def log_rollouts(ctx: Context, rows: list[dict]) -> None:
         ctx.tracker.mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]},
                                      artifact_file="rl/rollouts.json")
 
-
-class _NoLora:
-    lora = False

@@ -42,6 +42,30 @@ REWARD_DOC = (
     "answering correctly.")
 
 
+def load_policy(model_dir):
+    """``(model, tokenizer, template)`` of the SFT checkpoint; ``template`` is the chat template
+    with ``{% generation %}`` markers used to mask the loss (None: the tokenizer's own)."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    from coaflow.models import load_model_and_tokenizer
+
+    model, tok, _ = load_model_and_tokenizer(str(model_dir), field="rl: the sft model")
+    if not tok.chat_template:
+        raise PipelineError(f"rl: the sft model at {model_dir} has no chat template; the agent "
+                            "loop and the loss mask need one")
+    if "tool_call" not in tok.chat_template and "tools" not in tok.chat_template:
+        raise PipelineError(f"rl: the chat template of {model_dir} has no tool-call support "
+                            "(no 'tools' / '<tool_call>' in it); agentic RL needs tool calls")
+    if has_generation_markers(tok.chat_template):
+        return model, tok, None
+    try:
+        return model, tok, get_training_chat_template(tok)
+    except ValueError:
+        raise PipelineError(f"rl: the chat template of {model_dir} has no {{% generation %}} "
+                            "markers and TRL has no training variant of it, so model tokens "
+                            "cannot be told from tool observations") from None
+
+
 @dataclass
 class Encoded:
     """One episode as TRL sees it."""
@@ -181,12 +205,16 @@ def make_trainer_class():
     class AgentGRPOTrainer(GRPOTrainer):
         """``GRPOTrainer`` with DAPO dynamic sampling (``dynamic_sampling=True``)."""
 
-        def __init__(self, *a, dynamic_sampling: bool = True, timings: dict | None = None, **kw):
+        def __init__(self, *a, dynamic_sampling: bool = True, timings: dict | None = None,
+                     skip_malformed: bool = False, **kw):
             super().__init__(*a, **kw)
             self.dynamic_sampling = dynamic_sampling
+            self.skip_malformed = skip_malformed
             self.timings = timings if timings is not None else {}
 
         def _generate_and_score_completions(self, inputs):
+            import torch
+
             start = time.perf_counter()
             out = super()._generate_and_score_completions(inputs)
             # rollout + scoring (old / reference log-probs when TRL needs them, advantages)
@@ -197,9 +225,17 @@ def make_trainer_class():
                 return out
             flat = zero_variance_groups(out["advantages"], g)
             self._metrics[mode]["groups_dropped"].append(flat.float().mean().item())
-            if not self.dynamic_sampling or not flat.any():
+            rows = (~flat).repeat_interleave(g) if self.dynamic_sampling else \
+                torch.ones(flat.numel() * g, dtype=torch.bool, device=flat.device)
+            clean = self.timings.get("row_clean")
+            if self.skip_malformed and clean is not None and len(clean) == rows.numel():
+                # after the advantages: a malformed episode still counts in its group's baseline
+                bad = ~torch.tensor(clean, dtype=torch.bool, device=rows.device)
+                self._metrics[mode]["malformed_skipped"].append((bad & rows).float().mean().item())
+                rows = rows & ~bad
+            if bool(rows.all()):
                 return out
-            keep = (~flat).repeat_interleave(g).to(out["completion_mask"].dtype).unsqueeze(1)
+            keep = rows.to(out["completion_mask"].dtype).unsqueeze(1)
             mask = out.get("tool_mask")
             if mask is None:
                 out["completion_mask"] = out["completion_mask"] * keep
@@ -249,7 +285,7 @@ def from_trajectory(traj) -> tuple[list[dict], str | None, dict]:
                  for m in messages)
     return messages, traj.outcome.final_answer, {
         "tool_calls": d.get("tool_calls", 0), "tool_errors": errors, "turns": d.get("turns", 0),
-        "stop": d.get("stop")}
+        "stop": d.get("stop"), "format_errors": d.get("format_errors", 0)}
 
 
 # --- the curriculum ---------------------------------------------------------------------------
@@ -397,7 +433,13 @@ def make_rollout_func(tasks: Sequence, tokenizer, chat_template: str | None,
                                   trainer.state.global_step)
             for k, v in curriculum.summary().items():
                 stats[k].append(v)
+        # malformed: a call that did not parse or named no tool, or a void turn (neither a call
+        # nor an answer); rl.skip_malformed keeps such episodes out of the loss
+        clean = [not info.get("format_errors") and info.get("stop") != "no_action"
+                 for _, _, info in results]
+        stats["row_clean"] = clean
         n = max(len(batch), 1)
+        stats["malformed"].append(1 - sum(clean) / n)
         stats["success"].append(sum(out["success"]) / n)
         stats["evidence"].append(sum(out["evidence"]) / n)
         stats["format"].append(sum(out["format"]) / n)

@@ -343,11 +343,6 @@ def _training_template(cfg: Config, tokenizer, base: str) -> str | None:
             "observations; set sft.chat_template=coaflow (Qwen3 layout)") from None
 
 
-def save_final(trainer, cfg: Config, final: Path) -> Path:
-    """rl's call, until it calls ``sft_trainer.save_final(trainer, final)`` itself."""
-    return sft_trainer.save_final(trainer, final)
-
-
 def heldout_episodes(model_dir: Path, held: list, budgets: dict, batch_size: int = 16,
                      threads: int | None = None) -> dict:
     """Run the trained model as an agent (``coaflow.agent``, greedy) on the tasks of the held-out
