@@ -31,6 +31,7 @@ so ``coaflow runs show`` and the report card read a KFP run like any other.
 # No ``from __future__ import annotations`` here: KFP reads a component's annotations as types.
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -100,10 +101,21 @@ def run_component(stage: str, *, profile: str, overrides: Sequence[str], seed: i
         sys.exit(code)
     result = json.loads((Path(out) / "result.json").read_text())
     if metrics is not None:
-        for k, v in result.get("metrics", {}).items():
-            if isinstance(v, int | float) and not isinstance(v, bool):
-                metrics.log_metric(k, float(v))
+        for k, v in kfp_metrics(result.get("metrics", {})).items():
+            metrics.log_metric(k, v)
     return REFUSED if code == EXIT_PROMOTION else DONE
+
+
+def kfp_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """A stage's numeric metrics as KFP's Metrics artifact can hold them: its metadata is a
+    protobuf Struct, which has no NaN or infinity (kfp.local fails the whole run on one), so a
+    metric with no value (an rl mean over no steps) is left out, as MLflow shows it absent.
+
+    >>> kfp_metrics({"a": 1, "b": float("nan"), "c": True, "d": "x", "e": float("inf")})
+    {'a': 1.0}
+    """
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 def _check_shape(shape: Mapping[str, Any], profile: str, overrides: Sequence[str]) -> None:
