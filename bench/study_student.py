@@ -70,7 +70,8 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=60, help="test tasks per suite")
     ap.add_argument("--reuse", action="store_true",
                     help="the label's sft run is done (its result.json and snap-* folders are in "
-                         "--out): evaluate them again without training")
+                         "--out): evaluate them again without training (--steps: which "
+                         "snapshots, in that order; the final model last)")
     ap.add_argument("--out", default="/tmp/student_study", help="work folder")
     ap.add_argument("--results", default=str(Path(__file__).parent / "results" /
                                               "student_study.jsonl"))
@@ -103,6 +104,8 @@ def main(argv=None) -> None:
         saved = [{"minutes": None, "step": int(f.name.removeprefix("snap-step")), "tokens": None,
                   "model": str(f)} for f in sorted(out.glob("snap-step*"),
                                                    key=lambda f: int(f.name[9:]))]
+        if args.steps:  # only these snapshots (the final model is always evaluated)
+            saved = [m for m in saved if str(m["step"]) in args.steps.split(",")]
     else:
         t0 = time.time()
         result = execute("sft", cfg, out / "sft", {"gate": args.gate}, module=wrapped,
@@ -112,8 +115,10 @@ def main(argv=None) -> None:
                        "step": int(result.metrics["global_step"]),
                        "tokens": int(result.metrics["train_tokens"]),
                        "model": str(result.path("model")), "final": True}]
-    if args.reuse:  # the finished model first: the point that matters most
-        models = models[::-1]
+    if args.reuse:  # the snapshots in the order --steps names them; the final model last
+        order = args.steps.split(",") if args.steps else []
+        models = sorted(models[:-1], key=lambda m: order.index(str(m["step"]))
+                        if str(m["step"]) in order else len(order)) + models[-1:]
 
     from coaflow.agent.budget import read_record
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 STAGES = ("synthesize", "gate", "sft", "rl", "evaluate", "register", "deploy")
-# the shared default run (~25 min on 2 idle cores) counts against the first test's timeout
+# the shared default run (~35 min on 2 idle cores) counts against the first test's timeout
 pytestmark = pytest.mark.timeout(3600)
 
 
@@ -63,7 +63,7 @@ def test_the_default_run_completes_every_stage_and_says_what_it_made(default_run
 
 
 @pytest.mark.slow
-def test_the_student_learns_and_rl_runs_from_it(default_run):
+def test_the_student_learns_and_rl_passes_it_on_saying_why(default_run):
     syn, gate, sft, rl = (_result(default_run, s) for s in ("synthesize", "gate", "sft", "rl"))
     assert syn["metrics"]["trajectories"] == 600
     assert gate["metrics"]["accepted"] >= 500
@@ -73,8 +73,12 @@ def test_the_student_learns_and_rl_runs_from_it(default_run):
     assert m["heldout_first_call_well_formed_share"] >= 0.6
     assert sft["outputs"]["model"].startswith("./")  # stored relative to the stage folder
     assert (default_run["dir"] / "sft" / sft["outputs"]["model"] / "config.json").exists()
-    assert rl["metrics"]["global_step"] >= 1 and rl["metrics"]["tool_calls_mean"] > 0
-    assert (default_run["dir"] / "rl" / rl["outputs"]["model"] / "config.json").exists()
+    # the default profile's rl is off (no rl recipe has beaten this student's sft model yet:
+    # docs/rl.md); the stage still runs, says so, and hands the sft model on unchanged
+    assert rl["summary"]["decision"]["why"].startswith("rl skipped: rl.algorithm is none")
+    weights = [default_run["dir"] / stage / r["outputs"]["model"] / "model.safetensors"
+               for stage, r in (("sft", sft), ("rl", rl))]
+    assert weights[0].read_bytes() == weights[1].read_bytes()
 
 
 @pytest.mark.slow
