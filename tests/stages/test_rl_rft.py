@@ -17,24 +17,10 @@ import pytest
 from coaflow import envs
 from coaflow.agent import Completion, run_episodes
 from coaflow.stages import rl, rl_rft, rl_select
+from tests.agent.test_loop import Scripted, call  # the scripted backend and call text
 from tests.models import sft_fixtures as fx
 
 tiny_dir, trajectories = fx.tiny_dir, fx.trajectories  # shared fixtures
-
-
-def call(name, **args):
-    return f'<tool_call>\n{json.dumps({"name": name, "arguments": args})}\n</tool_call>'
-
-
-class Scripted:
-    asynchronous = False
-    name = "scripted"
-
-    def __init__(self, policy):
-        self.policy = policy
-
-    def generate(self, prompts, tools, *, max_new_tokens, temperature, seed):
-        return [self.policy(m) for m in prompts]
 
 
 @pytest.fixture(scope="module")
