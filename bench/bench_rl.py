@@ -42,7 +42,8 @@ def success(model_dir: Path, tasks: list, budgets: dict) -> dict[str, list[float
     """Greedy episodes within ``budgets`` (rl's): per task, success and evidence (a tool result
     held the answer)."""
     from coaflow.agent import TransformersBackend, run_episodes
-    from coaflow.stages.rl_rollout import evidence, from_trajectory
+    from coaflow.envs.rewards import evidence
+    from coaflow.stages.rl_rollout import from_trajectory
 
     trajs = run_episodes(TransformersBackend(str(model_dir), batch_size=32), tasks,
                          budgets=budgets)

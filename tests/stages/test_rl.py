@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from coaflow import envs  # noqa: E402
+from coaflow.envs import rewards  # noqa: E402
 from coaflow.errors import PipelineError  # noqa: E402
 from coaflow.schema.render import DEFAULT_SYSTEM_PROMPT  # noqa: E402
 from coaflow.stages import rl  # noqa: E402
@@ -87,7 +88,8 @@ def test_reward_is_the_verifier_not_a_proxy(tasks):
     r = R.episode_rewards("kbqa", gold, t.answer, right)
     assert r["success"] == 1.0 and r["format"] == 1.0
     # the gold answer in a tool observation or in the thoughts earns no success; in a real tool
-    # result it is the shaped evidence credit, in an error text or a thought it is nothing
+    # result it is logged as evidence (envs.rewards.evidence; no reward), in an error text or a
+    # thought it is nothing
     leaked = episode(t, "nobody")
     leaked[3]["content"] = "No results for 'x'."
     leaked[2]["content"] = f"<think>maybe {gold}</think>"
@@ -98,7 +100,8 @@ def test_reward_is_the_verifier_not_a_proxy(tasks):
     r = R.episode_rewards("kbqa", "nobody", t.answer, leaked)
     assert r["success"] == 0.0 and r["evidence"] == 1.0
     calc = [{"role": "tool", "content": "15698.81\n"}]
-    assert R.evidence("calc", "15698.81", calc) == 1.0 and R.evidence("calc", "15698.8", calc) == 0
+    assert rewards.evidence("calc", "15698.81", calc) == 1.0
+    assert rewards.evidence("calc", "15698.8", calc) == 0.0
     # hedging (several candidates in one answer) fails exact match; no answer scores 0
     assert R.episode_rewards("kbqa", f"{gold} or nobody", t.answer, right)["success"] == 0.0
     assert R.episode_rewards("kbqa", None, t.answer, right[:4])["success"] == 0.0

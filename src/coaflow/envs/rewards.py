@@ -178,6 +178,33 @@ def format_reward(text: str | None) -> float:
     return 0.0 if not text or format_problems(text) else 1.0
 
 
+def evidence(suite: str, reference, messages: list[dict]) -> float:
+    """1.0 if a tool result of the episode (``role: tool``, not an error) holds the gold answer,
+    else 0.0: kbqa, the answer's normalized words in the page or search hits; calc, a number
+    printed equal to the reference. A diagnostic of the episode (did the tools find it?), logged
+    by rl and ``bench/bench_rl.py``; no stage rewards it.
+
+    >>> evidence("calc", "42", [{"role": "tool", "content": "6 * 7 = 42.0"}])
+    1.0
+    >>> evidence("kbqa", "Varn Institute", [{"role": "assistant", "content": "Varn Institute"},
+    ...                                     {"role": "tool", "content": "Error: no page"}])
+    0.0
+    """
+    refs = [str(r) for r in _refs(reference) if r is not None and str(r).strip()]
+    for m in messages:
+        text = str(m.get("content") or "")
+        if m.get("role") != "tool" or text.startswith("Error"):
+            continue
+        if suite == "calc":
+            if any(score("calc", n, refs) == 1.0 for n in re.findall(r"-?\d[\d,]*\.?\d*", text)):
+                return 1.0
+        else:
+            norm = f" {normalize_answer(text)} "
+            if any(f" {normalize_answer(r)} " in norm for r in refs):
+                return 1.0
+    return 0.0
+
+
 _PLAIN_NUMBER = re.compile(r"\s*[-+]?\$?[\d,_]*\.?\d+\s*%?\s*")
 
 

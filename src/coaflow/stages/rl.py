@@ -92,10 +92,6 @@ class Config(Section):
     skip_malformed: bool = Field(False, description="grpo: episodes with a malformed tool call "
                                  "or a void turn (neither a call nor an answer) carry no loss "
                                  "(they still count in their group's advantage baseline)")
-    evidence_weight: float = Field(0.0, ge=0, description="weight of the shaped evidence "
-                                   "reward: a tool result holding the gold answer (0: off; "
-                                   "it did not help the from-scratch student, docs/rl.md, and "
-                                   "stays for the next study on the pretrained one)")
     max_turns: int | dict[str, int] | None = Field(
         None, description="assistant turns per episode (one number, one per suite, or null: "
         "derived from the teacher runs sft trained on, as evaluate's; agent.budget)")
@@ -284,9 +280,8 @@ def build_trainer(cfg: Config, model, tokenizer, template: str | None, tasks: li
     history: list[dict] = []
     stats: dict[str, list] = defaultdict(list)
     settings = R.RolloutSettings(completion_length(cfg, budgets), cfg.temperature)
-    shaped = [(R.success_reward, 1.0)] + [
-        (f, w) for f, w in ((R.format_reward, cfg.format_weight),
-                            (R.evidence_reward, cfg.evidence_weight)) if w]
+    shaped = [(R.success_reward, 1.0)] + ([(R.format_reward, cfg.format_weight)]
+                                          if cfg.format_weight else [])
     curriculum = R.Curriculum(tasks, cfg.num_generations, seed) if cfg.curriculum else None
     rollout = R.make_rollout_func(tasks, tokenizer, template, settings, episodes, stats,
                                   samples=cfg.sample_rollouts, curriculum=curriculum)

@@ -30,16 +30,12 @@ from coaflow.errors import PipelineError, UserError
 from coaflow.models.prompt import stop_token_ids, tools_for
 
 REWARD_DOC = (
-    "reward = success + format_weight * format + evidence_weight * evidence, where success is "
-    "the suite's verifier "
+    "reward = success + format_weight * format, where success is the suite's verifier "
     "(envs.rewards.score: kbqa exact match, calc numeric match) on the episode's last <answer> "
     "against the gold answer (0 without an <answer>), and format is 1 when every assistant turn is "
     "well formed (balanced tags, tool calls are JSON objects with a name) and the episode ends "
-    "with exactly one <answer>, and evidence (partial credit for a correct intermediate tool "
-    "result) is 1 when a tool observation (not an error) holds the gold answer: the kbqa page or "
-    "search hit naming it, the calc program printing it. Tool outputs come from the real tools, "
-    "so evidence can be earned only by calling them well; success alone can only be earned by "
-    "answering correctly.")
+    "with exactly one <answer>. Logged beside them, never rewarded: evidence "
+    "(envs.rewards.evidence), 1 when a real tool's result held the gold answer.")
 
 
 def load_policy(model_dir):
@@ -133,34 +129,13 @@ def assistant_text(messages: list[dict]) -> str:
     return "\n".join(p for p in parts if p)
 
 
-def evidence(suite: str, reference, messages: list[dict]) -> float:
-    """1.0 if a tool observation holds the gold answer (kbqa: its normalized words; calc: a
-    number in the output equal to the reference), else 0.0."""
-    import re
-
-    refs = reference if isinstance(reference, (list, tuple)) else [reference]
-    refs = [str(r) for r in refs if r is not None and str(r).strip()]
-    for m in messages:
-        text = str(m.get("content") or "")
-        if m["role"] != "tool" or text.startswith("Error"):
-            continue
-        if suite == "calc":
-            if any(rewards.score("calc", n, refs) == 1.0
-                   for n in re.findall(r"-?\d[\d,]*\.?\d*", text)):
-                return 1.0
-        else:
-            norm = f" {rewards.normalize_answer(text)} "
-            if any(f" {rewards.normalize_answer(r)} " in norm for r in refs):
-                return 1.0
-    return 0.0
-
-
 def episode_rewards(suite: str, final_answer: str | None, reference, messages: list[dict]
                     ) -> dict[str, float]:
-    """``{"success", "format", "evidence"}``, each 0/1 (see ``REWARD_DOC``)."""
+    """``{"success", "format", "evidence"}``, each 0/1 (see ``REWARD_DOC``; evidence is a
+    diagnostic, not a reward term)."""
     return {"success": rewards.score(suite, final_answer, reference),
             "format": rewards.format_reward(assistant_text(messages)),
-            "evidence": evidence(suite, reference, messages)}
+            "evidence": rewards.evidence(suite, reference, messages)}
 
 
 def transcript(messages: list[dict], width: int = 400) -> str:
@@ -184,13 +159,6 @@ def format_reward(completions, format=None, **_) -> list[float]:  # noqa: A002 (
     if format is None:
         raise PipelineError("rl: the rollout returned no 'format' field for the reward")
     return [float(f) for f in format]
-
-
-def evidence_reward(completions, evidence=None, **_) -> list[float]:
-    """TRL reward function: partial credit for a tool result holding the answer (``evidence``)."""
-    if evidence is None:
-        raise PipelineError("rl: the rollout returned no 'evidence' field for the reward")
-    return [float(e) for e in evidence]
 
 
 def zero_variance_groups(advantages, num_generations: int):
