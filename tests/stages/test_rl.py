@@ -183,6 +183,38 @@ def test_groups_without_signal_are_dropped_from_the_batch(tmp_path, tiny_dir):
     assert trainer._metrics["train"]["rows_skipped"] == [4.0]
 
 
+def test_a_step_without_signal_leaves_the_weights_alone(tmp_path, tiny_dir):
+    """After a step with signal, steps whose every group was dropped must not move the policy:
+    their gradient is all zero, and AdamW would otherwise re-apply the last step's momentum."""
+    import torch
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    def first_step_only(trainer, tasks):
+        out = scripted(trainer, tasks)
+        if trainer.state.global_step == 0:
+            return out
+        return [(episode(t, "nobody"), "nobody", info) for t, (_, _, info) in zip(tasks, out,
+                                                                                   strict=True)]
+
+    snaps = {}
+
+    class Snap(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            snaps[state.global_step] = {k: v.detach().clone()
+                                        for k, v in model.state_dict().items()}
+
+    cfg, ctx = make_ctx(tmp_path, tiny_dir, ["rl.max_steps=3", "rl.curriculum=false"])
+    res = rl.train(cfg, ctx, callbacks=(Snap(),), episodes=first_step_only)
+    hist = [json.loads(x) for x in (ctx.out / "history.jsonl").read_text().splitlines()]
+    assert [h["groups_dropped"] for h in hist] == [0.5, 1.0, 1.0]
+    start = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
+    assert any(not torch.equal(start[k], snaps[1][k]) for k in start)  # step 1 learnt
+    for step in (2, 3):
+        assert all(torch.equal(snaps[1][k], snaps[step][k]) for k in snaps[1]), step
+    final = AutoModelForCausalLM.from_pretrained(res.path("model")).state_dict()
+    assert all(torch.equal(snaps[1][k], final[k]) for k in final)
+
+
 def test_malformed_episodes_carry_no_loss_when_asked(tmp_path, tiny_dir):
     """rl.skip_malformed: an episode with a malformed call (or a void turn) leaves the loss,
     after its reward has counted in its group's baseline; off, it trains like any other."""
