@@ -381,8 +381,9 @@ def train(cfg: Config, ctx: Context, callbacks: tuple = (), episodes=None,
                "budget": {s: [b.max_turns, b.max_new_tokens] for s, b in budgets.items()}}
     if cfg.algorithm == "none":
         final, decision = rl_select.finish(
-            cfg, ctx, sft_model, None, budgets, why="rl skipped: rl.algorithm is none; the sft model is the "
-            "candidate (rl.algorithm=rft or grpo trains it; what each gained: docs/rl.md)")
+            cfg, ctx, sft_model, None, budgets,
+            why="rl skipped: rl.algorithm is none; the sft model is the candidate "
+                "(rl.algorithm=rft or grpo trains it; what each gained: docs/rl.md)")
         print(f"[rl] {decision['why']}", flush=True)
         return Result(outputs={"model": str(final)}, metrics={"policy_chosen": 0.0},
                       summary={**summary, "decision": decision})
